@@ -1,0 +1,190 @@
+//! Length-prefixed framing.
+//!
+//! ```text
+//! +----------------+---------------------------------+
+//! | len: u32 LE    | payload: `len` bytes (FlatBuffer) |
+//! +----------------+---------------------------------+
+//! ```
+//!
+//! A `len` of zero, or above the receiver's maximum, is rejected as soon as
+//! the four header bytes are seen, before any buffer for the payload is
+//! allocated or grown.
+
+use crate::error::DecodeError;
+
+/// Bytes in a frame header.
+pub const FRAME_HEADER_BYTES: usize = 4;
+
+/// The default maximum payload length of one frame: 4 MiB.
+pub const FRAME_BYTES_MAX_DEFAULT: usize = 4 << 20;
+
+/// Reads a frame header and checks the announced length against `max`.
+pub fn payload_len(header: [u8; FRAME_HEADER_BYTES], max: usize) -> Result<usize, DecodeError> {
+    let len = u32::from_le_bytes(header) as u64;
+    if len == 0 {
+        return Err(DecodeError::EmptyFrame);
+    }
+    if len > max as u64 {
+        return Err(DecodeError::FrameTooLarge { len, max });
+    }
+    Ok(len as usize)
+}
+
+/// Appends one frame (header and payload) to `out`.
+///
+/// # Panics
+/// If `payload` is empty or longer than `u32::MAX`: the encoder never sends
+/// what a receiver must reject.
+pub fn encode_frame(payload: &[u8], out: &mut Vec<u8>) {
+    assert!(!payload.is_empty());
+    let len = u32::try_from(payload.len()).expect("frame payload exceeds u32::MAX");
+    out.reserve(FRAME_HEADER_BYTES + payload.len());
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// Splits one complete frame off the front of `buf`.
+///
+/// Returns `Ok(None)` if more bytes are needed, or the payload and the total
+/// number of bytes the frame occupies.
+pub fn split_frame(buf: &[u8], max: usize) -> Result<Option<(&[u8], usize)>, DecodeError> {
+    let Some(header) = buf.first_chunk::<FRAME_HEADER_BYTES>() else {
+        return Ok(None);
+    };
+    let len = payload_len(*header, max)?;
+    let end = FRAME_HEADER_BYTES + len;
+    if buf.len() < end {
+        return Ok(None);
+    }
+    Ok(Some((&buf[FRAME_HEADER_BYTES..end], end)))
+}
+
+/// Decodes exactly one frame that must fill `buf` entirely.
+pub fn decode_whole_frame(buf: &[u8], max: usize) -> Result<&[u8], DecodeError> {
+    match split_frame(buf, max)? {
+        Some((payload, used)) if used == buf.len() => Ok(payload),
+        Some((_, used)) => Err(DecodeError::BadField {
+            field: "frame",
+            reason: format!("{} trailing bytes after the frame", buf.len() - used),
+        }),
+        None => {
+            let needed = match buf.first_chunk::<FRAME_HEADER_BYTES>() {
+                Some(header) => FRAME_HEADER_BYTES + payload_len(*header, max)?,
+                None => FRAME_HEADER_BYTES,
+            };
+            Err(DecodeError::Truncated {
+                needed,
+                available: buf.len(),
+            })
+        }
+    }
+}
+
+/// An incremental frame reader for a byte stream.
+///
+/// Feed it whatever the socket returned with [`FrameReader::extend`] (or
+/// read straight into [`FrameReader::spare`]), then take complete frames
+/// with [`FrameReader::next_frame`]. The buffer holds at most one frame plus
+/// one read's worth of bytes: it never grows past `max + read size`, and an
+/// oversize length is refused from its header alone.
+#[derive(Debug)]
+pub struct FrameReader {
+    buf: Vec<u8>,
+    /// Start of unconsumed bytes in `buf`.
+    start: usize,
+    /// Length of the tail handed out by `spare` and not yet `filled`.
+    spare_len: usize,
+    max: usize,
+}
+
+impl FrameReader {
+    pub fn new(max: usize) -> Self {
+        assert!(max > 0);
+        FrameReader {
+            buf: Vec::new(),
+            start: 0,
+            spare_len: 0,
+            max,
+        }
+    }
+
+    /// The maximum payload length this reader accepts.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// Bytes received but not yet returned as frames.
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    /// Appends received bytes.
+    pub fn extend(&mut self, bytes: &[u8]) {
+        self.compact();
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Returns a writable tail of at least `min` bytes for a socket read to
+    /// fill; report how much was filled with [`FrameReader::filled`].
+    pub fn spare(&mut self, min: usize) -> &mut [u8] {
+        assert_eq!(self.spare_len, 0, "filled() must follow spare()");
+        self.compact();
+        let len = self.buf.len();
+        self.buf.resize(len + min, 0);
+        // `filled` truncates back to the real length.
+        self.spare_len = min;
+        &mut self.buf[len..]
+    }
+
+    /// Records that `n` bytes of the last [`FrameReader::spare`] were filled.
+    pub fn filled(&mut self, n: usize) {
+        assert!(n <= self.spare_len);
+        let len = self.buf.len() - self.spare_len + n;
+        self.buf.truncate(len);
+        self.spare_len = 0;
+    }
+
+    /// The next complete frame's payload, if one is buffered.
+    ///
+    /// After an error the stream cannot be resynchronised; the caller should
+    /// answer with an error and close the connection.
+    pub fn next_frame(&mut self) -> Result<Option<&[u8]>, DecodeError> {
+        assert_eq!(self.spare_len, 0, "filled() must follow spare()");
+        match split_frame(&self.buf[self.start..], self.max)? {
+            None => Ok(None),
+            Some((_, used)) => {
+                let from = self.start + FRAME_HEADER_BYTES;
+                let to = self.start + used;
+                self.start = to;
+                Ok(Some(&self.buf[from..to]))
+            }
+        }
+    }
+
+    /// Bytes the current partial frame still needs, if its header is known.
+    pub fn pending_frame_bytes(&self) -> Option<usize> {
+        let rest = &self.buf[self.start..];
+        let header = rest.first_chunk::<FRAME_HEADER_BYTES>()?;
+        let len = payload_len(*header, self.max).ok()?;
+        Some((FRAME_HEADER_BYTES + len).saturating_sub(rest.len()))
+    }
+
+    fn compact(&mut self) {
+        if self.start == 0 {
+            return;
+        }
+        if self.start == self.buf.len() {
+            self.buf.clear();
+        } else {
+            self.buf.drain(..self.start);
+        }
+        self.start = 0;
+        // Give memory back after a large frame, so an idle connection stays small.
+        if self.buf.capacity() > 4 * READ_CHUNK_BYTES && self.buf.len() < READ_CHUNK_BYTES {
+            self.buf.shrink_to(READ_CHUNK_BYTES);
+        }
+    }
+}
+
+/// A typical socket read size.
+pub const READ_CHUNK_BYTES: usize = 64 << 10;
