@@ -107,10 +107,10 @@ impl ::flatbuffers::SimpleToVerifyInSlice for AckLevel {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_ERROR_CODE: u16 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_ERROR_CODE: u16 = 12;
+pub const ENUM_MAX_ERROR_CODE: u16 = 13;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 13] = [
+pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 14] = [
   ErrorCode::BadRequest,
   ErrorCode::FrameTooLarge,
   ErrorCode::UnsupportedVersion,
@@ -124,6 +124,7 @@ pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 13] = [
   ErrorCode::Corruption,
   ErrorCode::TooLarge,
   ErrorCode::Internal,
+  ErrorCode::Busy,
 ];
 
 /// Stable error codes. Values are never renumbered or reused.
@@ -158,9 +159,11 @@ impl ErrorCode {
   pub const TooLarge: Self = Self(11);
   /// Any other server-side failure; the message says more.
   pub const Internal: Self = Self(12);
+  /// The shard's queue is full; retry after a short wait.
+  pub const Busy: Self = Self(13);
 
   pub const ENUM_MIN: u16 = 0;
-  pub const ENUM_MAX: u16 = 12;
+  pub const ENUM_MAX: u16 = 13;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::BadRequest,
     Self::FrameTooLarge,
@@ -175,6 +178,7 @@ impl ErrorCode {
     Self::Corruption,
     Self::TooLarge,
     Self::Internal,
+    Self::Busy,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -192,6 +196,7 @@ impl ErrorCode {
       Self::Corruption => Some("Corruption"),
       Self::TooLarge => Some("TooLarge"),
       Self::Internal => Some("Internal"),
+      Self::Busy => Some("Busy"),
       _ => None,
     }
   }
