@@ -1,0 +1,204 @@
+//! The final report: printed for people, written as JSON for scripts and charts.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Ack, RunArgs, StreamDist};
+use crate::stats::LatencySummary;
+
+/// Bumped when a field changes meaning; fields are only added otherwise.
+pub const REPORT_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReportConfig {
+    pub addrs: Vec<String>,
+    pub threads: usize,
+    pub connections: usize,
+    pub pipeline: usize,
+    pub records_per_frame: u32,
+    pub record_bytes_min: usize,
+    pub record_bytes_max: usize,
+    pub streams: u64,
+    pub stream_dist: StreamDist,
+    pub zipf_exponent: f64,
+    pub ack: Ack,
+    /// `closed` or `open`.
+    pub mode: String,
+    /// Open loop only: requests per second, in total.
+    pub rate: Option<f64>,
+    pub duration_s: f64,
+    pub requests_limit: Option<u64>,
+    pub warmup_s: f64,
+    pub seed: u64,
+}
+
+impl ReportConfig {
+    pub fn of(args: &RunArgs, seed: u64) -> ReportConfig {
+        ReportConfig {
+            addrs: args.addrs.iter().map(|a| a.to_string()).collect(),
+            threads: args.threads,
+            connections: args.connections,
+            pipeline: if args.ack == Ack::None { 1 } else { args.pipeline },
+            records_per_frame: args.records_per_frame,
+            record_bytes_min: args.record_bytes.min,
+            record_bytes_max: args.record_bytes.max,
+            streams: args.streams,
+            stream_dist: args.stream_dist,
+            zipf_exponent: args.zipf_exponent,
+            ack: args.ack,
+            mode: args.mode().to_string(),
+            rate: args.rate,
+            duration_s: args.duration.as_secs_f64(),
+            requests_limit: args.requests,
+            warmup_s: args.warmup.as_secs_f64(),
+            seed,
+        }
+    }
+}
+
+/// With `--ack none`: the send rate says little, so the generator waits for
+/// the daemon to make everything durable and reports the rate including that.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DrainReport {
+    /// From the start of measurement until the last drain append was durable.
+    pub elapsed_s: f64,
+    pub records_per_s: f64,
+    pub mb_per_s: f64,
+    /// How long the daemon took to drain after the last send.
+    pub drain_s: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub version: u32,
+    pub label: Option<String>,
+    pub config: ReportConfig,
+    pub server: Option<String>,
+    pub shard_count: Option<u16>,
+    /// Measured time: from the end of the warm-up to the last completion.
+    pub elapsed_s: f64,
+    pub requests: u64,
+    pub records: u64,
+    pub bytes: u64,
+    pub requests_per_s: f64,
+    pub records_per_s: f64,
+    /// Payload megabytes (10^6 bytes) per second.
+    pub mb_per_s: f64,
+    /// Absent with `--ack none`.
+    pub latency_us: Option<LatencySummary>,
+    pub drain: Option<DrainReport>,
+    pub errors: BTreeMap<String, u64>,
+    pub errors_total: u64,
+    pub connections_lost: u64,
+    /// Why the run ended before its duration or request count, if it did.
+    pub stopped_early: Option<String>,
+}
+
+impl Report {
+    /// The human-readable final report.
+    pub fn render(&self) -> String {
+        let c = &self.config;
+        let mut s = String::new();
+        let sizes = if c.record_bytes_min == c.record_bytes_max {
+            format!("{} B", c.record_bytes_min)
+        } else {
+            format!("{}..{} B", c.record_bytes_min, c.record_bytes_max)
+        };
+        let _ = writeln!(
+            s,
+            "shardlog-bench: {} loop{}, ack={:?}, c={} P={} B={} S={} K={} ({:?}), threads={}",
+            c.mode,
+            c.rate.map(|r| format!(" at {r:.0} req/s")).unwrap_or_default(),
+            c.ack,
+            c.connections,
+            c.pipeline,
+            c.records_per_frame,
+            sizes,
+            c.streams,
+            c.stream_dist,
+            c.threads
+        );
+        if let (Some(server), Some(shards)) = (&self.server, self.shard_count) {
+            let _ = writeln!(s, "  server:    {server}, {shards} shards");
+        }
+        let verb = if c.ack == Ack::None { "sent" } else { "acked" };
+        let _ = writeln!(
+            s,
+            "  {verb}:     {} requests, {} records, {:.1} MB in {:.2} s",
+            self.requests,
+            self.records,
+            self.bytes as f64 / 1e6,
+            self.elapsed_s
+        );
+        let _ = writeln!(
+            s,
+            "  rate:      {:.0} records/s, {:.0} requests/s, {:.1} MB/s",
+            self.records_per_s, self.requests_per_s, self.mb_per_s
+        );
+        if let Some(l) = &self.latency_us {
+            let _ = writeln!(
+                s,
+                "  latency:   p50 {} p90 {} p99 {} p99.9 {} max {} (mean {}){}",
+                fmt_us(l.p50),
+                fmt_us(l.p90),
+                fmt_us(l.p99),
+                fmt_us(l.p999),
+                fmt_us(l.max),
+                fmt_us(l.mean),
+                if c.mode == "open" {
+                    ", from intended send times"
+                } else {
+                    ""
+                }
+            );
+        }
+        if let Some(d) = &self.drain {
+            let _ = writeln!(
+                s,
+                "  drained:   {:.0} records/s, {:.1} MB/s including the {:.3} s the daemon took to make everything durable",
+                d.records_per_s, d.mb_per_s, d.drain_s
+            );
+        }
+        if self.errors_total == 0 {
+            let _ = writeln!(s, "  errors:    none");
+        } else {
+            let by_code: Vec<String> = self.errors.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let _ = writeln!(s, "  errors:    {} ({})", self.errors_total, by_code.join(", "));
+        }
+        if self.connections_lost > 0 {
+            let _ = writeln!(s, "  lost:      {} connections", self.connections_lost);
+        }
+        if let Some(why) = &self.stopped_early {
+            let _ = writeln!(s, "  stopped early: {why}");
+        }
+        s
+    }
+}
+
+/// Formats microseconds with a unit that keeps 3-4 significant digits.
+pub fn fmt_us(us: f64) -> String {
+    if us >= 1_000_000.0 {
+        format!("{:.2}s", us / 1e6)
+    } else if us >= 10_000.0 {
+        format!("{:.1}ms", us / 1e3)
+    } else if us >= 1_000.0 {
+        format!("{:.2}ms", us / 1e3)
+    } else {
+        format!("{us:.0}us")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units_scale() {
+        assert_eq!(fmt_us(153.4), "153us");
+        assert_eq!(fmt_us(1530.0), "1.53ms");
+        assert_eq!(fmt_us(23_400.0), "23.4ms");
+        assert_eq!(fmt_us(2_500_000.0), "2.50s");
+    }
+}

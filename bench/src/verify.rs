@@ -1,0 +1,359 @@
+//! `shardlog-bench verify`: reads every shard back and checks it against the
+//! verify log.
+//!
+//! Problems found:
+//! - **missing**: an acknowledged (shard, lsn) is not in the shard;
+//! - **corrupted**: it is there, but its stream, length or crc32c differ from
+//!   what was acknowledged, or its payload header names another stream;
+//! - **out of order**: within one `(run, writer, stream)` the payload `seq`
+//!   does not rise with the lsn (a reordering or a duplicate), or the shard
+//!   returned lsns that do not rise;
+//! - **conflicting acks**: the log holds two different records acknowledged
+//!   at the same (shard, lsn), i.e. the daemon reused an lsn it had acked.
+//!
+//! Records present but never acknowledged are allowed (the daemon may make
+//! a record durable and die before acking it) and only counted.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+
+use proto::client::{Client, ReadParams};
+use proto::wire::ReadRecordT;
+use serde::Serialize;
+
+use crate::payload::PayloadHeader;
+use crate::verify_log::AckedRecord;
+
+/// Examples kept per kind of problem; the counts are always complete.
+pub const EXAMPLES_MAX: usize = 10;
+
+/// Bytes asked for per Read; stays well under the default 4 MiB frame limit.
+pub const READ_BYTES_MAX: u32 = 1 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProblemKind {
+    Missing,
+    Corrupted,
+    OutOfOrder,
+    ConflictingAcks,
+    ReadFailed,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct VerifyOutcome {
+    pub acked: u64,
+    pub acked_found: u64,
+    pub records_read: u64,
+    pub unacked_present: u64,
+    pub foreign_payloads: u64,
+    pub problems: BTreeMap<ProblemKind, u64>,
+    pub examples: BTreeMap<ProblemKind, Vec<String>>,
+}
+
+impl VerifyOutcome {
+    pub fn problems_total(&self) -> u64 {
+        self.problems.values().sum()
+    }
+
+    pub fn ok(&self) -> bool {
+        self.problems_total() == 0
+    }
+
+    fn problem(&mut self, kind: ProblemKind, example: impl FnOnce() -> String) {
+        *self.problems.entry(kind).or_insert(0) += 1;
+        let examples = self.examples.entry(kind).or_default();
+        if examples.len() < EXAMPLES_MAX {
+            examples.push(example());
+        }
+    }
+}
+
+/// The checking logic, fed by whoever reads the shards (pure, so it is unit-tested).
+pub struct Checker {
+    /// Acknowledged records not yet seen in the read-back.
+    expected: HashMap<(u16, u64), AckedRecord>,
+    last_lsn: HashMap<u16, u64>,
+    /// Highest seq seen per (run, writer, stream), and at which lsn.
+    last_seq: HashMap<(u32, u32, u64), (u64, u64)>,
+    outcome: VerifyOutcome,
+}
+
+impl Checker {
+    pub fn new(acked: impl IntoIterator<Item = AckedRecord>) -> Checker {
+        let mut outcome = VerifyOutcome::default();
+        let mut expected: HashMap<(u16, u64), AckedRecord> = HashMap::new();
+        for rec in acked {
+            match expected.get(&(rec.shard, rec.lsn)) {
+                // The same ack logged twice (e.g. two logs concatenated) is harmless.
+                Some(prev) if *prev == rec => {}
+                Some(prev) => {
+                    let prev = *prev;
+                    outcome.problem(ProblemKind::ConflictingAcks, || {
+                        format!("shard {} lsn {} acked as {prev:?} and as {rec:?}", rec.shard, rec.lsn)
+                    });
+                }
+                None => {
+                    outcome.acked += 1;
+                    expected.insert((rec.shard, rec.lsn), rec);
+                }
+            }
+        }
+        Checker {
+            expected,
+            last_lsn: HashMap::new(),
+            last_seq: HashMap::new(),
+            outcome,
+        }
+    }
+
+    /// Feeds the records of `shard` in the order the daemon returned them.
+    pub fn observe(&mut self, shard: u16, lsn: u64, stream: u64, payload: &[u8]) {
+        self.outcome.records_read += 1;
+        if let Some(&prev) = self.last_lsn.get(&shard) {
+            if lsn <= prev {
+                self.outcome.problem(ProblemKind::OutOfOrder, || {
+                    format!("shard {shard} returned lsn {lsn} after lsn {prev}")
+                });
+            }
+        }
+        self.last_lsn.insert(shard, lsn);
+
+        let crc = crc32c::crc32c(payload);
+        match self.expected.remove(&(shard, lsn)) {
+            Some(acked) => {
+                self.outcome.acked_found += 1;
+                if acked.stream != stream || acked.len as usize != payload.len() || acked.crc32c != crc {
+                    self.outcome.problem(ProblemKind::Corrupted, || {
+                        format!(
+                            "shard {shard} lsn {lsn}: acked stream {} len {} crc32c {:08x}, read stream {stream} len {} \
+                             crc32c {crc:08x}",
+                            acked.stream,
+                            acked.len,
+                            acked.crc32c,
+                            payload.len()
+                        )
+                    });
+                }
+            }
+            None => self.outcome.unacked_present += 1,
+        }
+
+        let Some(header) = PayloadHeader::decode(payload) else {
+            self.outcome.foreign_payloads += 1;
+            return;
+        };
+        if header.stream != stream {
+            self.outcome.problem(ProblemKind::Corrupted, || {
+                format!(
+                    "shard {shard} lsn {lsn}: record of stream {stream} carries a payload written for stream {}",
+                    header.stream
+                )
+            });
+            return;
+        }
+        let key = (header.run, header.writer, header.stream);
+        if let Some(&(prev_seq, prev_lsn)) = self.last_seq.get(&key) {
+            if header.seq <= prev_seq {
+                self.outcome.problem(ProblemKind::OutOfOrder, || {
+                    format!(
+                        "stream {stream} (run {:08x} writer {}): seq {} at shard {shard} lsn {lsn} follows seq {prev_seq} \
+                         at lsn {prev_lsn}",
+                        header.run, header.writer, header.seq
+                    )
+                });
+            }
+        }
+        self.last_seq.insert(key, (header.seq, lsn));
+    }
+
+    pub fn read_failed(&mut self, shard: u16, why: String) {
+        self.outcome
+            .problem(ProblemKind::ReadFailed, || format!("shard {shard}: {why}"));
+    }
+
+    /// Every acknowledged record not seen by now is missing.
+    pub fn finish(mut self) -> VerifyOutcome {
+        let mut missing: Vec<AckedRecord> = self.expected.into_values().collect();
+        missing.sort_by_key(|r| (r.shard, r.lsn));
+        for r in missing {
+            self.outcome.problem(ProblemKind::Missing, || {
+                format!(
+                    "shard {} lsn {} (stream {}, {} bytes) was acked but is not there",
+                    r.shard, r.lsn, r.stream, r.len
+                )
+            });
+        }
+        self.outcome
+    }
+}
+
+/// Reads every shard of the daemon at `addr` from lsn 1 and checks it.
+pub fn verify_against(addr: SocketAddr, acked: Vec<AckedRecord>) -> anyhow::Result<VerifyOutcome> {
+    let mut client = Client::connect(addr).map_err(|e| anyhow::anyhow!("cannot connect to {addr}: {e}"))?;
+    let shard_count = client
+        .shard_count()
+        .ok_or_else(|| anyhow::anyhow!("{addr} did not report its shard count"))?;
+    let mut checker = Checker::new(acked);
+    for shard in 0..shard_count {
+        let mut from_lsn = 1u64;
+        loop {
+            let params = ReadParams {
+                max_bytes: READ_BYTES_MAX,
+                ..ReadParams::new(shard, from_lsn)
+            };
+            let batch = match client.read(params) {
+                Ok(batch) => batch,
+                Err(e) => {
+                    checker.read_failed(shard, format!("Read from lsn {from_lsn} failed: {e}"));
+                    if e.server_code().is_none() {
+                        // The connection is gone: nothing more can be read.
+                        return Ok(checker.finish());
+                    }
+                    break;
+                }
+            };
+            let records: Vec<ReadRecordT> = batch.records.unwrap_or_default();
+            if records.is_empty() {
+                break;
+            }
+            for r in &records {
+                checker.observe(shard, r.lsn, r.stream, r.payload.as_deref().unwrap_or(&[]));
+            }
+            if batch.next_lsn <= from_lsn {
+                checker.read_failed(
+                    shard,
+                    format!(
+                        "Read from lsn {from_lsn} returned records but next_lsn {}",
+                        batch.next_lsn
+                    ),
+                );
+                break;
+            }
+            from_lsn = batch.next_lsn;
+        }
+    }
+    Ok(checker.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::payload::fill_payload;
+
+    fn payload(writer: u32, stream: u64, seq: u64) -> Vec<u8> {
+        let mut buf = vec![0u8; 64];
+        fill_payload(
+            &PayloadHeader {
+                run: 7,
+                writer,
+                stream,
+                seq,
+            },
+            &mut buf,
+        );
+        buf
+    }
+
+    fn acked(shard: u16, lsn: u64, stream: u64, payload: &[u8]) -> AckedRecord {
+        AckedRecord {
+            stream,
+            shard,
+            lsn,
+            crc32c: crc32c::crc32c(payload),
+            len: payload.len() as u32,
+        }
+    }
+
+    #[test]
+    fn a_complete_log_verifies() {
+        let p: Vec<Vec<u8>> = (0..3).map(|seq| payload(0, 5, seq)).collect();
+        let mut c = Checker::new((0..3).map(|i| acked(1, i as u64 + 1, 5, &p[i])));
+        for (i, pl) in p.iter().enumerate() {
+            c.observe(1, i as u64 + 1, 5, pl);
+        }
+        // A durable record that was never acked is fine.
+        c.observe(1, 4, 5, &payload(0, 5, 3));
+        let out = c.finish();
+        assert!(out.ok(), "{out:?}");
+        assert_eq!(out.acked, 3);
+        assert_eq!(out.acked_found, 3);
+        assert_eq!(out.unacked_present, 1);
+    }
+
+    #[test]
+    fn a_lost_ack_is_missing() {
+        let p0 = payload(0, 5, 0);
+        let p1 = payload(0, 5, 1);
+        let mut c = Checker::new([acked(0, 1, 5, &p0), acked(0, 2, 5, &p1)]);
+        c.observe(0, 1, 5, &p0);
+        let out = c.finish();
+        assert_eq!(out.problems.get(&ProblemKind::Missing), Some(&1));
+        assert!(out.examples[&ProblemKind::Missing][0].contains("lsn 2"));
+    }
+
+    #[test]
+    fn a_flipped_byte_is_corruption() {
+        let p = payload(0, 5, 0);
+        let mut c = Checker::new([acked(0, 1, 5, &p)]);
+        let mut bad = p.clone();
+        bad[40] ^= 1;
+        c.observe(0, 1, 5, &bad);
+        let out = c.finish();
+        assert_eq!(out.problems.get(&ProblemKind::Corrupted), Some(&1));
+        assert_eq!(out.problems.get(&ProblemKind::Missing), None);
+    }
+
+    #[test]
+    fn seq_going_backwards_within_a_writer_is_out_of_order() {
+        let mut c = Checker::new([]);
+        c.observe(0, 1, 5, &payload(0, 5, 1));
+        c.observe(0, 2, 5, &payload(0, 5, 0));
+        // Another writer on the same stream interleaves freely.
+        c.observe(0, 3, 5, &payload(1, 5, 0));
+        let out = c.finish();
+        assert_eq!(out.problems.get(&ProblemKind::OutOfOrder), Some(&1));
+    }
+
+    #[test]
+    fn duplicated_record_is_out_of_order() {
+        let mut c = Checker::new([]);
+        c.observe(0, 1, 5, &payload(0, 5, 0));
+        c.observe(0, 2, 5, &payload(0, 5, 0));
+        assert_eq!(c.finish().problems.get(&ProblemKind::OutOfOrder), Some(&1));
+    }
+
+    #[test]
+    fn lsns_going_backwards_are_out_of_order() {
+        let mut c = Checker::new([]);
+        c.observe(0, 2, 5, &payload(0, 5, 0));
+        c.observe(0, 2, 5, &payload(0, 5, 1));
+        assert_eq!(c.finish().problems.get(&ProblemKind::OutOfOrder), Some(&1));
+    }
+
+    #[test]
+    fn payload_of_another_stream_is_corruption() {
+        let mut c = Checker::new([]);
+        c.observe(0, 1, 5, &payload(0, 6, 0));
+        assert_eq!(c.finish().problems.get(&ProblemKind::Corrupted), Some(&1));
+    }
+
+    #[test]
+    fn an_lsn_acked_twice_with_different_records_conflicts() {
+        let a = payload(0, 5, 0);
+        let b = payload(0, 5, 1);
+        let c = Checker::new([acked(0, 1, 5, &a), acked(0, 1, 5, &a), acked(0, 1, 5, &b)]);
+        let out = c.finish();
+        assert_eq!(out.problems.get(&ProblemKind::ConflictingAcks), Some(&1));
+        assert_eq!(out.acked, 1);
+    }
+
+    #[test]
+    fn foreign_payloads_are_counted_not_judged() {
+        let mut c = Checker::new([]);
+        c.observe(0, 1, 5, b"written by someone else");
+        let out = c.finish();
+        assert!(out.ok());
+        assert_eq!(out.foreign_payloads, 1);
+    }
+}

@@ -1,0 +1,169 @@
+//! Command line and environment: every flag also reads a `SHARDLOG_*` variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Default address the daemon listens on.
+pub const LISTEN_DEFAULT: &str = "127.0.0.1:7070";
+/// Default data directory.
+pub const DATA_DIR_DEFAULT: &str = "./data";
+/// Default cap on concurrent client connections, across all front executors.
+pub const MAX_CONNECTIONS_DEFAULT: usize = 1024;
+/// Default in-flight budget of one connection, in bytes: request frames not yet answered plus
+/// responses not yet written. Equal to the default frame limit, so one maximal frame fits.
+pub const CONN_BUDGET_BYTES_DEFAULT: usize = proto::frame::FRAME_BYTES_MAX_DEFAULT;
+/// Default capacity (messages) of each cross-executor ring, each direction.
+pub const RING_CAPACITY_DEFAULT: usize = 1024;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "shardlogd",
+    version,
+    about = "shardlog daemon: a durable, sharded log served over TCP",
+    long_about = "shardlog daemon: a durable, sharded log served over TCP.\n\n\
+        One pinned executor per shard core owns one shard directory (<data-dir>/shard-NNN/); front \
+        executors accept connections and route each append to the shard that owns its stream. \
+        Appends are acknowledged once durable (or written, or not at all, as the client asks).\n\n\
+        Every option can also be set through the environment variable named in brackets.",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon (the default when no command is given).
+    Serve(ServeArgs),
+    /// Print a running daemon's counters.
+    Stats(StatsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    /// Address of the daemon.
+    #[arg(long, env = "SHARDLOG_ADDR", default_value = LISTEN_DEFAULT)]
+    pub addr: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Pin {
+    /// Pin each executor to one CPU (glommio `Placement::Fixed`).
+    Fixed,
+    /// Let the kernel schedule executors anywhere (for tests, or more shards than cores).
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DurabilityArg {
+    /// A write linked to an fdatasync in one io_uring submission.
+    Linked,
+    /// One write through a file opened with O_DSYNC.
+    Dsync,
+}
+
+impl From<DurabilityArg> for shards::Durability {
+    fn from(d: DurabilityArg) -> Self {
+        match d {
+            DurabilityArg::Linked => shards::Durability::Linked,
+            DurabilityArg::Dsync => shards::Durability::Dsync,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on; port 0 picks a free port (the bound address is printed on stdout).
+    #[arg(long, env = "SHARDLOG_LISTEN", default_value = LISTEN_DEFAULT)]
+    pub listen: SocketAddr,
+
+    /// Directory holding LOCK, META and one shard-NNN/ directory per shard. Must be on a
+    /// filesystem with O_DIRECT (ext4, xfs); not tmpfs.
+    #[arg(long, env = "SHARDLOG_DATA_DIR", default_value = DATA_DIR_DEFAULT)]
+    pub data_dir: PathBuf,
+
+    /// Size of each segment file in bytes, a multiple of 4096 [default: 64 MiB].
+    #[arg(long, env = "SHARDLOG_SEGMENT_BYTES")]
+    pub segment_bytes: Option<u64>,
+
+    /// Per shard: delete or recycle the oldest segments while the shard holds more than this
+    /// many bytes [default: keep everything].
+    #[arg(long, env = "SHARDLOG_RETENTION_BYTES")]
+    pub retention_bytes: Option<u64>,
+
+    /// Largest request frame accepted, in bytes; a larger length prefix closes the connection.
+    #[arg(long, env = "SHARDLOG_MAX_FRAME_BYTES", default_value_t = proto::frame::FRAME_BYTES_MAX_DEFAULT)]
+    pub max_frame_bytes: usize,
+
+    /// Connections beyond this are answered TooManyConnections and closed.
+    #[arg(long, env = "SHARDLOG_MAX_CONNECTIONS", default_value_t = MAX_CONNECTIONS_DEFAULT)]
+    pub max_connections: usize,
+
+    /// Bytes one connection may have in flight (unanswered requests plus unsent responses);
+    /// beyond it the daemon stops reading that socket, so TCP pushes back on the client.
+    #[arg(long, env = "SHARDLOG_CONN_BUDGET_BYTES", default_value_t = CONN_BUDGET_BYTES_DEFAULT)]
+    pub conn_budget_bytes: usize,
+
+    /// How a commit is made durable.
+    #[arg(long, env = "SHARDLOG_DURABILITY", value_enum, default_value_t = DurabilityArg::Dsync)]
+    pub durability: DurabilityArg,
+
+    /// CPUs to use, e.g. "0-3" or "0,2,4" [default: the CPUs this process may run on].
+    #[arg(long, env = "SHARDLOG_CPUS")]
+    pub cpus: Option<String>,
+
+    /// CPU of the (first) front executor [default: the first of --cpus].
+    #[arg(long, env = "SHARDLOG_FRONT_CPU")]
+    pub front_cpu: Option<usize>,
+
+    /// Number of front executors accepting connections (SO_REUSEPORT); each routes to all shards.
+    #[arg(long, env = "SHARDLOG_FRONT_CORES", default_value_t = 1)]
+    pub front_cores: usize,
+
+    /// Number of shards [default: one per CPU left after the front executors, at least 1]. Fixed
+    /// when the data directory is created: a different count would move streams between shards.
+    #[arg(long, env = "SHARDLOG_SHARDS")]
+    pub shards: Option<u16>,
+
+    /// Executor pinning.
+    #[arg(long, env = "SHARDLOG_PIN", value_enum, default_value_t = Pin::Fixed)]
+    pub pin: Pin,
+
+    /// Capacity of each cross-executor ring, in messages.
+    #[arg(long, env = "SHARDLOG_RING_CAPACITY", default_value_t = RING_CAPACITY_DEFAULT, hide = true)]
+    pub ring_capacity: usize,
+
+    /// Busy-poll this many microseconds before an idle executor sleeps (trades CPU for latency).
+    #[arg(long, env = "SHARDLOG_SPIN_US", default_value_t = 0)]
+    pub spin_us: u64,
+
+    /// On a corrupt commit, truncate the shard's log there instead of refusing to start
+    /// (everything after it is lost).
+    #[arg(long, env = "SHARDLOG_REPAIR")]
+    pub repair: bool,
+
+    /// Log filter in tracing EnvFilter syntax, e.g. "info" or "daemon=debug,shards=info".
+    #[arg(long, env = "SHARDLOG_LOG", default_value = "info")]
+    pub log: String,
+}
+
+impl ServeArgs {
+    pub fn shard_options(&self, shard_id: u16) -> shards::ShardOptions {
+        let mut opts = shards::ShardOptions {
+            shard_id,
+            durability: self.durability.into(),
+            repair: self.repair,
+            retention_bytes: self.retention_bytes,
+            ..shards::ShardOptions::default()
+        };
+        if let Some(bytes) = self.segment_bytes {
+            opts.segment_bytes = bytes;
+        }
+        opts
+    }
+}

@@ -1,0 +1,687 @@
+//! The front executor: accepts connections, reads and verifies frames, routes each request to
+//! the shard that owns it, and writes the responses back.
+//!
+//! Each connection has two tasks. The reader turns bytes into frames and dispatches them; before
+//! dispatching it reserves the request's bytes (and, for reads and stats, the response's) from
+//! the connection's budget. The writer sends everything that completed since its last write in
+//! one `write`, then returns the reservations of what it sent. So a connection holds at most its
+//! budget in unanswered requests plus unsent responses: when a client sends faster than the
+//! shards commit, or stops reading its responses, the reader stops reading the socket and TCP
+//! pushes back on the client.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::future::poll_fn;
+use std::os::unix::io::FromRawFd;
+use std::pin::Pin;
+use std::rc::{Rc, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_lite::future;
+use futures_lite::io::{AsyncRead, AsyncWrite};
+use glommio::channels::shared_channel::ConnectedSender;
+use glommio::net::{TcpListener, TcpStream};
+use glommio::sync::Semaphore;
+use proto::codec::{self, Encoder};
+use proto::frame::{FrameReader, FRAME_HEADER_BYTES, READ_CHUNK_BYTES};
+use proto::wire::{self, ErrorCode, RequestBody};
+use proto::DecodeError;
+
+use crate::notify::Notify;
+use crate::ring::{ConnId, FromShard, ReadArgs, Reply, ToShard};
+use crate::shard_server::{ReplyTo, ShardServer};
+
+/// Budget reserved for a small response (Appended, Pong, HelloOk, Error).
+const SMALL_RESPONSE_BYTES: usize = 128;
+/// Budget reserved per shard for a stats response.
+const STATS_RESPONSE_BYTES_PER_SHARD: usize = 256;
+/// How long a connection closed by the server keeps reading (and dropping) what the client still
+/// sends, so the close does not become a reset that destroys the error response before the
+/// client reads it.
+const LINGER: Duration = Duration::from_millis(200);
+const LINGER_BYTES_MAX: usize = 1 << 20;
+/// How often the front looks at the process-wide shutdown flag.
+const SHUTDOWN_POLL: Duration = Duration::from_millis(20);
+/// How long shutdown waits for connections to drain before dropping those whose clients do not
+/// read their responses.
+pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(10);
+/// A writer keeps at most this much buffer capacity while idle.
+const IDLE_BUFFER_BYTES: usize = 64 << 10;
+
+/// Counters of one front executor; only that executor writes them, anyone may read.
+#[derive(Debug, Default)]
+pub struct FrontCounters {
+    pub connections_total: AtomicU64,
+    pub frames_in: AtomicU64,
+    pub frames_out: AtomicU64,
+    pub protocol_errors: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+}
+
+fn bump(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+/// State shared by all front executors of the process.
+#[derive(Debug)]
+pub struct FrontShared {
+    pub counters: Vec<FrontCounters>,
+    /// Open connections across all fronts.
+    pub connections: AtomicUsize,
+    pub shutdown: Arc<AtomicBool>,
+}
+
+impl FrontShared {
+    pub fn wire_stats(&self) -> wire::FrontStatsT {
+        let sum = |f: fn(&FrontCounters) -> &AtomicU64| {
+            self.counters.iter().map(|c| f(c).load(Ordering::Relaxed)).sum::<u64>()
+        };
+        wire::FrontStatsT {
+            connections: self.connections.load(Ordering::Relaxed) as u64,
+            connections_total: sum(|c| &c.connections_total),
+            frames_in: sum(|c| &c.frames_in),
+            frames_out: sum(|c| &c.frames_out),
+            protocol_errors: sum(|c| &c.protocol_errors),
+            bytes_in: sum(|c| &c.bytes_in),
+            bytes_out: sum(|c| &c.bytes_out),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct FrontConfig {
+    pub max_frame_bytes: usize,
+    pub max_connections: usize,
+    pub conn_budget_bytes: usize,
+}
+
+/// How a front reaches one shard.
+#[derive(Clone)]
+pub enum ShardLink {
+    Ring(Rc<ConnectedSender<ToShard>>),
+    /// The shard runs on this executor (single-core layout).
+    Local(Rc<ShardServer>),
+}
+
+struct Gather {
+    conn: ConnId,
+    id: u64,
+    reserved: usize,
+    remaining: usize,
+    shards: Vec<wire::ShardStatsT>,
+}
+
+pub struct Front {
+    index: usize,
+    shard_count: u16,
+    cfg: FrontConfig,
+    shared: Arc<FrontShared>,
+    links: Vec<ShardLink>,
+    conns: RefCell<HashMap<ConnId, Rc<Conn>>>,
+    next_conn: Cell<ConnId>,
+    next_token: Cell<u64>,
+    gathers: RefCell<HashMap<u64, Gather>>,
+    encoder: RefCell<Encoder>,
+    stop_accept: Notify,
+    me: Weak<Front>,
+}
+
+struct Conn {
+    id: ConnId,
+    stream: RefCell<TcpStream>,
+    budget: Semaphore,
+    /// Requests dispatched and not yet completed.
+    in_flight: Cell<usize>,
+    /// Encoded responses not yet handed to the socket.
+    out: RefCell<Vec<u8>>,
+    /// Budget to return once `out` is written.
+    out_release: Cell<usize>,
+    writer_wake: Notify,
+    reader_wake: Notify,
+    /// The reader has not finished.
+    reading: Cell<bool>,
+    /// Stop reading requests (shutdown, protocol error, or the socket broke).
+    stop: Cell<bool>,
+    /// Writes failed: responses are dropped.
+    broken: Cell<bool>,
+    /// Close with a linger (the server ended the connection).
+    linger: Cell<bool>,
+    abort: Notify,
+}
+
+impl Front {
+    pub fn new(
+        index: usize,
+        shard_count: u16,
+        cfg: FrontConfig,
+        shared: Arc<FrontShared>,
+        links: Vec<ShardLink>,
+    ) -> Rc<Front> {
+        assert_eq!(links.len(), shard_count as usize);
+        assert!(cfg.conn_budget_bytes >= SMALL_RESPONSE_BYTES + FRAME_HEADER_BYTES);
+        Rc::new_cyclic(|me| Front {
+            index,
+            shard_count,
+            cfg,
+            shared,
+            links,
+            conns: RefCell::new(HashMap::new()),
+            next_conn: Cell::new(1),
+            next_token: Cell::new(1),
+            gathers: RefCell::new(HashMap::new()),
+            encoder: RefCell::new(Encoder::new()),
+            stop_accept: Notify::default(),
+            me: me.clone(),
+        })
+    }
+
+    fn rc(&self) -> Rc<Front> {
+        self.me.upgrade().expect("the front outlives its tasks")
+    }
+
+    fn counters(&self) -> &FrontCounters {
+        &self.shared.counters[self.index]
+    }
+
+    /// Runs the accept loop on `listener_fd` until shutdown, then drains every connection.
+    pub async fn run(self: Rc<Self>, listener_fd: i32) {
+        // SAFETY: the fd is a bound, listening TCP socket created for this front alone.
+        let listener = unsafe { TcpListener::from_raw_fd(listener_fd) };
+        let watcher = {
+            let this = self.clone();
+            glommio::spawn_local(async move {
+                while !this.shared.shutdown.load(Ordering::Relaxed) {
+                    glommio::timer::sleep(SHUTDOWN_POLL).await;
+                }
+                this.stop_accept.notify();
+            })
+        };
+        loop {
+            let accepted = future::or(async { Some(listener.accept().await) }, async {
+                self.stop_accept.wait().await;
+                None
+            })
+            .await;
+            match accepted {
+                None => break,
+                Some(Ok(stream)) => self.admit(stream),
+                Some(Err(e)) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(front = self.index, error = %e, "accept failed");
+                    glommio::timer::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+        watcher.await;
+        drop(listener);
+        tracing::info!(front = self.index, connections = self.conns.borrow().len(), "front stops accepting; draining");
+        self.drain().await;
+        for link in &self.links {
+            if let ShardLink::Ring(tx) = link {
+                tx.close();
+            }
+        }
+    }
+
+    /// Stops every connection's reader, then waits until each has answered what it received.
+    async fn drain(&self) {
+        let conns: Vec<Rc<Conn>> = self.conns.borrow().values().cloned().collect();
+        for c in &conns {
+            c.stop.set(true);
+            c.reader_wake.notify();
+        }
+        drop(conns);
+        let started = Instant::now();
+        while !self.conns.borrow().is_empty() {
+            if started.elapsed() > SHUTDOWN_DRAIN {
+                let stuck: Vec<Rc<Conn>> = self.conns.borrow().values().cloned().collect();
+                tracing::warn!(
+                    front = self.index,
+                    connections = stuck.len(),
+                    "dropping connections whose clients do not read their responses"
+                );
+                for c in &stuck {
+                    c.broken.set(true);
+                    c.abort.notify();
+                    c.writer_wake.notify();
+                }
+            }
+            glommio::timer::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    fn admit(&self, stream: TcpStream) {
+        let _ = stream.set_nodelay(true);
+        bump(&self.counters().connections_total, 1);
+        let open = self.shared.connections.fetch_add(1, Ordering::Relaxed);
+        if open >= self.cfg.max_connections {
+            self.shared.connections.fetch_sub(1, Ordering::Relaxed);
+            let mut frame = Vec::new();
+            self.encoder.borrow_mut().error(
+                0,
+                ErrorCode::TooManyConnections,
+                &format!("the server is at its limit of {} connections", self.cfg.max_connections),
+                &mut frame,
+            );
+            bump(&self.counters().frames_out, 1);
+            bump(&self.counters().bytes_out, frame.len() as u64);
+            glommio::spawn_local(async move {
+                let stream = RefCell::new(stream);
+                if write_all(&stream, &frame).await.is_ok() {
+                    linger_close(&stream).await;
+                }
+            })
+            .detach();
+            return;
+        }
+        let id = self.next_conn.get();
+        self.next_conn.set(id + 1);
+        let budget = self.cfg.conn_budget_bytes;
+        let conn = Rc::new(Conn {
+            id,
+            stream: RefCell::new(stream),
+            budget: Semaphore::new(budget as u64),
+            in_flight: Cell::new(0),
+            out: RefCell::new(Vec::new()),
+            out_release: Cell::new(0),
+            writer_wake: Notify::default(),
+            reader_wake: Notify::default(),
+            reading: Cell::new(true),
+            stop: Cell::new(false),
+            broken: Cell::new(false),
+            linger: Cell::new(false),
+            abort: Notify::default(),
+        });
+        self.conns.borrow_mut().insert(id, conn.clone());
+        glommio::spawn_local(self.rc().reader(conn.clone())).detach();
+        glommio::spawn_local(self.rc().writer(conn)).detach();
+    }
+
+    async fn reader(self: Rc<Self>, conn: Rc<Conn>) {
+        let mut frames = FrameReader::new(self.cfg.max_frame_bytes);
+        'read: loop {
+            // Requests already received are served even when stopping: shutdown answers
+            // everything it has read.
+            loop {
+                let payload = match frames.next_frame() {
+                    Ok(Some(p)) => p.to_vec(),
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.protocol_error(&conn, 0, &e).await;
+                        conn.linger.set(true);
+                        break 'read;
+                    }
+                };
+                bump(&self.counters().frames_in, 1);
+                self.dispatch(&conn, payload).await;
+            }
+            if conn.stop.get() {
+                break;
+            }
+            let spare = frames.spare(READ_CHUNK_BYTES);
+            let read = future::or(
+                async {
+                    Some(poll_fn(|cx| Pin::new(&mut *conn.stream.borrow_mut()).poll_read(cx, spare)).await)
+                },
+                async {
+                    conn.reader_wake.wait().await;
+                    None
+                },
+            )
+            .await;
+            match read {
+                Some(Ok(n)) if n > 0 => {
+                    frames.filled(n);
+                    bump(&self.counters().bytes_in, n as u64);
+                }
+                Some(Ok(_)) | Some(Err(_)) => {
+                    frames.filled(0);
+                    break;
+                }
+                None => frames.filled(0),
+            }
+        }
+        conn.reading.set(false);
+        conn.writer_wake.notify();
+    }
+
+    /// Reserves budget for a request and counts it in flight. A reservation larger than the
+    /// whole budget takes the whole budget, so one maximal frame can always proceed.
+    async fn reserve(&self, conn: &Conn, bytes: usize) -> usize {
+        let units = bytes.min(self.cfg.conn_budget_bytes);
+        // The semaphore is only closed by dropping the connection, which cannot happen while its
+        // reader runs.
+        conn.budget
+            .acquire(units as u64)
+            .await
+            .expect("connection budget semaphore is never closed");
+        conn.in_flight.set(conn.in_flight.get() + 1);
+        units
+    }
+
+    async fn protocol_error(&self, conn: &Rc<Conn>, id: u64, e: &DecodeError) {
+        bump(&self.counters().protocol_errors, 1);
+        let reserved = self.reserve(conn, SMALL_RESPONSE_BYTES).await;
+        self.complete(
+            conn,
+            id,
+            reserved,
+            Reply::Error {
+                code: e.code(),
+                message: e.to_string(),
+            },
+        );
+    }
+
+    async fn answer(&self, conn: &Rc<Conn>, id: u64, request_bytes: usize, reply: Reply) {
+        let reserved = self.reserve(conn, request_bytes + SMALL_RESPONSE_BYTES).await;
+        self.complete(conn, id, reserved, reply);
+    }
+
+    async fn dispatch(&self, conn: &Rc<Conn>, payload: Vec<u8>) {
+        let frame_bytes = payload.len() + FRAME_HEADER_BYTES;
+        let request = match codec::view_request(&payload) {
+            Ok(r) => r,
+            Err(e) => {
+                // The frame boundary is intact, so the stream goes on. Name the request if its
+                // id can be read, so the client can match the error.
+                let id = readable_id(&payload).unwrap_or(0);
+                self.protocol_error(conn, id, &e).await;
+                return;
+            }
+        };
+        let id = request.id();
+        match request.body_type() {
+            RequestBody::Append => {
+                let stream = request.body_as_append().expect("tag checked").stream();
+                let shard = proto::shard_for(stream, self.shard_count);
+                let reserved = self.reserve(conn, frame_bytes + SMALL_RESPONSE_BYTES).await;
+                let msg = ToShard::Append {
+                    conn: conn.id,
+                    id,
+                    reserved,
+                    frame: payload,
+                };
+                self.send(conn, shard, msg).await;
+            }
+            RequestBody::Read => {
+                let read = request.body_as_read().expect("tag checked");
+                let shard = read.shard();
+                if shard >= self.shard_count {
+                    let message = format!("shard {shard} does not exist; this server has {} shards", self.shard_count);
+                    let reply = Reply::Error {
+                        code: ErrorCode::NoSuchShard,
+                        message,
+                    };
+                    self.answer(conn, id, frame_bytes, reply).await;
+                    return;
+                }
+                // A read may not ask for more than half the budget, so it can always be served
+                // while other requests of the connection are in flight.
+                let max_bytes = (read.max_bytes() as usize).clamp(1, self.cfg.conn_budget_bytes / 2);
+                let args = ReadArgs {
+                    from_lsn: read.from_lsn(),
+                    max_bytes,
+                    max_wait_ms: read.max_wait_ms(),
+                    stream: read.has_stream().then(|| read.stream()),
+                };
+                let reserved = self.reserve(conn, frame_bytes + max_bytes + SMALL_RESPONSE_BYTES).await;
+                let msg = ToShard::Read {
+                    conn: conn.id,
+                    id,
+                    reserved,
+                    read: args,
+                };
+                self.send(conn, shard, msg).await;
+            }
+            RequestBody::Hello => {
+                let hello = request.body_as_hello().expect("tag checked");
+                let reply = if hello.version() == proto::PROTOCOL_VERSION {
+                    let mut frame = Vec::new();
+                    let resp = wire::ResponseT {
+                        id,
+                        body: wire::ResponseBodyT::HelloOk(Box::new(wire::HelloOkT {
+                            version: proto::PROTOCOL_VERSION,
+                            server: Some(format!("shardlogd {}", env!("CARGO_PKG_VERSION"))),
+                            shard_count: self.shard_count,
+                        })),
+                    };
+                    self.encoder.borrow_mut().response(&resp, &mut frame);
+                    Reply::Frame(frame)
+                } else {
+                    Reply::Error {
+                        code: ErrorCode::UnsupportedVersion,
+                        message: format!(
+                            "protocol version {} is not supported; this server speaks {}",
+                            hello.version(),
+                            proto::PROTOCOL_VERSION
+                        ),
+                    }
+                };
+                self.answer(conn, id, frame_bytes, reply).await;
+            }
+            RequestBody::Ping => {
+                let mut frame = Vec::new();
+                let resp = wire::ResponseT {
+                    id,
+                    body: wire::ResponseBodyT::Pong(Box::default()),
+                };
+                self.encoder.borrow_mut().response(&resp, &mut frame);
+                self.answer(conn, id, frame_bytes, Reply::Frame(frame)).await;
+            }
+            RequestBody::Stats => {
+                let bytes = frame_bytes + SMALL_RESPONSE_BYTES + STATS_RESPONSE_BYTES_PER_SHARD * self.shard_count as usize;
+                let reserved = self.reserve(conn, bytes).await;
+                let token = self.next_token.get();
+                self.next_token.set(token + 1);
+                self.gathers.borrow_mut().insert(
+                    token,
+                    Gather {
+                        conn: conn.id,
+                        id,
+                        reserved,
+                        remaining: self.shard_count as usize,
+                        shards: Vec::with_capacity(self.shard_count as usize),
+                    },
+                );
+                for shard in 0..self.shard_count {
+                    if !self.send_raw(shard, ToShard::Stats { token }).await {
+                        self.stats_part(token, None);
+                    }
+                }
+            }
+            other => unreachable!("view_request admits only known tags, got {other:?}"),
+        }
+    }
+
+    /// Sends a request to a shard; if the shard is gone, answers it with an error.
+    async fn send(&self, conn: &Rc<Conn>, shard: u16, msg: ToShard) {
+        let (id, reserved) = match &msg {
+            ToShard::Append { id, reserved, .. } | ToShard::Read { id, reserved, .. } => (*id, *reserved),
+            ToShard::Stats { .. } => unreachable!("stats go through send_raw"),
+        };
+        if !self.send_raw(shard, msg).await {
+            let reply = Reply::Error {
+                code: ErrorCode::ShuttingDown,
+                message: format!("shard {shard} is shutting down"),
+            };
+            self.complete(conn, id, reserved, reply);
+        }
+    }
+
+    async fn send_raw(&self, shard: u16, msg: ToShard) -> bool {
+        match &self.links[shard as usize] {
+            ShardLink::Ring(tx) => tx.send(msg).await.is_ok(),
+            ShardLink::Local(server) => {
+                server.handle(msg, ReplyTo::Local(self.rc()));
+                true
+            }
+        }
+    }
+
+    /// A completion from a shard (through a ring or directly).
+    pub fn deliver(&self, msg: FromShard) {
+        match msg {
+            FromShard::Reply {
+                conn,
+                id,
+                reserved,
+                reply,
+            } => {
+                let Some(c) = self.conns.borrow().get(&conn).cloned() else {
+                    // The connection is gone only if it completed everything; a reply without
+                    // one is a bug in the in-flight accounting.
+                    panic!("reply {id} for connection {conn}, which has nothing in flight");
+                };
+                self.complete(&c, id, reserved, reply);
+            }
+            FromShard::Stats { token, stats } => self.stats_part(token, Some(*stats)),
+        }
+    }
+
+    fn stats_part(&self, token: u64, stats: Option<wire::ShardStatsT>) {
+        let done = {
+            let mut gathers = self.gathers.borrow_mut();
+            let g = gathers.get_mut(&token).expect("stats token is pending");
+            assert!(g.remaining > 0);
+            g.remaining -= 1;
+            g.shards.extend(stats);
+            if g.remaining == 0 {
+                gathers.remove(&token)
+            } else {
+                None
+            }
+        };
+        let Some(mut g) = done else { return };
+        g.shards.sort_by_key(|s| s.shard);
+        let resp = wire::ResponseT {
+            id: g.id,
+            body: wire::ResponseBodyT::StatsReply(Box::new(wire::StatsReplyT {
+                front: Some(Box::new(self.shared.wire_stats())),
+                shards: Some(g.shards),
+            })),
+        };
+        let mut frame = Vec::new();
+        self.encoder.borrow_mut().response(&resp, &mut frame);
+        let conn = self.conns.borrow().get(&g.conn).cloned().expect("stats requester is connected");
+        self.complete(&conn, g.id, g.reserved, Reply::Frame(frame));
+    }
+
+    /// Queues the response of one request for the writer.
+    fn complete(&self, conn: &Conn, id: u64, reserved: usize, reply: Reply) {
+        assert!(conn.in_flight.get() > 0);
+        conn.in_flight.set(conn.in_flight.get() - 1);
+        let mut out = conn.out.borrow_mut();
+        let before = out.len();
+        match reply {
+            Reply::Silent => {}
+            Reply::Appended {
+                shard,
+                first_lsn,
+                count,
+            } => self.encoder.borrow_mut().appended(id, shard, first_lsn, count, &mut out),
+            Reply::Frame(frame) => {
+                if out.is_empty() {
+                    *out = frame;
+                } else {
+                    out.extend_from_slice(&frame);
+                }
+            }
+            Reply::Error { code, message } => self.encoder.borrow_mut().error(id, code, &message, &mut out),
+        }
+        if out.len() > before {
+            bump(&self.counters().frames_out, 1);
+        }
+        drop(out);
+        conn.out_release.set(conn.out_release.get() + reserved);
+        conn.writer_wake.notify();
+    }
+
+    async fn writer(self: Rc<Self>, conn: Rc<Conn>) {
+        let mut buf = Vec::new();
+        loop {
+            if conn.out.borrow().is_empty() {
+                if !conn.reading.get() && conn.in_flight.get() == 0 {
+                    break;
+                }
+                conn.writer_wake.wait().await;
+                continue;
+            }
+            // Everything completed since the last write goes out in one write.
+            std::mem::swap(&mut buf, &mut *conn.out.borrow_mut());
+            let release = conn.out_release.replace(0);
+            if !conn.broken.get() {
+                let wrote = future::or(async { Some(write_all(&conn.stream, &buf).await) }, async {
+                    conn.abort.wait().await;
+                    None
+                })
+                .await;
+                match wrote {
+                    Some(Ok(())) => bump(&self.counters().bytes_out, buf.len() as u64),
+                    Some(Err(_)) | None => {
+                        conn.broken.set(true);
+                        conn.stop.set(true);
+                        conn.reader_wake.notify();
+                    }
+                }
+            }
+            buf.clear();
+            if buf.capacity() > IDLE_BUFFER_BYTES {
+                buf = Vec::new();
+            }
+            conn.budget.signal(release as u64);
+        }
+        assert_eq!(conn.in_flight.get(), 0);
+        self.conns.borrow_mut().remove(&conn.id);
+        self.shared.connections.fetch_sub(1, Ordering::Relaxed);
+        if conn.linger.get() && !conn.broken.get() {
+            linger_close(&conn.stream).await;
+        }
+    }
+}
+
+/// The id of a request whose body could not be accepted, if the table itself verifies.
+fn readable_id(payload: &[u8]) -> Option<u64> {
+    let opts = codec::verifier_options(payload.len());
+    flatbuffers::root_with_opts::<wire::Request>(&opts, payload)
+        .ok()
+        .map(|r| r.id())
+}
+
+async fn write_all(stream: &RefCell<TcpStream>, mut buf: &[u8]) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        let n = poll_fn(|cx| Pin::new(&mut *stream.borrow_mut()).poll_write(cx, buf)).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        buf = &buf[n..];
+    }
+    Ok(())
+}
+
+/// Sends FIN, then reads and drops what the client still sends for a short while, so closing
+/// with unread data does not reset the connection before the client reads the last response.
+async fn linger_close(stream: &RefCell<TcpStream>) {
+    let _ = poll_fn(|cx| Pin::new(&mut *stream.borrow_mut()).poll_close(cx)).await;
+    let mut scratch = vec![0u8; 16 << 10];
+    let mut dropped = 0;
+    let deadline = Instant::now() + LINGER;
+    while dropped < LINGER_BYTES_MAX {
+        let Some(left) = deadline.checked_duration_since(Instant::now()) else { break };
+        let read = future::or(
+            async { Some(poll_fn(|cx| Pin::new(&mut *stream.borrow_mut()).poll_read(cx, &mut scratch)).await) },
+            async {
+                glommio::timer::sleep(left).await;
+                None
+            },
+        )
+        .await;
+        match read {
+            Some(Ok(n)) if n > 0 => dropped += n,
+            _ => break,
+        }
+    }
+}

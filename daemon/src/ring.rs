@@ -1,0 +1,69 @@
+//! Messages on the cross-executor rings between front executors and shard executors.
+//!
+//! Each (front, shard) pair has two bounded glommio `shared_channel`s: requests one way,
+//! completions back. A front that finds a request ring full stops reading the connection that
+//! wants to send, so a slow shard pushes back on its clients through TCP. The completion side
+//! never blocks for long: the front only appends each completion to a connection's outbound
+//! buffer, whose size the connection's budget already bounds.
+
+use proto::wire::{ErrorCode, ShardStatsT};
+
+/// A front-local connection number; 0 is never used.
+pub type ConnId = u64;
+
+/// Front to shard.
+#[derive(Debug)]
+pub enum ToShard {
+    /// `frame` is a request payload whose verification succeeded on the front and whose body is
+    /// an `Append` of a stream this shard owns. The shard reads the records straight from it.
+    Append {
+        conn: ConnId,
+        id: u64,
+        reserved: usize,
+        frame: Vec<u8>,
+    },
+    Read {
+        conn: ConnId,
+        id: u64,
+        reserved: usize,
+        read: ReadArgs,
+    },
+    Stats {
+        token: u64,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ReadArgs {
+    pub from_lsn: u64,
+    pub max_bytes: usize,
+    pub max_wait_ms: u32,
+    pub stream: Option<u64>,
+}
+
+/// Shard to front.
+#[derive(Debug)]
+pub enum FromShard {
+    /// The answer to one request of connection `conn`; `reserved` budget bytes are returned to
+    /// the connection once the reply is written to its socket.
+    Reply {
+        conn: ConnId,
+        id: u64,
+        reserved: usize,
+        reply: Reply,
+    },
+    Stats {
+        token: u64,
+        stats: Box<ShardStatsT>,
+    },
+}
+
+#[derive(Debug)]
+pub enum Reply {
+    Appended { shard: u16, first_lsn: u64, count: u32 },
+    /// A successful append with `AckLevel::None`: nothing is sent, only the budget returns.
+    Silent,
+    /// A complete response frame, encoded on the shard core (reads).
+    Frame(Vec<u8>),
+    Error { code: ErrorCode, message: String },
+}

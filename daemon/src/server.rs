@@ -1,0 +1,573 @@
+//! Process lifecycle: startup checks, executors and their rings, signals, shutdown.
+//!
+//! Startup: check io_uring, the data directory (O_DIRECT, LOCK, META) and RLIMIT_MEMLOCK; bind
+//! the listening sockets; start every executor. Each shard executor opens (recovers) its shard
+//! and reports to the main thread, which prints the listening line only once all shards are
+//! open. Fronts connect their rings first, so no request reaches a shard that is not open.
+//!
+//! Shutdown (first SIGTERM/SIGINT): fronts stop accepting and stop reading requests, answer
+//! everything already received, then close their request rings. A shard's ring receivers end
+//! once every front has closed; the shard then commits what is queued, fdatasyncs and closes.
+//! A second signal exits at once.
+
+use std::net::SocketAddr;
+use std::os::unix::io::RawFd;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use glommio::channels::shared_channel::{self, SharedReceiver, SharedSender};
+
+use crate::checks;
+use crate::config::ServeArgs;
+use crate::faults::{self, FaultSpec};
+use crate::front::{Front, FrontConfig, FrontCounters, FrontShared, ShardLink};
+use crate::plan::{self, Plan};
+use crate::ring::{FromShard, ToShard};
+use crate::shard_server::{ReplyTo, ShardServer};
+
+/// How often a shard executor looks at the shutdown flag.
+const SHUTDOWN_POLL: Duration = Duration::from_millis(20);
+
+/// A failure that stops the daemon, with the message for the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Startup(#[from] checks::StartupError),
+    #[error(transparent)]
+    Plan(#[from] plan::PlanError),
+    #[error(transparent)]
+    Faults(#[from] faults::FaultParseError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("shard {shard} ({dir}) failed to open: {reason}")]
+    ShardOpen { shard: u16, dir: PathBuf, reason: String },
+    #[error("executor {name} failed: {reason}")]
+    Executor { name: String, reason: String },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// What a shard executor tells the main thread once its shard is open.
+enum Ready {
+    Opened { shard: u16 },
+    Failed { shard: u16, reason: String },
+}
+
+/// Everything one executor needs, moved into its thread.
+struct Bundle {
+    name: String,
+    front: Option<FrontPart>,
+    shard: Option<ShardPart>,
+    shutdown: Arc<AtomicBool>,
+}
+
+struct FrontPart {
+    index: usize,
+    listener_fd: RawFd,
+    shard_count: u16,
+    cfg: FrontConfig,
+    shared: Arc<FrontShared>,
+    /// Per shard: the request ring's sending end, or `None` if the shard is on this executor.
+    to_shards: Vec<Option<SharedSender<ToShard>>>,
+    /// Completion rings from every shard on another executor.
+    from_shards: Vec<SharedReceiver<FromShard>>,
+}
+
+struct ShardPart {
+    id: u16,
+    shard_count: u16,
+    dir: PathBuf,
+    opts: shards::ShardOptions,
+    faults: Vec<FaultSpec>,
+    /// One (requests in, completions out) pair per front on another executor.
+    rings: Vec<(SharedReceiver<ToShard>, SharedSender<FromShard>)>,
+    ready: mpsc::Sender<Ready>,
+}
+
+/// Runs the daemon until shutdown. Returns once every executor has finished.
+pub fn serve(args: ServeArgs) -> Result<(), ServeError> {
+    checks::check_io_uring()?;
+    let data_dir = args.data_dir.clone();
+    std::fs::create_dir_all(&data_dir).map_err(|source| checks::StartupError::Io {
+        path: data_dir.clone(),
+        what: "cannot create the data directory",
+        source,
+    })?;
+    checks::check_direct_io(&data_dir)?;
+    let _lock = checks::lock_data_dir(&data_dir)?;
+
+    let cpus = match &args.cpus {
+        Some(spec) => plan::parse_cpu_list(spec)?,
+        None => plan::usable_cpus(),
+    };
+    let default_plan = plan::plan(&cpus, args.front_cpu, args.front_cores, args.shards, args.pin)?;
+    let shard_count = checks::settle_shard_count(&data_dir, args.shards, default_plan.shard_count)?;
+    let plan = plan::plan(&cpus, args.front_cpu, args.front_cores, Some(shard_count), args.pin)?;
+    if plan::oversubscribed(&plan) {
+        tracing::warn!(
+            shards = shard_count,
+            cpus = ?cpus,
+            "more pinned executors than CPUs: some share a CPU; consider --pin none or fewer --shards"
+        );
+    }
+    let (io_memory, cut) = checks::io_memory_for(
+        checks::memlock_limit(),
+        plan.executors.len(),
+        shards::IO_MEMORY_BYTES_DEFAULT,
+    )?;
+    if cut {
+        tracing::info!(
+            io_memory,
+            limit = ?checks::memlock_limit(),
+            "RLIMIT_MEMLOCK is low: each executor gets a smaller io_memory; raise it with `ulimit -l` \
+             or LimitMEMLOCK= for the default"
+        );
+    }
+    let fault_specs = match std::env::var(faults::FAULTS_ENV) {
+        Ok(spec) => faults::parse_faults(&spec)?,
+        Err(_) => Vec::new(),
+    };
+    if !fault_specs.is_empty() {
+        tracing::warn!(faults = ?fault_specs, "fault injection is on ({})", faults::FAULTS_ENV);
+    }
+
+    let (fds, bound) = bind_listeners(args.listen, plan.front_count)?;
+    tracing::info!(
+        listen = %bound,
+        data_dir = %data_dir.display(),
+        shards = shard_count,
+        fronts = plan.front_count,
+        executors = ?plan.executors,
+        durability = ?args.durability,
+        io_memory,
+        max_frame_bytes = args.max_frame_bytes,
+        max_connections = args.max_connections,
+        conn_budget_bytes = args.conn_budget_bytes,
+        "starting"
+    );
+
+    let shutdown = Arc::new(AtomicBool::new(false));
+    install_signal_handler(shutdown.clone())?;
+
+    let shared = Arc::new(FrontShared {
+        counters: (0..plan.front_count).map(|_| FrontCounters::default()).collect(),
+        connections: AtomicUsize::new(0),
+        shutdown: shutdown.clone(),
+    });
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let bundles = make_bundles(&plan, &args, fds, shared, &fault_specs, ready_tx, shutdown.clone());
+
+    let mut handles = Vec::new();
+    for (bundle, exec) in bundles.into_iter().zip(&plan.executors) {
+        let mut builder = shards::executor_builder(exec.cpu).name(&exec.name).io_memory(io_memory);
+        if args.spin_us > 0 {
+            builder = builder.spin_before_park(Duration::from_micros(args.spin_us));
+        }
+        let name = exec.name.clone();
+        let handle = builder
+            .spawn(move || executor_main(bundle))
+            .map_err(|e| ServeError::Executor {
+                name: name.clone(),
+                reason: e.to_string(),
+            })?;
+        handles.push((name, handle));
+    }
+
+    for _ in 0..shard_count {
+        match ready_rx.recv() {
+            Ok(Ready::Opened { shard }) => tracing::debug!(shard, "shard ready"),
+            Ok(Ready::Failed { shard, reason }) => {
+                return Err(ServeError::ShardOpen {
+                    shard,
+                    dir: checks::shard_dir(&data_dir, shard),
+                    reason,
+                })
+            }
+            Err(_) => {
+                // An executor died before reporting: its join error says why.
+                for (name, handle) in handles {
+                    if let Err(e) = handle.join() {
+                        return Err(ServeError::Executor {
+                            name,
+                            reason: e.to_string(),
+                        });
+                    }
+                }
+                return Err(ServeError::Other("an executor exited during startup".into()));
+            }
+        }
+    }
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "shardlogd listening on {bound}");
+        let _ = out.flush();
+    }
+
+    let mut failure = None;
+    for (name, handle) in handles {
+        match handle.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(reason)) => {
+                tracing::error!(executor = %name, %reason, "executor failed");
+                failure.get_or_insert(ServeError::Executor { name, reason });
+            }
+            Err(e) => {
+                let reason = e.to_string();
+                tracing::error!(executor = %name, %reason, "executor failed");
+                failure.get_or_insert(ServeError::Executor { name, reason });
+            }
+        }
+    }
+    match failure {
+        None => {
+            tracing::info!("shut down cleanly");
+            Ok(())
+        }
+        Some(e) => Err(e),
+    }
+}
+
+fn make_bundles(
+    plan: &Plan,
+    args: &ServeArgs,
+    fds: Vec<RawFd>,
+    shared: Arc<FrontShared>,
+    faults: &[FaultSpec],
+    ready: mpsc::Sender<Ready>,
+    shutdown: Arc<AtomicBool>,
+) -> Vec<Bundle> {
+    let cfg = FrontConfig {
+        max_frame_bytes: args.max_frame_bytes,
+        max_connections: args.max_connections,
+        conn_budget_bytes: args.conn_budget_bytes,
+    };
+    let mut bundles: Vec<Bundle> = plan
+        .executors
+        .iter()
+        .map(|e| Bundle {
+            name: e.name.clone(),
+            front: e.front.map(|index| FrontPart {
+                index,
+                listener_fd: fds[index],
+                shard_count: plan.shard_count,
+                cfg,
+                shared: shared.clone(),
+                to_shards: Vec::new(),
+                from_shards: Vec::new(),
+            }),
+            shard: e.shard.map(|id| ShardPart {
+                id,
+                shard_count: plan.shard_count,
+                dir: checks::shard_dir(&args.data_dir, id),
+                opts: args.shard_options(id),
+                faults: faults.iter().copied().filter(|f| f.shard == id).collect(),
+                rings: Vec::new(),
+                ready: ready.clone(),
+            }),
+            shutdown: shutdown.clone(),
+        })
+        .collect();
+    for f in 0..plan.front_count {
+        let fe = plan.front_executor(f);
+        for s in 0..plan.shard_count {
+            let se = plan.shard_executor(s);
+            if fe == se {
+                bundles[fe].front.as_mut().expect("front").to_shards.push(None);
+                continue;
+            }
+            let (req_tx, req_rx) = shared_channel::new_bounded(args.ring_capacity);
+            let (rep_tx, rep_rx) = shared_channel::new_bounded(args.ring_capacity);
+            let front = bundles[fe].front.as_mut().expect("front");
+            front.to_shards.push(Some(req_tx));
+            front.from_shards.push(rep_rx);
+            bundles[se].shard.as_mut().expect("shard").rings.push((req_rx, rep_tx));
+        }
+    }
+    bundles
+}
+
+async fn open_shard(part: &ShardPart) -> Result<shards::Shard, shards::ShardError> {
+    if part.faults.is_empty() {
+        return shards::Shard::open(&part.dir, part.opts.clone()).await;
+    }
+    let storage = shards::storage::dma::DmaStorage::open(&part.dir)
+        .await
+        .map_err(|e| shards::ShardError::Io {
+            op: "open shard directory",
+            path: part.dir.clone(),
+            source: e,
+        })?;
+    let storage = faults::FaultyStorage::new(Rc::new(storage), part.faults.clone());
+    shards::Shard::open_with_storage(Rc::new(storage), part.opts.clone()).await
+}
+
+/// The body of one executor: its shard (if any), its front (if any), and their rings.
+async fn executor_main(bundle: Bundle) -> Result<(), String> {
+    let Bundle {
+        name,
+        front,
+        shard,
+        shutdown,
+    } = bundle;
+
+    // 1. Open the shard before connecting any ring: fronts wait on the connection, so no
+    //    request arrives before recovery is done.
+    let mut shard_rings = Vec::new();
+    let server = match shard {
+        None => None,
+        Some(part) => {
+            let opened = open_shard(&part).await;
+            let shard = match opened {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = part.ready.send(Ready::Failed {
+                        shard: part.id,
+                        reason: e.to_string(),
+                    });
+                    return Err(e.to_string());
+                }
+            };
+            let st = shard.stats();
+            tracing::info!(
+                shard = part.id,
+                dir = %part.dir.display(),
+                next_lsn = shard.next_lsn().0,
+                durable_lsn = st.durable_lsn.0,
+                first_lsn = shard.first_available_lsn().0,
+                segments = st.segment_count,
+                segment_bytes = st.segment_bytes,
+                "shard recovered"
+            );
+            let _ = part.ready.send(Ready::Opened { shard: part.id });
+            shard_rings = part.rings;
+            Some(ShardServer::new(part.id, part.shard_count, shard))
+        }
+    };
+
+    // 2. Connect every ring end concurrently: connecting waits for the peer, and executors
+    //    connect in different orders.
+    let shard_side: Vec<_> = shard_rings
+        .into_iter()
+        .map(|(rx, tx)| glommio::spawn_local(async move { (rx.connect().await, tx.connect().await) }))
+        .collect();
+    let mut front = front;
+    let front_side = front.as_mut().map(|f| {
+        let to: Vec<_> = std::mem::take(&mut f.to_shards)
+            .into_iter()
+            .map(|tx| glommio::spawn_local(async move {
+                match tx {
+                    Some(tx) => Some(tx.connect().await),
+                    None => None,
+                }
+            }))
+            .collect();
+        let from: Vec<_> = std::mem::take(&mut f.from_shards)
+            .into_iter()
+            .map(|rx| glommio::spawn_local(async move { rx.connect().await }))
+            .collect();
+        (to, from)
+    });
+
+    // 3. The shard side: one receiver task per front ring.
+    let mut receivers = Vec::new();
+    for task in shard_side {
+        let (rx, tx) = task.await;
+        let server = server.clone().expect("rings only on shard executors");
+        let reply_to = ReplyTo::Ring(Rc::new(tx));
+        receivers.push(glommio::spawn_local(async move {
+            while let Some(msg) = rx.recv().await {
+                server.handle(msg, reply_to.clone());
+            }
+        }));
+    }
+    if let Some(server) = &server {
+        let server = server.clone();
+        let shutdown = shutdown.clone();
+        glommio::spawn_local(async move {
+            while !shutdown.load(Ordering::Relaxed) {
+                glommio::timer::sleep(SHUTDOWN_POLL).await;
+            }
+            server.begin_stop();
+        })
+        .detach();
+    }
+
+    // 4. The front: run until shutdown has drained every connection.
+    if let (Some(part), Some((to, from))) = (front, front_side) {
+        let mut links = Vec::new();
+        for (shard, task) in to.into_iter().enumerate() {
+            links.push(match task.await {
+                Some(tx) => ShardLink::Ring(Rc::new(tx)),
+                None => ShardLink::Local(
+                    server
+                        .clone()
+                        .filter(|s| s.id as usize == shard)
+                        .expect("a local shard runs on this executor"),
+                ),
+            });
+        }
+        let front = Front::new(part.index, part.shard_count, part.cfg, part.shared, links);
+        let mut completions = Vec::new();
+        for task in from {
+            let rx = task.await;
+            let front = front.clone();
+            completions.push(glommio::spawn_local(async move {
+                while let Some(msg) = rx.recv().await {
+                    front.deliver(msg);
+                }
+            }));
+        }
+        front.clone().run(part.listener_fd).await;
+        // The request rings are closed; each shard closes its completion ring once it has sent
+        // everything.
+        for c in completions {
+            c.await;
+        }
+    }
+
+    // 5. The shard: once every front has closed its ring, commit, sync and close.
+    for r in receivers {
+        r.await;
+    }
+    if let Some(server) = server {
+        let id = server.id;
+        let shard = server.shard().clone();
+        drop(server);
+        match shard.close().await {
+            Ok(()) => tracing::info!(shard = id, "shard closed"),
+            Err(e) => {
+                tracing::error!(shard = id, error = %e, "shard close failed");
+                return Err(format!("{name}: closing shard {id}: {e}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Binds `count` listening sockets to `addr` with SO_REUSEPORT, so each front executor accepts
+/// on its own socket and the kernel spreads connections over them. With port 0 the first socket
+/// picks the port and the others join it.
+fn bind_listeners(addr: SocketAddr, count: usize) -> Result<(Vec<RawFd>, SocketAddr), ServeError> {
+    assert!(count > 0);
+    let mut fds = Vec::new();
+    let mut bound = addr;
+    for _ in 0..count {
+        let fd = bind_one(bound).map_err(|source| ServeError::Listen { addr, source })?;
+        if bound.port() == 0 {
+            bound = local_addr(fd).map_err(|source| ServeError::Listen { addr, source })?;
+        }
+        fds.push(fd);
+    }
+    Ok((fds, bound))
+}
+
+fn bind_one(addr: SocketAddr) -> std::io::Result<RawFd> {
+    let domain = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    // SAFETY: plain socket syscalls on a descriptor this function owns until it returns it.
+    unsafe {
+        let fd = libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let fail = |fd| {
+            let e = std::io::Error::last_os_error();
+            libc::close(fd);
+            Err(e)
+        };
+        let one: libc::c_int = 1;
+        for opt in [libc::SO_REUSEADDR, libc::SO_REUSEPORT] {
+            let rc = libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                &one as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+            if rc != 0 {
+                return fail(fd);
+            }
+        }
+        let (storage, len) = sockaddr(addr);
+        if libc::bind(fd, &storage as *const _ as *const libc::sockaddr, len) != 0 {
+            return fail(fd);
+        }
+        if libc::listen(fd, 1024) != 0 {
+            return fail(fd);
+        }
+        Ok(fd)
+    }
+}
+
+fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain data, large enough for either family.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_in fits in sockaddr_storage.
+            unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in, sin) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
+            unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in6, sin6) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
+fn local_addr(fd: RawFd) -> std::io::Result<SocketAddr> {
+    use std::os::unix::io::{FromRawFd, IntoRawFd};
+    // SAFETY: borrow the descriptor as a std listener just to ask its address, then give it back.
+    let listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+    let addr = listener.local_addr();
+    let _ = listener.into_raw_fd();
+    addr
+}
+
+/// First SIGTERM/SIGINT: start a graceful shutdown. Second: exit at once.
+fn install_signal_handler(shutdown: Arc<AtomicBool>) -> Result<(), ServeError> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .map_err(|e| ServeError::Other(format!("cannot install signal handlers: {e}")))?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                if !shutdown.swap(true, Ordering::SeqCst) {
+                    tracing::info!(signal, "shutting down: finishing requests already received");
+                } else {
+                    eprintln!("shardlogd: second signal {signal}: exiting at once");
+                    // SAFETY: _exit ends the process without running anything else.
+                    unsafe { libc::_exit(130) };
+                }
+            }
+        })
+        .map_err(|e| ServeError::Other(format!("cannot start the signal thread: {e}")))?;
+    Ok(())
+}

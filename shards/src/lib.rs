@@ -1,0 +1,253 @@
+//! `shards`: the per-core write-ahead log of shardlog.
+//!
+//! Each shard core runs one pinned glommio executor that owns one [`Shard`]: a directory of
+//! segment files, one committer task, and one low-priority background task that keeps the next
+//! segment ready and applies retention.
+//!
+//! # Durability contract
+//!
+//! **A `Durable` receipt for lsn L means every record of this shard with lsn <= L is on stable
+//! storage.** Commits become durable in lsn order and are acknowledged in lsn order: a later
+//! commit is never acknowledged before an earlier one is durable. After a write or fdatasync
+//! fails, the shard is poisoned and acknowledges nothing more; it never retries an fdatasync.
+//!
+//! A `Written` receipt means the records were written to the device (readable through direct
+//! I/O) but may not survive a power loss. `AckLevel::None` resolves once the records are queued;
+//! with it a later failure (poison, no space) is not reported to the appender and its lsns may be
+//! reused by later appends.
+//!
+//! # The path of one durable append
+//!
+//! 1. [`Shard::append`] validates, assigns lsns and serialises the records into the queue at call
+//!    time (`shard.rs`).
+//! 2. The committer takes everything queued (up to `commit_bytes_max` and the segment end),
+//!    frames it as one checksummed commit (`format.rs`) in one aligned buffer, and hands it to the
+//!    storage seam (`storage/`), which writes it and makes it durable: one `O_DSYNC` write
+//!    (`Durability::Dsync`) or a write linked to an fdatasync in one submission
+//!    (`Durability::Linked`).
+//! 3. Durable commits are acknowledged in lsn order; the next commit is built while the previous
+//!    one syncs (`shard.rs`).
+//! 4. When a segment is full the committer swaps in a segment the background task prepared
+//!    (`rotation.rs`); on open, recovery (`recovery.rs`) checks every commit and cuts a torn tail.
+//!
+//! # Executors
+//!
+//! glommio preempts a task only every 100 ms by default, which turns any CPU slice of the
+//! background task into commit latency. Executors that run shards must set a short preemption
+//! timer and a modest `io_memory` (glommio registers it on three rings against
+//! `RLIMIT_MEMLOCK`); [`executor_builder`] does both.
+//!
+//! ```no_run
+//! use shards::{AckLevel, Lsn, RecordRef, Shard, ShardOptions};
+//!
+//! let ex = shards::executor_builder(None).spawn(|| async move {
+//!     let shard = Shard::open("/var/lib/shardlog/shard-0", ShardOptions::default()).await?;
+//!     let record = RecordRef { payload: b"hello", timestamp: None };
+//!     let receipt = shard.append(7, &[record], AckLevel::Durable).await?;
+//!     let batch = shard.read(receipt.first_lsn, 1 << 20, None).await?;
+//!     assert_eq!(batch.records[0].payload, b"hello");
+//!     shard.close().await?;
+//!     Ok::<(), shards::ShardError>(())
+//! }).unwrap();
+//! ex.join().unwrap().unwrap();
+//! ```
+
+mod error;
+pub mod format;
+mod recovery;
+mod rotation;
+mod shard;
+pub mod storage;
+mod sync;
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+pub use error::ShardError;
+pub use shard::{Shard, ShardStats};
+
+/// Log sequence number. The lsns of a shard start at 1; `Lsn(0)` means "nothing".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Lsn(pub u64);
+
+impl fmt::Display for Lsn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// When the future returned by [`Shard::append`] resolves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckLevel {
+    /// Once queued.
+    None,
+    /// Once written to the device, not necessarily durable.
+    Written,
+    /// Once durable (see the crate's durability contract).
+    Durable,
+}
+
+/// How a commit is made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// One submission on a private io_uring ring: the write linked to an fdatasync.
+    Linked,
+    /// One write through a file opened with `O_DSYNC`.
+    Dsync,
+}
+
+impl FromStr for Durability {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "linked" => Ok(Durability::Linked),
+            "dsync" => Ok(Durability::Dsync),
+            other => Err(format!(
+                "unknown durability mode {other:?}: use \"linked\" or \"dsync\""
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Durability {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Durability::Linked => "linked",
+            Durability::Dsync => "dsync",
+        })
+    }
+}
+
+/// One record to append.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordRef<'a> {
+    pub payload: &'a [u8],
+    /// Client timestamp, stored as given.
+    pub timestamp: Option<u64>,
+}
+
+/// The lsns given to one append: `first_lsn .. first_lsn + count`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Receipt {
+    pub first_lsn: Lsn,
+    pub count: u32,
+}
+
+impl Receipt {
+    pub fn last_lsn(&self) -> Lsn {
+        Lsn(self.first_lsn.0 + u64::from(self.count) - 1)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadRecord {
+    pub lsn: Lsn,
+    pub stream: u64,
+    pub timestamp: Option<u64>,
+    pub payload: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadBatch {
+    pub records: Vec<ReadRecord>,
+    /// Where the next read should start.
+    pub next_lsn: Lsn,
+}
+
+/// Default size of a segment file.
+pub const SEGMENT_BYTES_DEFAULT: u64 = 64 << 20;
+/// Default bound of one commit (header and records).
+pub const COMMIT_BYTES_MAX_DEFAULT: usize = 1 << 20;
+/// Default bound of the bytes queued and not yet handed to the device.
+pub const QUEUE_BYTES_MAX_DEFAULT: usize = 64 << 20;
+/// Default preemption interval for shard executors; see [`executor_builder`].
+pub const PREEMPT_TIMER_DEFAULT: Duration = Duration::from_micros(500);
+/// Default glommio `io_memory` for shard executors: counted three times against
+/// `RLIMIT_MEMLOCK` (8 MiB for non-root), so 2 MiB leaves room for a private ring.
+pub const IO_MEMORY_BYTES_DEFAULT: usize = 2 << 20;
+/// Default durability mode.
+pub const DURABILITY_DEFAULT: Durability = Durability::Dsync;
+
+/// Options of one shard. Every default is a named constant.
+#[derive(Debug, Clone)]
+pub struct ShardOptions {
+    /// Written into every segment header; a segment of another shard is refused. Default 0.
+    pub shard_id: u16,
+    /// Size of each segment file, a multiple of 4 KiB. Default [`SEGMENT_BYTES_DEFAULT`].
+    pub segment_bytes: u64,
+    /// Delete or recycle the oldest sealed segments while all segments together take more than
+    /// this. Default `None` (keep everything).
+    pub retention_bytes: Option<u64>,
+    /// Delete or recycle sealed segments sealed longer ago than this. Default `None`.
+    pub retention_age: Option<Duration>,
+    /// Upper bound of one commit, and so of one append. Default [`COMMIT_BYTES_MAX_DEFAULT`].
+    pub commit_bytes_max: usize,
+    /// Appends fail with `Busy` while more than this is queued. Default [`QUEUE_BYTES_MAX_DEFAULT`].
+    pub queue_bytes_max: usize,
+    /// Default [`DURABILITY_DEFAULT`].
+    pub durability: Durability,
+    /// On corruption, truncate the log at the first bad commit instead of refusing to open.
+    /// Default `false`.
+    pub repair: bool,
+}
+
+impl Default for ShardOptions {
+    fn default() -> Self {
+        ShardOptions {
+            shard_id: 0,
+            segment_bytes: SEGMENT_BYTES_DEFAULT,
+            retention_bytes: None,
+            retention_age: None,
+            commit_bytes_max: COMMIT_BYTES_MAX_DEFAULT,
+            queue_bytes_max: QUEUE_BYTES_MAX_DEFAULT,
+            durability: DURABILITY_DEFAULT,
+            repair: false,
+        }
+    }
+}
+
+impl ShardOptions {
+    pub(crate) fn validate(&self) -> Result<(), ShardError> {
+        let bad = |reason: String| Err(ShardError::InvalidOptions { reason });
+        let block = format::BLOCK_BYTES;
+        if self.segment_bytes % block != 0 || self.segment_bytes < 4 * block {
+            return bad(format!(
+                "segment_bytes {} must be a multiple of {block} and at least {}",
+                self.segment_bytes,
+                4 * block
+            ));
+        }
+        let min_commit = format::COMMIT_HEADER_BYTES + format::RECORD_HEADER_BYTES + 1;
+        if self.commit_bytes_max < min_commit {
+            return bad(format!(
+                "commit_bytes_max {} is below {min_commit}",
+                self.commit_bytes_max
+            ));
+        }
+        if self.commit_bytes_max as u64 > self.segment_bytes - format::SEGMENT_DATA_OFFSET {
+            return bad(format!(
+                "commit_bytes_max {} does not fit in a segment of {} bytes",
+                self.commit_bytes_max, self.segment_bytes
+            ));
+        }
+        if u32::try_from(self.commit_bytes_max).is_err() {
+            return bad("commit_bytes_max must fit in 32 bits".into());
+        }
+        Ok(())
+    }
+}
+
+/// A glommio executor builder set up for running shards: preemption every
+/// [`PREEMPT_TIMER_DEFAULT`] so the background task cannot delay commits by more than that, and
+/// [`IO_MEMORY_BYTES_DEFAULT`] of registered I/O memory. `cpu` pins the executor.
+pub fn executor_builder(cpu: Option<usize>) -> glommio::LocalExecutorBuilder {
+    let placement = match cpu {
+        Some(cpu) => glommio::Placement::Fixed(cpu),
+        None => glommio::Placement::Unbound,
+    };
+    glommio::LocalExecutorBuilder::new(placement)
+        .preempt_timer(PREEMPT_TIMER_DEFAULT)
+        .io_memory(IO_MEMORY_BYTES_DEFAULT)
+}

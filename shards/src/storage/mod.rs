@@ -1,0 +1,133 @@
+//! The storage seam: every byte the engine reads or writes goes through [`Storage`] and
+//! [`SegmentFile`]. Two implementations: [`dma::DmaStorage`] (glommio direct I/O on real files,
+//! plus the private linked ring) and [`mem::MemStorage`] (an in-memory double with a live and a
+//! durable image, crash simulation and fault injection).
+//!
+//! # Contract
+//! - Offsets and lengths of `read`, `write` and `commit` are multiples of [`BLOCK_BYTES`].
+//! - `write` makes bytes visible to later reads of the same storage, not durable.
+//! - `sync` makes every `write` and `commit` that completed before it was called durable
+//!   (fdatasync). It does not cover a file's name: that takes `sync_dir`.
+//! - `commit` writes and makes that write durable. It calls `on_written` once the write has
+//!   completed (the data is readable and the next write may be submitted), and resolves once the
+//!   data is durable. An error from either phase means the data may or may not be durable and
+//!   must not be acknowledged; the engine then poisons the shard and never retries.
+//! - A file's size only grows by writes; files are never truncated.
+//! - `create`, `rename` and `remove` become durable at the next `sync_dir`.
+//! - All futures are `'static` and must be polled on the executor that owns the storage.
+//! - A future that is dropped early may still have its I/O performed.
+
+pub mod dma;
+pub mod mem;
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::time::SystemTime;
+
+use crate::format::BLOCK_BYTES;
+use crate::Durability;
+
+pub type LocalBoxFuture<T> = Pin<Box<dyn Future<Output = T> + 'static>>;
+
+/// Callback fired when a commit's write (not yet its sync) has completed.
+pub type OnWritten = Box<dyn FnOnce()>;
+
+pub trait Storage {
+    /// Names of the files in the shard's directory.
+    fn list(&self) -> LocalBoxFuture<io::Result<Vec<String>>>;
+    /// Opens (and with `create`, creates) a segment file for reading and writing. `durability`
+    /// selects how `commit` makes data durable.
+    fn open(&self, name: &str, create: bool, durability: Durability)
+        -> LocalBoxFuture<io::Result<Rc<dyn SegmentFile>>>;
+    fn rename(&self, from: &str, to: &str) -> LocalBoxFuture<io::Result<()>>;
+    fn remove(&self, name: &str) -> LocalBoxFuture<io::Result<()>>;
+    fn sync_dir(&self) -> LocalBoxFuture<io::Result<()>>;
+    /// An aligned, zeroed buffer suitable for this storage's writes.
+    fn alloc(&self, len: usize) -> IoBuf;
+    /// Last modification time of a file, for age-based retention of recovered segments.
+    fn modified(&self, name: &str) -> Option<SystemTime>;
+    /// A path naming the file in error messages.
+    fn path_of(&self, name: &str) -> std::path::PathBuf;
+}
+
+pub trait SegmentFile {
+    /// Reads up to `len` bytes at `offset`; fewer only at the end of the file.
+    fn read(&self, offset: u64, len: usize) -> LocalBoxFuture<io::Result<Vec<u8>>>;
+    fn write(&self, offset: u64, buf: IoBuf) -> LocalBoxFuture<io::Result<()>>;
+    fn sync(&self) -> LocalBoxFuture<io::Result<()>>;
+    fn commit(&self, offset: u64, buf: IoBuf, on_written: OnWritten) -> LocalBoxFuture<io::Result<()>>;
+    fn size(&self) -> LocalBoxFuture<io::Result<u64>>;
+    fn close(&self) -> LocalBoxFuture<io::Result<()>>;
+}
+
+/// A 4 KiB-aligned, zero-initialised heap buffer.
+pub struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+impl AlignedBuf {
+    pub fn new(len: usize) -> AlignedBuf {
+        assert!(len > 0);
+        let layout = Self::layout(len);
+        // SAFETY: layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        let Some(ptr) = std::ptr::NonNull::new(ptr) else {
+            std::alloc::handle_alloc_error(layout);
+        };
+        AlignedBuf { ptr, len }
+    }
+
+    fn layout(len: usize) -> std::alloc::Layout {
+        std::alloc::Layout::from_size_align(len, BLOCK_BYTES as usize).expect("aligned layout")
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: ptr points at len initialised bytes owned by self.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and &mut self gives exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with the same layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
+    }
+}
+
+/// A write buffer: glommio's DMA buffer for real files, a plain aligned buffer otherwise.
+pub enum IoBuf {
+    Dma(glommio::io::DmaBuffer),
+    Heap(AlignedBuf),
+}
+
+impl IoBuf {
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            IoBuf::Dma(b) => b.as_bytes(),
+            IoBuf::Heap(b) => b.as_slice(),
+        }
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        match self {
+            IoBuf::Dma(b) => b.as_bytes_mut(),
+            IoBuf::Heap(b) => b.as_mut_slice(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
