@@ -12,7 +12,8 @@ use crate::streams::ZIPF_EXPONENT_DEFAULT;
 
 pub const ADDR_DEFAULT: &str = "127.0.0.1:7070";
 pub const DURATION_DEFAULT: &str = "10s";
-pub const DRAIN_TIMEOUT_DEFAULT: &str = "30s";
+pub const RESPONSE_TIMEOUT_DEFAULT: &str = "30s";
+pub const CONNECT_TIMEOUT_DEFAULT: &str = "10s";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -141,9 +142,14 @@ pub struct RunArgs {
     #[arg(long)]
     pub verify_log: Option<PathBuf>,
 
-    /// After `--duration`, how long to wait for outstanding responses before giving up on them.
-    #[arg(long, value_parser = parse_duration, default_value = DRAIN_TIMEOUT_DEFAULT)]
-    pub drain_timeout: Duration,
+    /// Give up on the daemon (close every connection) when requests are outstanding and no
+    /// response at all has arrived for this long, during the run or after its end.
+    #[arg(long, value_parser = parse_duration, default_value = RESPONSE_TIMEOUT_DEFAULT)]
+    pub response_timeout: Duration,
+
+    /// How long a connection may take to connect and get its `Hello` answered.
+    #[arg(long, value_parser = parse_duration, default_value = CONNECT_TIMEOUT_DEFAULT)]
+    pub connect_timeout: Duration,
 
     /// Seed for stream choice and record sizes (printed; default: derived from the clock).
     #[arg(long)]
@@ -217,6 +223,9 @@ impl RunArgs {
         }
         if self.requests == Some(0) {
             return Err("--requests must be at least 1".into());
+        }
+        if self.response_timeout.is_zero() || self.connect_timeout.is_zero() {
+            return Err("--response-timeout and --connect-timeout must be above zero".into());
         }
         if self.duration.is_zero() && self.requests.is_none() {
             return Err("--duration is zero: give a duration or --requests".into());

@@ -63,6 +63,9 @@ struct VerifyArgs {
     /// Write the outcome as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// How long to wait for each response before declaring the daemon hung.
+    #[arg(long, value_parser = bench::config::parse_duration, default_value = bench::config::RESPONSE_TIMEOUT_DEFAULT)]
+    timeout: std::time::Duration,
 }
 
 #[derive(Args)]
@@ -137,7 +140,7 @@ fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     let mut last_err = None;
     let mut outcome = None;
     for addr in &args.addrs {
-        match bench::verify::verify_against(*addr, log.records.clone()) {
+        match bench::verify::verify_against(*addr, log.records.clone(), args.timeout) {
             Ok(o) => {
                 outcome = Some(o);
                 break;

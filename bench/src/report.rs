@@ -126,7 +126,8 @@ impl Report {
         let verb = if c.ack == Ack::None { "sent" } else { "acked" };
         let _ = writeln!(
             s,
-            "  {verb}:     {} requests, {} records, {:.1} MB in {:.2} s",
+            "  {:<11}{} requests, {} records, {:.1} MB in {:.2} s",
+            format!("{verb}:"),
             self.requests,
             self.records,
             self.bytes as f64 / 1e6,
@@ -193,6 +194,80 @@ pub fn fmt_us(us: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn sample() -> Report {
+        Report {
+            version: REPORT_VERSION,
+            label: Some("durable S=1024 B=1 P=16".into()),
+            config: ReportConfig {
+                addrs: vec!["127.0.0.1:7070".into()],
+                threads: 1,
+                connections: 256,
+                pipeline: 16,
+                records_per_frame: 1,
+                record_bytes_min: 1024,
+                record_bytes_max: 1024,
+                streams: 1024,
+                stream_dist: StreamDist::Uniform,
+                zipf_exponent: 0.99,
+                ack: Ack::Durable,
+                mode: "closed".into(),
+                rate: None,
+                duration_s: 5.0,
+                requests_limit: None,
+                warmup_s: 1.0,
+                seed: 42,
+            },
+            server: Some("shardlogd 0.1.0".into()),
+            shard_count: Some(1),
+            elapsed_s: 5.01,
+            requests: 1000,
+            records: 1000,
+            bytes: 1_024_000,
+            requests_per_s: 199.6,
+            records_per_s: 199.6,
+            mb_per_s: 0.2,
+            latency_us: Some(LatencySummary {
+                count: 1000,
+                mean: 150.0,
+                p50: 140.0,
+                p90: 180.0,
+                p99: 400.0,
+                p999: 900.0,
+                max: 1200.0,
+            }),
+            drain: None,
+            errors: [("Poisoned".to_string(), 2)].into_iter().collect(),
+            errors_total: 2,
+            connections_lost: 0,
+            stopped_early: None,
+        }
+    }
+
+    #[test]
+    fn json_round_trips_with_stable_field_names() {
+        let report = sample();
+        let text = serde_json::to_string_pretty(&report).expect("serialize");
+        let value: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+        // Scripts read these names; renaming one breaks them.
+        assert_eq!(value["records_per_s"], 199.6);
+        assert_eq!(value["latency_us"]["p99"], 400.0);
+        assert_eq!(value["config"]["ack"], "durable");
+        assert_eq!(value["config"]["stream_dist"], "uniform");
+        assert_eq!(value["errors"]["Poisoned"], 2);
+        assert!(value["drain"].is_null());
+        let back: Report = serde_json::from_str(&text).expect("deserialize");
+        assert_eq!(back, report);
+    }
+
+    #[test]
+    fn rendered_report_names_rates_latency_and_errors() {
+        let text = sample().render();
+        assert!(text.contains("200 records/s"), "{text}");
+        assert!(text.contains("p50 140us"), "{text}");
+        assert!(text.contains("p99 400us"), "{text}");
+        assert!(text.contains("Poisoned=2"), "{text}");
+    }
 
     #[test]
     fn units_scale() {

@@ -111,6 +111,8 @@ struct Ctx {
     /// Counts for the live line: every completion.
     interval: RefCell<Tally>,
     last_done: Cell<Option<Instant>>,
+    /// When a response (success or error) last arrived, for the watchdog.
+    last_progress: Cell<Instant>,
     drain_done: Cell<Option<Instant>>,
     connections_lost: Cell<u64>,
     last_error: RefCell<Option<String>>,
@@ -130,6 +132,7 @@ impl Ctx {
 
     /// A request completed. `from` is its intended (open loop) or actual send time.
     fn completed(&self, from: Instant, done: Instant, records: u64, bytes: u64, latency: bool) {
+        self.last_progress.set(done);
         {
             let mut iv = self.interval.borrow_mut();
             iv.requests += 1;
@@ -156,6 +159,7 @@ impl Ctx {
     }
 
     fn error(&self, kind: &str) {
+        self.last_progress.set(Instant::now());
         self.interval.borrow_mut().error(kind);
         self.tally.borrow_mut().error(kind);
     }
@@ -349,7 +353,26 @@ async fn unacked_sender(ctx: Rc<Ctx>, conn: Rc<Conn>, start: Instant) {
         batch.build(&ctx, &conn, stream, ctx.args.records_per_frame);
         let records = batch.records();
         let sent = Instant::now();
-        match conn.client.append(stream, &records, proto::wire::AckLevel::None).await {
+        // The append waits only while the connection's outbound buffer is full: bound that
+        // wait, or a daemon that stops reading would hold the generator forever.
+        let timeout = ctx.args.response_timeout;
+        let res = futures_lite::future::or(
+            async { Some(conn.client.append(stream, &records, proto::wire::AckLevel::None).await) },
+            async {
+                glommio::timer::sleep(timeout).await;
+                None
+            },
+        )
+        .await;
+        let Some(res) = res else {
+            ctx.error("send_timeout");
+            ctx.shared
+                .stop(format!("the daemon read nothing from a connection for {timeout:?}"));
+            conn.lost(&ctx, format!("outbound buffer not drained for {timeout:?}"));
+            conn.client.close();
+            return;
+        };
+        match res {
             Ok(_) => ctx.completed(
                 intended.unwrap_or(sent),
                 Instant::now(),
@@ -447,26 +470,47 @@ async fn ticker(ctx: Rc<Ctx>) {
     }
 }
 
-/// If responses are still outstanding `--drain-timeout` after the end, give up on them.
-async fn watchdog(ctx: Rc<Ctx>, conns: Vec<Rc<Conn>>, at: Instant) {
-    let now = Instant::now();
-    if at > now {
-        glommio::timer::sleep(at - now).await;
-    }
-    let stuck: usize = conns
-        .iter()
-        .filter(|c| !c.dead.get())
-        .map(|c| c.client.in_flight())
-        .sum();
-    if stuck > 0 {
-        ctx.shared.stop(format!(
-            "{stuck} requests were still unanswered {:?} after the end; gave up on them",
-            ctx.args.drain_timeout
-        ));
-        for c in &conns {
-            c.client.close();
+/// Gives up on the daemon when requests are outstanding and nothing has come
+/// back for `--response-timeout`: a hung daemon must not hang the generator.
+async fn watchdog(ctx: Rc<Ctx>, conns: Vec<Rc<Conn>>) {
+    let timeout = ctx.args.response_timeout;
+    let check_every = (timeout / 4).min(TICK_INTERVAL);
+    while !ctx.finished.get() {
+        glommio::timer::sleep(check_every).await;
+        let outstanding: usize = conns
+            .iter()
+            .filter(|c| !c.dead.get())
+            .map(|c| c.client.in_flight())
+            .sum();
+        if outstanding == 0 {
+            // Idle (open loop between slots, or done): the timeout runs from the next request.
+            ctx.last_progress.set(Instant::now());
+            continue;
+        }
+        if ctx.last_progress.get().elapsed() >= timeout {
+            ctx.shared.stop(format!(
+                "{outstanding} requests outstanding and no response for {timeout:?}; gave up on the daemon"
+            ));
+            for c in &conns {
+                c.client.close();
+            }
+            return;
         }
     }
+}
+
+/// Connects and exchanges `Hello`, or gives up after `timeout`.
+async fn connect(
+    addr: std::net::SocketAddr,
+    timeout: Duration,
+    writer: u32,
+) -> (u32, std::net::SocketAddr, Result<AsyncClient, String>) {
+    let attempt = async { AsyncClient::connect(addr).await.map_err(|e| e.to_string()) };
+    let give_up = async {
+        glommio::timer::sleep(timeout).await;
+        Err(format!("no answer to Hello within {timeout:?}"))
+    };
+    (writer, addr, futures_lite::future::or(attempt, give_up).await)
 }
 
 struct ThreadPlan {
@@ -480,7 +524,7 @@ async fn thread_main(ctx: Rc<Ctx>, plan: ThreadPlan) -> ThreadResult {
     let connecting: Vec<_> = plan
         .connections
         .iter()
-        .map(|&(writer, addr)| glommio::spawn_local(async move { (writer, addr, AsyncClient::connect(addr).await) }))
+        .map(|&(writer, addr)| glommio::spawn_local(connect(addr, ctx.args.connect_timeout, writer)))
         .collect();
     let mut conns = Vec::new();
     let mut server = None;
@@ -534,10 +578,9 @@ async fn thread_main(ctx: Rc<Ctx>, plan: ThreadPlan) -> ThreadResult {
         }
     }
 
+    ctx.last_progress.set(Instant::now());
     glommio::spawn_local(ticker(ctx.clone())).detach();
-    if let Some(deadline) = timing.deadline {
-        glommio::spawn_local(watchdog(ctx.clone(), conns.clone(), deadline + ctx.args.drain_timeout)).detach();
-    }
+    glommio::spawn_local(watchdog(ctx.clone(), conns.clone())).detach();
     let tasks: Vec<_> = conns
         .iter()
         .map(|c| glommio::spawn_local(run_connection(ctx.clone(), c.clone(), start)))
@@ -690,6 +733,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<RunOutcome> {
                     tally: RefCell::new(Tally::default()),
                     interval: RefCell::new(Tally::default()),
                     last_done: Cell::new(None),
+                    last_progress: Cell::new(Instant::now()),
                     drain_done: Cell::new(None),
                     connections_lost: Cell::new(0),
                     last_error: RefCell::new(None),

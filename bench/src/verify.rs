@@ -16,6 +16,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use proto::client::{Client, ReadParams};
 use proto::wire::ReadRecordT;
@@ -188,9 +189,16 @@ impl Checker {
     }
 }
 
-/// Reads every shard of the daemon at `addr` from lsn 1 and checks it.
-pub fn verify_against(addr: SocketAddr, acked: Vec<AckedRecord>) -> anyhow::Result<VerifyOutcome> {
-    let mut client = Client::connect(addr).map_err(|e| anyhow::anyhow!("cannot connect to {addr}: {e}"))?;
+/// Reads every shard of the daemon at `addr` from lsn 1 and checks it. Each response must
+/// arrive within `timeout`, so a hung daemon fails the check instead of hanging it.
+pub fn verify_against(addr: SocketAddr, acked: Vec<AckedRecord>, timeout: Duration) -> anyhow::Result<VerifyOutcome> {
+    let mut client = Client::connect_raw(addr).map_err(|e| anyhow::anyhow!("cannot connect to {addr}: {e}"))?;
+    client
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| anyhow::anyhow!("cannot set a read timeout: {e}"))?;
+    client
+        .hello("shardlog-bench-verify")
+        .map_err(|e| anyhow::anyhow!("{addr} did not answer Hello: {e}"))?;
     let shard_count = client
         .shard_count()
         .ok_or_else(|| anyhow::anyhow!("{addr} did not report its shard count"))?;

@@ -63,16 +63,30 @@ impl Daemon {
             .spawn()
             .expect("spawn shardlogd");
         let stdout = child.stdout.take().expect("piped stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read the daemon's first line");
-        let addr = line
-            .trim()
-            .strip_prefix("shardlogd listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line from shardlogd: {line:?}"))
-            .parse()
-            .expect("address");
+        // Read the address line on a thread, so a daemon that never prints it fails the test
+        // instead of hanging it; the daemon is killed on every failure path.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let res = BufReader::new(stdout).read_line(&mut line).map(|_| line);
+            let _ = tx.send(res);
+        });
+        let line = match rx.recv_timeout(RUN_LIMIT) {
+            Ok(Ok(line)) => line,
+            other => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("shardlogd did not print its address: {other:?}");
+            }
+        };
+        let addr = match line.trim().strip_prefix("shardlogd listening on ").map(str::parse) {
+            Some(Ok(addr)) => addr,
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("unexpected first line from shardlogd: {line:?}");
+            }
+        };
         Daemon {
             child,
             addr,
@@ -92,8 +106,34 @@ impl Drop for Daemon {
     }
 }
 
+/// A guard against hangs, not a performance bound: every run here is a few seconds.
+const RUN_LIMIT: Duration = Duration::from_secs(120);
+
+/// Waits for `child`, killing it (and failing) if it outlives `RUN_LIMIT`.
+fn wait_limited(mut child: Child, what: &str) -> Output {
+    let started = std::time::Instant::now();
+    while child.try_wait().expect("try_wait").is_none() {
+        if started.elapsed() > RUN_LIMIT {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("collect output");
+            panic!(
+                "{what} still running after {RUN_LIMIT:?}; killed\nstderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().expect("collect output")
+}
+
 fn bench(args: &[&str]) -> Output {
-    Command::new(BENCH).args(args).output().expect("run shardlog-bench")
+    let child = Command::new(BENCH)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn shardlog-bench");
+    wait_limited(child, &format!("shardlog-bench {}", args.join(" ")))
 }
 
 fn assert_success(out: &Output, what: &str) {
@@ -124,6 +164,11 @@ fn s(p: &Path) -> &str {
     p.to_str().expect("utf8 path")
 }
 
+/// Splits a fixed option string; paths and addresses are passed separately.
+fn words(options: &str) -> Vec<&str> {
+    options.split_whitespace().collect()
+}
+
 #[test]
 fn closed_loop_acks_are_all_found_by_verify() {
     let dir = tempdir();
@@ -135,31 +180,18 @@ fn closed_loop_acks_are_all_found_by_verify() {
         dir.path().join("latency.hgrm"),
         dir.path().join("verify.json"),
     );
-    let out = bench(&[
+    let mut args = words("--threads 2 -c 4 -P 4 -B 3 -S 100..300 -K 16 --duration 2s -q");
+    args.extend([
         "--addr",
         &addr,
-        "--threads",
-        "2",
-        "-c",
-        "4",
-        "-P",
-        "4",
-        "-B",
-        "3",
-        "-S",
-        "100..300",
-        "-K",
-        "16",
-        "--duration",
-        "2s",
         "--json",
         s(&json),
         "--hgrm",
         s(&hgrm),
         "--verify-log",
         s(&log),
-        "-q",
     ]);
+    let out = bench(&args);
     assert_success(&out, "closed-loop run");
     let report = read_report(&json);
     assert_eq!(report.config.mode, "closed");
@@ -194,29 +226,9 @@ fn open_loop_keeps_to_its_schedule_and_verifies() {
         dir.path().join("verify.json"),
     );
     let rate = 1000u64;
-    let out = bench(&[
-        "--addr",
-        &addr,
-        "-c",
-        "4",
-        "-P",
-        "8",
-        "--rate",
-        "1000",
-        "--duration",
-        "2s",
-        "--warmup",
-        "500ms",
-        "--stream-dist",
-        "zipf",
-        "-K",
-        "100",
-        "--json",
-        s(&json),
-        "--verify-log",
-        s(&log),
-        "-q",
-    ]);
+    let mut args = words("-c 4 -P 8 --rate 1000 --duration 2s --warmup 500ms --stream-dist zipf -K 100 -q");
+    args.extend(["--addr", &addr, "--json", s(&json), "--verify-log", s(&log)]);
+    let out = bench(&args);
     assert_success(&out, "open-loop run");
     let report = read_report(&json);
     assert_eq!(report.config.mode, "open");
@@ -246,25 +258,16 @@ fn open_loop_keeps_to_its_schedule_and_verifies() {
 fn unacked_run_reports_the_drained_rate() {
     let dir = tempdir();
     let daemon = Daemon::start(&dir.path().join("data"), 2);
+    let addr = daemon.addr.to_string();
     let json = dir.path().join("report.json");
-    let out = bench(&[
-        "--addr",
-        &daemon.addr.to_string(),
-        "-c",
-        "2",
-        "--ack",
-        "none",
-        "-B",
-        "8",
-        "--duration",
-        "2s",
-        "--json",
-        s(&json),
-        "-q",
-    ]);
+    // Paced, so that even an unoptimised daemon drains within the response timeout.
+    let mut args = words("-c 2 --ack none -B 8 --rate 400 --duration 2s -q");
+    args.extend(["--addr", &addr, "--json", s(&json)]);
+    let out = bench(&args);
     assert_success(&out, "ack=none run");
     let report = read_report(&json);
     assert!(report.records > 0);
+    assert_eq!(report.records, report.requests * 8);
     assert_eq!(report.latency_us, None, "no latency without acks");
     let drain = report.drain.expect("drain measured");
     assert!(drain.elapsed_s >= report.elapsed_s);
@@ -283,37 +286,41 @@ fn daemon_killed_mid_run_stops_the_generator_and_acks_survive_restart() {
         dir.path().join("acks.log"),
         dir.path().join("verify.json"),
     );
-    let mut gen = Command::new(BENCH)
+    let gen = Command::new(BENCH)
+        .args(words("-c 4 -P 4 --duration 5m -q"))
         .args([
             "--addr",
             &daemon.addr.to_string(),
-            "-c",
-            "4",
-            "-P",
-            "4",
-            "--duration",
-            "5m",
-            "-q",
+            "--json",
+            s(&json),
+            "--verify-log",
+            s(&log),
         ])
-        .args(["--json", s(&json), "--verify-log", s(&log)])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn shardlog-bench");
+    let mut gen = KillOnDrop(Some(gen));
     // Wait until acks are flowing, then SIGKILL the daemon.
+    let started = std::time::Instant::now();
     loop {
+        assert!(started.elapsed() < RUN_LIMIT, "no acks after {RUN_LIMIT:?}");
         let lines = std::fs::read_to_string(&log).map(|t| t.lines().count()).unwrap_or(0);
         if lines > 200 {
             break;
         }
+        let child = gen.0.as_mut().expect("child");
         assert!(
-            gen.try_wait().expect("try_wait").is_none(),
+            child.try_wait().expect("try_wait").is_none(),
             "the generator exited before the kill"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
     daemon.kill();
-    let out = gen.wait_with_output().expect("generator exits on its own");
+    let out = wait_limited(
+        gen.0.take().expect("child"),
+        "the generator after the daemon was killed",
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
     assert!(stderr.contains("stopped early"), "stderr: {stderr}");
@@ -322,17 +329,22 @@ fn daemon_killed_mid_run_stops_the_generator_and_acks_survive_restart() {
     assert!(report.stopped_early.is_some());
 
     let daemon = Daemon::start(&daemon.data_dir, 2);
-    let out = bench(&[
-        "verify",
-        "--verify-log",
-        s(&log),
-        "--addr",
-        &daemon.addr.to_string(),
-        "--json",
-        s(&vjson),
-    ]);
+    let addr = daemon.addr.to_string();
+    let out = bench(&["verify", "--verify-log", s(&log), "--addr", &addr, "--json", s(&vjson)]);
     assert_success(&out, "verify after restart");
     let v = read_verify(&vjson);
     assert!(v["acked"].as_u64().expect("acked") > 200);
     assert_eq!(v["acked_found"], v["acked"]);
+}
+
+/// Kills a child process still running when a test fails.
+struct KillOnDrop(Option<Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }

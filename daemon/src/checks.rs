@@ -256,8 +256,10 @@ pub fn lock_data_dir(dir: &Path) -> Result<DirLock, StartupError> {
         return Err(io_err(&path, "cannot lock the data directory")(e));
     }
     // The pid is only for the message above; the lock itself is the flock.
-    file.set_len(0).map_err(io_err(&path, "cannot truncate the lock file"))?;
-    file.seek(SeekFrom::Start(0)).map_err(io_err(&path, "cannot seek the lock file"))?;
+    file.set_len(0)
+        .map_err(io_err(&path, "cannot truncate the lock file"))?;
+    file.seek(SeekFrom::Start(0))
+        .map_err(io_err(&path, "cannot seek the lock file"))?;
     writeln!(file, "{}", std::process::id()).map_err(io_err(&path, "cannot write the lock file"))?;
     Ok(DirLock { _file: file })
 }

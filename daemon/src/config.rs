@@ -163,6 +163,10 @@ impl ServeArgs {
         };
         if let Some(bytes) = self.segment_bytes {
             opts.segment_bytes = bytes;
+            // One commit must fit in a segment; small segments (tests) get smaller commits. A
+            // segment too small even for that is refused by the shard with a clear message.
+            let room = bytes.saturating_sub(shards::format::SEGMENT_DATA_OFFSET);
+            opts.commit_bytes_max = opts.commit_bytes_max.min(room as usize);
         }
         opts
     }

@@ -133,7 +133,12 @@ impl Storage for FaultyStorage {
         self.inner.list()
     }
 
-    fn open(&self, name: &str, create: bool, durability: Durability) -> LocalBoxFuture<io::Result<Rc<dyn SegmentFile>>> {
+    fn open(
+        &self,
+        name: &str,
+        create: bool,
+        durability: Durability,
+    ) -> LocalBoxFuture<io::Result<Rc<dyn SegmentFile>>> {
         let opened = self.inner.open(name, create, durability);
         let faults = self.faults.clone();
         Box::pin(async move {

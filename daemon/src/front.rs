@@ -190,6 +190,7 @@ impl Front {
     pub async fn run(self: Rc<Self>, listener_fd: i32) {
         // SAFETY: the fd is a bound, listening TCP socket created for this front alone.
         let listener = unsafe { TcpListener::from_raw_fd(listener_fd) };
+        tracing::debug!(front = self.index, "accepting");
         let watcher = {
             let this = self.clone();
             glommio::spawn_local(async move {
@@ -217,7 +218,11 @@ impl Front {
         }
         watcher.await;
         drop(listener);
-        tracing::info!(front = self.index, connections = self.conns.borrow().len(), "front stops accepting; draining");
+        tracing::info!(
+            front = self.index,
+            connections = self.conns.borrow().len(),
+            "front stops accepting; draining"
+        );
         self.drain().await;
         for link in &self.links {
             if let ShardLink::Ring(tx) = link {
@@ -323,9 +328,7 @@ impl Front {
             }
             let spare = frames.spare(READ_CHUNK_BYTES);
             let read = future::or(
-                async {
-                    Some(poll_fn(|cx| Pin::new(&mut *conn.stream.borrow_mut()).poll_read(cx, spare)).await)
-                },
+                async { Some(poll_fn(|cx| Pin::new(&mut *conn.stream.borrow_mut()).poll_read(cx, spare)).await) },
                 async {
                     conn.reader_wake.wait().await;
                     None
@@ -411,7 +414,10 @@ impl Front {
                 let read = request.body_as_read().expect("tag checked");
                 let shard = read.shard();
                 if shard >= self.shard_count {
-                    let message = format!("shard {shard} does not exist; this server has {} shards", self.shard_count);
+                    let message = format!(
+                        "shard {shard} does not exist; this server has {} shards",
+                        self.shard_count
+                    );
                     let reply = Reply::Error {
                         code: ErrorCode::NoSuchShard,
                         message,
@@ -473,7 +479,8 @@ impl Front {
                 self.answer(conn, id, frame_bytes, Reply::Frame(frame)).await;
             }
             RequestBody::Stats => {
-                let bytes = frame_bytes + SMALL_RESPONSE_BYTES + STATS_RESPONSE_BYTES_PER_SHARD * self.shard_count as usize;
+                let bytes =
+                    frame_bytes + SMALL_RESPONSE_BYTES + STATS_RESPONSE_BYTES_PER_SHARD * self.shard_count as usize;
                 let reserved = self.reserve(conn, bytes).await;
                 let token = self.next_token.get();
                 self.next_token.set(token + 1);
@@ -566,7 +573,12 @@ impl Front {
         };
         let mut frame = Vec::new();
         self.encoder.borrow_mut().response(&resp, &mut frame);
-        let conn = self.conns.borrow().get(&g.conn).cloned().expect("stats requester is connected");
+        let conn = self
+            .conns
+            .borrow()
+            .get(&g.conn)
+            .cloned()
+            .expect("stats requester is connected");
         self.complete(&conn, g.id, g.reserved, Reply::Frame(frame));
     }
 
@@ -582,7 +594,10 @@ impl Front {
                 shard,
                 first_lsn,
                 count,
-            } => self.encoder.borrow_mut().appended(id, shard, first_lsn, count, &mut out),
+            } => self
+                .encoder
+                .borrow_mut()
+                .appended(id, shard, first_lsn, count, &mut out),
             Reply::Frame(frame) => {
                 if out.is_empty() {
                     *out = frame;
@@ -670,7 +685,9 @@ async fn linger_close(stream: &RefCell<TcpStream>) {
     let mut dropped = 0;
     let deadline = Instant::now() + LINGER;
     while dropped < LINGER_BYTES_MAX {
-        let Some(left) = deadline.checked_duration_since(Instant::now()) else { break };
+        let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+            break;
+        };
         let read = future::or(
             async { Some(poll_fn(|cx| Pin::new(&mut *stream.borrow_mut()).poll_read(cx, &mut scratch)).await) },
             async {

@@ -53,9 +53,7 @@ pub enum PlanError {
     NoFront,
     #[error("--shards must be at least 1")]
     NoShards,
-    #[error(
-        "--front-cores {fronts} exceeds the {cpus} usable CPUs; lower it, or run with --pin none"
-    )]
+    #[error("--front-cores {fronts} exceeds the {cpus} usable CPUs; lower it, or run with --pin none")]
     TooManyFronts { fronts: usize, cpus: usize },
 }
 
@@ -170,7 +168,11 @@ pub fn plan(
     }
     if !share {
         // More shards than shard CPUs wraps around; `main` warns about it.
-        let pool = if shard_cpus.is_empty() { &front_cpus } else { &shard_cpus };
+        let pool = if shard_cpus.is_empty() {
+            &front_cpus
+        } else {
+            &shard_cpus
+        };
         for s in 0..shard_count {
             let cpu = pool[s as usize % pool.len()];
             executors.push(ExecutorPlan {
@@ -245,7 +247,9 @@ mod tests {
     fn front_cpu_override_moves_the_front() {
         let p = plan(&[0, 1, 2], Some(2), 1, None, Pin::Fixed).unwrap();
         assert_eq!(p.executors[p.front_executor(0)].cpu, Some(2));
-        let shard_cpus: Vec<_> = (0..p.shard_count).map(|s| p.executors[p.shard_executor(s)].cpu).collect();
+        let shard_cpus: Vec<_> = (0..p.shard_count)
+            .map(|s| p.executors[p.shard_executor(s)].cpu)
+            .collect();
         assert_eq!(shard_cpus, vec![Some(0), Some(1)]);
         assert!(plan(&[0, 1], Some(7), 1, None, Pin::Fixed).is_err());
     }

@@ -60,10 +60,17 @@ pub enum FromShard {
 
 #[derive(Debug)]
 pub enum Reply {
-    Appended { shard: u16, first_lsn: u64, count: u32 },
+    Appended {
+        shard: u16,
+        first_lsn: u64,
+        count: u32,
+    },
     /// A successful append with `AckLevel::None`: nothing is sent, only the budget returns.
     Silent,
     /// A complete response frame, encoded on the shard core (reads).
     Frame(Vec<u8>),
-    Error { code: ErrorCode, message: String },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
 }

@@ -30,6 +30,15 @@ use crate::shard_server::{ReplyTo, ShardServer};
 
 /// How often a shard executor looks at the shutdown flag.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(20);
+/// Preemption interval of every executor. glommio 0.9 loses timer wake-ups when the preempt timer
+/// is short: with 500 us to 2 ms an idle executor sometimes parks past its next timer and never
+/// wakes (reproduced without any shardlog code: three executors looping on a 1 ms sleep hang in
+/// about one run in four). At 5 ms and above no hang was seen in dozens of runs; 10 ms keeps a
+/// margin. The cost is that a CPU-bound slice of a shard's background task can delay a commit by
+/// up to this much, which is why that task is kept I/O-bound.
+pub const EXECUTOR_PREEMPT_TIMER: Duration = Duration::from_millis(10);
+/// How often an executor turns its reactor while its rings are being connected.
+const CONNECT_TICK: Duration = Duration::from_millis(1);
 
 /// A failure that stops the daemon, with the message for the operator.
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +109,12 @@ pub fn serve(args: ServeArgs) -> Result<(), ServeError> {
         what: "cannot create the data directory",
         source,
     })?;
+    // Absolute from here on: shards open files relative to their directory from other threads.
+    let data_dir = std::fs::canonicalize(&data_dir).map_err(|source| checks::StartupError::Io {
+        path: data_dir.clone(),
+        what: "cannot resolve the data directory",
+        source,
+    })?;
     checks::check_direct_io(&data_dir)?;
     let _lock = checks::lock_data_dir(&data_dir)?;
 
@@ -162,11 +177,14 @@ pub fn serve(args: ServeArgs) -> Result<(), ServeError> {
         shutdown: shutdown.clone(),
     });
     let (ready_tx, ready_rx) = mpsc::channel();
-    let bundles = make_bundles(&plan, &args, fds, shared, &fault_specs, ready_tx, shutdown.clone());
+    let bundles = make_bundles(&plan, &args, &data_dir, fds, shared, &fault_specs, ready_tx);
 
     let mut handles = Vec::new();
     for (bundle, exec) in bundles.into_iter().zip(&plan.executors) {
-        let mut builder = shards::executor_builder(exec.cpu).name(&exec.name).io_memory(io_memory);
+        let mut builder = shards::executor_builder(exec.cpu)
+            .name(&exec.name)
+            .io_memory(io_memory)
+            .preempt_timer(EXECUTOR_PREEMPT_TIMER);
         if args.spin_us > 0 {
             builder = builder.spin_before_park(Duration::from_micros(args.spin_us));
         }
@@ -238,12 +256,13 @@ pub fn serve(args: ServeArgs) -> Result<(), ServeError> {
 fn make_bundles(
     plan: &Plan,
     args: &ServeArgs,
+    data_dir: &std::path::Path,
     fds: Vec<RawFd>,
     shared: Arc<FrontShared>,
     faults: &[FaultSpec],
     ready: mpsc::Sender<Ready>,
-    shutdown: Arc<AtomicBool>,
 ) -> Vec<Bundle> {
+    let shutdown = shared.shutdown.clone();
     let cfg = FrontConfig {
         max_frame_bytes: args.max_frame_bytes,
         max_connections: args.max_connections,
@@ -266,7 +285,7 @@ fn make_bundles(
             shard: e.shard.map(|id| ShardPart {
                 id,
                 shard_count: plan.shard_count,
-                dir: checks::shard_dir(&args.data_dir, id),
+                dir: checks::shard_dir(data_dir, id),
                 opts: args.shard_options(id),
                 faults: faults.iter().copied().filter(|f| f.shard == id).collect(),
                 rings: Vec::new(),
@@ -298,7 +317,7 @@ async fn open_shard(part: &ShardPart) -> Result<shards::Shard, shards::ShardErro
     if part.faults.is_empty() {
         return shards::Shard::open(&part.dir, part.opts.clone()).await;
     }
-    let storage = shards::storage::dma::DmaStorage::open(&part.dir)
+    let storage = shards::storage::dma::DmaStorage::open(&part.dir, part.opts.durability)
         .await
         .map_err(|e| shards::ShardError::Io {
             op: "open shard directory",
@@ -318,6 +337,16 @@ async fn executor_main(bundle: Bundle) -> Result<(), String> {
         shutdown,
     } = bundle;
 
+    // The ticker (see step 2) runs from the start: opening the shard waits on glommio too.
+    let connecting = Rc::new(std::cell::Cell::new(true));
+    let ticker = {
+        let connecting = connecting.clone();
+        glommio::spawn_local(async move {
+            while connecting.get() {
+                glommio::timer::sleep(CONNECT_TICK).await;
+            }
+        })
+    };
     // 1. Open the shard before connecting any ring: fronts wait on the connection, so no
     //    request arrives before recovery is done.
     let mut shard_rings = Vec::new();
@@ -353,21 +382,27 @@ async fn executor_main(bundle: Bundle) -> Result<(), String> {
     };
 
     // 2. Connect every ring end concurrently: connecting waits for the peer, and executors
-    //    connect in different orders.
+    //    connect in different orders. glommio wakes a task waiting for its peer to connect only
+    //    when this executor's reactor runs, and the peer connecting does not wake it, so a
+    //    ticker keeps the reactor turning until every ring is connected; without it an executor
+    //    that parked first would sleep forever.
     let shard_side: Vec<_> = shard_rings
         .into_iter()
         .map(|(rx, tx)| glommio::spawn_local(async move { (rx.connect().await, tx.connect().await) }))
         .collect();
     let mut front = front;
+    tracing::debug!(executor = %name, "connecting rings");
     let front_side = front.as_mut().map(|f| {
         let to: Vec<_> = std::mem::take(&mut f.to_shards)
             .into_iter()
-            .map(|tx| glommio::spawn_local(async move {
-                match tx {
-                    Some(tx) => Some(tx.connect().await),
-                    None => None,
-                }
-            }))
+            .map(|tx| {
+                glommio::spawn_local(async move {
+                    match tx {
+                        Some(tx) => Some(tx.connect().await),
+                        None => None,
+                    }
+                })
+            })
             .collect();
         let from: Vec<_> = std::mem::take(&mut f.from_shards)
             .into_iter()
@@ -377,9 +412,31 @@ async fn executor_main(bundle: Bundle) -> Result<(), String> {
     });
 
     // 3. The shard side: one receiver task per front ring.
-    let mut receivers = Vec::new();
+    let mut shard_ends = Vec::new();
     for task in shard_side {
-        let (rx, tx) = task.await;
+        shard_ends.push(task.await);
+    }
+    let front_ends = match front_side {
+        None => None,
+        Some((to, from)) => {
+            let mut to_ends = Vec::new();
+            for task in to {
+                to_ends.push(task.await);
+                tracing::debug!(executor = %name, n = to_ends.len(), "request ring connected");
+            }
+            let mut from_ends = Vec::new();
+            for task in from {
+                from_ends.push(task.await);
+                tracing::debug!(executor = %name, n = from_ends.len(), "completion ring connected");
+            }
+            Some((to_ends, from_ends))
+        }
+    };
+    connecting.set(false);
+    ticker.await;
+    tracing::debug!(executor = %name, "rings connected");
+    let mut receivers = Vec::new();
+    for (rx, tx) in shard_ends {
         let server = server.clone().expect("rings only on shard executors");
         let reply_to = ReplyTo::Ring(Rc::new(tx));
         receivers.push(glommio::spawn_local(async move {
@@ -401,10 +458,10 @@ async fn executor_main(bundle: Bundle) -> Result<(), String> {
     }
 
     // 4. The front: run until shutdown has drained every connection.
-    if let (Some(part), Some((to, from))) = (front, front_side) {
+    if let (Some(part), Some((to, from))) = (front, front_ends) {
         let mut links = Vec::new();
-        for (shard, task) in to.into_iter().enumerate() {
-            links.push(match task.await {
+        for (shard, end) in to.into_iter().enumerate() {
+            links.push(match end {
                 Some(tx) => ShardLink::Ring(Rc::new(tx)),
                 None => ShardLink::Local(
                     server
@@ -416,8 +473,7 @@ async fn executor_main(bundle: Bundle) -> Result<(), String> {
         }
         let front = Front::new(part.index, part.shard_count, part.cfg, part.shared, links);
         let mut completions = Vec::new();
-        for task in from {
-            let rx = task.await;
+        for rx in from {
             let front = front.clone();
             completions.push(glommio::spawn_local(async move {
                 while let Some(msg) = rx.recv().await {

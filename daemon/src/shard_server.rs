@@ -16,6 +16,8 @@ use crate::ring::{FromShard, ReadArgs, Reply, ToShard};
 
 /// How often a long-polling read looks at the shutdown flag while it waits.
 const LONG_POLL_SLICE: Duration = Duration::from_millis(50);
+/// Stretches a filtered read scans before it answers with an empty batch and a later `next_lsn`.
+const FILTERED_SCANS_MAX: u32 = 64;
 
 /// Where completions go: through a ring to another executor, or straight to a front on this one.
 #[derive(Clone)]
@@ -132,15 +134,14 @@ impl ShardServer {
 
     /// Reads the records out of the verified frame and enqueues them. Returns whether a success
     /// gets no response (`AckLevel::None`) and the future of the receipt.
-    fn enqueue_append(
-        &self,
-        frame: &[u8],
-    ) -> (bool, impl Future<Output = Result<Receipt, ShardError>> + 'static) {
+    fn enqueue_append(&self, frame: &[u8]) -> (bool, impl Future<Output = Result<Receipt, ShardError>> + 'static) {
         // SAFETY: the front ran `proto::codec::view_request` over exactly these bytes, which
         // verified the whole buffer and found an `Append` body, and the Vec has not been changed
         // since: it moved through the ring untouched.
         let request = unsafe { flatbuffers::root_unchecked::<wire::Request>(frame) };
-        let append = request.body_as_append().expect("the front routes only verified appends");
+        let append = request
+            .body_as_append()
+            .expect("the front routes only verified appends");
         let stream = append.stream();
         assert_eq!(
             proto::shard_for(stream, self.shard_count),
@@ -171,8 +172,21 @@ impl ShardServer {
     async fn read(&self, args: ReadArgs) -> Result<ReadBatch, ShardError> {
         let deadline = Instant::now() + Duration::from_millis(u64::from(args.max_wait_ms));
         let mut from = Lsn(args.from_lsn.max(1));
+        let mut scans = 0;
         loop {
             let batch = self.shard.read(from, args.max_bytes, args.stream).await?;
+            // With a stream filter one read scans a bounded stretch and may find nothing in it;
+            // keep scanning durable records (a bounded number of times per request) before
+            // answering empty or waiting.
+            if batch.records.is_empty()
+                && batch.next_lsn > from
+                && batch.next_lsn <= self.shard.durable_lsn()
+                && scans < FILTERED_SCANS_MAX
+            {
+                scans += 1;
+                from = batch.next_lsn;
+                continue;
+            }
             let now = Instant::now();
             if !batch.records.is_empty() || now >= deadline || self.stopping.get() {
                 return Ok(batch);

@@ -7,8 +7,8 @@ use std::collections::{HashMap, HashSet};
 use common::{data_dir, Daemon, DaemonOpts};
 use proto::client::{Client, ReadParams};
 use proto::codec::AppendRecord;
-use proto::wire::{AckLevel, ReadT, RequestBodyT, ResponseBodyT};
 use proto::shard_for;
+use proto::wire::{AckLevel, ReadT, RequestBodyT, ResponseBodyT};
 
 fn read_body(p: &ReadParams) -> RequestBodyT {
     RequestBodyT::Read(Box::new(ReadT {
@@ -150,7 +150,9 @@ fn several_front_executors_each_route_to_every_shard() {
     let mut total = 0;
     for (i, c) in clients.iter_mut().enumerate() {
         for s in 0..8u64 {
-            c.append(s, format!("{i}").as_bytes(), AckLevel::Durable).unwrap().unwrap();
+            c.append(s, format!("{i}").as_bytes(), AckLevel::Durable)
+                .unwrap()
+                .unwrap();
             total += 1;
         }
     }
@@ -205,8 +207,15 @@ fn one_stream_keeps_the_order_it_was_sent_in() {
     let stream = 42u64;
     let mut sent = Vec::new();
     for i in 0..1000u32 {
-        let ack = if i % 3 == 0 { AckLevel::Written } else { AckLevel::Durable };
-        sent.push(c.send_append(stream, &[AppendRecord::new(&i.to_le_bytes())], ack).unwrap());
+        let ack = if i % 3 == 0 {
+            AckLevel::Written
+        } else {
+            AckLevel::Durable
+        };
+        sent.push(
+            c.send_append(stream, &[AppendRecord::new(&i.to_le_bytes())], ack)
+                .unwrap(),
+        );
     }
     let mut lsn_of = HashMap::new();
     for _ in 0..sent.len() {
@@ -296,5 +305,9 @@ fn stats_count_appends_and_the_cli_prints_them() {
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("front: connections"), "{text}");
     assert!(text.contains("fsync us"), "{text}");
-    assert_eq!(text.lines().filter(|l| l.trim_end().ends_with("ok")).count(), 2, "{text}");
+    assert_eq!(
+        text.lines().filter(|l| l.trim_end().ends_with("ok")).count(),
+        2,
+        "{text}"
+    );
 }

@@ -11,6 +11,8 @@ fn main() -> std::io::Result<()> {
     let targets = [
         ("frame_decoder", shardlog_fuzz::seeds::frame_decoder()),
         ("segment_scanner", shardlog_fuzz::seeds::segment_scanner()),
+        // The same input layout: a segment image, here opened as a whole shard.
+        ("recovery", shardlog_fuzz::seeds::segment_scanner()),
     ];
     for (target, seeds) in targets {
         let dir = root.join(target);

@@ -5,5 +5,6 @@
 //! see `tests/corpus.rs`.
 
 pub mod frames;
+pub mod recover;
 pub mod seeds;
 pub mod segments;

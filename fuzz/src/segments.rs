@@ -5,9 +5,10 @@
 //! be made twice, the same way, to go unnoticed. For any segment image:
 //! - Nothing panics: `SegmentHeader::decode`, `parse_commit`, `RecordIter`, `find_valid_commits`.
 //! - `parse_commit` accepts a commit exactly when the format says it is valid (magic, segment
-//!   sequence, CRC32C over header and body, non-zero count and lsn, record framing that fills the
-//!   body and matches the count), and then returns the same fields and records. In particular it
-//!   never returns a commit, or a record, whose checksum does not match.
+//!   sequence, CRC32C over header and body, non-zero count and lsn, an lsn range that fits in a
+//!   u64, record framing that fills the body and matches the count), and then returns the same
+//!   fields and records. In particular it never returns a commit, or a record, whose checksum does
+//!   not match.
 //! - The chain recovery walks (commits back to back from `SEGMENT_DATA_OFFSET`, lsns contiguous from
 //!   the base lsn) ends where the format says, with a stop reason exactly when the log did not end at
 //!   zeros or at the end of the data.
@@ -22,7 +23,8 @@
 //! ```text
 //! byte 0     flags: bit 0 seal commits (see `seal_chain`), bit 1 raw header block (the first
 //!            HEADER_RAW_BYTES of the data become the header block as they are), bits 2-3 segment
-//!            sequence - 1
+//!            sequence - 1, bit 4 with bit 1: seal the raw header (its crc made right, so that
+//!            any shard id, version, sequence and base lsn can be reached)
 //! byte 1     base lsn - 1
 //! bytes 2-3  u16 LE: if non-zero, after sealing, byte (n - 1) % len of the data is xored with byte 4
 //! byte 4     the xor mask
@@ -37,6 +39,7 @@ use shards::format::{
 pub const PLAN_BYTES: usize = 5;
 pub const FLAG_SEAL: u8 = 1;
 pub const FLAG_RAW_HEADER: u8 = 1 << 1;
+pub const FLAG_SEAL_HEADER: u8 = 1 << 4;
 /// With [`FLAG_RAW_HEADER`], this many data bytes are taken as the header block.
 pub const HEADER_RAW_BYTES: usize = 40;
 
@@ -113,6 +116,8 @@ pub mod spec {
         if buf.len() < total_bytes || count == 0 || first_lsn == 0 {
             return None;
         }
+        // The lsns of a commit must be representable: lsn `first_lsn + count` comes next.
+        first_lsn.checked_add(u64::from(count))?;
         let body = &buf[COMMIT_HEADER..total_bytes];
         if crc(buf, body) != le32(&buf[28..]) {
             return None;
@@ -195,6 +200,7 @@ pub mod spec {
 pub struct Plan<'a> {
     pub seal: bool,
     pub raw_header: bool,
+    pub seal_header: bool,
     pub sequence: u64,
     pub base_lsn: u64,
     /// `(position, mask)` of the byte flipped after sealing.
@@ -209,6 +215,7 @@ impl<'a> Plan<'a> {
         Some(Plan {
             seal: plan[0] & FLAG_SEAL != 0,
             raw_header: plan[0] & FLAG_RAW_HEADER != 0,
+            seal_header: plan[0] & FLAG_SEAL_HEADER != 0,
             sequence: 1 + u64::from((plan[0] >> 2) & 3),
             base_lsn: 1 + u64::from(plan[1]),
             flip: (flip_at != 0 && plan[4] != 0).then(|| (usize::from(flip_at - 1), plan[4])),
@@ -257,6 +264,11 @@ pub fn image(plan: &Plan<'_>) -> (Vec<u8>, Option<SegmentHeader>) {
         let n = data.len().min(HEADER_RAW_BYTES);
         image[..n].copy_from_slice(&data[..n]);
         data.drain(..n);
+        if plan.seal_header {
+            // magic 8, version 2, shard 2, reserved 4, sequence 8, base lsn 8, then the crc of those 32.
+            let crc = crc32c::crc32c(&image[..32]);
+            image[32..36].copy_from_slice(&crc.to_le_bytes());
+        }
     } else {
         let header = SegmentHeader {
             shard_id: 0,

@@ -229,6 +229,11 @@ pub fn parse_commit(buf: &[u8], sequence: u64) -> Result<CommitView<'_>, ParseEr
     if count == 0 || first_lsn == 0 {
         return Err(ParseError::Invalid("empty commit or lsn zero".into()));
     }
+    // A CRC-valid commit can still come from a crafted or buggy file: its lsn range must fit in
+    // a u64, so that `end_lsn` can never overflow.
+    if first_lsn.checked_add(u64::from(count)).is_none() {
+        return Err(ParseError::Invalid("commit lsn range overflows".into()));
+    }
     let view = CommitView {
         first_lsn,
         count,

@@ -59,6 +59,7 @@ mod rotation;
 mod shard;
 pub mod storage;
 mod sync;
+pub mod uring;
 
 use std::fmt;
 use std::str::FromStr;

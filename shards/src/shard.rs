@@ -214,7 +214,7 @@ impl Shard {
     /// segment (see [`crate::storage::dma::SENTINEL_FILE`]).
     pub async fn open(dir: impl AsRef<Path>, opts: ShardOptions) -> Result<Shard, ShardError> {
         let dir = dir.as_ref();
-        let storage = DmaStorage::open(dir)
+        let storage = DmaStorage::open(dir, opts.durability)
             .await
             .map_err(|e| ShardError::io("open shard directory", dir, e))?;
         Shard::open_with_storage(Rc::new(storage), opts).await
@@ -376,9 +376,14 @@ impl Shard {
         let inner = self.inner;
         inner.closing.set(true);
         inner.committer_wake.notify();
+        let mut tasks = std::mem::take(&mut *inner.tasks.borrow_mut()).into_iter();
+        // The committer first: committing what is queued may need the next segment, which the
+        // background task prepares, so it stops only after the committer has finished.
+        if let Some(committer) = tasks.next() {
+            committer.await;
+        }
         inner.bg_stop.set(true);
         inner.bg_wake.notify();
-        let tasks = std::mem::take(&mut *inner.tasks.borrow_mut());
         for task in tasks {
             task.await;
         }

@@ -19,6 +19,9 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_shardlogd");
 /// machine). Only a guard against hanging forever, not a measurement.
 pub const STARTUP_GUARD: Duration = Duration::from_secs(60);
 
+/// Segment size for test daemons.
+pub const SEGMENT_BYTES: u64 = 2 << 20;
+
 /// A directory for a test's data, under the target directory.
 pub fn data_dir() -> tempfile::TempDir {
     tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("create test data dir")
@@ -39,10 +42,18 @@ pub struct DaemonOpts {
 }
 
 impl DaemonOpts {
-    /// Unpinned (tests share two cores with everything else), `shards` shards.
+    /// Unpinned (tests share two cores with everything else), `shards` shards, small segments
+    /// (quick to prepare, and rotation gets exercised).
     pub fn shards(shards: u16) -> DaemonOpts {
         DaemonOpts {
-            args: vec!["--pin".into(), "none".into(), "--shards".into(), shards.to_string()],
+            args: vec![
+                "--pin".into(),
+                "none".into(),
+                "--shards".into(),
+                shards.to_string(),
+                "--segment-bytes".into(),
+                SEGMENT_BYTES.to_string(),
+            ],
             envs: Vec::new(),
         }
     }
@@ -65,7 +76,7 @@ fn command(data_dir: &Path, opts: &DaemonOpts) -> Command {
         .arg("--data-dir")
         .arg(data_dir)
         .arg("--log")
-        .arg("info")
+        .arg(std::env::var("TEST_LOG").unwrap_or("info".into()))
         .args(&opts.args)
         .env_remove("SHARDLOG_FAULTS");
     for (k, v) in &opts.envs {
@@ -83,9 +94,21 @@ impl Daemon {
         }
     }
 
+    /// Starts a daemon under a wrapper command such as `prlimit ... --`.
+    pub fn start_wrapped(data_dir: &Path, opts: &DaemonOpts, wrap: &[&str]) -> Daemon {
+        match Daemon::try_start_wrapped(data_dir, opts, Some(wrap)) {
+            Ok(d) => d,
+            Err(stderr) => panic!("shardlogd did not start:\n{stderr}"),
+        }
+    }
+
     /// Starts a daemon; on failure returns its stderr.
     pub fn try_start(data_dir: &Path, opts: &DaemonOpts) -> Result<Daemon, String> {
-        let mut child = command(data_dir, opts)
+        Daemon::try_start_wrapped(data_dir, opts, None)
+    }
+
+    fn try_start_wrapped(data_dir: &Path, opts: &DaemonOpts, wrap: Option<&[&str]>) -> Result<Daemon, String> {
+        let mut child = wrapped(data_dir, opts, wrap)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -195,9 +218,8 @@ impl Drop for Daemon {
     }
 }
 
-/// Runs the daemon expecting it to fail at startup; returns (status, stderr).
-pub fn run_expecting_failure(data_dir: &Path, opts: &DaemonOpts, wrap: Option<&[&str]>) -> (ExitStatus, String) {
-    let mut cmd = match wrap {
+fn wrapped(data_dir: &Path, opts: &DaemonOpts, wrap: Option<&[&str]>) -> Command {
+    match wrap {
         None => command(data_dir, opts),
         Some(prefix) => {
             let inner = command(data_dir, opts);
@@ -211,8 +233,15 @@ pub fn run_expecting_failure(data_dir: &Path, opts: &DaemonOpts, wrap: Option<&[
             }
             cmd
         }
-    };
-    let out = cmd.stdin(Stdio::null()).output().expect("run shardlogd");
+    }
+}
+
+/// Runs the daemon expecting it to fail at startup; returns (status, stderr).
+pub fn run_expecting_failure(data_dir: &Path, opts: &DaemonOpts, wrap: Option<&[&str]>) -> (ExitStatus, String) {
+    let out = wrapped(data_dir, opts, wrap)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run shardlogd");
     assert!(
         out.stdout.is_empty() || !String::from_utf8_lossy(&out.stdout).contains("listening"),
         "daemon started when it should have refused"

@@ -5,11 +5,17 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::SystemTime;
 
+use std::os::fd::AsRawFd;
+
 use glommio::io::{DmaFile, OpenOptions};
 
 use super::{IoBuf, LocalBoxFuture, OnWritten, SegmentFile, Storage};
 use crate::format::BLOCK_BYTES;
+use crate::uring::LinkedRing;
 use crate::Durability;
+
+/// Submission entries of the private ring: two per commit, and at most two commits in flight.
+const LINKED_RING_ENTRIES: u32 = 16;
 
 /// Name of the small data-bearing file opened before any segment.
 ///
@@ -23,12 +29,16 @@ pub struct DmaStorage {
     dir: PathBuf,
     /// Kept open for the life of the storage; also the allocator of DMA buffers.
     sentinel: Rc<DmaFile>,
+    /// The private ring that links each commit's write to its fdatasync (`Durability::Linked`).
+    ring: Option<Rc<LinkedRing>>,
 }
 
 impl DmaStorage {
     /// Opens the shard directory, creating it and its sentinel file if needed. Must be the first
-    /// `DmaFile` this executor opens for the polled-ring workaround to work.
-    pub async fn open(dir: impl AsRef<Path>) -> io::Result<DmaStorage> {
+    /// `DmaFile` this executor opens for the polled-ring workaround to work. With
+    /// `Durability::Linked` it also sets up the private ring; its completion reaper runs in the
+    /// caller's task queue, which should be the latency-sensitive one.
+    pub async fn open(dir: impl AsRef<Path>, durability: Durability) -> io::Result<DmaStorage> {
         let dir = dir.as_ref().to_path_buf();
         std::fs::create_dir_all(&dir)?;
         let path = dir.join(SENTINEL_FILE);
@@ -51,9 +61,14 @@ impl DmaStorage {
                 path.display()
             )));
         }
+        let ring = match durability {
+            Durability::Linked => Some(LinkedRing::new(LINKED_RING_ENTRIES)?),
+            Durability::Dsync => None,
+        };
         Ok(DmaStorage {
             dir,
             sentinel: Rc::new(sentinel),
+            ring,
         })
     }
 
@@ -84,7 +99,16 @@ impl Storage for DmaStorage {
         durability: Durability,
     ) -> LocalBoxFuture<io::Result<Rc<dyn SegmentFile>>> {
         let path = self.dir.join(name);
+        let ring = match durability {
+            Durability::Linked => self.ring.clone(),
+            Durability::Dsync => None,
+        };
         Box::pin(async move {
+            if durability == Durability::Linked && ring.is_none() {
+                return Err(io::Error::other(
+                    "linked durability needs the storage opened with Durability::Linked",
+                ));
+            }
             let mut opts = OpenOptions::new();
             opts.read(true).write(true).create(create);
             if durability == Durability::Dsync {
@@ -93,7 +117,7 @@ impl Storage for DmaStorage {
             let file = opts.dma_open(&path).await?;
             let file: Rc<dyn SegmentFile> = Rc::new(DmaSegment {
                 file: Rc::new(file),
-                durability,
+                ring,
             });
             Ok(file)
         })
@@ -137,7 +161,8 @@ impl Storage for DmaStorage {
 
 struct DmaSegment {
     file: Rc<DmaFile>,
-    durability: Durability,
+    /// `Some` in linked mode; `None` means the file was opened with O_DSYNC.
+    ring: Option<Rc<LinkedRing>>,
 }
 
 fn into_dma(file: &DmaFile, buf: IoBuf) -> glommio::io::DmaBuffer {
@@ -190,19 +215,27 @@ impl SegmentFile for DmaSegment {
 
     fn commit(&self, offset: u64, buf: IoBuf, on_written: OnWritten) -> LocalBoxFuture<io::Result<()>> {
         let file = self.file.clone();
-        let durability = self.durability;
+        let ring = self.ring.clone();
         Box::pin(async move {
-            match durability {
+            assert_eq!(offset % BLOCK_BYTES, 0);
+            assert_eq!(buf.len() as u64 % BLOCK_BYTES, 0);
+            match ring {
                 // The file was opened with O_DSYNC: the write completes once it is durable.
-                Durability::Dsync => {
+                None => {
                     write_all(&file, offset, buf).await?;
                     on_written();
                     Ok(())
                 }
-                Durability::Linked => {
-                    write_all(&file, offset, buf).await?;
+                // One submission: the write, linked to an fdatasync that the kernel starts only
+                // after the write completed in full. `file` (and so the fd) lives until both
+                // completions are in.
+                Some(ring) => {
+                    let dma = into_dma(&file, buf);
+                    let mut commit = ring.write_then_sync(file.as_raw_fd(), dma, offset);
+                    commit.written().await?;
                     on_written();
-                    Ok(file.fdatasync().await?)
+                    let (result, _buf) = commit.synced().await;
+                    result
                 }
             }
         })

@@ -8,7 +8,8 @@
 //!                writes when the file was opened with Durability::Dsync)
 //! crash(seed)    a new storage whose files hold the durable image plus, for every sector touched
 //!                by an unsynced write, a random choice of: any unsynced version, the durable
-//!                version, or zeros. Of the namespace operations (create, rename, remove) since
+//!                version, or zeros (zeros only if the durable sector is all zero: sector writes
+//!                are atomic, so an overwrite of durable data leaves old or new bytes). Of the namespace operations (create, rename, remove) since
 //!                the last sync_dir, a random prefix survives.
 //! ```
 
@@ -298,7 +299,17 @@ impl MemStorage {
                             .collect();
                         if !versions.is_empty() {
                             // 0 = keep durable, 1 = zeros, 2.. = one of the unsynced versions.
-                            let pick = rng.gen_range(0..versions.len() + 2);
+                            // Zeros only where nothing was durably written: a device writes a
+                            // sector atomically, so an interrupted overwrite of durable data
+                            // leaves the old or the new sector, while a write into space never
+                            // durably written may also come back as zeros (an unwritten extent).
+                            let was_written = image[lo..hi.min(image.len())].iter().any(|&b| b != 0);
+                            let pick = loop {
+                                let pick = rng.gen_range(0..versions.len() + 2);
+                                if pick != 1 || !was_written {
+                                    break pick;
+                                }
+                            };
                             if pick == 1 {
                                 let n = image.len();
                                 image[lo..hi.min(n)].fill(0);

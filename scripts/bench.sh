@@ -1,0 +1,545 @@
+#!/usr/bin/env bash
+# One command for shardlog's benchmark report.
+#
+# Measures, in the same run and on the same filesystem:
+#   - the device floor with fio (4 KiB O_DIRECT write+fdatasync latency, 1 MiB write+fdatasync bandwidth,
+#     both on a preallocated, zero-filled file);
+#   - Redis 7 RPUSH with `appendonly yes` and `appendfsync always` (durable) or `appendfsync no`;
+#   - shardlogd under shardlog-bench over a matrix of connections, pipeline depth, record size, records per
+#     frame and ack level, and both durability modes (linked, dsync) side by side;
+# then writes docs/BENCHMARKS.md (tables with ratios against fio and Redis) and docs/benchmarks.svg.
+#
+# Usage: scripts/bench.sh [--quick] [--work-dir DIR] [--no-install]
+#   --quick       about 2 minutes: a trimmed matrix, 2 s per point (default: the full matrix, 5 s per point)
+#   --work-dir    where data files, fio's file and raw results go (default: $CARGO_TARGET_DIR or target/, then
+#                 bench-run/); it must be a real disk filesystem (ext4, xfs), not tmpfs
+#   --no-install  do not apt-get install fio / redis if they are missing
+#
+# Every process started here is stopped on exit (trap). Only 127.0.0.1 ports are used.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+COMMAND="scripts/bench.sh $*"
+MODE=full
+INSTALL=1
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+WORK=$TARGET_DIR/bench-run
+while (($#)); do
+    case "$1" in
+        --quick) MODE=quick ;;
+        --no-install) INSTALL=0 ;;
+        --work-dir) WORK=$2; shift ;;
+        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        *) echo "bench.sh: unknown option $1 (try --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+if [[ $MODE == quick ]]; then
+    DURATION=2s; WARMUP=500ms; FIO_SECONDS=3; REDIS_SECONDS=2
+else
+    DURATION=5s; WARMUP=1s; FIO_SECONDS=8; REDIS_SECONDS=5
+fi
+# The load generator runs on one executor, like redis-benchmark's single thread.
+BENCH_THREADS=${BENCH_THREADS:-1}
+
+log() { printf '[bench.sh %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# ------------------------------------------------------------------ cleanup
+PIDS=()
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        # Give each a moment for a clean shutdown, then make sure.
+        for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+        kill -9 "$pid" 2>/dev/null || true
+    done
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+forget_pid() {
+    local keep=() p
+    for p in "${PIDS[@]}"; do [[ $p == "$1" ]] || keep+=("$p"); done
+    PIDS=("${keep[@]}")
+}
+
+# ------------------------------------------------------------------ tools
+if ((INSTALL)); then
+    need=()
+    command -v fio >/dev/null || need+=(fio)
+    command -v redis-server >/dev/null || need+=(redis-server)
+    command -v redis-benchmark >/dev/null || need+=(redis-tools)
+    command -v python3 >/dev/null || need+=(python3)
+    if ((${#need[@]})); then
+        log "installing ${need[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+    fi
+fi
+for tool in fio redis-server redis-cli redis-benchmark python3; do
+    command -v "$tool" >/dev/null || die "$tool is missing (run without --no-install, or install it)"
+done
+
+mkdir -p "$WORK"
+WORK=$(cd "$WORK" && pwd)
+FSTYPE=$(df -T "$WORK" | awk 'NR==2 {print $2}')
+[[ $FSTYPE == tmpfs ]] && die "$WORK is on tmpfs: O_DIRECT and fdatasync mean nothing there; pass --work-dir on a disk"
+RESULTS=$WORK/results
+rm -rf "$RESULTS" "$WORK/data" "$WORK/redis"
+mkdir -p "$RESULTS" "$WORK/redis"
+
+# ------------------------------------------------------------------ build
+log "building release binaries"
+(cd "$ROOT" && cargo build --release -p daemon -p bench --bins -q)
+SHARDLOGD=$TARGET_DIR/release/shardlogd
+BENCH=$TARGET_DIR/release/shardlog-bench
+[[ -x $SHARDLOGD && -x $BENCH ]] || die "release binaries not found under $TARGET_DIR/release"
+
+# ------------------------------------------------------------------ fio: the device floor
+log "fio: device floor on a zero-filled preallocated file in $WORK"
+FIO_FILE=$WORK/fio.dat
+dd if=/dev/zero of="$FIO_FILE" bs=1M count=1024 oflag=direct conv=fsync status=none
+fio --name=write4k_fdatasync --filename="$FIO_FILE" --size=1G --rw=write --bs=4k --direct=1 --ioengine=sync \
+    --fdatasync=1 --runtime="$FIO_SECONDS" --time_based --output-format=json >"$RESULTS/fio-4k.json"
+fio --name=write1m_fdatasync --filename="$FIO_FILE" --size=1G --rw=write --bs=1M --direct=1 --ioengine=sync \
+    --fdatasync=1 --runtime="$FIO_SECONDS" --time_based --output-format=json >"$RESULTS/fio-1m.json"
+rm -f "$FIO_FILE"
+
+# ------------------------------------------------------------------ redis
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+}
+
+REDIS_PID=
+REDIS_PORT=
+start_redis() { # $1: appendfsync policy (always|no)
+    stop_redis
+    rm -rf "$WORK/redis" && mkdir -p "$WORK/redis"
+    REDIS_PORT=$(free_port)
+    redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$WORK/redis" --appendonly yes \
+        --appendfsync "$1" --save '' --daemonize no --logfile "$WORK/redis-$1.log" &
+    REDIS_PID=$!
+    PIDS+=("$REDIS_PID")
+    for _ in $(seq 100); do
+        redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && return 0
+        sleep 0.1
+    done
+    die "redis-server did not start (see $WORK/redis-$1.log)"
+}
+stop_redis() {
+    [[ -n $REDIS_PID ]] || return 0
+    redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || kill "$REDIS_PID" 2>/dev/null || true
+    wait "$REDIS_PID" 2>/dev/null || true
+    forget_pid "$REDIS_PID"
+    REDIS_PID=
+}
+
+# redis-benchmark has no duration option: a short probe measures the rate, then the real run asks for
+# about REDIS_SECONDS worth of requests.
+redis_bench() { # c P S n -> CSV on stdout
+    redis-benchmark -h 127.0.0.1 -p "$REDIS_PORT" -c "$1" -P "$2" -n "$4" -t rpush -d "$3" --csv 2>/dev/null
+}
+csv_rps() {
+    awk -F'","' '/RPUSH/ {print int($2)}' | head -1
+}
+
+redis_point() { # policy c P S
+    local policy=$1 c=$2 p=$3 s=$4
+    local out="$RESULTS/redis-$policy-c$c-P$p-S$s.csv"
+    [[ -s $out ]] && return 0
+    log "redis appendfsync=$policy c=$c P=$p S=$s"
+    redis-cli -p "$REDIS_PORT" flushall >/dev/null
+    local probe=$((c * p * 20)) rps n
+    ((probe < 500)) && probe=500
+    rps=$(redis_bench "$c" "$p" "$s" "$probe" | csv_rps)
+    [[ -n $rps && $rps -gt 0 ]] || { log "redis-benchmark probe failed: $policy c=$c P=$p S=$s"; return 0; }
+    n=$((rps * REDIS_SECONDS))
+    ((n < probe)) && n=$probe
+    redis-cli -p "$REDIS_PORT" flushall >/dev/null
+    redis_bench "$c" "$p" "$s" "$n" >"$out" || log "redis-benchmark failed: $policy c=$c P=$p S=$s"
+}
+
+# ------------------------------------------------------------------ shardlogd
+DAEMON_PID=
+ADDR=
+start_daemon() { # $1: durability (linked|dsync)
+    stop_daemon
+    rm -rf "$WORK/data"
+    "$SHARDLOGD" --listen 127.0.0.1:0 --data-dir "$WORK/data" --durability "$1" --log warn \
+        >"$WORK/daemon.out" 2>>"$WORK/daemon.log" &
+    DAEMON_PID=$!
+    PIDS+=("$DAEMON_PID")
+    ADDR=
+    for _ in $(seq 300); do
+        ADDR=$(sed -n 's/^shardlogd listening on //p' "$WORK/daemon.out")
+        [[ -n $ADDR ]] && return 0
+        kill -0 "$DAEMON_PID" 2>/dev/null || die "shardlogd exited at startup (see $WORK/daemon.log)"
+        sleep 0.1
+    done
+    die "shardlogd did not print its address within 30 s"
+}
+stop_daemon() {
+    [[ -n $DAEMON_PID ]] || return 0
+    kill "$DAEMON_PID" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$DAEMON_PID" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$DAEMON_PID" 2>/dev/null || true
+    wait "$DAEMON_PID" 2>/dev/null || true
+    forget_pid "$DAEMON_PID"
+    DAEMON_PID=
+}
+
+# One measured point on a fresh daemon, so every point starts from empty, pre-zeroed segments.
+shardlog_point() { # durability c P S B ack
+    local dur=$1 c=$2 p=$3 s=$4 b=$5 ack=$6
+    local id="shardlog-$dur-$ack-c$c-P$p-S$s-B$b"
+    [[ -s $RESULTS/$id.json ]] && return 0
+    local series="$ack S=$s B=$b"
+    [[ $ack != none ]] && series+=" P=$p"
+    [[ $dur != "$DEFAULT_DURABILITY" ]] && series+=" ($dur)"
+    start_daemon "$dur"
+    log "shardlog $dur ack=$ack c=$c P=$p S=$s B=$b"
+    local rc=0
+    "$BENCH" --addr "$ADDR" --threads "$BENCH_THREADS" -c "$c" -P "$p" -S "$s" -B "$b" --ack "$ack" \
+        --streams 1024 --duration "$DURATION" --warmup "$WARMUP" --response-timeout 10s --label "$series" -q \
+        --json "$RESULTS/$id.json" --hgrm "$RESULTS/$id.hgrm" >"$RESULTS/$id.txt" 2>&1 || rc=$?
+    ((rc == 0)) || log "shardlog-bench exited with $rc for $id (see $RESULTS/$id.txt)"
+    stop_daemon
+}
+
+# The daemon's default durability mode (the matrix runs with it), read from its --help.
+DEFAULT_DURABILITY=$("$SHARDLOGD" --help | awk '/--durability/ {f = 1} f && /default: / {
+    match($0, /default: [a-z]+/); print substr($0, RSTART + 9, RLENGTH - 9); exit }')
+[[ $DEFAULT_DURABILITY == linked || $DEFAULT_DURABILITY == dsync ]] ||
+    die "could not read the default of --durability from shardlogd --help (got '$DEFAULT_DURABILITY')"
+
+# ------------------------------------------------------------------ the matrix
+# Each entry: c P S B ack. Trimming (documented in BENCHMARKS.md):
+#  - ack=none: P does not apply (nothing is awaited), so P=1 only;
+#  - B=64 at c=256: with P=16 that is 262,144 records of 1 KiB in flight, which only measures the daemon's
+#    per-connection budget pushing back; kept at P=1 only;
+#  - quick mode keeps the points the targets need plus the concurrency sweep of the 1 KiB durable series.
+MATRIX=()
+if [[ $MODE == quick ]]; then
+    MATRIX=(
+        "1 1 100 1 durable"
+        "1 1 1024 1 durable"
+        "16 1 1024 1 durable"
+        "256 1 1024 1 durable"
+        "1 16 1024 1 durable"
+        "16 16 1024 1 durable"
+        "256 16 1024 1 durable"
+        "256 16 100 1 durable"
+        "1 1 1024 64 durable"
+        "16 16 1024 64 durable"
+        "1 1 100 1 none"
+        "256 1 100 1 none"
+    )
+else
+    for ack in durable none; do
+        for c in 1 16 64 256; do
+            for p in 1 16; do
+                [[ $ack == none && $p != 1 ]] && continue
+                for s in 100 1024; do
+                    for b in 1 64; do
+                        [[ $b == 64 && $c == 256 && $p == 16 ]] && continue
+                        MATRIX+=("$c $p $s $b $ack")
+                    done
+                done
+            done
+        done
+    done
+fi
+
+log "shardlog matrix: ${#MATRIX[@]} points, $DURATION each after a $WARMUP warm-up (durability $DEFAULT_DURABILITY)"
+for point in "${MATRIX[@]}"; do
+    read -r c p s b ack <<<"$point"
+    shardlog_point "$DEFAULT_DURABILITY" "$c" "$p" "$s" "$b" "$ack"
+done
+
+log "durability modes side by side"
+for dur in linked dsync; do
+    shardlog_point "$dur" 1 1 100 1 durable
+    shardlog_point "$dur" 64 16 1024 1 durable
+done
+
+log "redis: appendfsync always / no"
+start_redis always
+for point in "${MATRIX[@]}"; do
+    read -r c p s b ack <<<"$point"
+    [[ $ack == durable && $b == 1 ]] && redis_point always "$c" "$p" "$s"
+done
+start_redis no
+for point in "${MATRIX[@]}"; do
+    read -r c p s b ack <<<"$point"
+    if [[ $ack == none && $b == 1 ]]; then
+        redis_point no "$c" 1 "$s"
+        redis_point no "$c" 16 "$s"
+    fi
+done
+stop_redis
+
+# ------------------------------------------------------------------ report
+log "writing docs/BENCHMARKS.md and docs/benchmarks.svg"
+mkdir -p "$ROOT/docs"
+"$BENCH" chart --title "shardlogd on $(nproc) vCPUs ($MODE run)" --out "$ROOT/docs/benchmarks.svg" \
+    "$RESULTS"/shardlog-"$DEFAULT_DURABILITY"-*.json >/dev/null
+
+{
+    echo "kernel=$(uname -r)"
+    echo "cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)"
+    echo "vcpus=$(nproc)"
+    echo "mem=$(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)"
+    echo "fs=$FSTYPE on $(df "$WORK" | awk 'NR==2 {print $1}')"
+    echo "rustc=$(rustc --version)"
+    echo "fio=$(fio --version)"
+    echo "redis=$(redis-server --version | sed 's/ sha=.*//')"
+    echo "git=$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)$(cd "$ROOT" && git diff --quiet 2>/dev/null || echo ' (with local changes)')"
+    echo "date=$(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo "mode=$MODE"
+    echo "duration=$DURATION"
+    echo "warmup=$WARMUP"
+    echo "durability_default=$DEFAULT_DURABILITY"
+    echo "bench_threads=$BENCH_THREADS"
+    echo "command=$COMMAND"
+} >"$RESULTS/env.txt"
+
+python3 - "$RESULTS" "$ROOT/docs/BENCHMARKS.md" <<'PY'
+import csv, glob, json, os, sys
+
+results, out_path = sys.argv[1], sys.argv[2]
+env = dict(line.rstrip("\n").split("=", 1) for line in open(os.path.join(results, "env.txt")) if "=" in line)
+
+def load(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+# ---- fio
+def fio_summary(path):
+    data = load(path)
+    if not data:
+        return None
+    job = data["jobs"][0]
+    w = job["write"]
+    pct = lambda d, k: (d or {}).get("percentile", {}).get(k)
+    clat = w.get("clat_ns", {})
+    sync = job.get("sync", {}).get("lat_ns", {})
+    return {
+        "iops": w.get("iops", 0.0),
+        "bw_bytes": w.get("bw_bytes", 0),
+        "write_p50_us": (pct(clat, "50.000000") or 0) / 1000,
+        "write_p99_us": (pct(clat, "99.000000") or 0) / 1000,
+        "sync_p50_us": (pct(sync, "50.000000") or 0) / 1000,
+        "sync_p99_us": (pct(sync, "99.000000") or 0) / 1000,
+    }
+
+fio4k = fio_summary(os.path.join(results, "fio-4k.json"))
+fio1m = fio_summary(os.path.join(results, "fio-1m.json"))
+fio4k_p50 = fio4k and fio4k["write_p50_us"] + fio4k["sync_p50_us"]
+
+# ---- redis
+def redis(policy, c, p, s):
+    path = os.path.join(results, f"redis-{policy}-c{c}-P{p}-S{s}.csv")
+    try:
+        rows = list(csv.DictReader(open(path)))
+    except OSError:
+        return None
+    for row in rows:
+        if row.get("test", "").upper().startswith("RPUSH"):
+            return {
+                "rps": float(row["rps"]),
+                "p50_us": float(row.get("p50_latency_ms", "nan")) * 1000,
+                "p99_us": float(row.get("p99_latency_ms", "nan")) * 1000,
+            }
+    return None
+
+# ---- shardlog
+runs = {}
+for path in sorted(glob.glob(os.path.join(results, "shardlog-*.json"))):
+    r = load(path)
+    if r:
+        runs[os.path.basename(path)[: -len(".json")]] = r
+
+def run(dur, ack, c, p, s, b):
+    return runs.get(f"shardlog-{dur}-{ack}-c{c}-P{p}-S{s}-B{b}")
+
+def rate(r):
+    """Records/s; for ack=none the rate including the daemon's drain."""
+    if r is None:
+        return None
+    return r["drain"]["records_per_s"] if r.get("drain") else r["records_per_s"]
+
+def lat(r, k):
+    return (r or {}).get("latency_us", None) and r["latency_us"][k]
+
+def fmt_n(v):
+    if v is None:
+        return "n/a"
+    if v >= 1e6:
+        return f"{v/1e6:.2f}M"
+    if v >= 1e4:
+        return f"{v/1e3:.0f}K"
+    if v >= 1e3:
+        return f"{v/1e3:.1f}K"
+    return f"{v:.0f}"
+
+def fmt_us(v):
+    if v is None or v != v:
+        return "n/a"
+    if v >= 10000:
+        return f"{v/1000:.1f} ms"
+    if v >= 1000:
+        return f"{v/1000:.2f} ms"
+    return f"{v:.0f} us"
+
+def ratio(a, b):
+    if a is None or b is None or b == 0 or a != a or b != b:
+        return "n/a"
+    return f"{a/b:.2f}x"
+
+D = env.get("durability_default", "dsync")
+lines = []
+w = lines.append
+w("# shardlog benchmarks")
+w("")
+w("Generated by `scripts/bench.sh`; do not edit by hand. Every baseline below was measured in the same run, on")
+w("the same machine and filesystem, right next to the shardlog figures, and shardlog is reported as ratios")
+w("against them.")
+w("")
+w("## Machine and versions")
+w("")
+for key, name in [("cpu", "CPU"), ("vcpus", "vCPUs"), ("mem", "memory"), ("kernel", "kernel"), ("fs", "filesystem"),
+                  ("rustc", "rustc"), ("fio", "fio"), ("redis", "Redis"), ("git", "shardlog commit"), ("date", "run at")]:
+    w(f"- {name}: {env.get(key, 'unknown')}")
+w("")
+w(f"Command: `{env.get('command', 'scripts/bench.sh')}` ({env.get('mode')} mode: {env.get('duration')} per point after a "
+  f"{env.get('warmup')} warm-up; shardlogd with its defaults and `--durability {D}` unless stated; one fresh daemon and "
+  f"data directory per point; shardlog-bench and redis-benchmark each on one client thread; client and server share "
+  f"the {env.get('vcpus')} vCPUs).")
+w("")
+
+w("## Targets")
+w("")
+w("| target | shardlog | baseline | ratio | goal | met |")
+w("|---|---|---|---|---|---|")
+def target(name, value, base, goal_text, ok, fmt=fmt_us):
+    met = "n/a" if ok is None else ("yes" if ok else "**no**")
+    w(f"| {name} | {fmt(value)} | {fmt(base)} | {ratio(value, base)} | {goal_text} | {met} |")
+
+r1 = run(D, "durable", 1, 1, 100, 1)
+red1 = redis("always", 1, 1, 100)
+v, bse = lat(r1, "p50"), red1 and red1["p50_us"]
+target("c=1 durable 100 B p50 vs Redis AOF always p50", v, bse, "<= 1.0x", None if v is None or bse is None else v <= bse)
+target("c=1 durable 100 B p50 vs fio 4 KiB write+fdatasync p50", v, fio4k_p50, "<= 1.5x",
+       None if v is None or not fio4k_p50 else v <= 1.5 * fio4k_p50)
+r2 = run(D, "durable", 256, 16, 1024, 1)
+red2 = redis("always", 256, 16, 1024)
+v, bse = rate(r2), red2 and red2["rps"]
+target("1 KiB durable c=256 P=16 records/s vs Redis AOF always", v, bse, ">= 2x",
+       None if v is None or bse is None else v >= 2 * bse, fmt_n)
+v, bse = lat(r2, "p99"), red2 and red2["p99_us"]
+target("1 KiB durable c=256 P=16 p99 vs Redis AOF always p99", v, bse, "<= 1.0x",
+       None if v is None or bse is None else v <= bse)
+bw = max([r["mb_per_s"] * 1e6 for k, r in runs.items() if k.startswith(f"shardlog-{D}-durable-") and k.endswith("-S1024-B64")],
+         default=None)
+fbw = fio1m and fio1m["bw_bytes"]
+target("64 x 1 KiB per frame, durable: MB/s vs fio 1 MiB write+fdatasync (best point)", bw and bw / 1e6,
+       fbw and fbw / 1e6, ">= 0.6x", None if bw is None or not fbw else bw >= 0.6 * fbw, lambda x: "n/a" if x is None else f"{x:.0f} MB/s")
+none_runs = [(k, r) for k, r in runs.items() if k.startswith(f"shardlog-{D}-none-") and k.endswith("-S100-B1")]
+if none_runs:
+    k, rn = max(none_runs, key=lambda kv: kv[1]["config"]["connections"])
+    c = rn["config"]["connections"]
+    redn = redis("no", c, 16, 100) or redis("no", c, 1, 100)
+    v, bse = rate(rn), redn and redn["rps"]
+    target(f"ack=none 100 B c={c} (drain-inclusive) vs Redis appendfsync no (P=16)", v, bse, ">= 2x",
+           None if v is None or bse is None else v >= 2 * bse, fmt_n)
+w("")
+
+w("## Device floor (fio, O_DIRECT, zero-filled preallocated file)")
+w("")
+if fio4k:
+    w(f"- 4 KiB write + fdatasync: {fio4k['iops']:.0f} commits/s; write p50 {fmt_us(fio4k['write_p50_us'])}, "
+      f"fdatasync p50 {fmt_us(fio4k['sync_p50_us'])}, sum of p50s {fmt_us(fio4k_p50)}; write p99 "
+      f"{fmt_us(fio4k['write_p99_us'])}, fdatasync p99 {fmt_us(fio4k['sync_p99_us'])}")
+if fio1m:
+    w(f"- 1 MiB write + fdatasync: {fio1m['bw_bytes']/1e6:.0f} MB/s ({fio1m['iops']:.0f} commits/s)")
+w("")
+
+w(f"## shardlog vs Redis (durability `{D}`)")
+w("")
+w("Records/s for ack=none is the drain-inclusive rate: the generator's sends, up to the moment one durable append")
+w("per shard and connection came back. Redis durable = `appendonly yes, appendfsync always`; Redis for ack=none =")
+w("`appendfsync no`, RPUSH of one element per command at the same c, P and payload (P=16 for ack=none, where")
+w("shardlog does not wait at all). The c=1 rows also compare with the fio 4 KiB commit latency.")
+w("")
+w("| ack | c | P | S | B | records/s | MB/s | p50 | p99 | p99.9 | errors | Redis rec/s | x Redis | Redis p50 | Redis p99 | p50 x Redis | p50 x fio |")
+w("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+def key_of(k):
+    r = runs[k]["config"]
+    return (r["ack"] != "durable", r["record_bytes_min"], r["records_per_frame"], r["pipeline"], r["connections"])
+for k in sorted((k for k in runs if k.startswith(f"shardlog-{D}-")), key=key_of):
+    r = runs[k]
+    cfg = r["config"]
+    c, p, s, b, ack = cfg["connections"], cfg["pipeline"], cfg["record_bytes_min"], cfg["records_per_frame"], cfg["ack"]
+    red = None
+    if b == 1:
+        red = redis("always", c, p, s) if ack == "durable" else (redis("no", c, 16, s) or redis("no", c, 1, s))
+    rr = rate(r)
+    red_rps = red and red["rps"]
+    # Compare records/s against Redis elements/s only for one record per request.
+    w(f"| {ack} | {c} | {p if ack != 'none' else '-'} | {s} | {b} | {fmt_n(rr)} | "
+      f"{(r['drain']['mb_per_s'] if r.get('drain') else r['mb_per_s']):.1f} | {fmt_us(lat(r, 'p50'))} | "
+      f"{fmt_us(lat(r, 'p99'))} | {fmt_us(lat(r, 'p999'))} | {r['errors_total']} | {fmt_n(red_rps)} | "
+      f"{ratio(rr, red_rps)} | {fmt_us(red and red['p50_us'])} | {fmt_us(red and red['p99_us'])} | "
+      f"{ratio(lat(r, 'p50'), red and red['p50_us'])} | {ratio(lat(r, 'p50'), fio4k_p50) if c == 1 and ack != 'none' else ''} |")
+w("")
+
+w("## Durability modes side by side")
+w("")
+w("`linked`: write and fdatasync as a linked io_uring chain; `dsync`: one write with DSYNC semantics.")
+w("")
+w("| point | mode | records/s | p50 | p99 | p99.9 |")
+w("|---|---|---|---|---|---|")
+for (c, p, s) in [(1, 1, 100), (64, 16, 1024)]:
+    for dur in ("linked", "dsync"):
+        r = run(dur, "durable", c, p, s, 1)
+        w(f"| c={c} P={p} S={s} | {dur} | {fmt_n(rate(r))} | {fmt_us(lat(r, 'p50'))} | {fmt_us(lat(r, 'p99'))} | "
+          f"{fmt_us(lat(r, 'p999'))} |")
+w("")
+
+w("## Chart")
+w("")
+w("![records/s and latency vs connections](benchmarks.svg)")
+w("")
+w("## How the matrix was trimmed")
+w("")
+w("- Full mode: c = 1, 16, 64, 256 x P = 1, 16 x S = 100, 1024 B x B = 1, 64 records per frame x ack = durable, none;")
+w("  ack=none runs only P=1 (nothing is awaited, so the pipeline depth does not apply); B=64 at c=256 runs only P=1")
+w("  (P=16 would put 262,144 records of 1 KiB in flight and only measure the daemon pushing back).")
+w("- Quick mode (`--quick`): the points the targets need, the 1 KiB durable concurrency sweep, and ack=none at c=1")
+w("  and c=256.")
+w("- Redis runs only the B=1 points: RPUSH of one element per command is its equivalent of one record per frame.")
+w("")
+w("## Reading the numbers")
+w("")
+w("- The machine is a shared 2-vCPU VM: client, server and the disk's completion work compete for two cores, so")
+w("  every figure is a range; compare ratios within one run, not figures across runs.")
+w("- The disk is virtio with a write-back cache: fdatasync costs a round trip to the host, not a media write, so")
+w("  the floor is the hypervisor's flush latency.")
+w("- shardlog's c=1 latency includes a front-core to shard-core hop and back (two cross-executor wake-ups, about")
+w("  30 us each on this VM when the other vCPU is idle) that Redis, single-threaded, does not pay.")
+w("- Raw results (JSON reports, .hgrm distributions, Redis CSVs, fio JSON) are in the run's `results/` directory.")
+w("")
+with open(out_path, "w") as f:
+    f.write("\n".join(lines))
+print(out_path)
+PY
+
+log "done: docs/BENCHMARKS.md, docs/benchmarks.svg; raw results in $RESULTS"
