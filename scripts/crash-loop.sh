@@ -105,6 +105,9 @@ sleep_ms() { sleep "$(printf '%d.%03d' $(($1 / 1000)) $(($1 % 1000)))"; }
 read -r -a modes <<< "${MODES:-plain rotation retention recovery}"
 failures=0
 acked_total=0
+# Verify attempts that could not reach a restarted daemon (see docs/RELIABILITY.md: restart stalls).
+stalls=0
+verify_attempts=${VERIFY_ATTEMPTS:-10}
 for cycle in $(seq 1 "$cycles"); do
   mode=${modes[$(((cycle - 1) % ${#modes[@]}))]}
   dir="$work/$mode"
@@ -163,7 +166,7 @@ for cycle in $(seq 1 "$cycles"); do
   # A verify that could not talk to the daemon at all (a connect or Hello timeout on a busy
   # machine) is retried; one that read the shards and found problems is not.
   verified=0
-  for attempt in 1 2 3; do
+  for attempt in $(seq 1 "$verify_attempts"); do
     if "$bench_bin" verify --verify-log "$log" --addr "$addr" --json "$dir/verify.json" \
       > "$dir/verify.out" 2>&1; then
       verified=1
@@ -171,6 +174,7 @@ for cycle in $(seq 1 "$cycles"); do
     fi
     grep -q '^verify: FAILED' "$dir/verify.out" && break
     echo "crash-loop: cycle $cycle: verify could not run (attempt $attempt): $(head -c 300 "$dir/verify.out")" >&2
+    stalls=$((stalls + 1))
     sleep 1
   done
   if [ "$verified" -ne 1 ]; then
@@ -196,5 +200,5 @@ if [ "$failures" -ne 0 ]; then
   echo "crash-loop: FAILED at cycle $cycle (seed $seed); data and logs kept in $work" >&2
   exit 1
 fi
-echo "crash-loop: $cycles cycles, 0 lost or corrupted records, $acked_total acknowledged records verified at the end (seed $seed)"
+echo "crash-loop: $cycles cycles, 0 lost or corrupted records, $acked_total acknowledged records verified at the end, $stalls verify attempts stalled on an unresponsive restarted daemon (seed $seed)"
 rm -rf "$work"

@@ -33,9 +33,15 @@ pub fn series_name(r: &Report) -> String {
 /// Points of one series, sorted by connections: (connections, records/s, p50 us, p99 us).
 pub type SeriesPoints = Vec<(f64, f64, Option<f64>, Option<f64>)>;
 
+/// Runs that stopped early, or `--ack none` runs whose drain was never confirmed, are left
+/// out: their rates would be the generator's, not the daemon's.
 pub fn group(reports: &[Report]) -> BTreeMap<String, SeriesPoints> {
     let mut series: BTreeMap<String, SeriesPoints> = BTreeMap::new();
     for r in reports {
+        let unconfirmed = r.config.ack == crate::config::Ack::None && r.drain.is_none();
+        if r.stopped_early.is_some() || unconfirmed {
+            continue;
+        }
         let lat = r.latency_us.as_ref();
         series.entry(series_name(r)).or_default().push((
             r.config.connections as f64,
@@ -160,4 +166,40 @@ pub fn draw(reports: &[Report], title: &str, out: &Path) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::tests::sample;
+
+    #[test]
+    fn runs_group_by_label_sorted_by_connections_and_failures_are_left_out() {
+        let mut a = sample();
+        a.config.connections = 64;
+        let mut b = sample();
+        b.config.connections = 1;
+        let mut failed = sample();
+        failed.stopped_early = Some("all 16 connections were lost".into());
+        let mut unlabeled = sample();
+        unlabeled.label = None;
+        let series = group(&[a, b, failed, unlabeled]);
+        assert_eq!(series.len(), 2);
+        let points = &series["durable S=1024 B=1 P=16"];
+        assert_eq!(points.iter().map(|p| p.0).collect::<Vec<_>>(), vec![1.0, 64.0]);
+        assert_eq!(points[0].2, Some(140.0));
+        assert!(series.contains_key("ack=durable s=1024 b=1 p=16"));
+    }
+
+    #[test]
+    fn draws_an_svg() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("chart.svg");
+        let mut a = sample();
+        a.config.connections = 16;
+        draw(&[sample(), a], "test", &out).expect("draw");
+        let svg = std::fs::read_to_string(&out).expect("svg written");
+        assert!(svg.starts_with("<svg"));
+        assert!(svg.contains("durable S=1024 B=1 P=16"));
+    }
 }

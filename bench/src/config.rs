@@ -138,7 +138,8 @@ pub struct RunArgs {
     #[arg(long)]
     pub hgrm: Option<PathBuf>,
 
-    /// Append every acknowledged record (stream shard lsn crc32c len) to this file as acks arrive.
+    /// Append every acknowledged record (stream shard lsn crc32c len) to this file as acks arrive,
+    /// for `verify` (needs `--ack durable`). The file is appended to, never truncated.
     #[arg(long)]
     pub verify_log: Option<PathBuf>,
 
@@ -230,9 +231,10 @@ impl RunArgs {
         if self.duration.is_zero() && self.requests.is_none() {
             return Err("--duration is zero: give a duration or --requests".into());
         }
-        if self.ack == Ack::None && self.verify_log.is_some() {
-            // Only the drain appends would be logged; almost certainly not what was meant.
-            return Err("--verify-log needs acknowledgements: use --ack written or --ack durable".into());
+        if self.ack != Ack::Durable && self.verify_log.is_some() {
+            // `verify` treats every logged record as durable; a `written` ack may be lost in a
+            // crash without any fault, and `none` acks nothing.
+            return Err("--verify-log checks durability: use it with --ack durable".into());
         }
         Ok(())
     }
@@ -319,6 +321,8 @@ mod tests {
             .unwrap_err()
             .contains("frame limit"));
         assert!(parse(&["--ack", "none", "--verify-log", "x"]).validate().is_err());
+        assert!(parse(&["--ack", "written", "--verify-log", "x"]).validate().is_err());
+        assert_eq!(parse(&["--verify-log", "x"]).validate(), Ok(()));
         assert!(parse(&["--rate", "0"]).validate().is_err());
     }
 }

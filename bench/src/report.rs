@@ -192,10 +192,10 @@ pub fn fmt_us(us: f64) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn sample() -> Report {
+    pub(crate) fn sample() -> Report {
         Report {
             version: REPORT_VERSION,
             label: Some("durable S=1024 B=1 P=16".into()),

@@ -330,7 +330,11 @@ fn daemon_killed_mid_run_stops_the_generator_and_acks_survive_restart() {
 
     let daemon = Daemon::start(&daemon.data_dir, 2);
     let addr = daemon.addr.to_string();
-    let out = bench(&["verify", "--verify-log", s(&log), "--addr", &addr, "--json", s(&vjson)]);
+    // Recovery scans the segments before the shards answer; an unoptimised build on a loaded
+    // machine can take tens of seconds, so allow for it (a hang guard, not a performance bound).
+    let mut args = words("verify --timeout 100s");
+    args.extend(["--verify-log", s(&log), "--addr", &addr, "--json", s(&vjson)]);
+    let out = bench(&args);
     assert_success(&out, "verify after restart");
     let v = read_verify(&vjson);
     assert!(v["acked"].as_u64().expect("acked") > 200);

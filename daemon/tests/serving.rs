@@ -311,3 +311,20 @@ fn stats_count_appends_and_the_cli_prints_them() {
         "{text}"
     );
 }
+
+#[test]
+fn linked_durability_mode_serves_appends_and_reads() {
+    let dir = data_dir();
+    let opts = DaemonOpts::shards(2).arg("--durability").arg("linked");
+    let d = Daemon::start(dir.path(), &opts);
+    let mut c = d.client();
+    for s in 0..20u64 {
+        let a = c
+            .append(s, format!("linked {s}").as_bytes(), AckLevel::Durable)
+            .unwrap()
+            .unwrap();
+        assert_eq!(a.shard, shard_for(s, 2));
+    }
+    let n: usize = (0..2).map(|shard| read_all(&mut c, shard).len()).sum();
+    assert_eq!(n, 20);
+}

@@ -67,6 +67,8 @@ use std::time::Duration;
 
 pub use error::ShardError;
 pub use shard::{Shard, ShardStats};
+#[doc(hidden)]
+pub use shard::debug_dump;
 
 /// Log sequence number. The lsns of a shard start at 1; `Lsn(0)` means "nothing".
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -164,7 +166,7 @@ pub const COMMIT_BYTES_MAX_DEFAULT: usize = 1 << 20;
 /// Default bound of the bytes queued and not yet handed to the device.
 pub const QUEUE_BYTES_MAX_DEFAULT: usize = 64 << 20;
 /// Default preemption interval for shard executors; see [`executor_builder`].
-pub const PREEMPT_TIMER_DEFAULT: Duration = Duration::from_micros(500);
+pub const PREEMPT_TIMER_DEFAULT: Duration = Duration::from_millis(100);
 /// Default glommio `io_memory` for shard executors: counted three times against
 /// `RLIMIT_MEMLOCK` (8 MiB for non-root), so 2 MiB leaves room for a private ring.
 pub const IO_MEMORY_BYTES_DEFAULT: usize = 2 << 20;

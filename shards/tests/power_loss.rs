@@ -500,30 +500,31 @@ async fn check_recovered(shard: &Shard, model: &Rc<RefCell<Model>>, at: &AtCrash
             records.len()
         ));
     }
-    let m = model.borrow();
-    for (i, r) in records.iter().enumerate() {
-        let lsn = first + i as u64;
-        if r.lsn.0 != lsn {
-            return Err(format!("lsns not contiguous: expected {lsn}, read {}", r.lsn));
-        }
-        let Some(want) = m.appended.get(&lsn) else {
-            return Err(format!("lsn {lsn} was recovered but never appended"));
-        };
-        if r.stream != want.stream || r.timestamp != want.timestamp || r.payload != want.payload {
-            return Err(format!(
-                "lsn {lsn} differs from what was appended (generation {}): stream {} vs {}, \
+    {
+        let m = model.borrow();
+        for (i, r) in records.iter().enumerate() {
+            let lsn = first + i as u64;
+            if r.lsn.0 != lsn {
+                return Err(format!("lsns not contiguous: expected {lsn}, read {}", r.lsn));
+            }
+            let Some(want) = m.appended.get(&lsn) else {
+                return Err(format!("lsn {lsn} was recovered but never appended"));
+            };
+            if r.stream != want.stream || r.timestamp != want.timestamp || r.payload != want.payload {
+                return Err(format!(
+                    "lsn {lsn} differs from what was appended (generation {}): stream {} vs {}, \
                  timestamp {:?} vs {:?}, {} vs {} payload bytes",
-                want.generation,
-                r.stream,
-                want.stream,
-                r.timestamp,
-                want.timestamp,
-                r.payload.len(),
-                want.payload.len()
-            ));
+                    want.generation,
+                    r.stream,
+                    want.stream,
+                    r.timestamp,
+                    want.timestamp,
+                    r.payload.len(),
+                    want.payload.len()
+                ));
+            }
         }
     }
-    drop(m);
     let beyond = shard
         .read(Lsn(durable + 1), 1 << 20, None)
         .await
@@ -896,13 +897,14 @@ async fn fault_seed(seed: u64, durability: Durability, fault: FaultPoint, exact:
         if records.len() as u64 != durable {
             return Err(format!("{what}: read {} records, durable lsn {durable}", records.len()));
         }
-        let m = model.borrow();
-        for (i, r) in records.iter().enumerate() {
-            if r.lsn.0 != i as u64 + 1 || m.get(&r.lsn.0) != Some(&r.payload) {
-                return Err(format!("{what}: lsn {} is not what was appended there", r.lsn));
+        {
+            let m = model.borrow();
+            for (i, r) in records.iter().enumerate() {
+                if r.lsn.0 != i as u64 + 1 || m.get(&r.lsn.0) != Some(&r.payload) {
+                    return Err(format!("{what}: lsn {} is not what was appended there", r.lsn));
+                }
             }
         }
-        drop(m);
         let receipt = shard
             .append(1, &one, AckLevel::Durable)
             .await
