@@ -264,11 +264,19 @@ pub fn error_reply(e: &ShardError) -> Reply {
     let code = match e {
         ShardError::Poisoned { .. } => ErrorCode::Poisoned,
         ShardError::NoSpace => ErrorCode::NoSpace,
+        // A full device reported as a plain I/O error (e.g. while preparing a segment) is still
+        // "no space" to the client: it is not sticky and the client may retry later.
+        ShardError::Io { source, .. }
+            if source.raw_os_error() == Some(libc::ENOSPC) || source.kind() == std::io::ErrorKind::StorageFull =>
+        {
+            ErrorCode::NoSpace
+        }
         ShardError::Truncated { .. } => ErrorCode::Truncated,
         ShardError::Closed => ErrorCode::ShuttingDown,
         ShardError::TooLarge { .. } => ErrorCode::TooLarge,
         ShardError::Corruption { .. } => ErrorCode::Corruption,
         ShardError::Empty => ErrorCode::BadRequest,
+        ShardError::Busy { .. } => ErrorCode::Busy,
         _ => ErrorCode::Internal,
     };
     Reply::Error {

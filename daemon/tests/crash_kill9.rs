@@ -14,7 +14,7 @@ use std::time::Duration;
 use common::{data_dir, Daemon, DaemonOpts};
 use proto::client::{Client, ReadParams};
 use proto::codec::AppendRecord;
-use proto::wire::AckLevel;
+use proto::wire::{AckLevel, ErrorCode};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -35,8 +35,8 @@ struct Acked {
     payloads: Vec<Vec<u8>>,
 }
 
-fn opts() -> DaemonOpts {
-    DaemonOpts {
+fn opts(retention_bytes: Option<u64>) -> DaemonOpts {
+    let mut o = DaemonOpts {
         args: vec![
             "--pin".into(),
             "none".into(),
@@ -46,7 +46,11 @@ fn opts() -> DaemonOpts {
             SEGMENT_BYTES.to_string(),
         ],
         envs: Vec::new(),
+    };
+    if let Some(bytes) = retention_bytes {
+        o = o.arg("--retention-bytes").arg(&bytes.to_string());
     }
+    o
 }
 
 /// Appends until the connection fails (the daemon was killed). Each writer owns its streams, and
@@ -93,11 +97,41 @@ fn writer(addr: std::net::SocketAddr, writer: u64, seed: u64, acked: Arc<Mutex<V
 }
 
 /// Reads every record of every shard: (shard, lsn) -> (stream, payload).
-fn read_everything(d: &Daemon) -> BTreeMap<(u16, u64), (u64, Vec<u8>)> {
+/// The first lsn `shard` still retains: reads below it fail `Truncated`, so bisect on that.
+fn first_retained(client: &mut Client, shard: u16) -> u64 {
+    let truncated = |client: &mut Client, lsn: u64| match client.read(ReadParams::new(shard, lsn)) {
+        Ok(_) => false,
+        Err(e) if e.server_code() == Some(ErrorCode::Truncated) => true,
+        Err(e) => panic!("read of shard {shard} from {lsn}: {e}"),
+    };
+    if !truncated(client, 1) {
+        return 1;
+    }
+    // Invariant: lo is truncated, hi is not (past the end reads return nothing, not Truncated).
+    let (mut lo, mut hi) = (1u64, 1u64 << 40);
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if truncated(client, mid) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    hi
+}
+
+/// (shard, lsn) -> (stream, payload).
+type Stored = BTreeMap<(u16, u64), (u64, Vec<u8>)>;
+
+/// Every retained record of every shard: (shard, lsn) -> (stream, payload), and the first
+/// retained lsn of each shard.
+fn read_everything(d: &Daemon) -> (Stored, Vec<u64>) {
     let mut client = d.client();
     let mut out = BTreeMap::new();
+    let mut firsts = Vec::new();
     for shard in 0..SHARDS {
-        let mut from = 1;
+        let mut from = first_retained(&mut client, shard);
+        firsts.push(from);
         loop {
             let batch = client.read(ReadParams::new(shard, from)).expect("read after restart");
             let records = batch.records.unwrap_or_default();
@@ -112,15 +146,25 @@ fn read_everything(d: &Daemon) -> BTreeMap<(u16, u64), (u64, Vec<u8>)> {
             from = from.max(batch.next_lsn);
         }
     }
-    out
+    (out, firsts)
 }
 
-fn verify(d: &Daemon, acked: &[Acked], cycle: u64) {
-    let stored = read_everything(d);
+/// Checks every acknowledged record that is still retained; returns how many were checked and
+/// how many retention had deleted.
+fn verify(d: &Daemon, acked: &[Acked], cycle: u64) -> (usize, usize) {
+    let (stored, firsts) = read_everything(d);
     let mut missing = Vec::new();
+    let mut checked = 0;
+    let mut retired = 0;
     for a in acked {
         for (i, p) in a.payloads.iter().enumerate() {
             let lsn = a.first_lsn + i as u64;
+            // Retention deleted it: allowed, and only ever a prefix of the shard.
+            if lsn < firsts[a.shard as usize] {
+                retired += 1;
+                continue;
+            }
+            checked += 1;
             match stored.get(&(a.shard, lsn)) {
                 Some((stream, payload)) if *stream == a.stream && payload == p => {}
                 Some((stream, payload)) => missing.push(format!(
@@ -157,18 +201,33 @@ fn verify(d: &Daemon, acked: &[Acked], cycle: u64) {
             (a.shard, a.first_lsn + a.payloads.len() as u64 - 1),
         );
     }
+    (checked, retired)
 }
 
 #[test]
 fn acked_records_survive_kill_9() {
+    run_cycles("acked_records_survive_kill_9", None);
+}
+
+/// The same with retention deleting and recycling segments all the time (512 KiB per shard, 8
+/// segments), so kills land during retention too. Records retention removed are not checked;
+/// everything acknowledged from the first retained lsn on is.
+#[test]
+fn acked_records_survive_kill_9_during_retention() {
+    run_cycles("acked_records_survive_kill_9_during_retention", Some(8 * SEGMENT_BYTES));
+}
+
+fn run_cycles(name: &str, retention_bytes: Option<u64>) {
+    let opts = || opts(retention_bytes);
     let dir = data_dir();
     let seed: u64 = std::env::var("SHARDLOG_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| rand::thread_rng().gen());
-    println!("acked_records_survive_kill_9: seed {seed} (replay with SHARDLOG_SEED={seed})");
+    println!("{name}: seed {seed} (replay with SHARDLOG_SEED={seed})");
     let mut rng = StdRng::seed_from_u64(seed);
     let acked: Arc<Mutex<Vec<Acked>>> = Arc::default();
+    let mut retired_total = 0;
     for cycle in 0..CYCLES {
         let d = Daemon::start(dir.path(), &opts());
         let stop = Arc::new(AtomicBool::new(false));
@@ -212,8 +271,21 @@ fn acked_records_survive_kill_9() {
         }
         let d = Daemon::start(dir.path(), &opts());
         let snapshot = acked.lock().expect("acked lock").clone();
-        verify(&d, &snapshot, cycle);
-        println!("cycle {cycle}: {} acknowledged appends verified", snapshot.len());
+        let (checked, retired) = verify(&d, &snapshot, cycle);
+        println!("cycle {cycle}: {checked} acknowledged records verified, {retired} deleted by retention");
+        assert!(
+            checked > 0,
+            "cycle {cycle}: some acknowledged records are still retained"
+        );
+        retired_total += retired;
         d.kill();
+    }
+    if retention_bytes.is_some() {
+        assert!(
+            retired_total > 0,
+            "retention deleted something, so kills could land during it"
+        );
+    } else {
+        assert_eq!(retired_total, 0, "nothing is deleted without retention");
     }
 }

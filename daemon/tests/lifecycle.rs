@@ -45,7 +45,7 @@ fn sigterm_answers_what_was_received_and_acked_records_survive_a_restart() {
     assert!(!acked.is_empty());
     let prefix: HashSet<u64> = sent.iter().take(acked.len()).map(|s| s.0).collect();
     assert_eq!(acked, prefix, "answered requests are not a prefix of those sent");
-    let status = d.terminate();
+    let status = d.wait_exit();
     assert!(status.success(), "exit status {status:?}");
 
     let d = Daemon::start(dir.path(), &opts);

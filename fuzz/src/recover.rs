@@ -14,8 +14,9 @@
 //!   valid for shard 0, or valid commits behind the end of the chain (damage in the middle rather
 //!   than a torn tail). A torn tail with nothing valid behind it is always cut, never refused.
 //!
-//! One glommio executor (one per thread) runs every input, so the cost per input is the shard's,
-//! not an executor's.
+//! Each input gets a fresh glommio executor on a thread of its own, as a shard core has. Reusing
+//! one executor for thousands of shard opens made runs hang now and then (the executor parked
+//! with the check's task still runnable); a fresh executor per input costs more but has not hung.
 
 use std::rc::Rc;
 
@@ -33,12 +34,6 @@ use crate::segments::{self, spec, Plan};
 const SEGMENT_BYTES: u64 = 64 << 10;
 const COMMIT_BYTES_MAX: usize = 16 << 10;
 
-thread_local! {
-    static EXECUTOR: glommio::LocalExecutor = shards::executor_builder(None)
-        .make()
-        .expect("a glommio executor for the recovery target");
-}
-
 /// Runs every check on one input. Panics when a property fails.
 pub fn check(input: &[u8]) {
     let Some(plan) = Plan::parse(input) else {
@@ -50,7 +45,13 @@ pub fn check(input: &[u8]) {
     if image.len() as u64 > SEGMENT_BYTES {
         return;
     }
-    EXECUTOR.with(|ex| ex.run(check_open(image, header)));
+    let ex = shards::executor_builder(None)
+        .name("fuzz-recovery")
+        .spawn(move || check_open(image, header))
+        .expect("a glommio executor for the recovery target");
+    // A property that fails panics on the executor thread (under libFuzzer that aborts the
+    // process); here it shows up as a failed join.
+    ex.join().expect("the recovery check panicked on the executor thread");
 }
 
 async fn check_open(image: Vec<u8>, header: Option<SegmentHeader>) {
@@ -71,10 +72,7 @@ async fn check_open(image: Vec<u8>, header: Option<SegmentHeader>) {
     let Some(header) = header else {
         // Not a segment of shard 0: a zero header block is a spare (removed, empty shard); anything
         // else in a `.wal` file is refused.
-        let zero = matches!(
-            SegmentHeader::decode(&image[..BLOCK_BYTES as usize]),
-            HeaderBlock::Zero
-        );
+        let zero = matches!(SegmentHeader::decode(&image[..BLOCK_BYTES as usize]), HeaderBlock::Zero);
         match opened {
             Ok(shard) if zero => {
                 assert_eq!(shard.next_lsn(), Lsn(1));
@@ -99,7 +97,10 @@ async fn check_open(image: Vec<u8>, header: Option<SegmentHeader>) {
                 !behind.is_empty(),
                 "refused a segment whose only damage is a torn tail (end {end}, stop at {offset})"
             );
-            assert_eq!(offset, chain.end_offset, "corruption reported away from where the chain ends");
+            assert_eq!(
+                offset, chain.end_offset,
+                "corruption reported away from where the chain ends"
+            );
             return;
         }
         Err(e) => panic!("unexpected error opening a valid segment: {e:?}"),
@@ -129,7 +130,10 @@ async fn check_open(image: Vec<u8>, header: Option<SegmentHeader>) {
         assert_eq!(got.lsn, Lsn(*lsn));
         assert_eq!(got.stream, want.stream);
         assert_eq!(got.timestamp, want.timestamp);
-        assert_eq!(got.payload, want.payload, "record {lsn} served with other bytes than written");
+        assert_eq!(
+            got.payload, want.payload,
+            "record {lsn} served with other bytes than written"
+        );
     }
     shard.close().await.expect("close a recovered shard");
 
@@ -138,7 +142,10 @@ async fn check_open(image: Vec<u8>, header: Option<SegmentHeader>) {
     let live = storage.live_image(&kept).expect("the recovered segment still exists");
     assert_eq!(&live[..end], &image[..end], "recovery changed the log it kept");
     let revivable = spec::find_all(&live[end..], chain.end_offset, header.sequence);
-    assert!(revivable.is_empty(), "valid commits left behind the end of the log: {revivable:?}");
+    assert!(
+        revivable.is_empty(),
+        "valid commits left behind the end of the log: {revivable:?}"
+    );
 }
 
 async fn write_file(storage: &MemStorage, name: &str, image: &[u8]) {

@@ -74,5 +74,7 @@ impl ShardError {
 }
 
 pub fn is_no_space(e: &io::Error) -> bool {
-    e.raw_os_error() == Some(libc::ENOSPC)
+    // glommio rebuilds its I/O errors from the error kind and a message, dropping the raw errno,
+    // so ENOSPC from a DMA file arrives as `StorageFull` with no `raw_os_error`.
+    e.raw_os_error() == Some(libc::ENOSPC) || e.kind() == io::ErrorKind::StorageFull
 }

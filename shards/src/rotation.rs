@@ -36,8 +36,12 @@ pub(crate) async fn background(inner: Rc<Inner>) {
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
     let mut retry_at: Option<Instant> = None;
-    while !inner.bg_stop.get() {
+    loop {
+        // Also once more after the stop request, so a closed shard leaves its files named.
         name_segments(&inner).await;
+        if inner.bg_stop.get() {
+            break;
+        }
         apply_retention(&inner, &mut spare_id).await;
         ensure_spare(&inner, &mut spare_id, &mut retry_at).await;
         let timeout = match retry_at {

@@ -45,31 +45,6 @@ const BACKGROUND_SHARES: usize = 50;
 /// bounds how long a background CPU slice can delay a commit.
 const BACKGROUND_LATENCY: Duration = Duration::from_micros(500);
 
-thread_local! {
-    static DEBUG_SHARDS: RefCell<Vec<std::rc::Weak<Inner>>> = RefCell::new(Vec::new());
-}
-
-#[doc(hidden)]
-pub fn debug_dump() -> String {
-    DEBUG_SHARDS.with(|d| {
-        let mut out = String::new();
-        for w in d.borrow().iter() {
-            if let Some(i) = w.upgrade() {
-                let st = i.st.borrow();
-                out += &format!(
-                    "shard: pending {} inflight {:?} wif {} spare {} closing {} cdone {} bgstop {} poisoned {:?} durable {} next {} tasks {}\n",
-                    st.pending.len(),
-                    st.inflight.iter().map(|f| (f.id, f.end_lsn, f.result.as_ref().map(|r| r.is_ok()))).collect::<Vec<_>>(),
-                    st.write_in_flight,
-                    match &st.spare { Spare::Preparing => "preparing", Spare::Ready{..} => "ready", Spare::Failed{..} => "failed" },
-                    i.closing.get(), i.committer_done.get(), i.bg_stop.get(), i.poisoned.borrow(), i.durable_lsn.get(), i.next_lsn.get(), i.tasks.borrow().len()
-                );
-            }
-        }
-        out
-    })
-}
-
 pub(crate) fn segment_name(base_lsn: u64) -> String {
     format!("{base_lsn:020}.wal")
 }
@@ -301,7 +276,6 @@ impl Shard {
         let background = glommio::spawn_local_into(crate::rotation::background(inner.clone()), bg_queue)
             .map_err(|e| ShardError::io("spawn background task", "", io::Error::from(e)))?;
         inner.tasks.borrow_mut().extend([committer, background]);
-        DEBUG_SHARDS.with(|d| d.borrow_mut().push(Rc::downgrade(&inner)));
         Ok(Shard { inner })
     }
 

@@ -332,8 +332,7 @@ impl Inner {
             Slot::Free => panic!("slot {slot} freed twice"),
         };
         assert_eq!(op.cqes_owed, 0);
-        self.free_slots
-            .push(u32::try_from(slot).expect("slot index fits u32"));
+        self.free_slots.push(u32::try_from(slot).expect("slot index fits u32"));
         op.parked
     }
 
@@ -537,12 +536,7 @@ impl LinkedRing {
     /// `fd` must stay open until the commit resolves. For an O_DIRECT file, `buf`'s address
     /// and length and `offset` must be aligned to the device's block size; otherwise the
     /// write fails with EINVAL and both futures report it.
-    pub fn write_then_sync<B: RingBuf>(
-        self: &Rc<Self>,
-        fd: RawFd,
-        buf: B,
-        offset: u64,
-    ) -> LinkedCommit<B> {
+    pub fn write_then_sync<B: RingBuf>(self: &Rc<Self>, fd: RawFd, buf: B, offset: u64) -> LinkedCommit<B> {
         let len = buf.len();
         let len_u32 = u32::try_from(len).expect("write of at most 4 GiB");
         // u64::MAX would mean "the file position" to io_uring.
@@ -572,24 +566,14 @@ impl LinkedRing {
 
     /// Writes `buf` at `offset`, without a sync. A short write is an error
     /// ([`RingError::ShortWrite`]).
-    pub async fn write<B: RingBuf>(
-        self: &Rc<Self>,
-        fd: RawFd,
-        buf: B,
-        offset: u64,
-    ) -> (io::Result<usize>, B) {
+    pub async fn write<B: RingBuf>(self: &Rc<Self>, fd: RawFd, buf: B, offset: u64) -> (io::Result<usize>, B) {
         self.write_flags(fd, buf, offset, 0).await
     }
 
     /// Writes `buf` at `offset` with `RWF_DSYNC`: one durable write, no separate fdatasync.
     /// The block layer issues the flush itself (with a FUA write where the device has it),
     /// which avoids handing a linked fdatasync to an io-wq worker.
-    pub async fn write_dsync<B: RingBuf>(
-        self: &Rc<Self>,
-        fd: RawFd,
-        buf: B,
-        offset: u64,
-    ) -> (io::Result<usize>, B) {
+    pub async fn write_dsync<B: RingBuf>(self: &Rc<Self>, fd: RawFd, buf: B, offset: u64) -> (io::Result<usize>, B) {
         self.write_flags(fd, buf, offset, libc::RWF_DSYNC).await
     }
 
@@ -644,10 +628,7 @@ impl LinkedRing {
     /// # Safety
     ///
     /// Every buffer the entries point to must stay valid until their CQEs are reaped.
-    unsafe fn submit_op<const N: usize>(
-        &self,
-        make: impl FnOnce(u32) -> [squeue::Entry; N],
-    ) -> u32 {
+    unsafe fn submit_op<const N: usize>(&self, make: impl FnOnce(u32) -> [squeue::Entry; N]) -> u32 {
         let mut inner = self.inner.borrow_mut();
         let slot = inner.alloc_slot(u8::try_from(N).expect("short chain"));
         let entries = make(slot);
@@ -804,11 +785,7 @@ impl Wake for ReadGate {
 
     fn wake_by_ref(self: &Arc<Self>) {
         self.woken.store(true, Ordering::Release);
-        let task = self
-            .task
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
+        let task = self.task.lock().unwrap_or_else(PoisonError::into_inner).clone();
         if let Some(task) = task {
             task.wake();
         }
@@ -921,10 +898,7 @@ fn setup_error(e: io::Error) -> io::Error {
         }
         _ => "io_uring_setup failed",
     };
-    io::Error::new(
-        e.kind(),
-        format!("creating the shard's commit ring: {hint}: {e}"),
-    )
+    io::Error::new(e.kind(), format!("creating the shard's commit ring: {hint}: {e}"))
 }
 
 fn errno_result(res: i32) -> io::Result<usize> {
@@ -966,12 +940,7 @@ impl<B: RingBuf> OpHandle<B> {
 
     /// Copies what the reaper recorded into the handle; releases the slot once nothing more
     /// can arrive. Returns true when `ready(self)` holds, else leaves a waker.
-    fn poll_until(
-        &mut self,
-        cx: &mut Context<'_>,
-        wants_write: bool,
-        ready: fn(&Self) -> bool,
-    ) -> Poll<()> {
+    fn poll_until(&mut self, cx: &mut Context<'_>, wants_write: bool, ready: fn(&Self) -> bool) -> Poll<()> {
         loop {
             if ready(self) {
                 return Poll::Ready(());
@@ -1101,9 +1070,9 @@ impl<B: RingBuf> LinkedCommit<B> {
     fn sync_result(&self) -> io::Result<()> {
         self.op.write_result()?;
         match self.op.sync_res.expect("fdatasync CQE reaped") {
-            res if res == -libc::ECANCELED => Err(io::Error::other(RingError::SyncCancelled {
-                offset: self.op.offset,
-            })),
+            res if res == -libc::ECANCELED => {
+                Err(io::Error::other(RingError::SyncCancelled { offset: self.op.offset }))
+            }
             res => errno_result(res).map(|_| ()),
         }
     }
@@ -1167,10 +1136,7 @@ mod tests {
 
     fn read_back(path: &Path) -> Vec<u8> {
         let mut bytes = Vec::new();
-        File::open(path)
-            .expect("open")
-            .read_to_end(&mut bytes)
-            .expect("read");
+        File::open(path).expect("open").read_to_end(&mut bytes).expect("read");
         bytes
     }
 
@@ -1214,8 +1180,7 @@ mod tests {
         run_on_shard(move || async move {
             let file = open_direct(&p);
             let ring = LinkedRing::new(8).expect("ring");
-            let mut commit =
-                ring.write_then_sync(file.as_raw_fd(), filled(BLOCK, 0xAB), BLOCK as u64);
+            let mut commit = ring.write_then_sync(file.as_raw_fd(), filled(BLOCK, 0xAB), BLOCK as u64);
             assert_eq!(commit.written().await.expect("written"), BLOCK);
             // Awaiting again returns the same outcome.
             assert_eq!(commit.written().await.expect("written again"), BLOCK);
@@ -1264,9 +1229,7 @@ mod tests {
         });
         let bytes = read_back(&path);
         for i in 0..COMMITS {
-            assert!(bytes[i * BLOCK..(i + 1) * BLOCK]
-                .iter()
-                .all(|&b| b == i as u8 + 1));
+            assert!(bytes[i * BLOCK..(i + 1) * BLOCK].iter().all(|&b| b == i as u8 + 1));
         }
     }
 
@@ -1280,9 +1243,7 @@ mod tests {
             let file = open_direct(&path);
             let ring = LinkedRing::new(64).expect("ring");
             let commits: Vec<_> = (0..COMMITS)
-                .map(|i| {
-                    ring.write_then_sync(file.as_raw_fd(), filled(BLOCK, 7), (i * BLOCK) as u64)
-                })
+                .map(|i| ring.write_then_sync(file.as_raw_fd(), filled(BLOCK, 7), (i * BLOCK) as u64))
                 .collect();
             for commit in commits {
                 let mut commit = commit;
@@ -1340,10 +1301,7 @@ mod tests {
             let err = commit.written().await.expect_err("bad fd");
             assert_eq!(err.raw_os_error(), Some(libc::EBADF));
             let (result, _) = commit.synced().await;
-            assert_eq!(
-                result.expect_err("bad fd").raw_os_error(),
-                Some(libc::EBADF)
-            );
+            assert_eq!(result.expect_err("bad fd").raw_os_error(), Some(libc::EBADF));
 
             let file = open_direct(&p);
             let (result, _) = ring.write(file.as_raw_fd(), filled(BLOCK, 3), 0).await;
@@ -1423,10 +1381,7 @@ mod tests {
             spent
         });
         // A spinning reaper would burn close to the full second.
-        assert!(
-            cpu < Duration::from_millis(100),
-            "idle shard used {cpu:?} of CPU"
-        );
+        assert!(cpu < Duration::from_millis(100), "idle shard used {cpu:?} of CPU");
     }
 
     /// A buffer that records when it is dropped.
@@ -1524,9 +1479,7 @@ mod tests {
         });
         let bytes = read_back(&path);
         for i in 0..COMMITS {
-            assert!(bytes[i * BLOCK..(i + 1) * BLOCK]
-                .iter()
-                .all(|&b| b == 0x40 + i as u8));
+            assert!(bytes[i * BLOCK..(i + 1) * BLOCK].iter().all(|&b| b == 0x40 + i as u8));
         }
     }
 
@@ -1604,12 +1557,7 @@ mod tests {
                 r.expect("linked commit");
                 samples.push(t.elapsed());
             }
-            report(
-                "linked write+fdatasync",
-                samples,
-                start.elapsed(),
-                thread_cpu() - cpu,
-            );
+            report("linked write+fdatasync", samples, start.elapsed(), thread_cpu() - cpu);
 
             let dsync = open_direct(&dsync_path);
             let mut samples = Vec::with_capacity(COMMITS);
@@ -1623,12 +1571,7 @@ mod tests {
                 r.expect("RWF_DSYNC write");
                 samples.push(t.elapsed());
             }
-            report(
-                "ring write RWF_DSYNC",
-                samples,
-                start.elapsed(),
-                thread_cpu() - cpu,
-            );
+            report("ring write RWF_DSYNC", samples, start.elapsed(), thread_cpu() - cpu);
 
             let mut samples = Vec::with_capacity(COMMITS);
             let cpu = thread_cpu();
@@ -1637,17 +1580,10 @@ mod tests {
                 let mut buf = dma.alloc_dma_buffer(BLOCK);
                 buf.as_bytes_mut().fill(1);
                 let t = Instant::now();
-                dma.write_at(buf, (i * BLOCK) as u64)
-                    .await
-                    .expect("glommio write");
+                dma.write_at(buf, (i * BLOCK) as u64).await.expect("glommio write");
                 samples.push(t.elapsed());
             }
-            report(
-                "glommio DmaFile O_DSYNC",
-                samples,
-                start.elapsed(),
-                thread_cpu() - cpu,
-            );
+            report("glommio DmaFile O_DSYNC", samples, start.elapsed(), thread_cpu() - cpu);
             println!("lost eventfd wake-ups: {}", ring.wakeups_lost());
             let stats = glommio::executor().io_stats();
             println!(

@@ -200,6 +200,11 @@ impl Daemon {
         self.child.take().expect("running").wait().expect("wait")
     }
 
+    /// Waits for the daemon to exit by itself (after a signal sent with `signal`).
+    pub fn wait_exit(mut self) -> ExitStatus {
+        self.child.take().expect("running").wait().expect("wait")
+    }
+
     /// SIGKILL, as a crash.
     pub fn kill(mut self) {
         if let Some(mut c) = self.child.take() {
