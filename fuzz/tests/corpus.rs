@@ -161,7 +161,6 @@ fn spec_rejects_a_commit_with_one_flipped_bit() {
 }
 
 #[test]
-#[ignore = "a whole-shard open hangs intermittently (about once in several thousand inputs); see docs/RELIABILITY.md"]
 fn recovery_corpus_replays_clean() {
     // Same input layout as segment_scanner, so its corpus is replayed here too.
     let mut files = corpus("segment_scanner");

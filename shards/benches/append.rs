@@ -99,10 +99,7 @@ async fn run_shard(dir: PathBuf, durability: Durability, concurrency: usize, n: 
         payload: &p,
         timestamp: None,
     }];
-    shard
-        .append(0, &one, AckLevel::Durable)
-        .await
-        .expect("warm-up append");
+    shard.append(0, &one, AckLevel::Durable).await.expect("warm-up append");
     let commits_before = shard.stats().commits;
     let lat = Rc::new(RefCell::new(Histogram::<u64>::new(3).expect("histogram")));
     let per_task = n / concurrency;
@@ -119,10 +116,7 @@ async fn run_shard(dir: PathBuf, durability: Durability, concurrency: usize, n: 
                         timestamp: None,
                     }];
                     let s = Instant::now();
-                    shard
-                        .append(t as u64, &one, AckLevel::Durable)
-                        .await
-                        .expect("append");
+                    shard.append(t as u64, &one, AckLevel::Durable).await.expect("append");
                     let _ = lat.borrow_mut().record(s.elapsed().as_micros() as u64);
                 }
             })

@@ -32,12 +32,12 @@
 //!
 //! # Executors
 //!
-//! glommio preempts a task only every 100 ms by default, which could turn a CPU slice of the
-//! background task into commit latency. The background task therefore stays I/O-bound and runs in
-//! a `Latency::Matters(500 us)` task queue, which makes glommio preempt at that interval while it
-//! has work (see [`PREEMPT_TIMER_DEFAULT`] for why the global timer is not set lower). Executors
-//! that run shards need a modest `io_memory` (glommio registers it on three rings against
-//! `RLIMIT_MEMLOCK`); use [`executor_builder`].
+//! glommio preempts a task only every 100 ms by default, which would turn any long CPU slice of
+//! the background task into commit latency. The background task therefore stays I/O-bound: it
+//! awaits every large write, sync and directory operation (see [`PREEMPT_TIMER_DEFAULT`] for why
+//! the preemption timer is not set below that). Executors that run shards need a modest
+//! `io_memory` (glommio registers it on three rings against `RLIMIT_MEMLOCK`); use
+//! [`executor_builder`].
 //!
 //! ```no_run
 //! use shards::{AckLevel, Lsn, RecordRef, Shard, ShardOptions};
@@ -169,9 +169,9 @@ pub const QUEUE_BYTES_MAX_DEFAULT: usize = 64 << 20;
 ///
 /// Why not shorter: with a sub-millisecond `preempt_timer`, glommio 0.9 was seen to lose runnable
 /// tasks under load (5 of 80 runs of a fault-injection test hung, tasks never polled again while
-/// the executor slept; 0 of 80 at 100 ms). The shard does not need a short global timer: its
-/// background task queue is `Latency::Matters(500 us)`, which makes glommio preempt at that
-/// interval while background work is queued, and that work awaits every large write.
+/// the executor slept; 0 of 80 at 100 ms). The shard does not need a short timer: its background
+/// task shares the committer's task queue and awaits I/O at every step, so it never holds the CPU
+/// for long.
 pub const PREEMPT_TIMER_DEFAULT: Duration = Duration::from_millis(100);
 /// Default glommio `io_memory` for shard executors: counted three times against
 /// `RLIMIT_MEMLOCK` (8 MiB for non-root), so 2 MiB leaves room for a private ring.

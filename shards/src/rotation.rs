@@ -1,8 +1,8 @@
 //! The background task: keeps the next segment ready, names activated segments, applies retention.
 //!
-//! It runs in its own low-share glommio task queue and stays I/O-bound: the only work is large
-//! awaited writes (zero-fill), syncs and directory operations, so it cannot hold the committer
-//! off the CPU for longer than the executor's preemption interval.
+//! It runs in the committer's task queue (see `Shard::open_with_storage` for why) and stays
+//! I/O-bound: the only work is large awaited writes (zero-fill), syncs and directory operations,
+//! so between two of the committer's turns it holds the CPU for tens of microseconds.
 //!
 //! A spare segment is a full-size file that is either zero-filled or recycled from retention, and
 //! whose directory entry is synced. Rotation on the hot path is then a pointer swap: the first

@@ -14,7 +14,7 @@ use std::io;
 use std::path::Path;
 use std::rc::Rc;
 use std::task::{Poll, Waker};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use hdrhistogram::Histogram;
 
@@ -39,12 +39,6 @@ const READ_CHUNK_BYTES: u64 = 256 << 10;
 /// A filtered read stops after scanning this many times `max_bytes` (at least 1 MiB) of log, and
 /// returns what it has, so a read for a rare stream cannot run unbounded.
 const READ_SCAN_FACTOR: usize = 8;
-/// Shares of the background task queue, against the default queue's 1000.
-const BACKGROUND_SHARES: usize = 50;
-/// Latency goal of the background task queue: with the executor's short preemption timer this
-/// bounds how long a background CPU slice can delay a commit.
-const BACKGROUND_LATENCY: Duration = Duration::from_micros(500);
-
 pub(crate) fn segment_name(base_lsn: u64) -> String {
     format!("{base_lsn:020}.wal")
 }
@@ -268,13 +262,13 @@ impl Shard {
             opts,
         });
         let committer = glommio::spawn_local(committer(inner.clone()));
-        let bg_queue = glommio::executor().create_task_queue(
-            glommio::Shares::Static(BACKGROUND_SHARES),
-            glommio::Latency::Matters(BACKGROUND_LATENCY),
-            "shard-background",
-        );
-        let background = glommio::spawn_local_into(crate::rotation::background(inner.clone()), bg_queue)
-            .map_err(|e| ShardError::io("spawn background task", "", io::Error::from(e)))?;
+        // The background task shares the committer's task queue. glommio switches task queues
+        // only at preemption, so a separate low-share queue would wait a whole preemption
+        // interval for its turn whenever appenders keep the default queue busy, and the short
+        // preemption timer that would fix that hits a glommio bug (see PREEMPT_TIMER_DEFAULT).
+        // The task is I/O-bound: every step awaits a write, a sync or a directory operation, so
+        // its CPU slices between the committer's turns are tens of microseconds.
+        let background = glommio::spawn_local(crate::rotation::background(inner.clone()));
         inner.tasks.borrow_mut().extend([committer, background]);
         Ok(Shard { inner })
     }
