@@ -1,6 +1,6 @@
 //! The on-disk format: segment header block, commit framing, record framing.
 //!
-//! All integers are little-endian. See `FORMAT.md` for the byte-by-byte description; this file is
+//! All integers are little-endian. See the README's "On-disk format" section for the byte-by-byte description; this file is
 //! the executable version of it.
 //!
 //! ```text

@@ -1087,7 +1087,6 @@ impl<B: RingBuf> LinkedCommit<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use glommio::{LocalExecutorBuilder, Placement};
     use std::cell::Cell;
     use std::fs::{File, OpenOptions};
     use std::future::Future;
@@ -1104,9 +1103,9 @@ mod tests {
         T: Send + 'static,
         Fut: Future<Output = T> + 'static,
     {
-        LocalExecutorBuilder::new(Placement::Unbound)
-            .io_memory(2 << 20)
-            .preempt_timer(Duration::from_millis(1))
+        // The crate's executor settings: glommio 0.9 loses runnable tasks with a short preempt
+        // timer (see `PREEMPT_TIMER_DEFAULT`).
+        crate::executor_builder(None)
             .spawn(move || async move { f().await })
             .expect("spawn executor")
             .join()

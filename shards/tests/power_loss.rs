@@ -470,7 +470,15 @@ async fn read_all(shard: &Shard, from: Lsn) -> Result<Vec<shards::ReadRecord>, S
 
 /// Checks a recovered shard against the model and what was known at the crash, then forgets
 /// the model's records that did not survive (their lsns will be reused).
-async fn check_recovered(shard: &Shard, model: &Rc<RefCell<Model>>, at: &AtCrash) -> Result<(), String> {
+///
+/// `retention_after`: the options, when a recovery that ran before a second crash may have
+/// applied retention to the recovered log (a restarted shard legitimately retires segments).
+async fn check_recovered(
+    shard: &Shard,
+    model: &Rc<RefCell<Model>>,
+    at: &AtCrash,
+    retention_after: Option<&ShardOptions>,
+) -> Result<(), String> {
     let durable = shard.durable_lsn().0;
     let first = shard.first_available_lsn().0;
     if shard.next_lsn().0 != durable + 1 {
@@ -491,7 +499,13 @@ async fn check_recovered(shard: &Shard, model: &Rc<RefCell<Model>>, at: &AtCrash
             at.shard_durable
         ));
     }
-    if first > at.first_available {
+    // Retention by the interrupted recovery's shard may have retired more, but only while the
+    // log was longer than retention_bytes: one more segment would have to exceed it.
+    let retired_by_restart = retention_after.is_some_and(|opts| {
+        let kept = shard.stats().segment_count as u64 + 1;
+        opts.retention_bytes.is_some_and(|max| kept * opts.segment_bytes > max)
+    });
+    if first > at.first_available && !retired_by_restart {
         return Err(format!(
             "recovered first lsn {first} is past the first lsn {} retained at the crash \
              (files live {:?}, after the crash {:?})",
@@ -660,7 +674,8 @@ async fn power_loss_seed(seed: u64) -> Result<(), String> {
         let (recovered, recovered_mem) = recover(&plan, crashed, seed, crash_during)
             .await
             .map_err(|e| fail(generation, e))?;
-        check_recovered(&recovered, &model, &at)
+        let retention_after = crash_during.is_some().then_some(&plan.opts);
+        check_recovered(&recovered, &model, &at, retention_after)
             .await
             .map_err(|e| fail(generation, e))?;
         shard = recovered;

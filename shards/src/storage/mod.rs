@@ -26,7 +26,6 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::time::SystemTime;
 
-use crate::format::BLOCK_BYTES;
 use crate::Durability;
 
 pub type LocalBoxFuture<T> = Pin<Box<dyn Future<Output = T> + 'static>>;
@@ -62,45 +61,8 @@ pub trait SegmentFile {
     fn close(&self) -> LocalBoxFuture<io::Result<()>>;
 }
 
-/// A 4 KiB-aligned, zero-initialised heap buffer.
-pub struct AlignedBuf {
-    ptr: std::ptr::NonNull<u8>,
-    len: usize,
-}
-
-impl AlignedBuf {
-    pub fn new(len: usize) -> AlignedBuf {
-        assert!(len > 0);
-        let layout = Self::layout(len);
-        // SAFETY: layout has a non-zero size.
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        let Some(ptr) = std::ptr::NonNull::new(ptr) else {
-            std::alloc::handle_alloc_error(layout);
-        };
-        AlignedBuf { ptr, len }
-    }
-
-    fn layout(len: usize) -> std::alloc::Layout {
-        std::alloc::Layout::from_size_align(len, BLOCK_BYTES as usize).expect("aligned layout")
-    }
-
-    pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: ptr points at len initialised bytes owned by self.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
-    }
-
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as above, and &mut self gives exclusive access.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `new` with the same layout.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
-    }
-}
+/// A 4 KiB-aligned, zero-initialised heap buffer (the same type the private ring writes from).
+pub use crate::uring::AlignedBuf;
 
 /// A write buffer: glommio's DMA buffer for real files, a plain aligned buffer otherwise.
 pub enum IoBuf {
