@@ -284,6 +284,14 @@ done
 stop_redis
 
 # ------------------------------------------------------------------ report
+# ------------------------------------------------- the engine without the network
+# The shard's commit path alone (both durability modes, 1/16/256 appenders, rotator busy),
+# against a bare O_DSYNC 4 KiB write loop measured in the same run.
+log "cargo bench -p shards (engine, both durability modes)"
+if ! SHARDS_BENCH_DIR="$WORK/engine" cargo bench -q -p shards --bench append >"$RESULTS/engine.txt" 2>"$RESULTS/engine.err"; then
+    log "cargo bench -p shards failed (see $RESULTS/engine.err)"
+fi
+
 log "writing docs/BENCHMARKS.md and docs/benchmarks.svg"
 mkdir -p "$ROOT/docs"
 "$BENCH" chart --title "shardlogd on $(nproc) vCPUs ($MODE run)" --out "$ROOT/docs/benchmarks.svg" \
@@ -538,6 +546,23 @@ for (c, p, s) in [(1, 1, 100), (64, 16, 1024)]:
         r = run(dur, "durable", c, p, s, 1)
         w(f"| c={c} P={p} S={s} | {dur} | {fmt_n(rate(r))} | {fmt_us(lat(r, 'p50'))} | {fmt_us(lat(r, 'p99'))} | "
           f"{fmt_us(lat(r, 'p999'))} |")
+w("")
+
+engine = os.path.join(results, "engine.txt")
+w("## The shard engine without the network")
+w("")
+w("`cargo bench -p shards`: 100-byte durable appends on one shard, 1 MiB segments so the background task is always")
+w("preparing the next one; the baseline is a bare 4 KiB O_DSYNC write loop on a pre-zeroed file, measured in the same")
+w("run. `x base` is appends/s against that baseline.")
+w("")
+if os.path.exists(engine) and os.path.getsize(engine) > 0:
+    w("```text")
+    for line in open(engine):
+        if line.strip() and not line.startswith(("running", "test ", "Running")):
+            w(line.rstrip())
+    w("```")
+else:
+    w("(not measured in this run)")
 w("")
 
 w("## Chart")
