@@ -610,8 +610,16 @@ impl Front {
         if out.len() > before {
             bump(&self.counters().frames_out, 1);
         }
+        let silent = out.len() == before;
         drop(out);
-        conn.out_release.set(conn.out_release.get() + reserved);
+        if silent {
+            // Nothing to send (an `AckLevel::None` append): the writer would only return the
+            // budget after its next write, which may never come, and the reader would then wait
+            // for budget forever. Return it now.
+            conn.budget.signal(reserved as u64);
+        } else {
+            conn.out_release.set(conn.out_release.get() + reserved);
+        }
         conn.writer_wake.notify();
     }
 

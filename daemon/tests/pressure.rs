@@ -111,3 +111,27 @@ fn a_shard_whose_storage_fails_is_poisoned_and_the_others_keep_serving() {
     let got = c.read(read).unwrap().records.unwrap_or_default();
     assert_eq!(got.len(), acked_on_1);
 }
+
+/// Appends with `AckLevel::None` get no response, so their budget must come back without one:
+/// a single fire-and-forget connection that sends more than its whole budget keeps being read.
+#[test]
+fn fire_and_forget_appends_beyond_the_budget_keep_flowing() {
+    let dir = data_dir();
+    let d = Daemon::start(dir.path(), &DaemonOpts::shards(1));
+    let mut client = d.client();
+    client.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    client
+        .socket()
+        .set_write_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let payload = [7u8; 1000];
+    // 16 MiB of requests: four times the default per-connection budget of 4 MiB.
+    let count = 16 * 1024u64;
+    for i in 0..count {
+        client.append(i % 5, &payload, AckLevel::None).unwrap();
+    }
+    // A durable append on the same connection is answered after all of them.
+    let last = client.append(99, b"last", AckLevel::Durable).unwrap().unwrap();
+    assert_eq!(last.first_lsn, count + 1);
+    assert!(client.take_errors().is_empty());
+}
