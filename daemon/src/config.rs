@@ -110,7 +110,7 @@ pub struct ServeArgs {
     pub conn_budget_bytes: usize,
 
     /// How a commit is made durable.
-    #[arg(long, env = "SHARDLOG_DURABILITY", value_enum, default_value_t = DurabilityArg::Linked)]
+    #[arg(long, env = "SHARDLOG_DURABILITY", value_enum, default_value_t = DurabilityArg::Dsync)]
     pub durability: DurabilityArg,
 
     /// CPUs to use, e.g. "0-3" or "0,2,4" [default: the CPUs this process may run on].

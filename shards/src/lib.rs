@@ -176,10 +176,11 @@ pub const PREEMPT_TIMER_DEFAULT: Duration = Duration::from_millis(100);
 /// Default glommio `io_memory` for shard executors: counted three times against
 /// `RLIMIT_MEMLOCK` (8 MiB for non-root), so 2 MiB leaves room for a private ring.
 pub const IO_MEMORY_BYTES_DEFAULT: usize = 2 << 20;
-/// Default durability mode: the linked write + fdatasync. Measured side by side (docs/BENCHMARKS.md),
-/// it matches `Dsync` at one commit in flight and is several times faster under load, because
-/// the next commit's write goes out while the previous fdatasync is still in flight.
-pub const DURABILITY_DEFAULT: Durability = Durability::Linked;
+/// Default durability mode: one O_DSYNC write. Measured side by side with the linked write +
+/// fdatasync (docs/BENCHMARKS.md, `scripts/bench.sh`), it was as fast or faster at every point
+/// on a quiet machine: the kernel hands a linked fdatasync to an io-wq worker, while an O_DSYNC
+/// write's flush is issued directly by the block layer. `Linked` remains fully supported.
+pub const DURABILITY_DEFAULT: Durability = Durability::Dsync;
 
 /// Options of one shard. Every default is a named constant.
 #[derive(Debug, Clone)]
