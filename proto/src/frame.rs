@@ -89,9 +89,14 @@ pub fn decode_whole_frame(buf: &[u8], max: usize) -> Result<&[u8], DecodeError> 
 /// oversize length is refused from its header alone.
 #[derive(Debug)]
 pub struct FrameReader {
+    /// Initialised storage; only `start..end` holds unconsumed bytes. It is
+    /// kept at its length between reads so that `spare` does not zero a fresh
+    /// tail on every socket read.
     buf: Vec<u8>,
     /// Start of unconsumed bytes in `buf`.
     start: usize,
+    /// End of received bytes in `buf`.
+    end: usize,
     /// Length of the tail handed out by `spare` and not yet `filled`.
     spare_len: usize,
     max: usize,
@@ -103,6 +108,7 @@ impl FrameReader {
         FrameReader {
             buf: Vec::new(),
             start: 0,
+            end: 0,
             spare_len: 0,
             max,
         }
@@ -115,13 +121,16 @@ impl FrameReader {
 
     /// Bytes received but not yet returned as frames.
     pub fn buffered(&self) -> usize {
-        self.buf.len() - self.start
+        self.end - self.start
     }
 
     /// Appends received bytes.
     pub fn extend(&mut self, bytes: &[u8]) {
+        assert_eq!(self.spare_len, 0, "filled() must follow spare()");
         self.compact();
-        self.buf.extend_from_slice(bytes);
+        self.reserve_tail(bytes.len());
+        self.buf[self.end..self.end + bytes.len()].copy_from_slice(bytes);
+        self.end += bytes.len();
     }
 
     /// Returns a writable tail of at least `min` bytes for a socket read to
@@ -129,18 +138,15 @@ impl FrameReader {
     pub fn spare(&mut self, min: usize) -> &mut [u8] {
         assert_eq!(self.spare_len, 0, "filled() must follow spare()");
         self.compact();
-        let len = self.buf.len();
-        self.buf.resize(len + min, 0);
-        // `filled` truncates back to the real length.
+        self.reserve_tail(min);
         self.spare_len = min;
-        &mut self.buf[len..]
+        &mut self.buf[self.end..self.end + min]
     }
 
     /// Records that `n` bytes of the last [`FrameReader::spare`] were filled.
     pub fn filled(&mut self, n: usize) {
         assert!(n <= self.spare_len);
-        let len = self.buf.len() - self.spare_len + n;
-        self.buf.truncate(len);
+        self.end += n;
         self.spare_len = 0;
     }
 
@@ -150,7 +156,7 @@ impl FrameReader {
     /// answer with an error and close the connection.
     pub fn next_frame(&mut self) -> Result<Option<&[u8]>, DecodeError> {
         assert_eq!(self.spare_len, 0, "filled() must follow spare()");
-        match split_frame(&self.buf[self.start..], self.max)? {
+        match split_frame(&self.buf[self.start..self.end], self.max)? {
             None => Ok(None),
             Some((_, used)) => {
                 let from = self.start + FRAME_HEADER_BYTES;
@@ -163,25 +169,32 @@ impl FrameReader {
 
     /// Bytes the current partial frame still needs, if its header is known.
     pub fn pending_frame_bytes(&self) -> Option<usize> {
-        let rest = &self.buf[self.start..];
+        let rest = &self.buf[self.start..self.end];
         let header = rest.first_chunk::<FRAME_HEADER_BYTES>()?;
         let len = payload_len(*header, self.max).ok()?;
         Some((FRAME_HEADER_BYTES + len).saturating_sub(rest.len()))
     }
 
+    /// Makes `buf[end..end + n]` exist, zeroing only storage never used before.
+    fn reserve_tail(&mut self, n: usize) {
+        if self.buf.len() < self.end + n {
+            self.buf.resize(self.end + n, 0);
+        }
+    }
+
     fn compact(&mut self) {
-        if self.start == 0 {
-            return;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        } else if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
         }
-        if self.start == self.buf.len() {
-            self.buf.clear();
-        } else {
-            self.buf.drain(..self.start);
-        }
-        self.start = 0;
         // Give memory back after a large frame, so an idle connection stays small.
-        if self.buf.capacity() > 4 * READ_CHUNK_BYTES && self.buf.len() < READ_CHUNK_BYTES {
-            self.buf.shrink_to(READ_CHUNK_BYTES);
+        if self.buf.len() > 4 * READ_CHUNK_BYTES && self.end < READ_CHUNK_BYTES {
+            self.buf.truncate(READ_CHUNK_BYTES);
+            self.buf.shrink_to_fit();
         }
     }
 }
