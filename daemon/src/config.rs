@@ -96,6 +96,11 @@ pub struct ServeArgs {
     #[arg(long, env = "SHARDLOG_RETENTION_BYTES")]
     pub retention_bytes: Option<u64>,
 
+    /// Per shard: delete or recycle segments sealed (filled and closed) more than this many
+    /// seconds ago; the segment being written is never removed [default: no age limit].
+    #[arg(long, env = "SHARDLOG_RETENTION_AGE_SECS")]
+    pub retention_age_secs: Option<u64>,
+
     /// Largest request frame accepted, in bytes; a larger length prefix closes the connection.
     #[arg(long, env = "SHARDLOG_MAX_FRAME_BYTES", default_value_t = proto::frame::FRAME_BYTES_MAX_DEFAULT)]
     pub max_frame_bytes: usize,
@@ -159,6 +164,7 @@ impl ServeArgs {
             durability: self.durability.into(),
             repair: self.repair,
             retention_bytes: self.retention_bytes,
+            retention_age: self.retention_age_secs.map(std::time::Duration::from_secs),
             ..shards::ShardOptions::default()
         };
         if let Some(bytes) = self.segment_bytes {
@@ -169,5 +175,35 @@ impl ServeArgs {
             opts.commit_bytes_max = opts.commit_bytes_max.min(room as usize);
         }
         opts
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use clap::Parser;
+
+    use super::Cli;
+
+    #[test]
+    fn retention_flags_reach_the_shard_options() {
+        let cli = Cli::try_parse_from([
+            "shardlogd",
+            "--retention-bytes",
+            "1048576",
+            "--retention-age-secs",
+            "3600",
+        ])
+        .expect("flags parse");
+        let opts = cli.serve.shard_options(3);
+        assert_eq!(opts.retention_bytes, Some(1 << 20));
+        assert_eq!(opts.retention_age, Some(Duration::from_secs(3600)));
+        let cli = Cli::try_parse_from(["shardlogd"]).expect("no flags parse");
+        assert_eq!(
+            cli.serve.shard_options(0).retention_age,
+            None,
+            "no age limit by default"
+        );
     }
 }

@@ -28,8 +28,6 @@ use crate::storage::SegmentFile;
 pub(crate) const PREPARE_RETRY_INTERVAL: Duration = Duration::from_millis(200);
 /// Zero-fill write size: large, so preparation is a few big awaited writes.
 const ZERO_FILL_CHUNK_BYTES: u64 = 1 << 20;
-/// How often age-based retention is checked.
-const AGE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 pub(crate) async fn background(inner: Rc<Inner>) {
     let mut spare_id = SystemTime::now()
@@ -44,11 +42,11 @@ pub(crate) async fn background(inner: Rc<Inner>) {
         }
         apply_retention(&inner, &mut spare_id).await;
         ensure_spare(&inner, &mut spare_id, &mut retry_at).await;
-        let timeout = match retry_at {
-            Some(at) => Some(at.saturating_duration_since(Instant::now())),
-            None => inner.opts.retention_age.map(|_| AGE_CHECK_INTERVAL),
+        let wake_at = match (retry_at, age_retention_due_at(&inner)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         };
-        match timeout {
+        match wake_at.map(|at| at.saturating_duration_since(Instant::now())) {
             Some(t) => futures_lite::future::or(inner.bg_wake.wait(), glommio::timer::sleep(t)).await,
             None => inner.bg_wake.wait().await,
         }
@@ -78,6 +76,21 @@ async fn name_segments(inner: &Inner) {
     if let Err(e) = inner.storage.sync_dir().await {
         tracing::warn!(error = %e, "syncing shard directory failed; will retry");
     }
+}
+
+/// When the oldest sealed segment becomes older than `retention_age`, if there is one. The
+/// active segment is never sealed, so a shard with one segment has nothing to wait for; the
+/// committer wakes this task when it seals a segment (`activate`).
+fn age_retention_due_at(inner: &Inner) -> Option<Instant> {
+    let age = inner.opts.retention_age?;
+    let st = inner.st.borrow();
+    if st.segments.len() < 2 {
+        return None;
+    }
+    let sealed_at = st.segments.front()?.sealed_at.get()?;
+    // One millisecond late rather than early: `apply_retention` retires only when the age is
+    // strictly exceeded.
+    Some(sealed_at + age + Duration::from_millis(1))
 }
 
 async fn apply_retention(inner: &Inner, spare_id: &mut u64) {
