@@ -30,16 +30,11 @@ use crate::shard_server::{ReplyTo, ShardServer};
 
 /// How often a shard executor looks at the shutdown flag.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(20);
-/// Preemption interval of every executor: glommio's own default. glommio 0.9 loses wake-ups when
-/// the preempt timer is short: an executor parks with a task that never runs again. Reproduced
-/// without any shardlog code (three unpinned executors looping on a 1 ms sleep, 40 runs each):
-/// 500 us hangs in about half the runs, 2 ms in a quarter, 10 ms in one in five, 100 ms in none.
-/// The cost of the long interval is that a CPU-bound slice of a shard's background task could
-/// delay a commit by up to this much, which is why that task is kept I/O-bound (large awaited
-/// writes). Revisit once glommio is fixed: a short interval is what shards' design wants.
-pub const EXECUTOR_PREEMPT_TIMER: Duration = Duration::from_millis(100);
-/// How often an executor turns its reactor while its rings are being connected.
-const CONNECT_TICK: Duration = Duration::from_millis(1);
+/// Preemption interval of every executor: the shards' short one, so that a slice of a shard's
+/// background queue, or of one busy connection, delays a commit or another connection by at most
+/// this much. Every executor holds a `shards::StallGuard` for it (glommio 0.9 can otherwise park an
+/// executor that still has runnable tasks).
+pub const EXECUTOR_PREEMPT_TIMER: Duration = shards::PREEMPT_TIMER_DEFAULT;
 
 /// A failure that stops the daemon, with the message for the operator.
 #[derive(Debug, thiserror::Error)]
@@ -337,16 +332,9 @@ async fn executor_main(bundle: Bundle) -> Result<(), String> {
         shard,
         shutdown,
     } = bundle;
-    // The ticker (see step 2) runs from the start: opening the shard waits on glommio too.
-    let connecting = Rc::new(std::cell::Cell::new(true));
-    let ticker = {
-        let connecting = connecting.clone();
-        glommio::spawn_local(async move {
-            while connecting.get() {
-                glommio::timer::sleep(CONNECT_TICK).await;
-            }
-        })
-    };
+    // The guard (see `EXECUTOR_PREEMPT_TIMER`) also keeps the reactor turning while the rings
+    // connect (step 2).
+    let _guard = shards::StallGuard::install(shards::STALL_GUARD_INTERVAL_DEFAULT);
     // 1. Open the shard before connecting any ring: fronts wait on the connection, so no
     //    request arrives before recovery is done.
     let mut shard_rings = Vec::new();
@@ -383,9 +371,9 @@ async fn executor_main(bundle: Bundle) -> Result<(), String> {
 
     // 2. Connect every ring end concurrently: connecting waits for the peer, and executors
     //    connect in different orders. glommio wakes a task waiting for its peer to connect only
-    //    when this executor's reactor runs, and the peer connecting does not wake it, so a
-    //    ticker keeps the reactor turning until every ring is connected; without it an executor
-    //    that parked first would sleep forever.
+    //    when this executor's reactor runs, and the peer connecting does not wake it: the stall
+    //    guard's wake-ups keep the reactor turning, without them an executor that parked first
+    //    would sleep forever.
     let shard_side: Vec<_> = shard_rings
         .into_iter()
         .map(|(rx, tx)| glommio::spawn_local(async move { (rx.connect().await, tx.connect().await) }))
@@ -432,8 +420,6 @@ async fn executor_main(bundle: Bundle) -> Result<(), String> {
             Some((to_ends, from_ends))
         }
     };
-    connecting.set(false);
-    ticker.await;
     tracing::debug!(executor = %name, "rings connected");
     let mut receivers = Vec::new();
     for (rx, tx) in shard_ends {

@@ -153,6 +153,7 @@ fn main() {
     std::fs::create_dir_all(&dir).expect("bench dir");
     let results = shards::executor_builder(None)
         .spawn(move || async move {
+            let _guard = shards::StallGuard::install(shards::STALL_GUARD_INTERVAL_DEFAULT);
             let mut results = Vec::new();
             // The shard's sentinel must be the first DmaFile of the executor.
             let first = run_shard(dir.join("shard-warm"), Durability::Dsync, 1, 200).await;

@@ -8,7 +8,8 @@
 //! problem 7 of docs/RELIABILITY.md looked. A short preemption timer makes it frequent:
 //!
 //! ```sh
-//! cargo run --release -p shards --example executor_park -- 100 2   # preempt_timer_us seconds
+//! cargo run --release -p shards --example executor_park -- 100 2         # preempt_timer_us seconds
+//! cargo run --release -p shards --example executor_park -- 100 2 guard   # with shards::StallGuard
 //! ```
 //!
 //! Exit status 1 and a "stopped" line when the task was not polled for a second.
@@ -26,17 +27,20 @@ fn main() {
         .next()
         .map_or(100, |s| s.parse().expect("preempt timer in microseconds"));
     let secs: u64 = args.next().map_or(2, |s| s.parse().expect("seconds to run"));
+    let guarded = args.next().is_some_and(|a| a == "guard");
     let turns = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicBool::new(false));
     let (t, d) = (turns.clone(), done.clone());
     let _executor = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
         .preempt_timer(Duration::from_micros(preempt_us))
         .spawn(move || async move {
+            let guard = guarded.then(|| shards::StallGuard::install(shards::STALL_GUARD_INTERVAL_DEFAULT));
             let start = Instant::now();
             while start.elapsed() < Duration::from_secs(secs) {
                 futures_lite::future::yield_now().await;
                 t.fetch_add(1, Ordering::Relaxed);
             }
+            drop(guard);
             d.store(true, Ordering::SeqCst);
         })
         .expect("spawn executor");
@@ -50,7 +54,7 @@ fn main() {
             since = Instant::now();
         } else if since.elapsed() > STALL && !done.load(Ordering::SeqCst) {
             println!(
-                "preempt_timer {preempt_us} us: stopped: an always-runnable task was not polled for {:?} \
+                "preempt_timer {preempt_us} us, guard {guarded}: stopped: an always-runnable task was not polled for {:?} \
                  after {seen} turns",
                 since.elapsed()
             );
@@ -59,7 +63,7 @@ fn main() {
         }
     }
     println!(
-        "preempt_timer {preempt_us} us: {} turns in {secs} s, never stopped",
+        "preempt_timer {preempt_us} us, guard {guarded}: {} turns in {secs} s, never stopped",
         turns.load(Ordering::Relaxed)
     );
 }

@@ -32,10 +32,13 @@
 //!
 //! # Executors
 //!
-//! glommio preempts a task only every 100 ms by default, which would turn any long CPU slice of
-//! the background task into commit latency. The background task therefore stays I/O-bound: it
-//! awaits every large write, sync and directory operation (see [`PREEMPT_TIMER_DEFAULT`] for why
-//! the preemption timer is not set below that). Executors that run shards need a modest
+//! The background task runs in its own task queue with small shares, and shard executors preempt
+//! every [`PREEMPT_TIMER_DEFAULT`], so a slice of background work delays a commit by at most that
+//! much (glommio's default of 100 ms would turn it into commit latency). The background task also
+//! stays I/O-bound: it awaits every large write, sync and directory operation. A short
+//! preemption timer makes glommio 0.9 park executors that still have runnable tasks; every
+//! executor that runs shards must hold a [`StallGuard`] for its lifetime, which bounds such a
+//! stall to [`STALL_GUARD_INTERVAL_DEFAULT`]. Executors that run shards also need a modest
 //! `io_memory` (glommio registers it on three rings against `RLIMIT_MEMLOCK`); use
 //! [`executor_builder`].
 //!
@@ -43,6 +46,7 @@
 //! use shards::{AckLevel, Lsn, RecordRef, Shard, ShardOptions};
 //!
 //! let ex = shards::executor_builder(None).spawn(|| async move {
+//!     let _guard = shards::StallGuard::install(shards::STALL_GUARD_INTERVAL_DEFAULT);
 //!     let shard = Shard::open("/var/lib/shardlog/shard-0", ShardOptions::default()).await?;
 //!     let record = RecordRef { payload: b"hello", timestamp: None };
 //!     let receipt = shard.append(7, &[record], AckLevel::Durable).await?;
@@ -59,6 +63,7 @@ pub mod format;
 mod recovery;
 mod rotation;
 mod shard;
+mod stall_guard;
 pub mod storage;
 mod sync;
 pub mod uring;
@@ -69,6 +74,7 @@ use std::time::Duration;
 
 pub use error::ShardError;
 pub use shard::{Shard, ShardStats};
+pub use stall_guard::{StallGuard, STALL_GUARD_INTERVAL_DEFAULT};
 
 /// Log sequence number. The lsns of a shard start at 1; `Lsn(0)` means "nothing".
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -165,14 +171,10 @@ pub const SEGMENT_BYTES_DEFAULT: u64 = 64 << 20;
 pub const COMMIT_BYTES_MAX_DEFAULT: usize = 1 << 20;
 /// Default bound of the bytes queued and not yet handed to the device.
 pub const QUEUE_BYTES_MAX_DEFAULT: usize = 64 << 20;
-/// Default preemption interval for shard executors; see [`executor_builder`].
-///
-/// Why not shorter: with a sub-millisecond `preempt_timer`, glommio 0.9 was seen to lose runnable
-/// tasks under load (5 of 80 runs of a fault-injection test hung, tasks never polled again while
-/// the executor slept; 0 of 80 at 100 ms). The shard does not need a short timer: its background
-/// task shares the committer's task queue and awaits I/O at every step, so it never holds the CPU
-/// for long.
-pub const PREEMPT_TIMER_DEFAULT: Duration = Duration::from_millis(100);
+/// Default preemption interval for shard executors; see [`executor_builder`]. It bounds how long
+/// a slice of the background task queue can hold the CPU while a commit is ready to start.
+/// Executors with a timer this short must hold a [`StallGuard`].
+pub const PREEMPT_TIMER_DEFAULT: Duration = Duration::from_millis(1);
 /// Default glommio `io_memory` for shard executors: counted three times against
 /// `RLIMIT_MEMLOCK` (8 MiB for non-root), so 2 MiB leaves room for a private ring.
 pub const IO_MEMORY_BYTES_DEFAULT: usize = 2 << 20;

@@ -262,13 +262,11 @@ impl Shard {
             opts,
         });
         let committer = glommio::spawn_local(committer(inner.clone()));
-        // The background task shares the committer's task queue. glommio switches task queues
-        // only at preemption, so a separate low-share queue would wait a whole preemption
-        // interval for its turn whenever appenders keep the default queue busy, and the short
-        // preemption timer that would fix that hits a glommio bug (see PREEMPT_TIMER_DEFAULT).
-        // The task is I/O-bound: every step awaits a write, a sync or a directory operation, so
-        // its CPU slices between the committer's turns are tens of microseconds.
-        let background = glommio::spawn_local(crate::rotation::background(inner.clone()));
+        // The background task runs in the executor's low-priority queue: it gets a small share of
+        // the CPU while appenders keep the committer's queue busy, and the short preemption timer
+        // (see `executor_builder`) bounds how long one of its slices can delay a commit.
+        let background = glommio::spawn_local_into(crate::rotation::background(inner.clone()), background_queue())
+            .map_err(|e| ShardError::io("spawn the background task", "", io::Error::other(e.to_string())))?;
         inner.tasks.borrow_mut().extend([committer, background]);
         Ok(Shard { inner })
     }
@@ -399,6 +397,32 @@ impl Shard {
         }
         Ok(())
     }
+}
+
+/// Shares of the background task queue, against glommio's default queue's 1000.
+const BACKGROUND_SHARES: usize = 50;
+
+thread_local! {
+    /// The low-priority queue of the executor on this thread, created by the first shard opened
+    /// on it and shared by every shard it runs: (executor id, queue).
+    static BACKGROUND_QUEUE: Cell<Option<(usize, glommio::TaskQueueHandle)>> = const { Cell::new(None) };
+}
+
+/// The current executor's queue for background work: small static shares, latency not important.
+fn background_queue() -> glommio::TaskQueueHandle {
+    let executor = glommio::executor().id();
+    BACKGROUND_QUEUE.with(|q| match q.get() {
+        Some((id, tq)) if id == executor => tq,
+        _ => {
+            let tq = glommio::executor().create_task_queue(
+                glommio::Shares::Static(BACKGROUND_SHARES),
+                glommio::Latency::NotImportant,
+                "shard-background",
+            );
+            q.set(Some((executor, tq)));
+            tq
+        }
+    })
 }
 
 async fn wait_slot(slot: &Rc<Slot>, ack: AckLevel) -> Result<(), ShardError> {

@@ -1103,10 +1103,11 @@ mod tests {
         T: Send + 'static,
         Fut: Future<Output = T> + 'static,
     {
-        // The crate's executor settings: glommio 0.9 loses runnable tasks with a short preempt
-        // timer (see `PREEMPT_TIMER_DEFAULT`).
         crate::executor_builder(None)
-            .spawn(move || async move { f().await })
+            .spawn(move || async move {
+                let _guard = crate::StallGuard::install(crate::STALL_GUARD_INTERVAL_DEFAULT);
+                f().await
+            })
             .expect("spawn executor")
             .join()
             .expect("executor ran")

@@ -337,6 +337,35 @@ fn failed_dsync_write_poisons() {
 }
 
 #[test]
+fn background_work_runs_in_its_own_low_share_queue() {
+    run(|| async {
+        let mem = MemStorage::new();
+        let shard = open_mem(&mem, small_opts(Durability::Dsync)).await;
+        // 200 commits of about 1 KB rotate 64 KiB segments a few times: each rotation needs a
+        // spare segment prepared by the background task.
+        append_n(&shard, 0, 200, 1000).await;
+        assert!(wal_files(&mem).len() >= 3, "rotated: {:?}", wal_files(&mem));
+        let queues = glommio::executor().all_task_queue_stats(Vec::new());
+        let default = glommio::executor().current_task_queue();
+        let committer = queues.iter().find(|q| q.index() == default).expect("default queue");
+        let background: Vec<_> = queues.iter().filter(|q| q.index() != default).collect();
+        assert_eq!(background.len(), 1, "one extra queue: {queues:?}");
+        let background = background[0];
+        assert!(
+            background.current_shares() * 10 <= committer.current_shares(),
+            "background shares {} vs committer {}",
+            background.current_shares(),
+            committer.current_shares()
+        );
+        assert!(
+            background.queue_selected() > 0,
+            "the background queue ran: {background:?}"
+        );
+        shard.close().await.unwrap();
+    });
+}
+
+#[test]
 fn retention_and_truncated_reads() {
     run(|| async {
         let mem = MemStorage::new();

@@ -13,7 +13,10 @@ where
     F: Future<Output = ()> + 'static,
 {
     shards::executor_builder(None)
-        .spawn(f)
+        .spawn(|| async move {
+            let _guard = shards::StallGuard::install(shards::STALL_GUARD_INTERVAL_DEFAULT);
+            f().await
+        })
         .expect("spawn executor")
         .join()
         .expect("executor ran");
