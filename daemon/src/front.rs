@@ -236,6 +236,9 @@ impl Front {
         let conns: Vec<Rc<Conn>> = self.conns.borrow().values().cloned().collect();
         for c in &conns {
             c.stop.set(true);
+            // The client may still be sending: closing with its bytes unread would reset the
+            // connection and discard the last answers before the client reads them.
+            c.linger.set(true);
             c.reader_wake.notify();
         }
         drop(conns);
@@ -658,11 +661,12 @@ impl Front {
             conn.budget.signal(release as u64);
         }
         assert_eq!(conn.in_flight.get(), 0);
-        self.conns.borrow_mut().remove(&conn.id);
-        self.shared.connections.fetch_sub(1, Ordering::Relaxed);
+        // Linger before leaving `conns`, so that shutdown's drain waits for it.
         if conn.linger.get() && !conn.broken.get() {
             linger_close(&conn.stream).await;
         }
+        self.conns.borrow_mut().remove(&conn.id);
+        self.shared.connections.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -30,11 +30,6 @@ use crate::shard_server::{ReplyTo, ShardServer};
 
 /// How often a shard executor looks at the shutdown flag.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(20);
-/// Preemption interval of every executor: the shards' short one, so that a slice of a shard's
-/// background queue, or of one busy connection, delays a commit or another connection by at most
-/// this much. Every executor holds a `shards::StallGuard` for it (glommio 0.9 can otherwise park an
-/// executor that still has runnable tasks).
-pub const EXECUTOR_PREEMPT_TIMER: Duration = shards::PREEMPT_TIMER_DEFAULT;
 
 /// A failure that stops the daemon, with the message for the operator.
 #[derive(Debug, thiserror::Error)]
@@ -177,10 +172,7 @@ pub fn serve(args: ServeArgs) -> Result<(), ServeError> {
 
     let mut handles = Vec::new();
     for (bundle, exec) in bundles.into_iter().zip(&plan.executors) {
-        let mut builder = shards::executor_builder(exec.cpu)
-            .name(&exec.name)
-            .io_memory(io_memory)
-            .preempt_timer(EXECUTOR_PREEMPT_TIMER);
+        let mut builder = shards::executor_builder(exec.cpu).name(&exec.name).io_memory(io_memory);
         if args.spin_us > 0 {
             builder = builder.spin_before_park(Duration::from_micros(args.spin_us));
         }
@@ -332,7 +324,8 @@ async fn executor_main(bundle: Bundle) -> Result<(), String> {
         shard,
         shutdown,
     } = bundle;
-    // The guard (see `EXECUTOR_PREEMPT_TIMER`) also keeps the reactor turning while the rings
+    // glommio 0.9 can park an executor that still has runnable tasks (see `shards::StallGuard`);
+    // the guard bounds that, and its wake-ups also keep the reactor turning while the rings
     // connect (step 2).
     let _guard = shards::StallGuard::install(shards::STALL_GUARD_INTERVAL_DEFAULT);
     // 1. Open the shard before connecting any ring: fronts wait on the connection, so no

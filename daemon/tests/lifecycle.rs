@@ -44,7 +44,18 @@ fn sigterm_answers_what_was_received_and_acked_records_survive_a_restart() {
     // requests are exactly the first ones sent.
     assert!(!acked.is_empty());
     let prefix: HashSet<u64> = sent.iter().take(acked.len()).map(|s| s.0).collect();
-    assert_eq!(acked, prefix, "answered requests are not a prefix of those sent");
+    let mut missing: Vec<_> = prefix.difference(&acked).copied().collect();
+    missing.sort_unstable();
+    let mut extra: Vec<_> = acked.difference(&prefix).copied().collect();
+    extra.sort_unstable();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "answered requests are not a prefix of those sent ({} answered): unanswered {:?}, answered \
+         beyond the prefix {:?}",
+        acked.len(),
+        &missing[..missing.len().min(10)],
+        &extra[..extra.len().min(10)]
+    );
     let status = d.wait_exit();
     assert!(status.success(), "exit status {status:?}");
 

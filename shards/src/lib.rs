@@ -32,15 +32,17 @@
 //!
 //! # Executors
 //!
-//! The background task runs in its own task queue with small shares, and shard executors preempt
-//! every [`PREEMPT_TIMER_DEFAULT`], so a slice of background work delays a commit by at most that
-//! much (glommio's default of 100 ms would turn it into commit latency). The background task also
-//! stays I/O-bound: it awaits every large write, sync and directory operation. A short
-//! preemption timer makes glommio 0.9 park executors that still have runnable tasks; every
-//! executor that runs shards must hold a [`StallGuard`] for its lifetime, which bounds such a
-//! stall to [`STALL_GUARD_INTERVAL_DEFAULT`]. Executors that run shards also need a modest
-//! `io_memory` (glommio registers it on three rings against `RLIMIT_MEMLOCK`); use
-//! [`executor_builder`].
+//! The background task runs in its own task queue with small shares and a latency requirement of
+//! [`BACKGROUND_PREEMPT_TIMER`]: while it has work, glommio preempts every that often, so a slice
+//! of background work delays a commit by at most that much (glommio's default interval of 100 ms
+//! would turn it into commit latency). The background task also stays I/O-bound: it awaits every
+//! large write, sync and directory operation. A short preemption timer makes glommio 0.9 park
+//! executors that still have runnable tasks; every executor that runs shards must hold a
+//! [`StallGuard`] for its lifetime, which bounds such a stall to [`STALL_GUARD_INTERVAL_DEFAULT`]
+//! while the executor is busy (and to [`STALL_GUARD_IDLE_INTERVAL`] on its first work after an
+//! idle spell).
+//! Executors that run shards also need a modest `io_memory` (glommio registers it on three rings
+//! against `RLIMIT_MEMLOCK`); use [`executor_builder`].
 //!
 //! ```no_run
 //! use shards::{AckLevel, Lsn, RecordRef, Shard, ShardOptions};
@@ -74,7 +76,7 @@ use std::time::Duration;
 
 pub use error::ShardError;
 pub use shard::{Shard, ShardStats};
-pub use stall_guard::{StallGuard, STALL_GUARD_INTERVAL_DEFAULT};
+pub use stall_guard::{StallGuard, STALL_GUARD_IDLE_INTERVAL, STALL_GUARD_INTERVAL_DEFAULT};
 
 /// Log sequence number. The lsns of a shard start at 1; `Lsn(0)` means "nothing".
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -171,10 +173,12 @@ pub const SEGMENT_BYTES_DEFAULT: u64 = 64 << 20;
 pub const COMMIT_BYTES_MAX_DEFAULT: usize = 1 << 20;
 /// Default bound of the bytes queued and not yet handed to the device.
 pub const QUEUE_BYTES_MAX_DEFAULT: usize = 64 << 20;
-/// Default preemption interval for shard executors; see [`executor_builder`]. It bounds how long
-/// a slice of the background task queue can hold the CPU while a commit is ready to start.
-/// Executors with a timer this short must hold a [`StallGuard`].
-pub const PREEMPT_TIMER_DEFAULT: Duration = Duration::from_millis(1);
+/// Preemption interval of a shard executor while its background task queue has work (the queue's
+/// `Latency::Matters`): it bounds how long a slice of background work can hold the CPU while a
+/// commit is ready to start. Executors keep glommio's default interval otherwise, which keeps
+/// the window of glommio's park-with-runnable-tasks bug (see [`StallGuard`]) narrow while the
+/// executor starts, before it can install its guard.
+pub const BACKGROUND_PREEMPT_TIMER: Duration = Duration::from_millis(1);
 /// Default glommio `io_memory` for shard executors: counted three times against
 /// `RLIMIT_MEMLOCK` (8 MiB for non-root), so 2 MiB leaves room for a private ring.
 pub const IO_MEMORY_BYTES_DEFAULT: usize = 2 << 20;
@@ -253,15 +257,13 @@ impl ShardOptions {
     }
 }
 
-/// A glommio executor builder set up for running shards: preemption every
-/// [`PREEMPT_TIMER_DEFAULT`] and [`IO_MEMORY_BYTES_DEFAULT`] of registered I/O memory. `cpu`
-/// pins the executor.
+/// A glommio executor builder set up for running shards: [`IO_MEMORY_BYTES_DEFAULT`] of registered
+/// I/O memory and glommio's default preemption interval (see [`BACKGROUND_PREEMPT_TIMER`]). `cpu`
+/// pins the executor. The executor must hold a [`StallGuard`].
 pub fn executor_builder(cpu: Option<usize>) -> glommio::LocalExecutorBuilder {
     let placement = match cpu {
         Some(cpu) => glommio::Placement::Fixed(cpu),
         None => glommio::Placement::Unbound,
     };
-    glommio::LocalExecutorBuilder::new(placement)
-        .preempt_timer(PREEMPT_TIMER_DEFAULT)
-        .io_memory(IO_MEMORY_BYTES_DEFAULT)
+    glommio::LocalExecutorBuilder::new(placement).io_memory(IO_MEMORY_BYTES_DEFAULT)
 }

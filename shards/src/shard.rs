@@ -263,8 +263,9 @@ impl Shard {
         });
         let committer = glommio::spawn_local(committer(inner.clone()));
         // The background task runs in the executor's low-priority queue: it gets a small share of
-        // the CPU while appenders keep the committer's queue busy, and the short preemption timer
-        // (see `executor_builder`) bounds how long one of its slices can delay a commit.
+        // the CPU while appenders keep the committer's queue busy, and the queue's latency
+        // requirement (`BACKGROUND_PREEMPT_TIMER`) bounds how long one of its slices can delay a
+        // commit.
         let background = glommio::spawn_local_into(crate::rotation::background(inner.clone()), background_queue())
             .map_err(|e| ShardError::io("spawn the background task", "", io::Error::other(e.to_string())))?;
         inner.tasks.borrow_mut().extend([committer, background]);
@@ -408,7 +409,8 @@ thread_local! {
     static BACKGROUND_QUEUE: Cell<Option<(usize, glommio::TaskQueueHandle)>> = const { Cell::new(None) };
 }
 
-/// The current executor's queue for background work: small static shares, latency not important.
+/// The current executor's queue for background work: small static shares, preempted every
+/// [`crate::BACKGROUND_PREEMPT_TIMER`].
 fn background_queue() -> glommio::TaskQueueHandle {
     let executor = glommio::executor().id();
     BACKGROUND_QUEUE.with(|q| match q.get() {
@@ -416,7 +418,7 @@ fn background_queue() -> glommio::TaskQueueHandle {
         _ => {
             let tq = glommio::executor().create_task_queue(
                 glommio::Shares::Static(BACKGROUND_SHARES),
-                glommio::Latency::NotImportant,
+                glommio::Latency::Matters(crate::BACKGROUND_PREEMPT_TIMER),
                 "shard-background",
             );
             q.set(Some((executor, tq)));
