@@ -609,6 +609,13 @@ impl Front {
                 }
             }
             Reply::Error { code, message } => self.encoder.borrow_mut().error(id, code, &message, &mut out),
+            Reply::Truncated {
+                first_available_lsn,
+                message,
+            } => self
+                .encoder
+                .borrow_mut()
+                .truncated(id, first_available_lsn, &message, &mut out),
         }
         if out.len() > before {
             bump(&self.counters().frames_out, 1);

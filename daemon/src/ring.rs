@@ -82,4 +82,9 @@ pub enum Reply {
         code: ErrorCode,
         message: String,
     },
+    /// A read below retention: `Error(Truncated)` with the shard's first retained lsn.
+    Truncated {
+        first_available_lsn: u64,
+        message: String,
+    },
 }

@@ -261,6 +261,13 @@ impl ShardServer {
 
 /// The wire error for a shard error.
 pub fn error_reply(e: &ShardError) -> Reply {
+    if let ShardError::Truncated { first_available, .. } = e {
+        // The reader continues from here, so it travels as a field, not only in the message.
+        return Reply::Truncated {
+            first_available_lsn: first_available.0,
+            message: e.to_string(),
+        };
+    }
     let code = match e {
         ShardError::Poisoned { .. } => ErrorCode::Poisoned,
         ShardError::NoSpace => ErrorCode::NoSpace,
@@ -271,7 +278,6 @@ pub fn error_reply(e: &ShardError) -> Reply {
         {
             ErrorCode::NoSpace
         }
-        ShardError::Truncated { .. } => ErrorCode::Truncated,
         ShardError::Closed => ErrorCode::ShuttingDown,
         ShardError::TooLarge { .. } => ErrorCode::TooLarge,
         ShardError::Corruption { .. } => ErrorCode::Corruption,

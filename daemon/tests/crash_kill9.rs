@@ -97,26 +97,34 @@ fn writer(addr: std::net::SocketAddr, writer: u64, seed: u64, acked: Arc<Mutex<V
 }
 
 /// Reads every record of every shard: (shard, lsn) -> (stream, payload).
-/// The first lsn `shard` still retains: reads below it fail `Truncated`, so bisect on that.
+/// The first lsn `shard` still retains: reads below it fail `Truncated`, so bisect on that. The
+/// `Truncated` error names it too; the two must agree, since a reader that trusts too high a
+/// first lsn would take lost records for retired ones.
 fn first_retained(client: &mut Client, shard: u16) -> u64 {
     let truncated = |client: &mut Client, lsn: u64| match client.read(ReadParams::new(shard, lsn)) {
-        Ok(_) => false,
-        Err(e) if e.server_code() == Some(ErrorCode::Truncated) => true,
+        Ok(_) => None,
+        Err(e) if e.server_code() == Some(ErrorCode::Truncated) => {
+            Some(e.first_available_lsn().expect("Truncated names the first retained lsn"))
+        }
         Err(e) => panic!("read of shard {shard} from {lsn}: {e}"),
     };
-    if !truncated(client, 1) {
+    let Some(reported) = truncated(client, 1) else {
         return 1;
-    }
+    };
     // Invariant: lo is truncated, hi is not (past the end reads return nothing, not Truncated).
     let (mut lo, mut hi) = (1u64, 1u64 << 40);
     while hi - lo > 1 {
         let mid = lo + (hi - lo) / 2;
-        if truncated(client, mid) {
+        if truncated(client, mid).is_some() {
             lo = mid;
         } else {
             hi = mid;
         }
     }
+    assert_eq!(
+        reported, hi,
+        "shard {shard}: Truncated reports a first lsn other than the one reads find"
+    );
     hi
 }
 

@@ -131,6 +131,15 @@ fn responses() -> Vec<(&'static str, ResponseT)> {
             body(ResponseBodyT::Error(Box::new(ErrorT {
                 code: ErrorCode::Poisoned,
                 message: Some("no".into()),
+                first_available_lsn: 0,
+            }))),
+        ),
+        (
+            "error_truncated",
+            body(ResponseBodyT::Error(Box::new(ErrorT {
+                code: ErrorCode::Truncated,
+                message: Some("below retention".into()),
+                first_available_lsn: 9,
             }))),
         ),
     ]

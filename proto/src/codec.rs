@@ -225,6 +225,17 @@ impl Encoder {
 
     /// Appends a framed `Error` response.
     pub fn error(&mut self, id: u64, code: ErrorCode, message: &str, out: &mut Vec<u8>) {
+        self.error_frame(id, code, message, 0, out);
+    }
+
+    /// Appends a framed `Error(Truncated)` response naming the shard's first retained lsn, where
+    /// the reader continues.
+    pub fn truncated(&mut self, id: u64, first_available_lsn: u64, message: &str, out: &mut Vec<u8>) {
+        assert!(first_available_lsn > 0, "lsns start at 1; 0 means absent");
+        self.error_frame(id, ErrorCode::Truncated, message, first_available_lsn, out);
+    }
+
+    fn error_frame(&mut self, id: u64, code: ErrorCode, message: &str, first_available_lsn: u64, out: &mut Vec<u8>) {
         let fbb = &mut self.fbb;
         let message = fbb.create_string(message);
         let body = crate::wire::Error::create(
@@ -232,6 +243,7 @@ impl Encoder {
             &crate::wire::ErrorArgs {
                 code,
                 message: Some(message),
+                first_available_lsn,
             },
         );
         let root = Response::create(

@@ -1,6 +1,6 @@
 //! Errors of the codec and of the clients.
 
-use crate::wire::ErrorCode;
+use crate::wire::{ErrorCode, ErrorT};
 
 /// Why a frame or a message could not be decoded.
 ///
@@ -64,6 +64,20 @@ impl DecodeError {
 pub struct ServerError {
     pub code: ErrorCode,
     pub message: String,
+    /// With `Truncated`: the shard's first retained lsn, where a reader continues. `None` with
+    /// other codes, and from a server that predates the field.
+    pub first_available_lsn: Option<u64>,
+}
+
+impl From<ErrorT> for ServerError {
+    fn from(e: ErrorT) -> ServerError {
+        ServerError {
+            code: e.code,
+            message: e.message.unwrap_or_default(),
+            // 0 is the wire's "absent": lsns start at 1.
+            first_available_lsn: (e.first_available_lsn > 0).then_some(e.first_available_lsn),
+        }
+    }
 }
 
 fn code_name(code: ErrorCode) -> &'static str {
@@ -94,6 +108,14 @@ impl ClientError {
     pub fn server_code(&self) -> Option<ErrorCode> {
         match self {
             ClientError::Server(e) => Some(e.code),
+            _ => None,
+        }
+    }
+
+    /// The shard's first retained lsn, if this is a `Truncated` error that reports it.
+    pub fn first_available_lsn(&self) -> Option<u64> {
+        match self {
+            ClientError::Server(e) if e.code == ErrorCode::Truncated => e.first_available_lsn,
             _ => None,
         }
     }

@@ -148,6 +148,12 @@ fn every_response_round_trips() {
         ResponseBodyT::Error(Box::new(ErrorT {
             code: ErrorCode::Poisoned,
             message: Some("shard 1 is poisoned".into()),
+            first_available_lsn: 0,
+        })),
+        ResponseBodyT::Error(Box::new(ErrorT {
+            code: ErrorCode::Truncated,
+            message: Some("lsn 1 is below the oldest retained lsn 77".into()),
+            first_available_lsn: 77,
         })),
     ];
     for (i, body) in bodies.into_iter().enumerate() {

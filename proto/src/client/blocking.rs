@@ -224,13 +224,7 @@ impl Client {
 
     fn record_orphan(&mut self, resp: ResponseT) {
         if let ResponseBodyT::Error(e) = resp.body {
-            self.orphan_errors.push((
-                resp.id,
-                ServerError {
-                    code: e.code,
-                    message: e.message.unwrap_or_default(),
-                },
-            ));
+            self.orphan_errors.push((resp.id, ServerError::from(*e)));
         }
     }
 

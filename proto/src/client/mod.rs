@@ -53,10 +53,7 @@ impl ReadParams {
 /// Turns an `Error` response into `Err`, and passes anything else through.
 pub(crate) fn into_result(resp: ResponseT) -> Result<ResponseT, ClientError> {
     match resp.body {
-        ResponseBodyT::Error(e) => Err(ClientError::Server(ServerError {
-            code: e.code,
-            message: e.message.unwrap_or_default(),
-        })),
+        ResponseBodyT::Error(e) => Err(ClientError::Server(ServerError::from(*e))),
         _ => Ok(resp),
     }
 }

@@ -82,13 +82,7 @@ impl Inner {
             }
             None => {
                 if let ResponseBodyT::Error(e) = resp.body {
-                    self.orphan_errors.borrow_mut().push((
-                        resp.id,
-                        ServerError {
-                            code: e.code,
-                            message: e.message.unwrap_or_default(),
-                        },
-                    ));
+                    self.orphan_errors.borrow_mut().push((resp.id, ServerError::from(*e)));
                 }
             }
         }

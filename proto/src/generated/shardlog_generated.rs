@@ -3978,6 +3978,7 @@ impl<'a> ::flatbuffers::Follow<'a> for Error<'a> {
 impl<'a> Error<'a> {
   pub const VT_CODE: ::flatbuffers::VOffsetT = 4;
   pub const VT_MESSAGE: ::flatbuffers::VOffsetT = 6;
+  pub const VT_FIRST_AVAILABLE_LSN: ::flatbuffers::VOffsetT = 8;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -3989,6 +3990,7 @@ impl<'a> Error<'a> {
     args: &'args ErrorArgs<'args>
   ) -> ::flatbuffers::WIPOffset<Error<'bldr>> {
     let mut builder = ErrorBuilder::new(_fbb);
+    builder.add_first_available_lsn(args.first_available_lsn);
     if let Some(x) = args.message { builder.add_message(x); }
     builder.add_code(args.code);
     builder.finish()
@@ -3999,9 +4001,11 @@ impl<'a> Error<'a> {
     let message = self.message().map(|x| {
       alloc::string::ToString::to_string(x)
     });
+    let first_available_lsn = self.first_available_lsn();
     ErrorT {
       code,
       message,
+      first_available_lsn,
     }
   }
 
@@ -4019,6 +4023,16 @@ impl<'a> Error<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Error::VT_MESSAGE, None)}
   }
+  /// With `Truncated`: the shard's first retained lsn, where the reader
+  /// continues. 0 (absent) with every other code, and from servers older
+  /// than this field.
+  #[inline]
+  pub fn first_available_lsn(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Error::VT_FIRST_AVAILABLE_LSN, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Error<'_> {
@@ -4029,6 +4043,7 @@ impl ::flatbuffers::Verifiable for Error<'_> {
     v.visit_table(pos)?
      .visit_field::<ErrorCode>("code", Self::VT_CODE, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("message", Self::VT_MESSAGE, false)?
+     .visit_field::<u64>("first_available_lsn", Self::VT_FIRST_AVAILABLE_LSN, false)?
      .finish();
     Ok(())
   }
@@ -4036,6 +4051,7 @@ impl ::flatbuffers::Verifiable for Error<'_> {
 pub struct ErrorArgs<'a> {
     pub code: ErrorCode,
     pub message: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub first_available_lsn: u64,
 }
 impl<'a> Default for ErrorArgs<'a> {
   #[inline]
@@ -4043,6 +4059,7 @@ impl<'a> Default for ErrorArgs<'a> {
     ErrorArgs {
       code: ErrorCode::BadRequest,
       message: None,
+      first_available_lsn: 0,
     }
   }
 }
@@ -4059,6 +4076,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ErrorBuilder<'a, 'b, A> {
   #[inline]
   pub fn add_message(&mut self, message: ::flatbuffers::WIPOffset<&'b  str>) {
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Error::VT_MESSAGE, message);
+  }
+  #[inline]
+  pub fn add_first_available_lsn(&mut self, first_available_lsn: u64) {
+    self.fbb_.push_slot::<u64>(Error::VT_FIRST_AVAILABLE_LSN, first_available_lsn, 0);
   }
   #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ErrorBuilder<'a, 'b, A> {
@@ -4080,6 +4101,7 @@ impl ::core::fmt::Debug for Error<'_> {
     let mut ds = f.debug_struct("Error");
       ds.field("code", &self.code());
       ds.field("message", &self.message());
+      ds.field("first_available_lsn", &self.first_available_lsn());
       ds.finish()
   }
 }
@@ -4087,12 +4109,14 @@ impl ::core::fmt::Debug for Error<'_> {
 pub struct ErrorT {
   pub code: ErrorCode,
   pub message: Option<alloc::string::String>,
+  pub first_available_lsn: u64,
 }
 impl Default for ErrorT {
   fn default() -> Self {
     Self {
       code: ErrorCode::BadRequest,
       message: None,
+      first_available_lsn: 0,
     }
   }
 }
@@ -4105,9 +4129,11 @@ impl ErrorT {
     let message = self.message.as_ref().map(|x|{
       _fbb.create_string(x)
     });
+    let first_available_lsn = self.first_available_lsn;
     Error::create(_fbb, &ErrorArgs{
       code,
       message,
+      first_available_lsn,
     })
   }
 }
