@@ -22,7 +22,8 @@ Examples:
 
 Exit status: 0 the run completed; 2 every connection was lost before the end
 (the report is still printed and written); 1 bad options or nothing could run.
-`verify` exits 1 when any acknowledged record is missing, corrupted or out of order.";
+`verify` exits 1 when any acknowledged record is missing, corrupted or out of order;
+records that retention deleted are counted as retired, not missing.";
 
 #[derive(Parser)]
 #[command(
@@ -153,8 +154,13 @@ fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
         None => return Err(last_err.unwrap_or_else(|| anyhow::anyhow!("no --addr given"))),
     };
     println!(
-        "verify: {} acked records, {} found; {} records read ({} never acked, {} foreign)",
-        outcome.acked, outcome.acked_found, outcome.records_read, outcome.unacked_present, outcome.foreign_payloads
+        "verify: {} acked records, {} found, {} retired by retention; {} records read ({} never acked, {} foreign)",
+        outcome.acked,
+        outcome.acked_found,
+        outcome.retired_by_retention,
+        outcome.records_read,
+        outcome.unacked_present,
+        outcome.foreign_payloads
     );
     for (kind, count) in &outcome.problems {
         println!("  {kind:?}: {count}");

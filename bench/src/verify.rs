@@ -13,13 +13,20 @@
 //!
 //! Records present but never acknowledged are allowed (the daemon may make
 //! a record durable and die before acking it) and only counted.
+//!
+//! Retention deletes a shard's oldest segments. A read below the shard's
+//! first retained lsn fails `Truncated`, and the error names that lsn; the
+//! reader continues from it, and acknowledged records below it that were not
+//! read are counted as **retired by retention**, not as missing. Everything at
+//! or above it is checked as above. (A daemon that reported too high a first
+//! retained lsn would hide losses behind it; the counts make that visible.)
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use proto::client::{Client, ReadParams};
-use proto::wire::ReadRecordT;
+use proto::wire::{ErrorCode, ReadRecordT};
 use serde::Serialize;
 
 use crate::payload::PayloadHeader;
@@ -45,6 +52,8 @@ pub enum ProblemKind {
 pub struct VerifyOutcome {
     pub acked: u64,
     pub acked_found: u64,
+    /// Acknowledged, not read, and below the shard's first retained lsn: deleted by retention.
+    pub retired_by_retention: u64,
     pub records_read: u64,
     pub unacked_present: u64,
     pub foreign_payloads: u64,
@@ -75,6 +84,8 @@ pub struct Checker {
     /// Acknowledged records not yet seen in the read-back.
     expected: HashMap<(u16, u64), AckedRecord>,
     last_lsn: HashMap<u16, u64>,
+    /// Per shard, the first lsn retention kept, as the daemon reported it.
+    first_retained: HashMap<u16, u64>,
     /// Highest seq seen per (run, writer, stream), and at which lsn.
     last_seq: HashMap<(u32, u32, u64), (u64, u64)>,
     outcome: VerifyOutcome,
@@ -103,6 +114,7 @@ impl Checker {
         Checker {
             expected,
             last_lsn: HashMap::new(),
+            first_retained: HashMap::new(),
             last_seq: HashMap::new(),
             outcome,
         }
@@ -173,9 +185,21 @@ impl Checker {
             .problem(ProblemKind::ReadFailed, || format!("shard {shard}: {why}"));
     }
 
-    /// Every acknowledged record not seen by now is missing.
+    /// The daemon reported that `shard` retains lsns from `first_lsn` on: retention deleted
+    /// everything below it.
+    pub fn retained_from(&mut self, shard: u16, first_lsn: u64) {
+        let first = self.first_retained.entry(shard).or_insert(first_lsn);
+        *first = (*first).max(first_lsn);
+    }
+
+    /// Every acknowledged record not seen by now is missing, unless retention deleted it.
     pub fn finish(mut self) -> VerifyOutcome {
-        let mut missing: Vec<AckedRecord> = self.expected.into_values().collect();
+        let first_retained = &self.first_retained;
+        let (retired, mut missing): (Vec<AckedRecord>, Vec<AckedRecord>) = self
+            .expected
+            .into_values()
+            .partition(|r| first_retained.get(&r.shard).is_some_and(|&first| r.lsn < first));
+        self.outcome.retired_by_retention = retired.len() as u64;
         missing.sort_by_key(|r| (r.shard, r.lsn));
         for r in missing {
             self.outcome.problem(ProblemKind::Missing, || {
@@ -189,8 +213,9 @@ impl Checker {
     }
 }
 
-/// Reads every shard of the daemon at `addr` from lsn 1 and checks it. Each response must
-/// arrive within `timeout`, so a hung daemon fails the check instead of hanging it.
+/// Reads every shard of the daemon at `addr` from lsn 1 (or, once retention has deleted that,
+/// from the first lsn the shard retains) and checks it. Each response must arrive within
+/// `timeout`, so a hung daemon fails the check instead of hanging it.
 pub fn verify_against(addr: SocketAddr, acked: Vec<AckedRecord>, timeout: Duration) -> anyhow::Result<VerifyOutcome> {
     let mut client = Client::connect_raw(addr).map_err(|e| anyhow::anyhow!("cannot connect to {addr}: {e}"))?;
     client
@@ -212,6 +237,22 @@ pub fn verify_against(addr: SocketAddr, acked: Vec<AckedRecord>, timeout: Durati
             };
             let batch = match client.read(params) {
                 Ok(batch) => batch,
+                // Retention deleted `from_lsn` (before the read, or while this reader was
+                // behind it): continue at the first lsn the shard still has.
+                Err(e) if e.server_code() == Some(ErrorCode::Truncated) => match e.first_available_lsn() {
+                    Some(first) if first > from_lsn => {
+                        checker.retained_from(shard, first);
+                        from_lsn = first;
+                        continue;
+                    }
+                    _ => {
+                        checker.read_failed(
+                            shard,
+                            format!("Read from lsn {from_lsn} failed: {e}, with no usable first retained lsn"),
+                        );
+                        break;
+                    }
+                },
                 Err(e) => {
                     checker.read_failed(shard, format!("Read from lsn {from_lsn} failed: {e}"));
                     if e.server_code().is_none() {
@@ -354,6 +395,47 @@ mod tests {
         let out = c.finish();
         assert_eq!(out.problems.get(&ProblemKind::ConflictingAcks), Some(&1));
         assert_eq!(out.acked, 1);
+    }
+
+    #[test]
+    fn acks_below_the_first_retained_lsn_are_retired_not_missing() {
+        let p: Vec<Vec<u8>> = (0..6).map(|seq| payload(0, 5, seq)).collect();
+        let mut c = Checker::new((0..6).map(|i| acked(2, i as u64 + 1, 5, &p[i])));
+        // Read lsn 1, then retention took lsns up to 3; lsn 4 was lost, 5 and 6 are there.
+        c.observe(2, 1, 5, &p[0]);
+        c.retained_from(2, 4);
+        c.observe(2, 5, 5, &p[4]);
+        c.observe(2, 6, 5, &p[5]);
+        let out = c.finish();
+        assert_eq!(out.retired_by_retention, 2, "lsns 2 and 3");
+        assert_eq!(out.acked_found, 3);
+        assert_eq!(out.problems.get(&ProblemKind::Missing), Some(&1));
+        assert!(out.examples[&ProblemKind::Missing][0].contains("lsn 4"));
+    }
+
+    #[test]
+    fn retention_on_one_shard_retires_nothing_on_another() {
+        let p = payload(0, 5, 0);
+        let mut c = Checker::new([acked(0, 1, 5, &p), acked(1, 1, 5, &p)]);
+        c.retained_from(0, 10);
+        // A later, lower report (a stale reply) does not move the floor back.
+        c.retained_from(0, 2);
+        let out = c.finish();
+        assert_eq!(out.retired_by_retention, 1);
+        assert_eq!(out.problems.get(&ProblemKind::Missing), Some(&1));
+        assert!(out.examples[&ProblemKind::Missing][0].contains("shard 1 lsn 1"));
+    }
+
+    #[test]
+    fn records_read_before_retention_took_them_are_checked_not_retired() {
+        let p: Vec<Vec<u8>> = (0..2).map(|seq| payload(0, 5, seq)).collect();
+        let mut c = Checker::new([acked(0, 1, 5, &p[0]), acked(0, 2, 5, &p[1])]);
+        c.observe(0, 1, 5, &p[0]);
+        c.observe(0, 2, 5, &payload(0, 5, 7));
+        c.retained_from(0, 5);
+        let out = c.finish();
+        assert_eq!((out.acked_found, out.retired_by_retention), (2, 0));
+        assert_eq!(out.problems.get(&ProblemKind::Corrupted), Some(&1));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The generator against a real shardlogd: closed and open loop, `--ack none`,
-//! the JSON report, and `verify` finding every acknowledged record.
+//! the JSON report, and `verify` finding every acknowledged record (or
+//! counting it as retired once retention deleted it).
 //!
 //! The daemon binary belongs to another package, so Cargo gives no
 //! `CARGO_BIN_EXE_` for it. It is looked for next to this test's profile
@@ -53,11 +54,17 @@ struct Daemon {
 
 impl Daemon {
     fn start(data_dir: &Path, shards: u16) -> Daemon {
+        Daemon::start_with(data_dir, shards, &[])
+    }
+
+    /// `start` with more daemon options (segment size, retention).
+    fn start_with(data_dir: &Path, shards: u16, options: &[&str]) -> Daemon {
         let mut child = Command::new(shardlogd())
             .args(["--listen", "127.0.0.1:0", "--pin", "none", "--log", "warn", "--shards"])
             .arg(shards.to_string())
             .arg("--data-dir")
             .arg(data_dir)
+            .args(options)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -339,6 +346,85 @@ fn daemon_killed_mid_run_stops_the_generator_and_acks_survive_restart() {
     let v = read_verify(&vjson);
     assert!(v["acked"].as_u64().expect("acked") > 200);
     assert_eq!(v["acked_found"], v["acked"]);
+}
+
+#[test]
+fn verify_counts_records_deleted_by_retention_as_retired_and_checks_the_rest() {
+    let dir = tempdir();
+    // 64 KiB segments, 256 KiB retained per shard; the run below writes about 1.5 MiB per shard.
+    let daemon = Daemon::start_with(
+        &dir.path().join("data"),
+        2,
+        &words("--segment-bytes 65536 --retention-bytes 262144"),
+    );
+    let addr = daemon.addr.to_string();
+    let (log, vjson) = (dir.path().join("acks.log"), dir.path().join("verify.json"));
+    let mut args = words("-c 4 -P 4 -B 8 -S 256..1024 -K 32 --requests 600 --duration 2m -q");
+    args.extend(["--addr", &addr, "--verify-log", s(&log)]);
+    assert_success(&bench(&args), "run past retention");
+
+    let out = bench(&["verify", "--verify-log", s(&log), "--addr", &addr, "--json", s(&vjson)]);
+    assert_success(&out, "verify after retention");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("retired by retention"),
+        "stdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let v = read_verify(&vjson);
+    let acked = v["acked"].as_u64().expect("acked");
+    let found = v["acked_found"].as_u64().expect("acked_found");
+    let retired = v["retired_by_retention"].as_u64().expect("retired_by_retention");
+    assert_eq!(acked, 600 * 8);
+    assert!(retired > 0, "retention deleted no acknowledged record: {v}");
+    assert!(found > 0, "nothing left to check: {v}");
+    assert_eq!(found + retired, acked, "{v}");
+    assert_eq!(v["problems"].as_object().map(|m| m.len()), Some(0), "{v}");
+
+    // The same check must still fail on a record that is really gone or differs: flip the
+    // crc32c of the newest record of shard 0 (retention never reaches it) and add an ack for
+    // an lsn past the end of shard 1.
+    let text = std::fs::read_to_string(&log).expect("read verify log");
+    let fields = |line: &str| -> Vec<u64> {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        vec![
+            f[1].parse().expect("shard"),
+            f[2].parse().expect("lsn"),
+            u64::from_str_radix(f[3], 16).expect("crc"),
+        ]
+    };
+    let records: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+    let newest = records
+        .iter()
+        .filter(|l| fields(l)[0] == 0)
+        .max_by_key(|l| fields(l)[1])
+        .expect("shard 0 has records");
+    let shard1_end = records
+        .iter()
+        .filter(|l| fields(l)[0] == 1)
+        .map(|l| fields(l)[1])
+        .max()
+        .expect("shard 1 has records");
+    let f: Vec<&str> = newest.split_whitespace().collect();
+    let flipped = format!("{} {} {} {:08x} {}", f[0], f[1], f[2], fields(newest)[2] ^ 1, f[4]);
+    let tampered = text.replacen(newest, &flipped, 1) + &format!("7 1 {} 00000000 100\n", shard1_end + 1000);
+    let bad_log = dir.path().join("tampered.log");
+    std::fs::write(&bad_log, tampered).expect("write tampered log");
+    let bad_json = dir.path().join("tampered.json");
+    let out = bench(&[
+        "verify",
+        "--verify-log",
+        s(&bad_log),
+        "--addr",
+        &addr,
+        "--json",
+        s(&bad_json),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "verify must fail on a tampered log");
+    let v = read_verify(&bad_json);
+    assert_eq!(v["problems"]["corrupted"].as_u64(), Some(1), "{v}");
+    assert_eq!(v["problems"]["missing"].as_u64(), Some(1), "{v}");
+    assert_eq!(v["retired_by_retention"].as_u64(), Some(retired), "{v}");
+    drop(daemon);
 }
 
 /// Kills a child process still running when a test fails.
