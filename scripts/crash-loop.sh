@@ -15,13 +15,15 @@
 #   plain      2 shards, 8 MiB segments
 #   rotation   3 shards, 64 KiB segments (SMALL_SEGMENT_BYTES overrides): the kill usually
 #              lands during or near a rotation
-#   retention  4 shards, small segments, retention of 32 segments per shard: segments are deleted
-#              or recycled all the time; the generators are rate-limited so one cycle's acks stay
-#              inside the retained bytes, and each cycle verifies its own log
+#   retention  4 shards, small segments, retention of 32 segments per shard: a filler keeps
+#              segments being deleted or recycled all the time; the generators are rate-limited
+#              so a cycle's own acks are mostly still retained when it verifies, while the acks
+#              of earlier cycles are deleted by retention over time (verify counts those as
+#              retired, not lost, and checks everything the shards still hold)
 #   recovery   2 shards, small segments; after the kill the restarting daemon is killed again
 #              within 0-40 ms (during recovery), then restarted once more before verifying
-# The plain, rotation and recovery modes keep one verify log across all their cycles, so every
-# later cycle checks again every record acknowledged in every earlier one.
+# Each mode keeps one verify log across all its cycles, so every later cycle checks again every
+# record acknowledged in every earlier one (that retention has not deleted).
 #
 # Environment: BIN_DIR (where shardlogd and shardlog-bench are; default: build them in release
 # into target/), WORK_DIR (default: target/crash-loop, on the same disk as the target dir; must
@@ -115,6 +117,9 @@ kill_daemon() {
   daemon_pid=
 }
 
+# json_count KEY FILE: the number after "KEY": in a verify --json outcome.
+json_count() { sed -n "s/.*\"$1\": *\([0-9]*\).*/\1/p" "$2" | head -n 1; }
+
 # sleep_ms N
 sleep_ms() { sleep "$(printf '%d.%03d' $(($1 / 1000)) $(($1 % 1000)))"; }
 
@@ -129,7 +134,6 @@ for cycle in $(seq 1 "$cycles"); do
   dir="$work/$mode"
   mkdir -p "$dir"
   log="$dir/acks.log"
-  [ "$mode" = retention ] && log="$dir/acks-$cycle.log"
 
   if ! start_serving "$mode"; then failures=$((failures + 1)); break; fi
 
@@ -205,20 +209,28 @@ for cycle in $(seq 1 "$cycles"); do
     break
   fi
   kill_daemon
-  acked=$(sed -n 's/.*"acked": *\([0-9]*\).*/\1/p' "$dir/verify.json" | head -n 1)
-  found=$(sed -n 's/.*"acked_found": *\([0-9]*\).*/\1/p' "$dir/verify.json" | head -n 1)
-  [ "$mode" = retention ] && acked_total=$((acked_total + ${acked:-0}))
-  echo "cycle $cycle $mode: killed after ${kill_after} ms; verify ok: ${found:-?}/${acked:-?} acked records found"
+  acked=$(json_count acked "$dir/verify.json")
+  found=$(json_count acked_found "$dir/verify.json")
+  retired=$(json_count retired_by_retention "$dir/verify.json")
+  echo "cycle $cycle $mode: killed after ${kill_after} ms; verify ok: ${found:-?}/${acked:-?} acked records found, ${retired:-?} retired by retention"
 done
 
-for m in plain rotation recovery; do
+# Each mode's last verify covers every cycle of that mode.
+found_total=0
+retired_total=0
+for m in plain rotation retention recovery; do
   [ -f "$work/$m/verify.json" ] || continue
-  a=$(sed -n 's/.*"acked": *\([0-9]*\).*/\1/p' "$work/$m/verify.json" | head -n 1)
+  a=$(json_count acked "$work/$m/verify.json")
+  f=$(json_count acked_found "$work/$m/verify.json")
+  r=$(json_count retired_by_retention "$work/$m/verify.json")
   acked_total=$((acked_total + ${a:-0}))
+  found_total=$((found_total + ${f:-0}))
+  retired_total=$((retired_total + ${r:-0}))
+  echo "crash-loop: $m: ${a:-0} acknowledged, ${f:-0} verified, ${r:-0} retired by retention"
 done
 if [ "$failures" -ne 0 ]; then
   echo "crash-loop: FAILED at cycle $cycle (seed $seed); data and logs kept in $work" >&2
   exit 1
 fi
-echo "crash-loop: $cycles cycles, 0 lost or corrupted records, $acked_total acknowledged records verified at the end, $stalls restarts stalled (daemon unresponsive, killed and restarted) (seed $seed)"
+echo "crash-loop: $cycles cycles, 0 lost or corrupted records; of $acked_total acknowledged records $found_total verified at the end and $retired_total retired by retention; $stalls restarts stalled (daemon unresponsive, killed and restarted) (seed $seed)"
 rm -rf "$work"
