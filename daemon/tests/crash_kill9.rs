@@ -247,11 +247,22 @@ fn run_cycles(name: &str, retention_bytes: Option<u64>) {
             })
             .collect();
         // Wait for some acks (not a duration: the machine may be slow), then a random extra.
+        // With retention, the last cycle also waits until twice the shards' retention has been
+        // acknowledged over the run, so that retention must have deleted something.
         let before = acked.lock().expect("acked lock").len();
-        while acked.lock().expect("acked lock").len() < before + 20 {
+        let bytes_needed = match retention_bytes {
+            Some(r) if cycle == CYCLES - 1 => 2 * r * u64::from(SHARDS),
+            _ => 0,
+        };
+        let waiting = || {
+            let acked = acked.lock().expect("acked lock");
+            let bytes: u64 = acked.iter().flat_map(|a| &a.payloads).map(|p| p.len() as u64).sum();
+            acked.len() < before + 20 || bytes < bytes_needed
+        };
+        while waiting() {
             assert!(
                 threads.iter().any(|t| !t.is_finished()),
-                "cycle {cycle}: every writer stopped before 20 acks:\n{}",
+                "cycle {cycle}: every writer stopped before 20 acks (and {bytes_needed} bytes):\n{}",
                 d.stderr()
             );
             std::thread::sleep(Duration::from_millis(5));
