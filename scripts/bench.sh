@@ -317,7 +317,7 @@ mkdir -p "$ROOT/docs"
 } >"$RESULTS/env.txt"
 
 python3 - "$RESULTS" "$ROOT/docs/BENCHMARKS.md" <<'PY'
-import csv, glob, json, os, sys
+import csv, glob, json, os, re, sys
 
 results, out_path = sys.argv[1], sys.argv[2]
 env = dict(line.rstrip("\n").split("=", 1) for line in open(os.path.join(results, "env.txt")) if "=" in line)
@@ -564,6 +564,22 @@ if os.path.exists(engine) and os.path.getsize(engine) > 0:
         if line.strip() and not line.startswith(("running", "test ", "Running")):
             w(line.rstrip())
     w("```")
+    w("")
+    rows = []
+    for line in open(engine):
+        m = re.match(r"^(shard \w+, c=\d+)\s+(\d+)\s+(\d+)\s+(\d+)", line)
+        if m:
+            rows.append((m.group(1), int(m.group(2)), int(m.group(3)), int(m.group(4))))
+    if rows and fio4k and fio4k_p50:
+        w(f"Against the device floor measured by fio in this run on the same file system (4 KiB O_DIRECT write + "
+          f"fdatasync: {fio4k['iops']:.0f} commits/s, p50 {fmt_us(fio4k_p50)}): `x fio` is appends/s against "
+          f"fio's commits/s, `p50 / fio` the append p50 against fio's write + fdatasync p50.")
+        w("")
+        w("| run | appends/s | x fio | p50 | p50 / fio | p99 |")
+        w("|---|---|---|---|---|---|")
+        for name, rate_, p50, p99 in rows:
+            w(f"| {name} | {fmt_n(rate_)} | {rate_ / fio4k['iops']:.2f}x | {fmt_us(p50)} | "
+              f"{p50 / fio4k_p50:.2f}x | {fmt_us(p99)} |")
 else:
     w("(not measured in this run)")
 w("")
