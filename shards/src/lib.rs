@@ -75,7 +75,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 pub use error::ShardError;
-pub use shard::{Shard, ShardStats};
+pub use shard::{Shard, ShardStats, Ticket};
 pub use stall_guard::{StallGuard, STALL_GUARD_IDLE_INTERVAL, STALL_GUARD_INTERVAL_DEFAULT};
 
 /// Log sequence number. The lsns of a shard start at 1; `Lsn(0)` means "nothing".

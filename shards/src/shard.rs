@@ -284,14 +284,17 @@ impl Shard {
         records: &[RecordRef<'_>],
         ack: AckLevel,
     ) -> impl Future<Output = Result<Receipt, ShardError>> + 'static {
-        let queued = self.inner.enqueue(stream, records, ack);
-        async move {
-            let (receipt, slot) = queued?;
-            if let Some(slot) = slot {
-                wait_slot(&slot, ack).await?;
-            }
-            Ok(receipt)
-        }
+        let queued = self.enqueue(stream, records, ack);
+        async move { queued?.await }
+    }
+
+    /// [`Shard::append`] without the `async` wrapper: the append is enqueued (or refused) now and
+    /// the returned [`Ticket`] resolves at the requested `ack` level. A ticket is a plain,
+    /// nameable future, so one task can hold many of them (e.g. in a queue polled in lsn order)
+    /// instead of spawning a task per append.
+    pub fn enqueue(&self, stream: u64, records: &[RecordRef<'_>], ack: AckLevel) -> Result<Ticket, ShardError> {
+        let (receipt, slot) = self.inner.enqueue(stream, records, ack)?;
+        Ok(Ticket { receipt, slot, ack })
     }
 
     /// Reads durable records from `from` on, across segments, optionally only of `stream`, up to
@@ -427,24 +430,52 @@ fn background_queue() -> glommio::TaskQueueHandle {
     })
 }
 
-async fn wait_slot(slot: &Rc<Slot>, ack: AckLevel) -> Result<(), ShardError> {
-    poll_fn(|cx| {
+/// An enqueued append: resolves with its [`Receipt`] once the records reach the requested
+/// [`AckLevel`], or with the error that prevented it (see [`Shard::append`]).
+///
+/// Tickets of one shard and one ack level resolve in lsn order: commits complete in order, and a
+/// failure fails every later append too. So a holder of many tickets only needs to poll the
+/// oldest one; it learns about the others when that one is ready.
+#[must_use = "a ticket does nothing unless polled; dropping it only gives up the answer"]
+pub struct Ticket {
+    receipt: Receipt,
+    slot: Option<Rc<Slot>>,
+    ack: AckLevel,
+}
+
+impl Ticket {
+    /// The lsns the append was given.
+    pub fn receipt(&self) -> Receipt {
+        self.receipt
+    }
+}
+
+impl Future for Ticket {
+    type Output = Result<Receipt, ShardError>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        let Some(slot) = &self.slot else {
+            return Poll::Ready(Ok(self.receipt));
+        };
         let mut state = slot.state.borrow_mut();
         match &*state {
-            SlotState::Durable => Poll::Ready(Ok(())),
-            SlotState::Written if ack == AckLevel::Written => Poll::Ready(Ok(())),
+            SlotState::Durable => Poll::Ready(Ok(self.receipt)),
+            SlotState::Written if self.ack == AckLevel::Written => Poll::Ready(Ok(self.receipt)),
             SlotState::Failed(_) => match std::mem::replace(&mut *state, SlotState::Taken) {
                 SlotState::Failed(e) => Poll::Ready(Err(e)),
                 _ => unreachable!("matched Failed above"),
             },
             SlotState::Taken => Poll::Ready(Err(ShardError::Closed)),
             SlotState::Queued | SlotState::Written => {
-                *slot.waker.borrow_mut() = Some(cx.waker().clone());
+                let mut waker = slot.waker.borrow_mut();
+                match &*waker {
+                    Some(w) if w.will_wake(cx.waker()) => {}
+                    _ => *waker = Some(cx.waker().clone()),
+                }
                 Poll::Pending
             }
         }
-    })
-    .await
+    }
 }
 
 /// The committer task: builds and submits commits until the shard closes.
