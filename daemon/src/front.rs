@@ -15,13 +15,12 @@ use std::future::poll_fn;
 use std::os::unix::io::FromRawFd;
 use std::pin::Pin;
 use std::rc::{Rc, Weak};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_lite::future;
 use futures_lite::io::{AsyncRead, AsyncWrite};
-use glommio::channels::shared_channel::ConnectedSender;
 use glommio::net::{TcpListener, TcpStream};
 use glommio::sync::Semaphore;
 use proto::codec::{self, Encoder};
@@ -30,7 +29,7 @@ use proto::wire::{self, ErrorCode, RequestBody};
 use proto::DecodeError;
 
 use crate::notify::Notify;
-use crate::ring::{ConnId, FromShard, ReadArgs, Reply, ToShard};
+use crate::ring::{Completion, ConnId, FromShard, Latch, ReadArgs, Reply, RingSender, ToShard};
 use crate::shard_server::{ReplyTo, ShardServer};
 
 /// Budget reserved for a small response (Appended, Pong, HelloOk, Error).
@@ -42,13 +41,18 @@ const STATS_RESPONSE_BYTES_PER_SHARD: usize = 256;
 /// client reads it.
 const LINGER: Duration = Duration::from_millis(200);
 const LINGER_BYTES_MAX: usize = 1 << 20;
-/// How often the front looks at the process-wide shutdown flag.
-const SHUTDOWN_POLL: Duration = Duration::from_millis(20);
 /// How long shutdown waits for connections to drain before dropping those whose clients do not
 /// read their responses.
 pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(10);
 /// A writer keeps at most this much buffer capacity while idle.
 const IDLE_BUFFER_BYTES: usize = 64 << 10;
+/// Request frame buffers kept for reuse (they come back from the shards with the answers).
+const FRAME_POOL_MAX: usize = 1024;
+/// A frame buffer larger than this is freed instead of kept for reuse. Frames this large are rare
+/// and their copy costs more than their allocation; the bound keeps an idle front from holding
+/// more than `FRAME_POOL_MAX * FRAME_POOL_BUFFER_BYTES_MAX` after a burst of large frames.
+const FRAME_POOL_BUFFER_BYTES_MAX: usize = 16 << 10;
+const _: () = assert!(FRAME_POOL_MAX * FRAME_POOL_BUFFER_BYTES_MAX <= 16 << 20);
 
 /// Counters of one front executor; only that executor writes them, anyone may read.
 #[derive(Debug, Default)]
@@ -71,7 +75,11 @@ pub struct FrontShared {
     pub counters: Vec<FrontCounters>,
     /// Open connections across all fronts.
     pub connections: AtomicUsize,
-    pub shutdown: Arc<AtomicBool>,
+    /// Set once on SIGTERM/SIGINT; wakes the fronts directly (nothing polls it).
+    pub shutdown: Arc<Latch>,
+    /// Set by the main thread once every shard is open: fronts accept only after it, so no
+    /// request reaches a shard that is still recovering.
+    pub shards_open: Latch,
 }
 
 impl FrontShared {
@@ -101,8 +109,9 @@ pub struct FrontConfig {
 /// How a front reaches one shard.
 #[derive(Clone)]
 pub enum ShardLink {
-    Ring(Rc<ConnectedSender<ToShard>>),
-    /// The shard runs on this executor (single-core layout).
+    Ring(Rc<RingSender<ToShard>>),
+    /// The shard runs on this executor (single-core layout); the front registers with it in
+    /// [`Front::new`].
     Local(Rc<ShardServer>),
 }
 
@@ -126,6 +135,10 @@ pub struct Front {
     gathers: RefCell<HashMap<u64, Gather>>,
     encoder: RefCell<Encoder>,
     stop_accept: Notify,
+    /// Request frame buffers to reuse.
+    frame_pool: RefCell<Vec<Vec<u8>>>,
+    /// This front's index at the shard on its own executor, if there is one.
+    local_index: Cell<usize>,
     me: Weak<Front>,
 }
 
@@ -162,7 +175,7 @@ impl Front {
     ) -> Rc<Front> {
         assert_eq!(links.len(), shard_count as usize);
         assert!(cfg.conn_budget_bytes >= SMALL_RESPONSE_BYTES + FRAME_HEADER_BYTES);
-        Rc::new_cyclic(|me| Front {
+        let front = Rc::new_cyclic(|me| Front {
             index,
             shard_count,
             cfg,
@@ -174,8 +187,17 @@ impl Front {
             gathers: RefCell::new(HashMap::new()),
             encoder: RefCell::new(Encoder::new()),
             stop_accept: Notify::default(),
+            frame_pool: RefCell::new(Vec::new()),
+            local_index: Cell::new(usize::MAX),
             me: me.clone(),
-        })
+        });
+        for link in &front.links {
+            if let ShardLink::Local(server) = link {
+                let index = server.add_front(ReplyTo::Local(Rc::downgrade(&front)));
+                front.local_index.set(index);
+            }
+        }
+        front
     }
 
     fn rc(&self) -> Rc<Front> {
@@ -194,9 +216,7 @@ impl Front {
         let watcher = {
             let this = self.clone();
             glommio::spawn_local(async move {
-                while !this.shared.shutdown.load(Ordering::Relaxed) {
-                    glommio::timer::sleep(SHUTDOWN_POLL).await;
-                }
+                this.shared.shutdown.wait().await;
                 this.stop_accept.notify();
             })
         };
@@ -315,7 +335,11 @@ impl Front {
             // everything it has read.
             loop {
                 let payload = match frames.next_frame() {
-                    Ok(Some(p)) => p.to_vec(),
+                    Ok(Some(p)) => {
+                        let mut buf = self.frame_pool.borrow_mut().pop().unwrap_or_default();
+                        buf.extend_from_slice(p);
+                        buf
+                    }
                     Ok(None) => break,
                     Err(e) => {
                         self.protocol_error(&conn, 0, &e).await;
@@ -526,7 +550,7 @@ impl Front {
         match &self.links[shard as usize] {
             ShardLink::Ring(tx) => tx.send(msg).await.is_ok(),
             ShardLink::Local(server) => {
-                server.handle(msg, ReplyTo::Local(self.rc()));
+                server.handle(msg, self.local_index.get());
                 true
             }
         }
@@ -535,18 +559,31 @@ impl Front {
     /// A completion from a shard (through a ring or directly).
     pub fn deliver(&self, msg: FromShard) {
         match msg {
-            FromShard::Reply {
-                conn,
-                id,
-                reserved,
-                reply,
-            } => {
-                let Some(c) = self.conns.borrow().get(&conn).cloned() else {
-                    // The connection is gone only if it completed everything; a reply without
-                    // one is a bug in the in-flight accounting.
-                    panic!("reply {id} for connection {conn}, which has nothing in flight");
-                };
-                self.complete(&c, id, reserved, reply);
+            FromShard::Replies { replies, spent_frames } => {
+                for Completion {
+                    conn,
+                    id,
+                    reserved,
+                    reply,
+                } in replies
+                {
+                    let Some(c) = self.conns.borrow().get(&conn).cloned() else {
+                        // The connection is gone only if it completed everything; a reply
+                        // without one is a bug in the in-flight accounting.
+                        panic!("reply {id} for connection {conn}, which has nothing in flight");
+                    };
+                    self.complete(&c, id, reserved, reply);
+                }
+                let mut pool = self.frame_pool.borrow_mut();
+                for mut frame in spent_frames {
+                    if pool.len() >= FRAME_POOL_MAX {
+                        break;
+                    }
+                    if frame.capacity() <= FRAME_POOL_BUFFER_BYTES_MAX {
+                        frame.clear();
+                        pool.push(frame);
+                    }
+                }
             }
             FromShard::Stats { token, stats } => self.stats_part(token, Some(*stats)),
         }

@@ -1,20 +1,33 @@
-//! Messages on the cross-executor rings between front executors and shard executors.
+//! Messages on the cross-executor rings between front executors and shard executors, and the
+//! rings themselves.
 //!
-//! Each (front, shard) pair has two bounded glommio `shared_channel`s: requests one way,
-//! completions back. A front that finds a request ring full stops reading the connection that
-//! wants to send, so a slow shard pushes back on its clients through TCP. The completion side
-//! never blocks for long: the front only appends each completion to a connection's outbound
-//! buffer, whose size the connection's budget already bounds.
+//! Each (front, shard) pair has two bounded single-producer single-consumer [`channel`]s:
+//! requests one way, completions back. A front that finds a request ring full stops reading the
+//! connection that wants to send, so a slow shard pushes back on its clients through TCP. The
+//! completion side never blocks for long: the front only appends each completion to a
+//! connection's outbound buffer, whose size the connection's budget already bounds.
 //!
-//! Why `shared_channel` and not `channel_mesh`: the topology is bipartite and one-directional per
-//! channel (fronts send requests, shards send completions), which a full mesh of every executor
-//! to every other does not express, and a mesh cannot include a front and a shard that share one
-//! executor (the single-core layout calls the shard directly instead). Measured on this machine
-//! class (shared/FACTS.md), a bounded `shared_channel` moves 3.8-7.3M msgs/s core to core against
-//! 2.5-4.0M/s for `channel_mesh`, both far above what the disk commits, so the choice is about
-//! shape, not speed. Messages are small: an append carries its request frame as one `Vec<u8>`
-//! (moved, not copied), which the shard reads through the FlatBuffers view.
+//! Why not glommio's `shared_channel`: its receiver notifies the sender's executor after *every*
+//! message it takes, so that a sender waiting for room can proceed. When that executor is asleep
+//! (always, at low load) the notification is an eventfd write and a wake-up that finds nothing to
+//! do. Traced at one connection with one append in flight, that made three wake-ups per request
+//! on each of the front and the shard executor instead of two, and each wake-up of a glommio
+//! executor costs several `io_uring_enter` calls and a `membarrier` (an IPI to every CPU of the
+//! process). [`channel`] wakes the other side only when it is actually waiting: the receiver
+//! when it is parked on an empty ring, the sender only when it is parked on a full one. The
+//! wake-up itself is the task's own `Waker`, which glommio delivers across executors through the
+//! target executor's foreign-wake queue and eventfd.
+//!
+//! Messages are small: an append carries its request frame as one `Vec<u8>` (moved, not copied),
+//! which the shard reads through the FlatBuffers view and sends back with a later batch of
+//! completions, so frame buffers are allocated and freed on the front's thread only.
 
+use std::future::poll_fn;
+use std::sync::atomic::{fence, AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Poll, Waker};
+
+use crossbeam_queue::ArrayQueue;
 use proto::wire::{ErrorCode, ShardStatsT};
 
 /// A front-local connection number; 0 is never used.
@@ -53,18 +66,26 @@ pub struct ReadArgs {
 /// Shard to front.
 #[derive(Debug)]
 pub enum FromShard {
-    /// The answer to one request of connection `conn`; `reserved` budget bytes are returned to
-    /// the connection once the reply is written to its socket.
-    Reply {
-        conn: ConnId,
-        id: u64,
-        reserved: usize,
-        reply: Reply,
+    /// Answers that became ready together, and the request frames the shard has finished with
+    /// (returned so the front can reuse them).
+    Replies {
+        replies: Vec<Completion>,
+        spent_frames: Vec<Vec<u8>>,
     },
     Stats {
         token: u64,
         stats: Box<ShardStatsT>,
     },
+}
+
+/// The answer to one request of connection `conn`; `reserved` budget bytes are returned to the
+/// connection once the reply is written to its socket.
+#[derive(Debug)]
+pub struct Completion {
+    pub conn: ConnId,
+    pub id: u64,
+    pub reserved: usize,
+    pub reply: Reply,
 }
 
 #[derive(Debug)]
@@ -87,4 +108,311 @@ pub enum Reply {
         first_available_lsn: u64,
         message: String,
     },
+}
+
+/// Tasks of one executor waiting for another executor to act. Several tasks may wait at once:
+/// every connection of a front sends on the same request ring, so when it is full each of their
+/// readers waits for room.
+#[derive(Default)]
+struct Parked {
+    waiting: AtomicBool,
+    wakers: Mutex<Vec<Waker>>,
+}
+
+impl Parked {
+    /// Registers `waker`. The caller must look at its condition again afterwards (the
+    /// `fence(SeqCst)` here orders that), or it may miss an `unpark` that came just before.
+    fn park(&self, waker: &Waker) {
+        {
+            let mut wakers = self.wakers.lock().unwrap_or_else(|e| e.into_inner());
+            if !wakers.iter().any(|w| w.will_wake(waker)) {
+                wakers.push(waker.clone());
+            }
+        }
+        self.waiting.store(true, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+    }
+
+    /// Wakes every parked task, if any. The caller changed the condition first and issued a
+    /// `fence(SeqCst)` after it. A task that finds the condition still false parks again.
+    fn unpark(&self) {
+        if self.waiting.load(Ordering::Relaxed) && self.waiting.swap(false, Ordering::SeqCst) {
+            let wakers = std::mem::take(&mut *self.wakers.lock().unwrap_or_else(|e| e.into_inner()));
+            for w in wakers {
+                w.wake();
+            }
+        }
+    }
+}
+
+struct Shared<T> {
+    queue: ArrayQueue<T>,
+    /// The receiver waits for a message.
+    receiver: Parked,
+    /// The sender waits for room.
+    sender: Parked,
+    sender_closed: AtomicBool,
+    receiver_closed: AtomicBool,
+}
+
+/// A bounded channel from one executor to another (single producer, single consumer).
+pub fn channel<T: Send>(capacity: usize) -> (RingSender<T>, RingReceiver<T>) {
+    assert!(capacity > 0);
+    let shared = Arc::new(Shared {
+        queue: ArrayQueue::new(capacity),
+        receiver: Parked::default(),
+        sender: Parked::default(),
+        sender_closed: AtomicBool::new(false),
+        receiver_closed: AtomicBool::new(false),
+    });
+    (RingSender { shared: shared.clone() }, RingReceiver { shared })
+}
+
+/// The sending end; closing or dropping it ends the receiver once the ring is drained.
+pub struct RingSender<T> {
+    shared: Arc<Shared<T>>,
+}
+
+impl<T> RingSender<T> {
+    /// Sends `item`, waiting while the ring is full. `Err(item)` if the receiver is gone.
+    pub async fn send(&self, item: T) -> Result<(), T> {
+        let shared = &*self.shared;
+        let mut item = Some(item);
+        poll_fn(|cx| {
+            let it = item.take().expect("not polled after completion");
+            if shared.receiver_closed.load(Ordering::Acquire) {
+                return Poll::Ready(Err(it));
+            }
+            let it = match shared.queue.push(it) {
+                Ok(()) => {
+                    self.pushed();
+                    return Poll::Ready(Ok(()));
+                }
+                Err(it) => it,
+            };
+            shared.sender.park(cx.waker());
+            // The waker stays registered if the retry succeeds: the next `unpark` wakes this task
+            // once for nothing, which is cheaper than finding it in the list again.
+            match shared.queue.push(it) {
+                Ok(()) => {
+                    self.pushed();
+                    Poll::Ready(Ok(()))
+                }
+                Err(it) if shared.receiver_closed.load(Ordering::Acquire) => Poll::Ready(Err(it)),
+                Err(it) => {
+                    item = Some(it);
+                    Poll::Pending
+                }
+            }
+        })
+        .await
+    }
+
+    fn pushed(&self) {
+        fence(Ordering::SeqCst);
+        self.shared.receiver.unpark();
+    }
+
+    /// Closes the ring: the receiver gets what is queued, then `None`.
+    pub fn close(&self) {
+        if !self.shared.sender_closed.swap(true, Ordering::SeqCst) {
+            fence(Ordering::SeqCst);
+            self.shared.receiver.unpark();
+        }
+    }
+}
+
+impl<T> Drop for RingSender<T> {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// The receiving end.
+pub struct RingReceiver<T> {
+    shared: Arc<Shared<T>>,
+}
+
+impl<T> RingReceiver<T> {
+    /// The next message; `None` once the sender has closed and everything was received.
+    pub async fn recv(&self) -> Option<T> {
+        let shared = &*self.shared;
+        poll_fn(|cx| {
+            if let Some(item) = self.try_recv() {
+                return Poll::Ready(Some(item));
+            }
+            if shared.sender_closed.load(Ordering::SeqCst) {
+                return Poll::Ready(self.try_recv());
+            }
+            shared.receiver.park(cx.waker());
+            if let Some(item) = self.try_recv() {
+                return Poll::Ready(Some(item));
+            }
+            if shared.sender_closed.load(Ordering::SeqCst) {
+                return Poll::Ready(self.try_recv());
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// A message, if one is queued.
+    pub fn try_recv(&self) -> Option<T> {
+        let item = self.shared.queue.pop()?;
+        fence(Ordering::SeqCst);
+        self.shared.sender.unpark();
+        Some(item)
+    }
+}
+
+impl<T> Drop for RingReceiver<T> {
+    fn drop(&mut self) {
+        self.shared.receiver_closed.store(true, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        self.shared.sender.unpark();
+    }
+}
+
+/// A one-way flag that tasks on any executor can wait for, set from any thread (shutdown, "all
+/// shards are open"). Waiting costs nothing until it is set: no timer polls it.
+#[derive(Default)]
+pub struct Latch {
+    set: AtomicBool,
+    waiters: Mutex<Vec<Waker>>,
+}
+
+impl std::fmt::Debug for Latch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Latch").field("set", &self.is_set()).finish()
+    }
+}
+
+impl Latch {
+    /// Sets the flag and wakes every waiter. Returns whether it was already set.
+    pub fn set(&self) -> bool {
+        let was = self.set.swap(true, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        let waiters = std::mem::take(&mut *self.waiters.lock().unwrap_or_else(|e| e.into_inner()));
+        for w in waiters {
+            w.wake();
+        }
+        was
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.set.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once the flag is set.
+    pub async fn wait(&self) {
+        poll_fn(|cx| {
+            if self.is_set() {
+                return Poll::Ready(());
+            }
+            {
+                let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+                if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                    waiters.push(cx.waker().clone());
+                }
+            }
+            fence(Ordering::SeqCst);
+            if self.is_set() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_cross_executors_in_order_and_close_ends_the_receiver() {
+        let (tx, rx) = channel::<u64>(4);
+        let count = 10_000u64;
+        let producer = glommio::LocalExecutorBuilder::default()
+            .spawn(move || async move {
+                for i in 0..count {
+                    tx.send(i).await.expect("receiver is alive");
+                }
+                tx.close();
+            })
+            .unwrap();
+        let consumer = glommio::LocalExecutorBuilder::default()
+            .spawn(move || async move {
+                let mut next = 0;
+                while let Some(i) = rx.recv().await {
+                    assert_eq!(i, next);
+                    next += 1;
+                }
+                next
+            })
+            .unwrap();
+        producer.join().unwrap();
+        assert_eq!(consumer.join().unwrap(), count);
+    }
+
+    #[test]
+    fn many_tasks_waiting_for_room_are_all_woken() {
+        let (tx, rx) = channel::<u64>(2);
+        let (tasks, each) = (16u64, 1_000u64);
+        let producer = glommio::LocalExecutorBuilder::default()
+            .spawn(move || async move {
+                let tx = std::rc::Rc::new(tx);
+                let senders: Vec<_> = (0..tasks)
+                    .map(|_| {
+                        let tx = tx.clone();
+                        glommio::spawn_local(async move {
+                            for i in 0..each {
+                                tx.send(i).await.expect("receiver is alive");
+                            }
+                        })
+                    })
+                    .collect();
+                for s in senders {
+                    s.await;
+                }
+            })
+            .unwrap();
+        let consumer = glommio::LocalExecutorBuilder::default()
+            .spawn(move || async move {
+                let mut received = 0;
+                while rx.recv().await.is_some() {
+                    received += 1;
+                }
+                received
+            })
+            .unwrap();
+        producer.join().unwrap();
+        assert_eq!(consumer.join().unwrap(), tasks * each);
+    }
+
+    #[test]
+    fn send_fails_once_the_receiver_is_gone() {
+        let (tx, rx) = channel::<u8>(1);
+        drop(rx);
+        let ex = glommio::LocalExecutorBuilder::default()
+            .spawn(move || async move { tx.send(7).await })
+            .unwrap();
+        assert_eq!(ex.join().unwrap(), Err(7));
+    }
+
+    #[test]
+    fn latch_wakes_a_waiter_on_another_executor() {
+        let latch = Arc::new(Latch::default());
+        let waiter = {
+            let latch = latch.clone();
+            glommio::LocalExecutorBuilder::default()
+                .spawn(move || async move { latch.wait().await })
+                .unwrap()
+        };
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(!latch.set());
+        waiter.join().unwrap();
+        assert!(latch.is_set());
+    }
 }

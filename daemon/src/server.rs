@@ -14,22 +14,17 @@ use std::net::SocketAddr;
 use std::os::unix::io::RawFd;
 use std::path::PathBuf;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
-
-use glommio::channels::shared_channel::{self, SharedReceiver, SharedSender};
 
 use crate::checks;
 use crate::config::ServeArgs;
 use crate::faults::{self, FaultSpec};
 use crate::front::{Front, FrontConfig, FrontCounters, FrontShared, ShardLink};
 use crate::plan::{self, Plan};
-use crate::ring::{FromShard, ToShard};
+use crate::ring::{self, FromShard, Latch, RingReceiver, RingSender, ToShard};
 use crate::shard_server::{ReplyTo, ShardServer};
-
-/// How often a shard executor looks at the shutdown flag.
-const SHUTDOWN_POLL: Duration = Duration::from_millis(20);
 
 /// A failure that stops the daemon, with the message for the operator.
 #[derive(Debug, thiserror::Error)]
@@ -65,7 +60,7 @@ struct Bundle {
     name: String,
     front: Option<FrontPart>,
     shard: Option<ShardPart>,
-    shutdown: Arc<AtomicBool>,
+    shutdown: Arc<Latch>,
 }
 
 struct FrontPart {
@@ -75,9 +70,9 @@ struct FrontPart {
     cfg: FrontConfig,
     shared: Arc<FrontShared>,
     /// Per shard: the request ring's sending end, or `None` if the shard is on this executor.
-    to_shards: Vec<Option<SharedSender<ToShard>>>,
+    to_shards: Vec<Option<RingSender<ToShard>>>,
     /// Completion rings from every shard on another executor.
-    from_shards: Vec<SharedReceiver<FromShard>>,
+    from_shards: Vec<RingReceiver<FromShard>>,
 }
 
 struct ShardPart {
@@ -87,7 +82,7 @@ struct ShardPart {
     opts: shards::ShardOptions,
     faults: Vec<FaultSpec>,
     /// One (requests in, completions out) pair per front on another executor.
-    rings: Vec<(SharedReceiver<ToShard>, SharedSender<FromShard>)>,
+    rings: Vec<(RingReceiver<ToShard>, RingSender<FromShard>)>,
     ready: mpsc::Sender<Ready>,
 }
 
@@ -159,16 +154,17 @@ pub fn serve(args: ServeArgs) -> Result<(), ServeError> {
         "starting"
     );
 
-    let shutdown = Arc::new(AtomicBool::new(false));
+    let shutdown = Arc::new(Latch::default());
     install_signal_handler(shutdown.clone())?;
 
     let shared = Arc::new(FrontShared {
         counters: (0..plan.front_count).map(|_| FrontCounters::default()).collect(),
         connections: AtomicUsize::new(0),
         shutdown: shutdown.clone(),
+        shards_open: Latch::default(),
     });
     let (ready_tx, ready_rx) = mpsc::channel();
-    let bundles = make_bundles(&plan, &args, &data_dir, fds, shared, &fault_specs, ready_tx);
+    let bundles = make_bundles(&plan, &args, &data_dir, fds, shared.clone(), &fault_specs, ready_tx);
 
     let mut handles = Vec::new();
     for (bundle, exec) in bundles.into_iter().zip(&plan.executors) {
@@ -210,6 +206,7 @@ pub fn serve(args: ServeArgs) -> Result<(), ServeError> {
             }
         }
     }
+    shared.shards_open.set();
     {
         use std::io::Write;
         let mut out = std::io::stdout().lock();
@@ -290,8 +287,8 @@ fn make_bundles(
                 bundles[fe].front.as_mut().expect("front").to_shards.push(None);
                 continue;
             }
-            let (req_tx, req_rx) = shared_channel::new_bounded(args.ring_capacity);
-            let (rep_tx, rep_rx) = shared_channel::new_bounded(args.ring_capacity);
+            let (req_tx, req_rx) = ring::channel(args.ring_capacity);
+            let (rep_tx, rep_rx) = ring::channel(args.ring_capacity);
             let front = bundles[fe].front.as_mut().expect("front");
             front.to_shards.push(Some(req_tx));
             front.from_shards.push(rep_rx);
@@ -325,11 +322,10 @@ async fn executor_main(bundle: Bundle) -> Result<(), String> {
         shutdown,
     } = bundle;
     // glommio 0.9 can park an executor that still has runnable tasks (see `shards::StallGuard`);
-    // the guard bounds that, and its wake-ups also keep the reactor turning while the rings
-    // connect (step 2).
+    // the guard bounds that.
     let _guard = shards::StallGuard::install(shards::STALL_GUARD_INTERVAL_DEFAULT);
-    // 1. Open the shard before connecting any ring: fronts wait on the connection, so no
-    //    request arrives before recovery is done.
+    // 1. Open the shard. Fronts accept connections only once the main thread has heard from
+    //    every shard (`FrontShared::shards_open`), so no request arrives before recovery is done.
     let mut shard_rings = Vec::new();
     let server = match shard {
         None => None,
@@ -362,85 +358,35 @@ async fn executor_main(bundle: Bundle) -> Result<(), String> {
         }
     };
 
-    // 2. Connect every ring end concurrently: connecting waits for the peer, and executors
-    //    connect in different orders. glommio wakes a task waiting for its peer to connect only
-    //    when this executor's reactor runs, and the peer connecting does not wake it: the stall
-    //    guard's wake-ups keep the reactor turning, without them an executor that parked first
-    //    would sleep forever.
-    let shard_side: Vec<_> = shard_rings
-        .into_iter()
-        .map(|(rx, tx)| glommio::spawn_local(async move { (rx.connect().await, tx.connect().await) }))
-        .collect();
-    let mut front = front;
-    tracing::debug!(executor = %name, "connecting rings");
-    let front_side = front.as_mut().map(|f| {
-        let to: Vec<_> = std::mem::take(&mut f.to_shards)
-            .into_iter()
-            .map(|tx| {
-                glommio::spawn_local(async move {
-                    match tx {
-                        Some(tx) => Some(tx.connect().await),
-                        None => None,
-                    }
-                })
-            })
-            .collect();
-        let from: Vec<_> = std::mem::take(&mut f.from_shards)
-            .into_iter()
-            .map(|rx| glommio::spawn_local(async move { rx.connect().await }))
-            .collect();
-        (to, from)
-    });
-
-    // 3. The shard side: one receiver task per front ring.
-    let mut shard_ends = Vec::new();
-    for task in shard_side {
-        shard_ends.push(task.await);
-    }
-    let front_ends = match front_side {
-        None => None,
-        Some((to, from)) => {
-            let mut to_ends = Vec::new();
-            for task in to {
-                to_ends.push(task.await);
-                tracing::debug!(executor = %name, n = to_ends.len(), "request ring connected");
-            }
-            let mut from_ends = Vec::new();
-            for task in from {
-                from_ends.push(task.await);
-                tracing::debug!(executor = %name, n = from_ends.len(), "completion ring connected");
-            }
-            Some((to_ends, from_ends))
-        }
-    };
-    tracing::debug!(executor = %name, "rings connected");
+    // 2. The shard side: one receiver task per front ring, and the task that answers appends.
     let mut receivers = Vec::new();
-    for (rx, tx) in shard_ends {
+    for (rx, tx) in shard_rings {
         let server = server.clone().expect("rings only on shard executors");
-        let reply_to = ReplyTo::Ring(Rc::new(tx));
+        let front = server.add_front(ReplyTo::Ring(Rc::new(tx)));
         receivers.push(glommio::spawn_local(async move {
             while let Some(msg) = rx.recv().await {
-                server.handle(msg, reply_to.clone());
+                server.handle(msg, front);
             }
         }));
     }
+    let acker = server.clone().map(|server| glommio::spawn_local(server.acker()));
     if let Some(server) = &server {
         let server = server.clone();
         let shutdown = shutdown.clone();
         glommio::spawn_local(async move {
-            while !shutdown.load(Ordering::Relaxed) {
-                glommio::timer::sleep(SHUTDOWN_POLL).await;
-            }
+            shutdown.wait().await;
             server.begin_stop();
         })
         .detach();
     }
 
-    // 4. The front: run until shutdown has drained every connection.
-    if let (Some(part), Some((to, from))) = (front, front_ends) {
-        let mut links = Vec::new();
-        for (shard, end) in to.into_iter().enumerate() {
-            links.push(match end {
+    // 3. The front: run until shutdown has drained every connection.
+    if let Some(part) = front {
+        let links = part
+            .to_shards
+            .into_iter()
+            .enumerate()
+            .map(|(shard, end)| match end {
                 Some(tx) => ShardLink::Ring(Rc::new(tx)),
                 None => ShardLink::Local(
                     server
@@ -448,11 +394,12 @@ async fn executor_main(bundle: Bundle) -> Result<(), String> {
                         .filter(|s| s.id as usize == shard)
                         .expect("a local shard runs on this executor"),
                 ),
-            });
-        }
+            })
+            .collect();
+        let shared = part.shared.clone();
         let front = Front::new(part.index, part.shard_count, part.cfg, part.shared, links);
         let mut completions = Vec::new();
-        for rx in from {
+        for rx in part.from_shards {
             let front = front.clone();
             completions.push(glommio::spawn_local(async move {
                 while let Some(msg) = rx.recv().await {
@@ -460,6 +407,8 @@ async fn executor_main(bundle: Bundle) -> Result<(), String> {
                 }
             }));
         }
+        shared.shards_open.wait().await;
+        tracing::debug!(executor = %name, "shards open; accepting");
         front.clone().run(part.listener_fd).await;
         // The request rings are closed; each shard closes its completion ring once it has sent
         // everything.
@@ -468,11 +417,16 @@ async fn executor_main(bundle: Bundle) -> Result<(), String> {
         }
     }
 
-    // 5. The shard: once every front has closed its ring, commit, sync and close.
+    // 4. The shard: once every front has closed its ring (so every request was answered),
+    //    stop the acker, then commit, sync and close.
     for r in receivers {
         r.await;
     }
     if let Some(server) = server {
+        server.stop_acker();
+        if let Some(acker) = acker {
+            acker.await;
+        }
         let id = server.id;
         let shard = server.shard().clone();
         drop(server);
@@ -586,7 +540,7 @@ fn local_addr(fd: RawFd) -> std::io::Result<SocketAddr> {
 }
 
 /// First SIGTERM/SIGINT: start a graceful shutdown. Second: exit at once.
-fn install_signal_handler(shutdown: Arc<AtomicBool>) -> Result<(), ServeError> {
+fn install_signal_handler(shutdown: Arc<Latch>) -> Result<(), ServeError> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
         .map_err(|e| ServeError::Other(format!("cannot install signal handlers: {e}")))?;
@@ -594,7 +548,7 @@ fn install_signal_handler(shutdown: Arc<AtomicBool>) -> Result<(), ServeError> {
         .name("signals".into())
         .spawn(move || {
             for signal in signals.forever() {
-                if !shutdown.swap(true, Ordering::SeqCst) {
+                if !shutdown.set() {
                     tracing::info!(signal, "shutting down: finishing requests already received");
                 } else {
                     eprintln!("shardlogd: second signal {signal}: exiting at once");

@@ -1,29 +1,43 @@
 //! The shard side of the rings: turns requests into calls on the executor's one [`Shard`] and
 //! sends each completion back to the front that owns the connection.
+//!
+//! Appends do not get a task each. [`ShardServer::handle`] enqueues the records on the shard and
+//! queues its [`Ticket`], oldest first, in one queue per ack level; one acker task polls only the
+//! oldest ticket of each queue, since tickets of one ack level resolve in lsn order. When a
+//! commit completes, the acker takes every ticket that is ready and sends the answers for each
+//! front as one ring message, together with the request frames the shard has finished with.
 
 use std::cell::{Cell, RefCell};
-use std::future::Future;
-use std::rc::Rc;
+use std::collections::VecDeque;
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
+use std::rc::{Rc, Weak};
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use flatbuffers::FlatBufferBuilder;
 use futures_lite::future;
 use proto::wire::{self, ErrorCode};
-use shards::{AckLevel, Lsn, ReadBatch, Receipt, RecordRef, Shard, ShardError, ShardStats};
+use shards::{AckLevel, Lsn, ReadBatch, RecordRef, Shard, ShardError, ShardStats, Ticket};
 
 use crate::front::Front;
-use crate::ring::{FromShard, ReadArgs, Reply, ToShard};
+use crate::ring::{Completion, FromShard, ReadArgs, Reply, RingSender, ToShard};
 
 /// How often a long-polling read looks at the shutdown flag while it waits.
 const LONG_POLL_SLICE: Duration = Duration::from_millis(50);
 /// Stretches a filtered read scans before it answers with an empty batch and a later `next_lsn`.
 const FILTERED_SCANS_MAX: u32 = 64;
+/// Spent request frames kept for one front until they can go back with its next answers; beyond
+/// this the shard frees them itself.
+const SPENT_FRAMES_MAX: usize = 256;
 
 /// Where completions go: through a ring to another executor, or straight to a front on this one.
 #[derive(Clone)]
 pub enum ReplyTo {
-    Ring(Rc<glommio::channels::shared_channel::ConnectedSender<FromShard>>),
-    Local(Rc<Front>),
+    Ring(Rc<RingSender<FromShard>>),
+    /// Weak: the front holds the shard server, and a reply for a front that is gone has nobody
+    /// to go to.
+    Local(Weak<Front>),
 }
 
 impl ReplyTo {
@@ -34,10 +48,37 @@ impl ReplyTo {
             ReplyTo::Ring(tx) => {
                 let _ = tx.send(msg).await;
             }
-            ReplyTo::Local(front) => front.deliver(msg),
+            ReplyTo::Local(front) => {
+                if let Some(front) = front.upgrade() {
+                    front.deliver(msg);
+                }
+            }
         }
     }
 }
+
+/// An append waiting for its ticket.
+struct Waiting {
+    front: usize,
+    conn: u64,
+    id: u64,
+    reserved: usize,
+    /// `AckLevel::None` on the wire: a success is not answered.
+    silent: bool,
+    ticket: Ticket,
+}
+
+/// Answers collected for one front, sent as one ring message.
+#[derive(Default)]
+struct Outbox {
+    replies: Vec<Completion>,
+    spent_frames: Vec<Vec<u8>>,
+}
+
+/// Index of the queue of appends acknowledged once durable.
+const DURABLE: usize = 0;
+/// Index of the queue of appends acknowledged once written (and of `AckLevel::None`).
+const WRITTEN: usize = 1;
 
 pub struct ShardServer {
     pub id: u16,
@@ -46,6 +87,15 @@ pub struct ShardServer {
     /// Set when the daemon shuts down: long polls then answer with what they have.
     stopping: Cell<bool>,
     fbb: RefCell<FlatBufferBuilder<'static>>,
+    /// Where each front's answers go, by the index `add_front` gave it.
+    fronts: RefCell<Vec<ReplyTo>>,
+    /// Appends waiting for their ticket, oldest first: [`DURABLE`] and [`WRITTEN`].
+    waiting: [RefCell<VecDeque<Waiting>>; 2],
+    /// Per front: answers ready to go.
+    outboxes: RefCell<Vec<Outbox>>,
+    acker_waker: Cell<Option<Waker>>,
+    /// No more requests will come: the acker exits once nothing is waiting.
+    acker_stop: Cell<bool>,
 }
 
 impl ShardServer {
@@ -57,7 +107,20 @@ impl ShardServer {
             shard,
             stopping: Cell::new(false),
             fbb: RefCell::new(FlatBufferBuilder::with_capacity(64 << 10)),
+            fronts: RefCell::new(Vec::new()),
+            waiting: Default::default(),
+            outboxes: RefCell::new(Vec::new()),
+            acker_waker: Cell::new(None),
+            acker_stop: Cell::new(false),
         })
+    }
+
+    /// Registers a front's completion path; requests from it are handled with the returned index.
+    pub fn add_front(&self, reply_to: ReplyTo) -> usize {
+        let mut fronts = self.fronts.borrow_mut();
+        fronts.push(reply_to);
+        self.outboxes.borrow_mut().push(Outbox::default());
+        fronts.len() - 1
     }
 
     pub fn shard(&self) -> &Shard {
@@ -68,9 +131,10 @@ impl ShardServer {
         self.stopping.set(true);
     }
 
-    /// Handles one request. An append is enqueued on the shard before this returns, so requests
-    /// handled in ring order get lsns in ring order: the order one connection sent them.
-    pub fn handle(self: &Rc<Self>, msg: ToShard, reply_to: ReplyTo) {
+    /// Handles one request of front `front` (an index from [`ShardServer::add_front`]). An
+    /// append is enqueued on the shard before this returns, so requests handled in ring order get
+    /// lsns in ring order: the order one connection sent them.
+    pub fn handle(self: &Rc<Self>, msg: ToShard, front: usize) {
         match msg {
             ToShard::Append {
                 conn,
@@ -78,29 +142,38 @@ impl ShardServer {
                 reserved,
                 frame,
             } => {
-                let (silent, pending) = self.enqueue_append(&frame);
-                drop(frame);
-                let shard = self.id;
-                glommio::spawn_local(async move {
-                    let reply = match pending.await {
-                        Ok(_) if silent => Reply::Silent,
-                        Ok(receipt) => Reply::Appended {
-                            shard,
-                            first_lsn: receipt.first_lsn.0,
-                            count: receipt.count,
-                        },
-                        Err(e) => error_reply(&e),
-                    };
-                    reply_to
-                        .send(FromShard::Reply {
+                let (silent, ack, queued) = self.enqueue_append(&frame);
+                self.spend_frame(front, frame);
+                match queued {
+                    Ok(ticket) => {
+                        let queue = if ack == AckLevel::Durable { DURABLE } else { WRITTEN };
+                        let mut waiting = self.waiting[queue].borrow_mut();
+                        waiting.push_back(Waiting {
+                            front,
+                            conn,
+                            id,
+                            reserved,
+                            silent,
+                            ticket,
+                        });
+                        // The acker polls only the oldest ticket of each queue: a new oldest one
+                        // needs a poll to register.
+                        if waiting.len() == 1 {
+                            drop(waiting);
+                            self.wake_acker();
+                        }
+                    }
+                    Err(e) => {
+                        let reply = error_reply(&e);
+                        self.outboxes.borrow_mut()[front].replies.push(Completion {
                             conn,
                             id,
                             reserved,
                             reply,
-                        })
-                        .await;
-                })
-                .detach();
+                        });
+                        self.wake_acker();
+                    }
+                }
             }
             ToShard::Read {
                 conn,
@@ -109,17 +182,22 @@ impl ShardServer {
                 read,
             } => {
                 let this = self.clone();
+                let reply_to = self.fronts.borrow()[front].clone();
                 glommio::spawn_local(async move {
                     let reply = match this.read(read).await {
                         Ok(batch) => Reply::Frame(this.encode_records(id, &batch)),
                         Err(e) => error_reply(&e),
                     };
+                    let replies = vec![Completion {
+                        conn,
+                        id,
+                        reserved,
+                        reply,
+                    }];
                     reply_to
-                        .send(FromShard::Reply {
-                            conn,
-                            id,
-                            reserved,
-                            reply,
+                        .send(FromShard::Replies {
+                            replies,
+                            spent_frames: Vec::new(),
                         })
                         .await;
                 })
@@ -127,14 +205,105 @@ impl ShardServer {
             }
             ToShard::Stats { token } => {
                 let stats = Box::new(wire_stats(self.id, &self.shard.stats()));
+                let reply_to = self.fronts.borrow()[front].clone();
                 glommio::spawn_local(async move { reply_to.send(FromShard::Stats { token, stats }).await }).detach();
             }
         }
     }
 
+    /// Keeps a request frame to return to its front with the next answers, so frames are freed
+    /// (or reused) on the thread that allocated them.
+    fn spend_frame(&self, front: usize, frame: Vec<u8>) {
+        let mut outboxes = self.outboxes.borrow_mut();
+        let spent = &mut outboxes[front].spent_frames;
+        if spent.len() < SPENT_FRAMES_MAX {
+            spent.push(frame);
+        }
+    }
+
+    fn wake_acker(&self) {
+        if let Some(w) = self.acker_waker.take() {
+            w.wake();
+        }
+    }
+
+    /// No more requests will arrive (every ring into the shard has ended); the acker finishes
+    /// once every queued append is answered.
+    pub fn stop_acker(&self) {
+        self.acker_stop.set(true);
+        self.wake_acker();
+    }
+
+    /// The acker task: answers appends as their tickets resolve, one ring message per front per
+    /// round. Runs until [`ShardServer::stop_acker`] and everything is answered.
+    pub async fn acker(self: Rc<Self>) {
+        loop {
+            let done = poll_fn(|cx| {
+                let mut ready = false;
+                for queue in &self.waiting {
+                    let mut queue = queue.borrow_mut();
+                    while let Some(head) = queue.front_mut() {
+                        let Poll::Ready(result) = Pin::new(&mut head.ticket).poll(cx) else {
+                            break;
+                        };
+                        let w = queue.pop_front().expect("front exists");
+                        let reply = match result {
+                            Ok(_) if w.silent => Reply::Silent,
+                            Ok(receipt) => Reply::Appended {
+                                shard: self.id,
+                                first_lsn: receipt.first_lsn.0,
+                                count: receipt.count,
+                            },
+                            Err(e) => error_reply(&e),
+                        };
+                        self.outboxes.borrow_mut()[w.front].replies.push(Completion {
+                            conn: w.conn,
+                            id: w.id,
+                            reserved: w.reserved,
+                            reply,
+                        });
+                        ready = true;
+                    }
+                }
+                let pending_answers = self.outboxes.borrow().iter().any(|o| !o.replies.is_empty());
+                if ready || pending_answers {
+                    return Poll::Ready(false);
+                }
+                if self.acker_stop.get() && self.waiting.iter().all(|q| q.borrow().is_empty()) {
+                    return Poll::Ready(true);
+                }
+                self.acker_waker.set(Some(cx.waker().clone()));
+                Poll::Pending
+            })
+            .await;
+            if done {
+                break;
+            }
+            self.flush_outboxes().await;
+        }
+        // Give back the frames still held.
+        self.flush_outboxes().await;
+    }
+
+    async fn flush_outboxes(&self) {
+        let fronts = self.fronts.borrow().clone();
+        for (front, reply_to) in fronts.iter().enumerate() {
+            let outbox = std::mem::take(&mut self.outboxes.borrow_mut()[front]);
+            if outbox.replies.is_empty() && outbox.spent_frames.is_empty() {
+                continue;
+            }
+            reply_to
+                .send(FromShard::Replies {
+                    replies: outbox.replies,
+                    spent_frames: outbox.spent_frames,
+                })
+                .await;
+        }
+    }
+
     /// Reads the records out of the verified frame and enqueues them. Returns whether a success
-    /// gets no response (`AckLevel::None`) and the future of the receipt.
-    fn enqueue_append(&self, frame: &[u8]) -> (bool, impl Future<Output = Result<Receipt, ShardError>> + 'static) {
+    /// gets no response (`AckLevel::None`), the level the shard acknowledges at, and the ticket.
+    fn enqueue_append(&self, frame: &[u8]) -> (bool, AckLevel, Result<Ticket, ShardError>) {
         // SAFETY: the front ran `proto::codec::view_request` over exactly these bytes, which
         // verified the whole buffer and found an `Append` body, and the Vec has not been changed
         // since: it moved through the ring untouched.
@@ -165,7 +334,7 @@ impl ShardServer {
             wire::AckLevel::Written => (false, AckLevel::Written),
             _ => (false, AckLevel::Durable),
         };
-        (silent, self.shard.append(stream, &records, ack))
+        (silent, ack, self.shard.enqueue(stream, &records, ack))
     }
 
     /// Reads durable records; with `max_wait_ms`, waits for one to become durable.

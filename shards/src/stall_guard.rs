@@ -41,8 +41,8 @@ pub const STALL_GUARD_INTERVAL_DEFAULT: Duration = Duration::from_millis(2);
 /// The longest interval a [`StallGuard`] backs off to while its executor is idle.
 pub const STALL_GUARD_IDLE_INTERVAL: Duration = Duration::from_millis(50);
 /// Tasks other than the guard's own per millisecond below which an executor counts as idle. A
-/// daemon executor's housekeeping (a shutdown check every 20 ms) stays below it; steady traffic
-/// does not.
+/// daemon executor has no periodic housekeeping (shutdown wakes it directly), so an idle one
+/// stays below it; steady traffic does not.
 const IDLE_TASKS_PER_MS: u64 = 1;
 
 /// Keeps waking the executor it was installed on until it is dropped; see the module docs.
