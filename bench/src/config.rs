@@ -79,8 +79,9 @@ pub struct RunArgs {
     #[arg(long, short = 'c', default_value_t = 1)]
     pub connections: usize,
 
-    /// Requests in flight per connection. Ignored with `--ack none`, where
-    /// nothing is awaited and one sender per connection keeps the socket full.
+    /// Requests in flight per connection. With `--ack none`, where nothing is
+    /// awaited, the appends a connection queues before its writer sends them
+    /// (up to this many requests per socket write, as a producer batches).
     #[arg(long, short = 'P', default_value_t = 1)]
     pub pipeline: usize,
 

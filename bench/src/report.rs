@@ -40,7 +40,7 @@ impl ReportConfig {
             addrs: args.addrs.iter().map(|a| a.to_string()).collect(),
             threads: args.threads,
             connections: args.connections,
-            pipeline: if args.ack == Ack::None { 1 } else { args.pipeline },
+            pipeline: args.pipeline,
             records_per_frame: args.records_per_frame,
             record_bytes_min: args.record_bytes.min,
             record_bytes_max: args.record_bytes.max,

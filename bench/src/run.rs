@@ -4,8 +4,9 @@
 //! `--pipeline` workers that each keep one request in flight (closed loop),
 //! or that take slots from the connection's schedule (open loop, see
 //! [`crate::pacing`]). With `--ack none` one sender per connection queues
-//! appends without waiting, then proves the daemon drained them with one
-//! durable append per shard.
+//! appends without waiting, `--pipeline` of them before the connection's
+//! writer sends them, then proves the daemon drained them with one durable
+//! append per shard.
 //!
 //! Shard-local state is `Rc`/`RefCell`; only the live ticks and the final
 //! results cross threads, as owned values.
@@ -337,6 +338,7 @@ async fn acked_worker(ctx: Rc<Ctx>, conn: Rc<Conn>, start: Instant) {
 async fn unacked_sender(ctx: Rc<Ctx>, conn: Rc<Conn>, start: Instant) {
     let mut batch = Batch::default();
     let mut sent_count = 0u64;
+    let per_write = ctx.args.pipeline.max(1) as u64;
     loop {
         let intended = if conn.schedule.is_some() {
             match next_slot(&ctx, &conn, start).await {
@@ -391,9 +393,11 @@ async fn unacked_sender(ctx: Rc<Ctx>, conn: Rc<Conn>, start: Instant) {
         if sent_count % ORPHAN_ERRORS_POLL_EVERY == 0 {
             count_orphan_errors(&ctx, &conn);
         }
-        // Nothing above waits while the outbound buffer has room: let the
-        // connection's writer task (and the ticker) run.
-        futures_lite::future::yield_now().await;
+        // Nothing above waits while the outbound buffer has room: after `--pipeline` appends,
+        // let the connection's writer send them (one socket write) and the ticker run.
+        if sent_count % per_write == 0 {
+            futures_lite::future::yield_now().await;
+        }
     }
     drain(&ctx, &conn).await;
     count_orphan_errors(&ctx, &conn);
