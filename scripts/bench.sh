@@ -288,6 +288,14 @@ log "cargo bench -p shards (engine, both durability modes)"
 if ! SHARDS_BENCH_DIR="$WORK/engine" cargo bench -q -p shards --bench append >"$RESULTS/engine.txt" 2>"$RESULTS/engine.err"; then
     log "cargo bench -p shards failed (see $RESULTS/engine.err)"
 fi
+log "criterion: frame codec (proto) and commit serialisation (shards), CPU only"
+CRITERION_ARGS=(-- --warm-up-time 1 --measurement-time 2)
+: >"$RESULTS/criterion.txt"
+for bench in "proto codec" "shards commit"; do
+    read -r pkg name <<<"$bench"
+    cargo bench -q -p "$pkg" --bench "$name" "${CRITERION_ARGS[@]}" >>"$RESULTS/criterion.txt" 2>>"$RESULTS/criterion.err" ||
+        log "cargo bench -p $pkg --bench $name failed (see $RESULTS/criterion.err)"
+done
 
 log "writing docs/BENCHMARKS.md and docs/benchmarks.svg"
 mkdir -p "$ROOT/docs"
@@ -552,7 +560,7 @@ w("")
 engine = os.path.join(results, "engine.txt")
 w("## The shard engine without the network")
 w("")
-w("`cargo bench -p shards`: 100-byte durable appends on one shard, 1 MiB segments so the background task is always")
+w("`cargo bench -p shards --bench append`: 100-byte durable appends on one shard, 1 MiB segments so the background task is always")
 w("preparing the next one; the baseline is a bare 4 KiB O_DSYNC write loop on a pre-zeroed file, measured in the same")
 w("run. `x base` is appends/s against that baseline.")
 w("")
@@ -578,6 +586,39 @@ if os.path.exists(engine) and os.path.getsize(engine) > 0:
         for name, rate_, p50, p99 in rows:
             w(f"| {name} | {fmt_n(rate_)} | {rate_ / fio4k['iops']:.2f}x | {fmt_us(p50)} | "
               f"{p50 / fio4k_p50:.2f}x | {fmt_us(p99)} |")
+else:
+    w("(not measured in this run)")
+w("")
+
+crit = os.path.join(results, "criterion.txt")
+w("## CPU micro-benchmarks (criterion)")
+w("")
+w("`cargo bench -p proto --bench codec` (encode an Append request; split 64 pipelined frames out of a read buffer and")
+w("verify each; encode an Appended answer) and `cargo bench -p shards --bench commit` (serialise a batch into a")
+w("commit body and seal it with its CRC32C; parse and check it as recovery does). Median time per iteration; the")
+w("last column puts it against fio's 4 KiB write + fdatasync p50 from this run, the cost of the commit it rides on.")
+w("")
+unit_us = {"ns": 1e-3, "µs": 1.0, "us": 1.0, "ms": 1e3, "s": 1e6}
+crows = []
+if os.path.exists(crit):
+    name = None
+    for line in open(crit):
+        first = line.split()[0] if line.strip() else ""
+        if not line[:1].isspace() and re.match(r"^[a-z_]+(/[A-Za-z0-9_]+)?$", first):
+            name = first
+        t = re.search(r"time:\s+\[(\S+) (\S+) (\S+) (\S+) (\S+) (\S+)\]", line)
+        if t and name and t.group(4) in unit_us:
+            crows.append([name, float(t.group(3)) * unit_us[t.group(4)], ""])
+            name = None
+        th = re.search(r"thrpt:\s+\[(\S+) (\S+) (\S+) (\S+) (\S+) (\S+)\]", line)
+        if th and crows:
+            crows[-1][2] = f"{th.group(3)} {th.group(4)}"
+if crows:
+    w("| benchmark | time | throughput | x fio 4 KiB commit p50 |")
+    w("|---|---|---|---|")
+    for name, us, thr in crows:
+        share = f"{us / fio4k_p50:.4f}x" if fio4k_p50 else "n/a"
+        w(f"| {name} | {us:.2f} us | {thr} | {share} |")
 else:
     w("(not measured in this run)")
 w("")

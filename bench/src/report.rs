@@ -64,6 +64,8 @@ impl ReportConfig {
 pub struct DrainReport {
     /// From the start of measurement until the last drain append was durable.
     pub elapsed_s: f64,
+    /// Records the daemon accepted (refused appends, answered with an error, are not counted),
+    /// over `elapsed_s`.
     pub records_per_s: f64,
     pub mb_per_s: f64,
     /// How long the daemon took to drain after the last send.
@@ -158,7 +160,7 @@ impl Report {
         if let Some(d) = &self.drain {
             let _ = writeln!(
                 s,
-                "  drained:   {:.0} records/s, {:.1} MB/s including the {:.3} s the daemon took to make everything durable",
+                "  drained:   {:.0} records/s, {:.1} MB/s accepted, including the {:.3} s the daemon took to make everything durable",
                 d.records_per_s, d.mb_per_s, d.drain_s
             );
         }

@@ -815,10 +815,20 @@ pub fn run(args: RunArgs) -> anyhow::Result<RunOutcome> {
     let drain = match (args.ack, drain_done) {
         (Ack::None, Some(d)) if lost == 0 => {
             let drain_secs = d.saturating_duration_since(timing.measure_start).as_secs_f64();
+            // Appends the daemon refused (an error answer, such as Busy when its queue is full)
+            // were not written: count only the accepted share of what was sent.
+            let refused = total.errors_total().min(total.requests);
+            let accepted = |n: u64| {
+                if total.requests == 0 {
+                    0.0
+                } else {
+                    n as f64 * (total.requests - refused) as f64 / total.requests as f64
+                }
+            };
             Some(DrainReport {
                 elapsed_s: drain_secs,
-                records_per_s: total.records as f64 / drain_secs,
-                mb_per_s: total.bytes as f64 / drain_secs / 1e6,
+                records_per_s: accepted(total.records) / drain_secs,
+                mb_per_s: accepted(total.bytes) / drain_secs / 1e6,
                 drain_s: (drain_secs - secs).max(0.0),
             })
         }
