@@ -275,6 +275,9 @@ for point in "${MATRIX[@]}"; do
     read -r c p s b ack <<<"$point"
     [[ $ack == durable && $b == 1 ]] && redis_point always "$c" "$p" "$s"
 done
+# The side-by-side points land in the table too.
+redis_point always 1 1 100
+redis_point always 64 16 1024
 start_redis no
 for point in "${MATRIX[@]}"; do
     read -r c p s b ack <<<"$point"
