@@ -278,7 +278,7 @@ impl<T> Drop for RingReceiver<T> {
 #[derive(Default)]
 pub struct Latch {
     set: AtomicBool,
-    waiters: Mutex<Vec<Waker>>,
+    waiters: Parked,
 }
 
 impl std::fmt::Debug for Latch {
@@ -292,10 +292,7 @@ impl Latch {
     pub fn set(&self) -> bool {
         let was = self.set.swap(true, Ordering::SeqCst);
         fence(Ordering::SeqCst);
-        let waiters = std::mem::take(&mut *self.waiters.lock().unwrap_or_else(|e| e.into_inner()));
-        for w in waiters {
-            w.wake();
-        }
+        self.waiters.unpark();
         was
     }
 
@@ -309,13 +306,7 @@ impl Latch {
             if self.is_set() {
                 return Poll::Ready(());
             }
-            {
-                let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
-                if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
-                    waiters.push(cx.waker().clone());
-                }
-            }
-            fence(Ordering::SeqCst);
+            self.waiters.park(cx.waker());
             if self.is_set() {
                 Poll::Ready(())
             } else {

@@ -286,12 +286,14 @@ impl ShardServer {
     }
 
     async fn flush_outboxes(&self) {
-        let fronts = self.fronts.borrow().clone();
-        for (front, reply_to) in fronts.iter().enumerate() {
+        let fronts = self.fronts.borrow().len();
+        for front in 0..fronts {
             let outbox = std::mem::take(&mut self.outboxes.borrow_mut()[front]);
             if outbox.replies.is_empty() && outbox.spent_frames.is_empty() {
                 continue;
             }
+            // Cloned (an `Rc`), not borrowed: the send may wait for room on the ring.
+            let reply_to = self.fronts.borrow()[front].clone();
             reply_to
                 .send(FromShard::Replies {
                     replies: outbox.replies,
