@@ -480,6 +480,7 @@ impl Front {
                             version: proto::PROTOCOL_VERSION,
                             server: Some(format!("shardlogd {}", env!("CARGO_PKG_VERSION"))),
                             shard_count: self.shard_count,
+                            shard_addresses: None,
                         })),
                     };
                     self.encoder.borrow_mut().response(&resp, &mut frame);
@@ -609,6 +610,8 @@ impl Front {
             body: wire::ResponseBodyT::StatsReply(Box::new(wire::StatsReplyT {
                 front: Some(Box::new(self.shared.wire_stats())),
                 shards: Some(g.shards),
+                executors: None,
+                process_cpu_us: 0,
             })),
         };
         let mut frame = Vec::new();

@@ -72,6 +72,7 @@ fn responses() -> Vec<(&'static str, ResponseT)> {
                 version: 1,
                 server: Some("shardlog".into()),
                 shard_count: 2,
+                shard_addresses: None,
             }))),
         ),
         (
@@ -123,6 +124,8 @@ fn responses() -> Vec<(&'static str, ResponseT)> {
                     segment_bytes: 4096,
                     poisoned: Some("eio".into()),
                 }]),
+                executors: None,
+                process_cpu_us: 0,
             }))),
         ),
         ("pong", body(ResponseBodyT::Pong(Box::new(PongT {})))),

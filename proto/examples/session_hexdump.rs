@@ -48,6 +48,7 @@ fn main() {
             version: 1,
             server: Some("shardlogd".into()),
             shard_count: 1,
+            shard_addresses: None,
         })),
     };
     enc.response(&ok, &mut out);

@@ -92,6 +92,7 @@ fn every_response_round_trips() {
             version: 1,
             server: Some("shardlogd".into()),
             shard_count: 4,
+            shard_addresses: Some(vec!["127.0.0.1:7071".into(), "127.0.0.1:7072".into()]),
         })),
         ResponseBodyT::Appended(Box::new(AppendedT {
             shard: 2,
@@ -143,6 +144,15 @@ fn every_response_round_trips() {
                 segment_bytes: 8,
                 poisoned: Some("fdatasync failed: EIO".into()),
             }]),
+            executors: Some(vec![ExecutorStatsT {
+                name: Some("shard-0".into()),
+                cpu: 1,
+                parks: 9,
+                ring_wakeups: 10,
+                stalls_broken: 11,
+                cpu_us: 12,
+            }]),
+            process_cpu_us: 13,
         })),
         ResponseBodyT::Pong(Box::new(PongT {})),
         ResponseBodyT::Error(Box::new(ErrorT {

@@ -2307,6 +2307,7 @@ impl<'a> HelloOk<'a> {
   pub const VT_VERSION: ::flatbuffers::VOffsetT = 4;
   pub const VT_SERVER: ::flatbuffers::VOffsetT = 6;
   pub const VT_SHARD_COUNT: ::flatbuffers::VOffsetT = 8;
+  pub const VT_SHARD_ADDRESSES: ::flatbuffers::VOffsetT = 10;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -2318,6 +2319,7 @@ impl<'a> HelloOk<'a> {
     args: &'args HelloOkArgs<'args>
   ) -> ::flatbuffers::WIPOffset<HelloOk<'bldr>> {
     let mut builder = HelloOkBuilder::new(_fbb);
+    if let Some(x) = args.shard_addresses { builder.add_shard_addresses(x); }
     if let Some(x) = args.server { builder.add_server(x); }
     builder.add_version(args.version);
     builder.add_shard_count(args.shard_count);
@@ -2330,10 +2332,14 @@ impl<'a> HelloOk<'a> {
       alloc::string::ToString::to_string(x)
     });
     let shard_count = self.shard_count();
+    let shard_addresses = self.shard_addresses().map(|x| {
+      x.iter().map(|s| alloc::string::ToString::to_string(s)).collect()
+    });
     HelloOkT {
       version,
       server,
       shard_count,
+      shard_addresses,
     }
   }
 
@@ -2360,6 +2366,17 @@ impl<'a> HelloOk<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u16>(HelloOk::VT_SHARD_COUNT, Some(0)).unwrap()}
   }
+  /// Shard-aware addresses ("host:port"), indexed by shard id: a connection to
+  /// `shard_addresses[s]` is served on shard s's own core, so appends to the
+  /// streams it owns skip the routing hop. Empty when the server does not
+  /// offer shard-aware connections (and from servers older than this field).
+  #[inline]
+  pub fn shard_addresses(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>>>(HelloOk::VT_SHARD_ADDRESSES, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for HelloOk<'_> {
@@ -2371,6 +2388,7 @@ impl ::flatbuffers::Verifiable for HelloOk<'_> {
      .visit_field::<u32>("version", Self::VT_VERSION, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("server", Self::VT_SERVER, false)?
      .visit_field::<u16>("shard_count", Self::VT_SHARD_COUNT, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<&'_ str>>>>("shard_addresses", Self::VT_SHARD_ADDRESSES, false)?
      .finish();
     Ok(())
   }
@@ -2379,6 +2397,7 @@ pub struct HelloOkArgs<'a> {
     pub version: u32,
     pub server: Option<::flatbuffers::WIPOffset<&'a str>>,
     pub shard_count: u16,
+    pub shard_addresses: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>>>,
 }
 impl<'a> Default for HelloOkArgs<'a> {
   #[inline]
@@ -2387,6 +2406,7 @@ impl<'a> Default for HelloOkArgs<'a> {
       version: 1,
       server: None,
       shard_count: 0,
+      shard_addresses: None,
     }
   }
 }
@@ -2409,6 +2429,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> HelloOkBuilder<'a, 'b, A> {
     self.fbb_.push_slot::<u16>(HelloOk::VT_SHARD_COUNT, shard_count, 0);
   }
   #[inline]
+  pub fn add_shard_addresses(&mut self, shard_addresses: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<&'b  str>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(HelloOk::VT_SHARD_ADDRESSES, shard_addresses);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> HelloOkBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     HelloOkBuilder {
@@ -2429,6 +2453,7 @@ impl ::core::fmt::Debug for HelloOk<'_> {
       ds.field("version", &self.version());
       ds.field("server", &self.server());
       ds.field("shard_count", &self.shard_count());
+      ds.field("shard_addresses", &self.shard_addresses());
       ds.finish()
   }
 }
@@ -2437,6 +2462,7 @@ pub struct HelloOkT {
   pub version: u32,
   pub server: Option<alloc::string::String>,
   pub shard_count: u16,
+  pub shard_addresses: Option<alloc::vec::Vec<alloc::string::String>>,
 }
 impl Default for HelloOkT {
   fn default() -> Self {
@@ -2444,6 +2470,7 @@ impl Default for HelloOkT {
       version: 1,
       server: None,
       shard_count: 0,
+      shard_addresses: None,
     }
   }
 }
@@ -2457,10 +2484,14 @@ impl HelloOkT {
       _fbb.create_string(x)
     });
     let shard_count = self.shard_count;
+    let shard_addresses = self.shard_addresses.as_ref().map(|x|{
+      let w: alloc::vec::Vec<_> = x.iter().map(|s| _fbb.create_string(s)).collect();_fbb.create_vector(&w)
+    });
     HelloOk::create(_fbb, &HelloOkArgs{
       version,
       server,
       shard_count,
+      shard_addresses,
     })
   }
 }
@@ -3705,6 +3736,258 @@ impl FrontStatsT {
     })
   }
 }
+pub enum ExecutorStatsOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Counters of one glommio executor (a thread of the daemon).
+pub struct ExecutorStats<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for ExecutorStats<'a> {
+  type Inner = ExecutorStats<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> ExecutorStats<'a> {
+  pub const VT_NAME: ::flatbuffers::VOffsetT = 4;
+  pub const VT_CPU: ::flatbuffers::VOffsetT = 6;
+  pub const VT_PARKS: ::flatbuffers::VOffsetT = 8;
+  pub const VT_RING_WAKEUPS: ::flatbuffers::VOffsetT = 10;
+  pub const VT_STALLS_BROKEN: ::flatbuffers::VOffsetT = 12;
+  pub const VT_CPU_US: ::flatbuffers::VOffsetT = 14;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    ExecutorStats { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ExecutorStatsArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<ExecutorStats<'bldr>> {
+    let mut builder = ExecutorStatsBuilder::new(_fbb);
+    builder.add_cpu_us(args.cpu_us);
+    builder.add_stalls_broken(args.stalls_broken);
+    builder.add_ring_wakeups(args.ring_wakeups);
+    builder.add_parks(args.parks);
+    builder.add_cpu(args.cpu);
+    if let Some(x) = args.name { builder.add_name(x); }
+    builder.finish()
+  }
+
+  pub fn unpack(&self) -> ExecutorStatsT {
+    let name = self.name().map(|x| {
+      alloc::string::ToString::to_string(x)
+    });
+    let cpu = self.cpu();
+    let parks = self.parks();
+    let ring_wakeups = self.ring_wakeups();
+    let stalls_broken = self.stalls_broken();
+    let cpu_us = self.cpu_us();
+    ExecutorStatsT {
+      name,
+      cpu,
+      parks,
+      ring_wakeups,
+      stalls_broken,
+      cpu_us,
+    }
+  }
+
+  #[inline]
+  pub fn name(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(ExecutorStats::VT_NAME, None)}
+  }
+  /// The CPU it is pinned to, or -1 when unpinned.
+  #[inline]
+  pub fn cpu(&self) -> i32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<i32>(ExecutorStats::VT_CPU, Some(-1)).unwrap()}
+  }
+  /// Times the executor went to sleep in the kernel (voluntary context
+  /// switches of its thread; each park of glommio 0.9 also issues a
+  /// `membarrier`).
+  #[inline]
+  pub fn parks(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ExecutorStats::VT_PARKS, Some(0)).unwrap()}
+  }
+  /// Times another executor woke this one through a routing ring.
+  #[inline]
+  pub fn ring_wakeups(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ExecutorStats::VT_RING_WAKEUPS, Some(0)).unwrap()}
+  }
+  /// Times the stall guard woke this executor out of a park while it had
+  /// runnable tasks (glommio 0.9's park-with-runnable-tasks bug).
+  #[inline]
+  pub fn stalls_broken(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ExecutorStats::VT_STALLS_BROKEN, Some(0)).unwrap()}
+  }
+  /// CPU time of the executor's thread (user + system), microseconds.
+  #[inline]
+  pub fn cpu_us(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ExecutorStats::VT_CPU_US, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for ExecutorStats<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("name", Self::VT_NAME, false)?
+     .visit_field::<i32>("cpu", Self::VT_CPU, false)?
+     .visit_field::<u64>("parks", Self::VT_PARKS, false)?
+     .visit_field::<u64>("ring_wakeups", Self::VT_RING_WAKEUPS, false)?
+     .visit_field::<u64>("stalls_broken", Self::VT_STALLS_BROKEN, false)?
+     .visit_field::<u64>("cpu_us", Self::VT_CPU_US, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ExecutorStatsArgs<'a> {
+    pub name: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub cpu: i32,
+    pub parks: u64,
+    pub ring_wakeups: u64,
+    pub stalls_broken: u64,
+    pub cpu_us: u64,
+}
+impl<'a> Default for ExecutorStatsArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ExecutorStatsArgs {
+      name: None,
+      cpu: -1,
+      parks: 0,
+      ring_wakeups: 0,
+      stalls_broken: 0,
+      cpu_us: 0,
+    }
+  }
+}
+
+pub struct ExecutorStatsBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ExecutorStatsBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_name(&mut self, name: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ExecutorStats::VT_NAME, name);
+  }
+  #[inline]
+  pub fn add_cpu(&mut self, cpu: i32) {
+    self.fbb_.push_slot::<i32>(ExecutorStats::VT_CPU, cpu, -1);
+  }
+  #[inline]
+  pub fn add_parks(&mut self, parks: u64) {
+    self.fbb_.push_slot::<u64>(ExecutorStats::VT_PARKS, parks, 0);
+  }
+  #[inline]
+  pub fn add_ring_wakeups(&mut self, ring_wakeups: u64) {
+    self.fbb_.push_slot::<u64>(ExecutorStats::VT_RING_WAKEUPS, ring_wakeups, 0);
+  }
+  #[inline]
+  pub fn add_stalls_broken(&mut self, stalls_broken: u64) {
+    self.fbb_.push_slot::<u64>(ExecutorStats::VT_STALLS_BROKEN, stalls_broken, 0);
+  }
+  #[inline]
+  pub fn add_cpu_us(&mut self, cpu_us: u64) {
+    self.fbb_.push_slot::<u64>(ExecutorStats::VT_CPU_US, cpu_us, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ExecutorStatsBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ExecutorStatsBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ExecutorStats<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ExecutorStats<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ExecutorStats");
+      ds.field("name", &self.name());
+      ds.field("cpu", &self.cpu());
+      ds.field("parks", &self.parks());
+      ds.field("ring_wakeups", &self.ring_wakeups());
+      ds.field("stalls_broken", &self.stalls_broken());
+      ds.field("cpu_us", &self.cpu_us());
+      ds.finish()
+  }
+}
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExecutorStatsT {
+  pub name: Option<alloc::string::String>,
+  pub cpu: i32,
+  pub parks: u64,
+  pub ring_wakeups: u64,
+  pub stalls_broken: u64,
+  pub cpu_us: u64,
+}
+impl Default for ExecutorStatsT {
+  fn default() -> Self {
+    Self {
+      name: None,
+      cpu: -1,
+      parks: 0,
+      ring_wakeups: 0,
+      stalls_broken: 0,
+      cpu_us: 0,
+    }
+  }
+}
+impl ExecutorStatsT {
+  pub fn pack<'b, A: ::flatbuffers::Allocator + 'b>(
+    &self,
+    _fbb: &mut ::flatbuffers::FlatBufferBuilder<'b, A>
+  ) -> ::flatbuffers::WIPOffset<ExecutorStats<'b>> {
+    let name = self.name.as_ref().map(|x|{
+      _fbb.create_string(x)
+    });
+    let cpu = self.cpu;
+    let parks = self.parks;
+    let ring_wakeups = self.ring_wakeups;
+    let stalls_broken = self.stalls_broken;
+    let cpu_us = self.cpu_us;
+    ExecutorStats::create(_fbb, &ExecutorStatsArgs{
+      name,
+      cpu,
+      parks,
+      ring_wakeups,
+      stalls_broken,
+      cpu_us,
+    })
+  }
+}
 pub enum StatsReplyOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -3723,6 +4006,8 @@ impl<'a> ::flatbuffers::Follow<'a> for StatsReply<'a> {
 impl<'a> StatsReply<'a> {
   pub const VT_FRONT: ::flatbuffers::VOffsetT = 4;
   pub const VT_SHARDS: ::flatbuffers::VOffsetT = 6;
+  pub const VT_EXECUTORS: ::flatbuffers::VOffsetT = 8;
+  pub const VT_PROCESS_CPU_US: ::flatbuffers::VOffsetT = 10;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -3734,6 +4019,8 @@ impl<'a> StatsReply<'a> {
     args: &'args StatsReplyArgs<'args>
   ) -> ::flatbuffers::WIPOffset<StatsReply<'bldr>> {
     let mut builder = StatsReplyBuilder::new(_fbb);
+    builder.add_process_cpu_us(args.process_cpu_us);
+    if let Some(x) = args.executors { builder.add_executors(x); }
     if let Some(x) = args.shards { builder.add_shards(x); }
     if let Some(x) = args.front { builder.add_front(x); }
     builder.finish()
@@ -3746,9 +4033,15 @@ impl<'a> StatsReply<'a> {
     let shards = self.shards().map(|x| {
       x.iter().map(|t| t.unpack()).collect()
     });
+    let executors = self.executors().map(|x| {
+      x.iter().map(|t| t.unpack()).collect()
+    });
+    let process_cpu_us = self.process_cpu_us();
     StatsReplyT {
       front,
       shards,
+      executors,
+      process_cpu_us,
     }
   }
 
@@ -3766,6 +4059,22 @@ impl<'a> StatsReply<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ShardStats>>>>(StatsReply::VT_SHARDS, None)}
   }
+  /// One entry per executor of the daemon (absent from older servers).
+  #[inline]
+  pub fn executors(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ExecutorStats<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ExecutorStats>>>>(StatsReply::VT_EXECUTORS, None)}
+  }
+  /// CPU time of the whole daemon process (user + system), microseconds.
+  #[inline]
+  pub fn process_cpu_us(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(StatsReply::VT_PROCESS_CPU_US, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for StatsReply<'_> {
@@ -3776,6 +4085,8 @@ impl ::flatbuffers::Verifiable for StatsReply<'_> {
     v.visit_table(pos)?
      .visit_field::<::flatbuffers::ForwardsUOffset<FrontStats>>("front", Self::VT_FRONT, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<ShardStats>>>>("shards", Self::VT_SHARDS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<ExecutorStats>>>>("executors", Self::VT_EXECUTORS, false)?
+     .visit_field::<u64>("process_cpu_us", Self::VT_PROCESS_CPU_US, false)?
      .finish();
     Ok(())
   }
@@ -3783,6 +4094,8 @@ impl ::flatbuffers::Verifiable for StatsReply<'_> {
 pub struct StatsReplyArgs<'a> {
     pub front: Option<::flatbuffers::WIPOffset<FrontStats<'a>>>,
     pub shards: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ShardStats<'a>>>>>,
+    pub executors: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ExecutorStats<'a>>>>>,
+    pub process_cpu_us: u64,
 }
 impl<'a> Default for StatsReplyArgs<'a> {
   #[inline]
@@ -3790,6 +4103,8 @@ impl<'a> Default for StatsReplyArgs<'a> {
     StatsReplyArgs {
       front: None,
       shards: None,
+      executors: None,
+      process_cpu_us: 0,
     }
   }
 }
@@ -3806,6 +4121,14 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> StatsReplyBuilder<'a, 'b, A> 
   #[inline]
   pub fn add_shards(&mut self, shards: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<ShardStats<'b >>>>) {
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(StatsReply::VT_SHARDS, shards);
+  }
+  #[inline]
+  pub fn add_executors(&mut self, executors: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<ExecutorStats<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(StatsReply::VT_EXECUTORS, executors);
+  }
+  #[inline]
+  pub fn add_process_cpu_us(&mut self, process_cpu_us: u64) {
+    self.fbb_.push_slot::<u64>(StatsReply::VT_PROCESS_CPU_US, process_cpu_us, 0);
   }
   #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> StatsReplyBuilder<'a, 'b, A> {
@@ -3827,6 +4150,8 @@ impl ::core::fmt::Debug for StatsReply<'_> {
     let mut ds = f.debug_struct("StatsReply");
       ds.field("front", &self.front());
       ds.field("shards", &self.shards());
+      ds.field("executors", &self.executors());
+      ds.field("process_cpu_us", &self.process_cpu_us());
       ds.finish()
   }
 }
@@ -3834,12 +4159,16 @@ impl ::core::fmt::Debug for StatsReply<'_> {
 pub struct StatsReplyT {
   pub front: Option<alloc::boxed::Box<FrontStatsT>>,
   pub shards: Option<alloc::vec::Vec<ShardStatsT>>,
+  pub executors: Option<alloc::vec::Vec<ExecutorStatsT>>,
+  pub process_cpu_us: u64,
 }
 impl Default for StatsReplyT {
   fn default() -> Self {
     Self {
       front: None,
       shards: None,
+      executors: None,
+      process_cpu_us: 0,
     }
   }
 }
@@ -3854,9 +4183,15 @@ impl StatsReplyT {
     let shards = self.shards.as_ref().map(|x|{
       let w: alloc::vec::Vec<_> = x.iter().map(|t| t.pack(_fbb)).collect();_fbb.create_vector(&w)
     });
+    let executors = self.executors.as_ref().map(|x|{
+      let w: alloc::vec::Vec<_> = x.iter().map(|t| t.pack(_fbb)).collect();_fbb.create_vector(&w)
+    });
+    let process_cpu_us = self.process_cpu_us;
     StatsReply::create(_fbb, &StatsReplyArgs{
       front,
       shards,
+      executors,
+      process_cpu_us,
     })
   }
 }
