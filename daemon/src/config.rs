@@ -39,9 +39,35 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon (the default when no command is given).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print a running daemon's counters.
     Stats(StatsArgs),
+    /// Check whether this host and a data directory are fit to run shardlogd (io_uring, memlock,
+    /// O_DIRECT, file system, device settings, free space, a measured commit); exits non-zero
+    /// when they are not.
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The data directory to check (created if missing).
+    #[arg(long, env = "SHARDLOG_DATA_DIR", default_value = DATA_DIR_DEFAULT)]
+    pub data_dir: PathBuf,
+    /// Print the results as one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Skip the measured 4 KiB commit latency and 1 MiB bandwidth (they write about 64 MiB).
+    #[arg(long)]
+    pub no_measure: bool,
+}
+
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines (colours on a terminal).
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
 }
 
 #[derive(Debug, Args)]
@@ -155,6 +181,14 @@ pub struct ServeArgs {
     /// Log filter in tracing EnvFilter syntax, e.g. "info" or "daemon=debug,shards=info".
     #[arg(long, env = "SHARDLOG_LOG", default_value = "info")]
     pub log: String,
+
+    /// Log line format.
+    #[arg(long, env = "SHARDLOG_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464). Off by default.
+    #[arg(long, env = "SHARDLOG_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl ServeArgs {

@@ -63,6 +63,19 @@ pub struct FrontCounters {
     pub protocol_errors: AtomicU64,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
+    /// Error responses sent, by `ErrorCode` value.
+    pub errors_by_code: [AtomicU64; ERROR_CODES],
+}
+
+/// One past the highest `ErrorCode` value.
+pub const ERROR_CODES: usize = ErrorCode::ENUM_MAX as usize + 1;
+
+impl FrontCounters {
+    pub fn count_error(&self, code: ErrorCode) {
+        if let Some(c) = self.errors_by_code.get(usize::from(code.0)) {
+            bump(c, 1);
+        }
+    }
 }
 
 fn bump(c: &AtomicU64, n: u64) {
@@ -95,6 +108,16 @@ impl FrontShared {
             protocol_errors: sum(|c| &c.protocol_errors),
             bytes_in: sum(|c| &c.bytes_in),
             bytes_out: sum(|c| &c.bytes_out),
+            errors_by_code: Some(
+                (0..ERROR_CODES)
+                    .map(|i| {
+                        self.counters
+                            .iter()
+                            .map(|c| c.errors_by_code[i].load(Ordering::Relaxed))
+                            .sum()
+                    })
+                    .collect(),
+            ),
         }
     }
 }
@@ -296,6 +319,7 @@ impl Front {
             );
             bump(&self.counters().frames_out, 1);
             bump(&self.counters().bytes_out, frame.len() as u64);
+            self.counters().count_error(ErrorCode::TooManyConnections);
             glommio::spawn_local(async move {
                 let stream = RefCell::new(stream);
                 if write_all(&stream, &frame).await.is_ok() {
@@ -648,7 +672,10 @@ impl Front {
                     out.extend_from_slice(&frame);
                 }
             }
-            Reply::Error { code, message } => self.encoder.borrow_mut().error(id, code, &message, &mut out),
+            Reply::Error { code, message } => {
+                self.counters().count_error(code);
+                self.encoder.borrow_mut().error(id, code, &message, &mut out)
+            }
             Reply::Truncated {
                 first_available_lsn,
                 message,

@@ -17,6 +17,8 @@ pub mod checks;
 pub mod config;
 pub mod faults;
 pub mod front;
+pub mod host_check;
+pub mod metrics;
 mod notify;
 pub mod plan;
 pub mod ring;

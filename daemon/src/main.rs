@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use daemon::config::{Cli, Command, ServeArgs};
+use daemon::config::{Cli, Command, LogFormat, ServeArgs};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -13,7 +13,8 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Some(Command::Serve(args)) => serve(args),
+        Some(Command::Check(args)) => daemon::host_check::run(&args),
+        Some(Command::Serve(args)) => serve(*args),
         None => serve(cli.serve),
     }
 }
@@ -26,11 +27,15 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => logs.json().with_current_span(false).init(),
+    }
     match daemon::server::serve(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

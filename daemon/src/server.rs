@@ -22,6 +22,7 @@ use crate::checks;
 use crate::config::ServeArgs;
 use crate::faults::{self, FaultSpec};
 use crate::front::{Front, FrontConfig, FrontCounters, FrontShared, ShardLink};
+use crate::metrics::MetricsServer;
 use crate::plan::{self, Plan};
 use crate::ring::{self, FromShard, Latch, RingReceiver, RingSender, ToShard};
 use crate::shard_server::{ReplyTo, ShardServer};
@@ -207,11 +208,27 @@ pub fn serve(args: ServeArgs) -> Result<(), ServeError> {
         }
     }
     shared.shards_open.set();
+    let metrics = match args.metrics_listen {
+        Some(listen) => {
+            let m = MetricsServer::start(listen, bound).map_err(|e| ServeError::Other(e.to_string()))?;
+            tracing::info!(metrics = %m.local_addr(), "serving Prometheus metrics at /metrics");
+            Some(m)
+        }
+        None => None,
+    };
     {
         use std::io::Write;
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "shardlogd listening on {bound}");
+        if let Some(m) = &metrics {
+            let _ = writeln!(out, "shardlogd metrics on http://{}/metrics", m.local_addr());
+        }
         let _ = out.flush();
+    }
+    // systemd (Type=notify): ready once every shard is open and the fronts accept. A no-op
+    // without NOTIFY_SOCKET.
+    if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %e, "cannot tell systemd that shardlogd is ready");
     }
 
     let mut failure = None;
@@ -228,6 +245,9 @@ pub fn serve(args: ServeArgs) -> Result<(), ServeError> {
                 failure.get_or_insert(ServeError::Executor { name, reason });
             }
         }
+    }
+    if let Some(m) = metrics {
+        m.stop();
     }
     match failure {
         None => {
@@ -550,6 +570,7 @@ fn install_signal_handler(shutdown: Arc<Latch>) -> Result<(), ServeError> {
             for signal in signals.forever() {
                 if !shutdown.set() {
                     tracing::info!(signal, "shutting down: finishing requests already received");
+                    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
                 } else {
                     eprintln!("shardlogd: second signal {signal}: exiting at once");
                     // SAFETY: _exit ends the process without running anything else.

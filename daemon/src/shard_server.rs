@@ -489,5 +489,31 @@ pub fn wire_stats(shard: u16, s: &ShardStats) -> wire::ShardStatsT {
         segment_count: s.segment_count as u64,
         segment_bytes: s.segment_bytes,
         poisoned: s.poisoned.clone(),
+        fsync_latency_us_buckets: Some(Box::new(buckets(&s.fsync_latency_us, FSYNC_LATENCY_US_BOUNDS))),
+        records_per_commit_buckets: Some(Box::new(buckets(&s.records_per_commit, RECORDS_PER_COMMIT_BOUNDS))),
+    }
+}
+
+/// Upper bounds of the fsync latency buckets, microseconds: from well under an NVMe flush to a
+/// stalled device.
+const FSYNC_LATENCY_US_BOUNDS: &[u64] = &[
+    50, 100, 200, 300, 500, 750, 1_000, 2_000, 5_000, 10_000, 50_000, 100_000, 1_000_000,
+];
+/// Upper bounds of the records-per-commit buckets: how much group commit is batching.
+const RECORDS_PER_COMMIT_BOUNDS: &[u64] = &[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384];
+
+/// A histogram as cumulative buckets. hdrhistogram keeps no exact sum, so the sum is the mean
+/// times the count (exact to the histogram's precision).
+fn buckets(h: &hdrhistogram::Histogram<u64>, bounds: &[u64]) -> wire::BucketsT {
+    let count = h.len();
+    let cumulative = bounds
+        .iter()
+        .map(|&le| if count == 0 { 0 } else { h.count_between(0, le) })
+        .collect();
+    wire::BucketsT {
+        le: Some(bounds.to_vec()),
+        cumulative: Some(cumulative),
+        count,
+        sum: (h.mean() * count as f64).round() as u64,
     }
 }

@@ -108,6 +108,7 @@ fn responses() -> Vec<(&'static str, ResponseT)> {
                     protocol_errors: 5,
                     bytes_in: 6,
                     bytes_out: 7,
+                    errors_by_code: Some(vec![0, 1, 2]),
                 })),
                 shards: Some(vec![ShardStatsT {
                     shard: 0,
@@ -123,6 +124,13 @@ fn responses() -> Vec<(&'static str, ResponseT)> {
                     segment_count: 1,
                     segment_bytes: 4096,
                     poisoned: Some("eio".into()),
+                    fsync_latency_us_buckets: Some(Box::new(BucketsT {
+                        le: Some(vec![100, 200]),
+                        cumulative: Some(vec![1, 3]),
+                        count: 4,
+                        sum: 700,
+                    })),
+                    records_per_commit_buckets: None,
                 }]),
                 executors: None,
                 process_cpu_us: 0,

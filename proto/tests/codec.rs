@@ -128,6 +128,7 @@ fn every_response_round_trips() {
                 protocol_errors: 5,
                 bytes_in: 6,
                 bytes_out: 7,
+                errors_by_code: Some(vec![0, 1, 2]),
             })),
             shards: Some(vec![ShardStatsT {
                 shard: 0,
@@ -143,6 +144,13 @@ fn every_response_round_trips() {
                 segment_count: 7,
                 segment_bytes: 8,
                 poisoned: Some("fdatasync failed: EIO".into()),
+                fsync_latency_us_buckets: Some(Box::new(BucketsT {
+                    le: Some(vec![100, 200]),
+                    cumulative: Some(vec![1, 3]),
+                    count: 4,
+                    sum: 700,
+                })),
+                records_per_commit_buckets: None,
             }]),
             executors: Some(vec![ExecutorStatsT {
                 name: Some("shard-0".into()),

@@ -32,6 +32,8 @@ pub struct Daemon {
     pub addr: SocketAddr,
     pub data_dir: PathBuf,
     stderr: Arc<Mutex<String>>,
+    /// Lines the daemon printed on stdout after its listening line.
+    stdout: Arc<Mutex<Vec<String>>>,
 }
 
 /// Options of a daemon to start.
@@ -129,14 +131,18 @@ impl Daemon {
             });
         }
         let (tx, rx) = mpsc::channel();
+        let stdout_lines = Arc::new(Mutex::new(Vec::new()));
         {
             let stdout = child.stdout.take().expect("stdout");
+            let sink = stdout_lines.clone();
             std::thread::spawn(move || {
                 let mut lines = BufReader::new(stdout).lines();
                 let first = lines.next();
                 let _ = tx.send(first);
                 // Keep draining so the daemon never blocks on a full pipe.
-                for _ in lines {}
+                for line in lines.map_while(Result::ok) {
+                    sink.lock().unwrap().push(line);
+                }
             });
         }
         let line = rx.recv_timeout(STARTUP_GUARD);
@@ -161,7 +167,25 @@ impl Daemon {
             addr,
             data_dir: data_dir.to_path_buf(),
             stderr,
+            stdout: stdout_lines,
         })
+    }
+
+    /// Waits (bounded by [`STARTUP_GUARD`]) for a stdout line starting with `prefix` and returns
+    /// the rest of it.
+    pub fn stdout_line(&self, prefix: &str) -> String {
+        let deadline = std::time::Instant::now() + STARTUP_GUARD;
+        loop {
+            if let Some(rest) = self.stdout.lock().unwrap().iter().find_map(|l| l.strip_prefix(prefix)) {
+                return rest.to_string();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no stdout line starting with {prefix:?}; stderr:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn client(&self) -> Client {

@@ -3060,6 +3060,210 @@ impl RecordsT {
     })
   }
 }
+pub enum BucketsOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// A histogram as Prometheus exposes one: cumulative counts of the
+/// observations at or below each upper bound `le[i]` (the +Inf bucket is
+/// `count`), their number and their sum (the sum may be approximate).
+pub struct Buckets<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Buckets<'a> {
+  type Inner = Buckets<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Buckets<'a> {
+  pub const VT_LE: ::flatbuffers::VOffsetT = 4;
+  pub const VT_CUMULATIVE: ::flatbuffers::VOffsetT = 6;
+  pub const VT_COUNT: ::flatbuffers::VOffsetT = 8;
+  pub const VT_SUM: ::flatbuffers::VOffsetT = 10;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Buckets { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args BucketsArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<Buckets<'bldr>> {
+    let mut builder = BucketsBuilder::new(_fbb);
+    builder.add_sum(args.sum);
+    builder.add_count(args.count);
+    if let Some(x) = args.cumulative { builder.add_cumulative(x); }
+    if let Some(x) = args.le { builder.add_le(x); }
+    builder.finish()
+  }
+
+  pub fn unpack(&self) -> BucketsT {
+    let le = self.le().map(|x| {
+      x.into_iter().collect()
+    });
+    let cumulative = self.cumulative().map(|x| {
+      x.into_iter().collect()
+    });
+    let count = self.count();
+    let sum = self.sum();
+    BucketsT {
+      le,
+      cumulative,
+      count,
+      sum,
+    }
+  }
+
+  #[inline]
+  pub fn le(&self) -> Option<::flatbuffers::Vector<'a, u64>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u64>>>(Buckets::VT_LE, None)}
+  }
+  #[inline]
+  pub fn cumulative(&self) -> Option<::flatbuffers::Vector<'a, u64>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u64>>>(Buckets::VT_CUMULATIVE, None)}
+  }
+  #[inline]
+  pub fn count(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Buckets::VT_COUNT, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn sum(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Buckets::VT_SUM, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Buckets<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u64>>>("le", Self::VT_LE, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u64>>>("cumulative", Self::VT_CUMULATIVE, false)?
+     .visit_field::<u64>("count", Self::VT_COUNT, false)?
+     .visit_field::<u64>("sum", Self::VT_SUM, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct BucketsArgs<'a> {
+    pub le: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u64>>>,
+    pub cumulative: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u64>>>,
+    pub count: u64,
+    pub sum: u64,
+}
+impl<'a> Default for BucketsArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    BucketsArgs {
+      le: None,
+      cumulative: None,
+      count: 0,
+      sum: 0,
+    }
+  }
+}
+
+pub struct BucketsBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> BucketsBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_le(&mut self, le: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u64>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Buckets::VT_LE, le);
+  }
+  #[inline]
+  pub fn add_cumulative(&mut self, cumulative: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u64>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Buckets::VT_CUMULATIVE, cumulative);
+  }
+  #[inline]
+  pub fn add_count(&mut self, count: u64) {
+    self.fbb_.push_slot::<u64>(Buckets::VT_COUNT, count, 0);
+  }
+  #[inline]
+  pub fn add_sum(&mut self, sum: u64) {
+    self.fbb_.push_slot::<u64>(Buckets::VT_SUM, sum, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> BucketsBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    BucketsBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Buckets<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Buckets<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Buckets");
+      ds.field("le", &self.le());
+      ds.field("cumulative", &self.cumulative());
+      ds.field("count", &self.count());
+      ds.field("sum", &self.sum());
+      ds.finish()
+  }
+}
+#[derive(Debug, Clone, PartialEq)]
+pub struct BucketsT {
+  pub le: Option<alloc::vec::Vec<u64>>,
+  pub cumulative: Option<alloc::vec::Vec<u64>>,
+  pub count: u64,
+  pub sum: u64,
+}
+impl Default for BucketsT {
+  fn default() -> Self {
+    Self {
+      le: None,
+      cumulative: None,
+      count: 0,
+      sum: 0,
+    }
+  }
+}
+impl BucketsT {
+  pub fn pack<'b, A: ::flatbuffers::Allocator + 'b>(
+    &self,
+    _fbb: &mut ::flatbuffers::FlatBufferBuilder<'b, A>
+  ) -> ::flatbuffers::WIPOffset<Buckets<'b>> {
+    let le = self.le.as_ref().map(|x|{
+      _fbb.create_vector(x)
+    });
+    let cumulative = self.cumulative.as_ref().map(|x|{
+      _fbb.create_vector(x)
+    });
+    let count = self.count;
+    let sum = self.sum;
+    Buckets::create(_fbb, &BucketsArgs{
+      le,
+      cumulative,
+      count,
+      sum,
+    })
+  }
+}
 pub enum ShardStatsOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -3089,6 +3293,8 @@ impl<'a> ShardStats<'a> {
   pub const VT_SEGMENT_COUNT: ::flatbuffers::VOffsetT = 24;
   pub const VT_SEGMENT_BYTES: ::flatbuffers::VOffsetT = 26;
   pub const VT_POISONED: ::flatbuffers::VOffsetT = 28;
+  pub const VT_FSYNC_LATENCY_US_BUCKETS: ::flatbuffers::VOffsetT = 30;
+  pub const VT_RECORDS_PER_COMMIT_BUCKETS: ::flatbuffers::VOffsetT = 32;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -3108,6 +3314,8 @@ impl<'a> ShardStats<'a> {
     builder.add_bytes(args.bytes);
     builder.add_records(args.records);
     builder.add_appends(args.appends);
+    if let Some(x) = args.records_per_commit_buckets { builder.add_records_per_commit_buckets(x); }
+    if let Some(x) = args.fsync_latency_us_buckets { builder.add_fsync_latency_us_buckets(x); }
     if let Some(x) = args.poisoned { builder.add_poisoned(x); }
     if let Some(x) = args.fsync_latency_us { builder.add_fsync_latency_us(x); }
     if let Some(x) = args.bytes_per_commit { builder.add_bytes_per_commit(x); }
@@ -3138,6 +3346,12 @@ impl<'a> ShardStats<'a> {
     let poisoned = self.poisoned().map(|x| {
       alloc::string::ToString::to_string(x)
     });
+    let fsync_latency_us_buckets = self.fsync_latency_us_buckets().map(|x| {
+      alloc::boxed::Box::new(x.unpack())
+    });
+    let records_per_commit_buckets = self.records_per_commit_buckets().map(|x| {
+      alloc::boxed::Box::new(x.unpack())
+    });
     ShardStatsT {
       shard,
       appends,
@@ -3152,6 +3366,8 @@ impl<'a> ShardStats<'a> {
       segment_count,
       segment_bytes,
       poisoned,
+      fsync_latency_us_buckets,
+      records_per_commit_buckets,
     }
   }
 
@@ -3247,6 +3463,22 @@ impl<'a> ShardStats<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(ShardStats::VT_POISONED, None)}
   }
+  /// The same distributions as `fsync_latency_us` and `records_per_commit`,
+  /// as buckets (absent from older servers).
+  #[inline]
+  pub fn fsync_latency_us_buckets(&self) -> Option<Buckets<'a>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<Buckets>>(ShardStats::VT_FSYNC_LATENCY_US_BUCKETS, None)}
+  }
+  #[inline]
+  pub fn records_per_commit_buckets(&self) -> Option<Buckets<'a>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<Buckets>>(ShardStats::VT_RECORDS_PER_COMMIT_BUCKETS, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for ShardStats<'_> {
@@ -3268,6 +3500,8 @@ impl ::flatbuffers::Verifiable for ShardStats<'_> {
      .visit_field::<u64>("segment_count", Self::VT_SEGMENT_COUNT, false)?
      .visit_field::<u64>("segment_bytes", Self::VT_SEGMENT_BYTES, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("poisoned", Self::VT_POISONED, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<Buckets>>("fsync_latency_us_buckets", Self::VT_FSYNC_LATENCY_US_BUCKETS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<Buckets>>("records_per_commit_buckets", Self::VT_RECORDS_PER_COMMIT_BUCKETS, false)?
      .finish();
     Ok(())
   }
@@ -3286,6 +3520,8 @@ pub struct ShardStatsArgs<'a> {
     pub segment_count: u64,
     pub segment_bytes: u64,
     pub poisoned: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub fsync_latency_us_buckets: Option<::flatbuffers::WIPOffset<Buckets<'a>>>,
+    pub records_per_commit_buckets: Option<::flatbuffers::WIPOffset<Buckets<'a>>>,
 }
 impl<'a> Default for ShardStatsArgs<'a> {
   #[inline]
@@ -3304,6 +3540,8 @@ impl<'a> Default for ShardStatsArgs<'a> {
       segment_count: 0,
       segment_bytes: 0,
       poisoned: None,
+      fsync_latency_us_buckets: None,
+      records_per_commit_buckets: None,
     }
   }
 }
@@ -3366,6 +3604,14 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ShardStatsBuilder<'a, 'b, A> 
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ShardStats::VT_POISONED, poisoned);
   }
   #[inline]
+  pub fn add_fsync_latency_us_buckets(&mut self, fsync_latency_us_buckets: ::flatbuffers::WIPOffset<Buckets<'b >>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<Buckets>>(ShardStats::VT_FSYNC_LATENCY_US_BUCKETS, fsync_latency_us_buckets);
+  }
+  #[inline]
+  pub fn add_records_per_commit_buckets(&mut self, records_per_commit_buckets: ::flatbuffers::WIPOffset<Buckets<'b >>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<Buckets>>(ShardStats::VT_RECORDS_PER_COMMIT_BUCKETS, records_per_commit_buckets);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ShardStatsBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     ShardStatsBuilder {
@@ -3396,6 +3642,8 @@ impl ::core::fmt::Debug for ShardStats<'_> {
       ds.field("segment_count", &self.segment_count());
       ds.field("segment_bytes", &self.segment_bytes());
       ds.field("poisoned", &self.poisoned());
+      ds.field("fsync_latency_us_buckets", &self.fsync_latency_us_buckets());
+      ds.field("records_per_commit_buckets", &self.records_per_commit_buckets());
       ds.finish()
   }
 }
@@ -3414,6 +3662,8 @@ pub struct ShardStatsT {
   pub segment_count: u64,
   pub segment_bytes: u64,
   pub poisoned: Option<alloc::string::String>,
+  pub fsync_latency_us_buckets: Option<alloc::boxed::Box<BucketsT>>,
+  pub records_per_commit_buckets: Option<alloc::boxed::Box<BucketsT>>,
 }
 impl Default for ShardStatsT {
   fn default() -> Self {
@@ -3431,6 +3681,8 @@ impl Default for ShardStatsT {
       segment_count: 0,
       segment_bytes: 0,
       poisoned: None,
+      fsync_latency_us_buckets: None,
+      records_per_commit_buckets: None,
     }
   }
 }
@@ -3457,6 +3709,12 @@ impl ShardStatsT {
     let poisoned = self.poisoned.as_ref().map(|x|{
       _fbb.create_string(x)
     });
+    let fsync_latency_us_buckets = self.fsync_latency_us_buckets.as_ref().map(|x|{
+      x.pack(_fbb)
+    });
+    let records_per_commit_buckets = self.records_per_commit_buckets.as_ref().map(|x|{
+      x.pack(_fbb)
+    });
     ShardStats::create(_fbb, &ShardStatsArgs{
       shard,
       appends,
@@ -3471,6 +3729,8 @@ impl ShardStatsT {
       segment_count,
       segment_bytes,
       poisoned,
+      fsync_latency_us_buckets,
+      records_per_commit_buckets,
     })
   }
 }
@@ -3497,6 +3757,7 @@ impl<'a> FrontStats<'a> {
   pub const VT_PROTOCOL_ERRORS: ::flatbuffers::VOffsetT = 12;
   pub const VT_BYTES_IN: ::flatbuffers::VOffsetT = 14;
   pub const VT_BYTES_OUT: ::flatbuffers::VOffsetT = 16;
+  pub const VT_ERRORS_BY_CODE: ::flatbuffers::VOffsetT = 18;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -3505,7 +3766,7 @@ impl<'a> FrontStats<'a> {
   #[allow(unused_mut)]
   pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
     _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
-    args: &'args FrontStatsArgs
+    args: &'args FrontStatsArgs<'args>
   ) -> ::flatbuffers::WIPOffset<FrontStats<'bldr>> {
     let mut builder = FrontStatsBuilder::new(_fbb);
     builder.add_bytes_out(args.bytes_out);
@@ -3515,6 +3776,7 @@ impl<'a> FrontStats<'a> {
     builder.add_frames_in(args.frames_in);
     builder.add_connections_total(args.connections_total);
     builder.add_connections(args.connections);
+    if let Some(x) = args.errors_by_code { builder.add_errors_by_code(x); }
     builder.finish()
   }
 
@@ -3526,6 +3788,9 @@ impl<'a> FrontStats<'a> {
     let protocol_errors = self.protocol_errors();
     let bytes_in = self.bytes_in();
     let bytes_out = self.bytes_out();
+    let errors_by_code = self.errors_by_code().map(|x| {
+      x.into_iter().collect()
+    });
     FrontStatsT {
       connections,
       connections_total,
@@ -3534,6 +3799,7 @@ impl<'a> FrontStats<'a> {
       protocol_errors,
       bytes_in,
       bytes_out,
+      errors_by_code,
     }
   }
 
@@ -3586,6 +3852,15 @@ impl<'a> FrontStats<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u64>(FrontStats::VT_BYTES_OUT, Some(0)).unwrap()}
   }
+  /// Error responses sent, indexed by `ErrorCode` value (absent from older
+  /// servers; shorter than the enum when the highest codes were never sent).
+  #[inline]
+  pub fn errors_by_code(&self) -> Option<::flatbuffers::Vector<'a, u64>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u64>>>(FrontStats::VT_ERRORS_BY_CODE, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for FrontStats<'_> {
@@ -3601,11 +3876,12 @@ impl ::flatbuffers::Verifiable for FrontStats<'_> {
      .visit_field::<u64>("protocol_errors", Self::VT_PROTOCOL_ERRORS, false)?
      .visit_field::<u64>("bytes_in", Self::VT_BYTES_IN, false)?
      .visit_field::<u64>("bytes_out", Self::VT_BYTES_OUT, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u64>>>("errors_by_code", Self::VT_ERRORS_BY_CODE, false)?
      .finish();
     Ok(())
   }
 }
-pub struct FrontStatsArgs {
+pub struct FrontStatsArgs<'a> {
     pub connections: u64,
     pub connections_total: u64,
     pub frames_in: u64,
@@ -3613,8 +3889,9 @@ pub struct FrontStatsArgs {
     pub protocol_errors: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    pub errors_by_code: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u64>>>,
 }
-impl<'a> Default for FrontStatsArgs {
+impl<'a> Default for FrontStatsArgs<'a> {
   #[inline]
   fn default() -> Self {
     FrontStatsArgs {
@@ -3625,6 +3902,7 @@ impl<'a> Default for FrontStatsArgs {
       protocol_errors: 0,
       bytes_in: 0,
       bytes_out: 0,
+      errors_by_code: None,
     }
   }
 }
@@ -3663,6 +3941,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> FrontStatsBuilder<'a, 'b, A> 
     self.fbb_.push_slot::<u64>(FrontStats::VT_BYTES_OUT, bytes_out, 0);
   }
   #[inline]
+  pub fn add_errors_by_code(&mut self, errors_by_code: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u64>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(FrontStats::VT_ERRORS_BY_CODE, errors_by_code);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> FrontStatsBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     FrontStatsBuilder {
@@ -3687,6 +3969,7 @@ impl ::core::fmt::Debug for FrontStats<'_> {
       ds.field("protocol_errors", &self.protocol_errors());
       ds.field("bytes_in", &self.bytes_in());
       ds.field("bytes_out", &self.bytes_out());
+      ds.field("errors_by_code", &self.errors_by_code());
       ds.finish()
   }
 }
@@ -3699,6 +3982,7 @@ pub struct FrontStatsT {
   pub protocol_errors: u64,
   pub bytes_in: u64,
   pub bytes_out: u64,
+  pub errors_by_code: Option<alloc::vec::Vec<u64>>,
 }
 impl Default for FrontStatsT {
   fn default() -> Self {
@@ -3710,6 +3994,7 @@ impl Default for FrontStatsT {
       protocol_errors: 0,
       bytes_in: 0,
       bytes_out: 0,
+      errors_by_code: None,
     }
   }
 }
@@ -3725,6 +4010,9 @@ impl FrontStatsT {
     let protocol_errors = self.protocol_errors;
     let bytes_in = self.bytes_in;
     let bytes_out = self.bytes_out;
+    let errors_by_code = self.errors_by_code.as_ref().map(|x|{
+      _fbb.create_vector(x)
+    });
     FrontStats::create(_fbb, &FrontStatsArgs{
       connections,
       connections_total,
@@ -3733,6 +4021,7 @@ impl FrontStatsT {
       protocol_errors,
       bytes_in,
       bytes_out,
+      errors_by_code,
     })
   }
 }
