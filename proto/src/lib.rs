@@ -43,7 +43,7 @@ mod generated;
 pub use generated::shardlog::wire;
 
 pub use error::{ClientError, DecodeError, ServerError};
-pub use placement::shard_for;
+pub use placement::{daemon_for, home_for, shard_for};
 
 /// The protocol version this crate speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
