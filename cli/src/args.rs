@@ -188,6 +188,10 @@ pub struct PingArgs {
     /// Pause between pings, in milliseconds.
     #[arg(long, env = "SHARDLOG_PING_INTERVAL_MS", default_value_t = 200)]
     pub interval_ms: u64,
+
+    /// Keep trying to connect for up to this many seconds (for a daemon that is still starting).
+    #[arg(long, env = "SHARDLOG_PING_WAIT_SECS", default_value_t = 0)]
+    pub wait_secs: u64,
 }
 
 #[derive(Debug, Args)]

@@ -46,6 +46,9 @@ fn main() -> ExitCode {
     }
 }
 
+/// Pause between connection attempts of `ping --wait-secs`.
+const PING_RETRY: Duration = Duration::from_millis(100);
+
 fn run(cli: &Cli) -> Result<(), Failure> {
     let common = &cli.common;
     let timeout = Duration::from_secs(common.timeout_secs.max(1));
@@ -60,7 +63,19 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             consume::run(connect()?, a, common.json)
         }
         Command::Stats => info::stats(connect()?, common.json),
-        Command::Ping(a) => info::ping(connect()?, a, common.json),
+        Command::Ping(a) => {
+            let deadline = std::time::Instant::now() + Duration::from_secs(a.wait_secs);
+            let conns = loop {
+                match connect() {
+                    Ok(c) => break c,
+                    Err(Failure::Connect { .. }) if std::time::Instant::now() < deadline => {
+                        std::thread::sleep(PING_RETRY);
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
+            info::ping(conns, a, common.json)
+        }
         Command::ShardOf(a) => {
             let conns = if a.shards.is_some() { None } else { Some(connect()?) };
             info::shard_of(conns, a, common.json)
