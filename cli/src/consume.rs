@@ -79,6 +79,8 @@ pub fn run(mut conns: Conns, args: &ConsumeArgs, json: bool) -> Result<(), Failu
         };
         let batch = match reader.read(client, params) {
             Ok(b) => b,
+            // An explicit --from-lsn that retention already deleted is the caller's error; any
+            // other start, or a reader that later falls behind, continues where the log begins.
             Err(ClientError::Server(e)) if e.code == ErrorCode::Truncated && start != Start::Lsn(from) => {
                 // Retention deleted what was asked for. With --from-beginning that is where the
                 // log begins now; later, it means this reader fell behind retention: say so.

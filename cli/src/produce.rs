@@ -11,6 +11,7 @@
 use std::collections::VecDeque;
 use std::io::{BufRead, IsTerminal, Read};
 use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use base64::Engine;
@@ -34,8 +35,10 @@ const LINE_BYTES_MAX: usize = RECORD_BYTES_MAX / 3 * 4 + 4096;
 /// A batch closes once its payloads reach this many bytes, so a frame stays far below the
 /// daemon's default limit even when a batch holds many records.
 const BATCH_BYTES_MAX: usize = 1 << 20;
-/// Records parsed ahead of the appends: the reader thread's bound.
+/// Records parsed ahead of the appends: the reader thread's bound in records...
 const READ_AHEAD_RECORDS: usize = 4096;
+/// ... and in payload bytes (one record larger than this still goes through, alone).
+const READ_AHEAD_BYTES: usize = 16 << 20;
 /// With `--ack none`, a ping after this many appends collects the errors sent back so far, so a
 /// failing run stops early and unread error responses never pile up.
 const ACK_NONE_CHECK_EVERY: u64 = 1024;
@@ -72,14 +75,14 @@ struct Produced {
 
 enum Source {
     Args(std::vec::IntoIter<InRecord>),
-    Stdin(Receiver<Result<InRecord, Failure>>),
+    Stdin(Receiver<Result<InRecord, Failure>>, Arc<Budget>),
 }
 
 impl Source {
     fn next_blocking(&mut self) -> Option<Result<InRecord, Failure>> {
         match self {
             Source::Args(it) => it.next().map(Ok),
-            Source::Stdin(rx) => rx.recv().ok(),
+            Source::Stdin(rx, budget) => rx.recv().ok().inspect(|r| budget.release(r)),
         }
     }
 
@@ -88,7 +91,34 @@ impl Source {
         match self {
             Source::Args(it) => it.next().map(Ok),
             // Empty (not read yet) and Disconnected (the end) both mean "nothing ready".
-            Source::Stdin(rx) => rx.try_recv().ok(),
+            Source::Stdin(rx, budget) => rx.try_recv().ok().inspect(|r| budget.release(r)),
+        }
+    }
+}
+
+/// Payload bytes parsed and not yet taken by the run: the reader waits while they exceed
+/// `READ_AHEAD_BYTES`, so large records cannot pile up in the channel.
+struct Budget {
+    used: Mutex<usize>,
+    freed: Condvar,
+}
+
+impl Budget {
+    fn acquire(&self, n: usize) {
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        // An empty channel always admits one record, however large, so the run cannot stall.
+        while *used > 0 && *used + n > READ_AHEAD_BYTES {
+            used = self.freed.wait(used).unwrap_or_else(|e| e.into_inner());
+        }
+        *used += n;
+    }
+
+    fn release(&self, r: &Result<InRecord, Failure>) {
+        if let Ok(r) = r {
+            let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+            assert!(*used >= r.payload.len(), "released more than was acquired");
+            *used -= r.payload.len();
+            self.freed.notify_one();
         }
     }
 }
@@ -120,7 +150,12 @@ pub fn run(conns: Conns, args: &ProduceArgs, json: bool) -> Result<(), Failure> 
         ));
     }
     let mut source = if args.payloads.is_empty() {
-        Source::Stdin(spawn_reader(args.input, args.stream, !args.no_timestamp))
+        let budget = Arc::new(Budget {
+            used: Mutex::new(0),
+            freed: Condvar::new(),
+        });
+        let rx = spawn_reader(args.input, args.stream, !args.no_timestamp, budget.clone());
+        Source::Stdin(rx, budget)
     } else {
         if args.stream.is_none() {
             return Err(Failure::Usage("produce: give a STREAM before the payloads".into()));
@@ -142,7 +177,7 @@ pub fn run(conns: Conns, args: &ProduceArgs, json: bool) -> Result<(), Failure> 
         }
         Source::Args(recs.into_iter())
     };
-    let progress = matches!(source, Source::Stdin(_))
+    let progress = matches!(source, Source::Stdin(..))
         .then(|| progress_bar(args.quiet))
         .flatten();
     let mut run = Run {
@@ -357,16 +392,27 @@ fn too_large(r: &InRecord) -> Failure {
 
 /// Starts the thread that reads and parses stdin; it stops at the end of input, at the first
 /// error (which it sends), or when the run hangs up.
-fn spawn_reader(input: Input, stream: Option<u64>, stamp: bool) -> Receiver<Result<InRecord, Failure>> {
+fn spawn_reader(
+    input: Input,
+    stream: Option<u64>,
+    stamp: bool,
+    budget: Arc<Budget>,
+) -> Receiver<Result<InRecord, Failure>> {
     let (tx, rx) = mpsc::sync_channel(READ_AHEAD_RECORDS);
     std::thread::Builder::new()
         .name("stdin".into())
-        .spawn(move || read_stdin(input, stream, stamp, tx))
+        .spawn(move || read_stdin(input, stream, stamp, tx, &budget))
         .expect("spawn the stdin reader thread");
     rx
 }
 
-fn read_stdin(input: Input, stream: Option<u64>, stamp: bool, tx: SyncSender<Result<InRecord, Failure>>) {
+fn read_stdin(
+    input: Input,
+    stream: Option<u64>,
+    stamp: bool,
+    tx: SyncSender<Result<InRecord, Failure>>,
+    budget: &Budget,
+) {
     let stdin = std::io::stdin();
     let mut reader = stdin.lock();
     let mut buf = Vec::new();
@@ -413,6 +459,9 @@ fn read_stdin(input: Input, stream: Option<u64>, stamp: bool, tx: SyncSender<Res
             Err(e) => Err(e),
         };
         let failed = rec.is_err();
+        if let Ok(r) = &rec {
+            budget.acquire(r.payload.len());
+        }
         if tx.send(rec).is_err() || failed {
             return;
         }
