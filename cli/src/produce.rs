@@ -140,7 +140,6 @@ struct Run<'a> {
     pending: VecDeque<Pending>,
     appends_unchecked: u64,
     progress: Option<ProgressBar>,
-    records_sent: u64,
 }
 
 pub fn run(conns: Conns, args: &ProduceArgs, json: bool) -> Result<(), Failure> {
@@ -189,7 +188,6 @@ pub fn run(conns: Conns, args: &ProduceArgs, json: bool) -> Result<(), Failure> 
         pending: VecDeque::new(),
         appends_unchecked: 0,
         progress,
-        records_sent: 0,
     };
     let result = run.drive(&mut source);
     if let Some(pb) = &run.progress {
@@ -223,11 +221,13 @@ impl Run<'_> {
             })?;
             let mut batch_bytes = first.payload.len();
             let mut batch = vec![first];
-            while batch.len() < self.args.batch as usize && batch_bytes < BATCH_BYTES_MAX {
+            while batch.len() < self.args.batch as usize {
                 match source.next_ready() {
                     Some(r) => {
                         let r = r?;
-                        if r.stream != Some(stream) {
+                        // Another stream's record, or one that would take the frame past the
+                        // batch's byte bound, starts the next batch.
+                        if r.stream != Some(stream) || batch_bytes + r.payload.len() > BATCH_BYTES_MAX {
                             carried = Some(r);
                             break;
                         }
@@ -258,7 +258,6 @@ impl Run<'_> {
             .collect();
         let id = self.conns.get(route)?.send_append(stream, &records, self.ack)?;
         let bytes_in: u64 = batch.iter().map(|r| r.bytes_in).sum();
-        self.records_sent += batch.len() as u64;
         if self.ack == AckLevel::None {
             self.advance_progress(batch.len() as u64, bytes_in);
             self.appends_unchecked += 1;
