@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Regenerates proto/src/generated/ from proto/schema/shardlog.fbs.
+# Regenerates the code generated from proto/schema/shardlog.fbs: the Rust types in
+# proto/src/generated/ and the Python package clients/python/shardlog/wire/.
 #
 #   scripts/gen-proto.sh          regenerate in place
 #   scripts/gen-proto.sh --check  exit 1 if the checked-in code differs from what the schema generates
@@ -31,6 +32,7 @@ fi
 
 SCHEMA=proto/schema/shardlog.fbs
 OUT=proto/src/generated
+PY_OUT=clients/python/shardlog/wire
 
 generate() {
   local dir=$1
@@ -42,16 +44,37 @@ generate() {
   sed -i '/^#\[non_exhaustive\]$/d' "$dir/shardlog_generated.rs"
 }
 
+# The Python code imports itself as `shardlog.wire.*` (the schema's namespace), so it lives in
+# the client's `shardlog` package; flatc's empty `shardlog/__init__.py` is not taken, since the
+# package's own one is hand-written.
+generate_python() {
+  local dir=$1 scratch
+  scratch=$(mktemp -d)
+  flatc --python --gen-object-api -o "$scratch" "$SCHEMA"
+  rm -rf "$dir"
+  mkdir -p "$(dirname "$dir")"
+  mv "$scratch/shardlog/wire" "$dir"
+  rm -rf "$scratch"
+}
+
 if [ "${1:-}" = "--check" ]; then
   tmp=$(mktemp -d)
   trap 'rm -rf "$tmp"' EXIT
   generate "$tmp/generated"
+  generate_python "$tmp/wire"
+  stale=0
   if ! diff -ru "$tmp/generated" "$OUT"; then
     echo "gen-proto: $OUT is stale; run scripts/gen-proto.sh and commit the result" >&2
-    exit 1
+    stale=1
   fi
-  echo "gen-proto: $OUT matches $SCHEMA"
+  if ! diff -ru -x __pycache__ "$tmp/wire" "$PY_OUT"; then
+    echo "gen-proto: $PY_OUT is stale; run scripts/gen-proto.sh and commit the result" >&2
+    stale=1
+  fi
+  [ "$stale" = 0 ] || exit 1
+  echo "gen-proto: $OUT and $PY_OUT match $SCHEMA"
 else
   generate "$OUT"
-  echo "gen-proto: wrote $OUT"
+  generate_python "$PY_OUT"
+  echo "gen-proto: wrote $OUT and $PY_OUT"
 fi

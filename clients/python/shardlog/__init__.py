@@ -1,0 +1,48 @@
+"""Python client for shardlogd, the shardlog durable log daemon.
+
+    from shardlog import Client, AckLevel
+
+    with Client("127.0.0.1:7070") as c:
+        ack = c.append(42, [b"hello", b"world"])            # durable once this returns
+        for rec in c.read(ack.shard, ack.first_lsn, stream=42).records:
+            print(rec.lsn, rec.payload)
+
+The wire types in ``shardlog.wire`` are generated from ``proto/schema/shardlog.fbs`` by
+``scripts/gen-proto.sh`` (flatc 25.12.19); do not edit them by hand.
+"""
+
+from shardlog.wire.AckLevel import AckLevel
+from shardlog.wire.ErrorCode import ErrorCode
+
+from .client import (
+    ADDR_DEFAULT,
+    PROTOCOL_VERSION,
+    Appended,
+    Client,
+    HelloOk,
+    ReadRecord,
+    Records,
+)
+from .errors import *  # noqa: F401,F403  (one class per ErrorCode)
+from .errors import ConnectionClosed, ProtocolError, ServerError, ShardlogError, error_for
+from .placement import jump_hash, mix64, shard_for
+
+__all__ = [
+    "ADDR_DEFAULT",
+    "PROTOCOL_VERSION",
+    "AckLevel",
+    "Appended",
+    "Client",
+    "ConnectionClosed",
+    "ErrorCode",
+    "HelloOk",
+    "ProtocolError",
+    "ReadRecord",
+    "Records",
+    "ServerError",
+    "ShardlogError",
+    "error_for",
+    "jump_hash",
+    "mix64",
+    "shard_for",
+]
