@@ -73,8 +73,37 @@ class FrontStats(object):
             return self._tab.Get(flatbuffers.number_types.Uint64Flags, o + self._tab.Pos)
         return 0
 
+    # Error responses sent, indexed by `ErrorCode` value (absent from older
+    # servers; shorter than the enum when the highest codes were never sent).
+    # FrontStats
+    def ErrorsByCode(self, j):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(18))
+        if o != 0:
+            a = self._tab.Vector(o)
+            return self._tab.Get(flatbuffers.number_types.Uint64Flags, a + flatbuffers.number_types.UOffsetTFlags.py_type(j * 8))
+        return 0
+
+    # FrontStats
+    def ErrorsByCodeAsNumpy(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(18))
+        if o != 0:
+            return self._tab.GetVectorAsNumpy(flatbuffers.number_types.Uint64Flags, o)
+        return 0
+
+    # FrontStats
+    def ErrorsByCodeLength(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(18))
+        if o != 0:
+            return self._tab.VectorLen(o)
+        return 0
+
+    # FrontStats
+    def ErrorsByCodeIsNone(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(18))
+        return o == 0
+
 def FrontStatsStart(builder):
-    builder.StartObject(7)
+    builder.StartObject(8)
 
 def Start(builder):
     FrontStatsStart(builder)
@@ -121,12 +150,28 @@ def FrontStatsAddBytesOut(builder, bytesOut):
 def AddBytesOut(builder, bytesOut):
     FrontStatsAddBytesOut(builder, bytesOut)
 
+def FrontStatsAddErrorsByCode(builder, errorsByCode):
+    builder.PrependUOffsetTRelativeSlot(7, flatbuffers.number_types.UOffsetTFlags.py_type(errorsByCode), 0)
+
+def AddErrorsByCode(builder, errorsByCode):
+    FrontStatsAddErrorsByCode(builder, errorsByCode)
+
+def FrontStatsStartErrorsByCodeVector(builder, numElems):
+    return builder.StartVector(8, numElems, 8)
+
+def StartErrorsByCodeVector(builder, numElems):
+    return FrontStatsStartErrorsByCodeVector(builder, numElems)
+
 def FrontStatsEnd(builder):
     return builder.EndObject()
 
 def End(builder):
     return FrontStatsEnd(builder)
 
+try:
+    from typing import List
+except:
+    pass
 
 class FrontStatsT(object):
 
@@ -140,6 +185,7 @@ class FrontStatsT(object):
         protocolErrors = 0,
         bytesIn = 0,
         bytesOut = 0,
+        errorsByCode = None,
     ):
         self.connections = connections  # type: int
         self.connectionsTotal = connectionsTotal  # type: int
@@ -148,6 +194,7 @@ class FrontStatsT(object):
         self.protocolErrors = protocolErrors  # type: int
         self.bytesIn = bytesIn  # type: int
         self.bytesOut = bytesOut  # type: int
+        self.errorsByCode = errorsByCode  # type: Optional[List[int]]
 
     @classmethod
     def InitFromBuf(cls, buf, pos):
@@ -177,9 +224,24 @@ class FrontStatsT(object):
         self.protocolErrors = frontStats.ProtocolErrors()
         self.bytesIn = frontStats.BytesIn()
         self.bytesOut = frontStats.BytesOut()
+        if not frontStats.ErrorsByCodeIsNone():
+            if np is None:
+                self.errorsByCode = []
+                for i in range(frontStats.ErrorsByCodeLength()):
+                    self.errorsByCode.append(frontStats.ErrorsByCode(i))
+            else:
+                self.errorsByCode = frontStats.ErrorsByCodeAsNumpy()
 
     # FrontStatsT
     def Pack(self, builder):
+        if self.errorsByCode is not None:
+            if np is not None and type(self.errorsByCode) is np.ndarray:
+                errorsByCode = builder.CreateNumpyVector(self.errorsByCode)
+            else:
+                FrontStatsStartErrorsByCodeVector(builder, len(self.errorsByCode))
+                for i in reversed(range(len(self.errorsByCode))):
+                    builder.PrependUint64(self.errorsByCode[i])
+                errorsByCode = builder.EndVector()
         FrontStatsStart(builder)
         FrontStatsAddConnections(builder, self.connections)
         FrontStatsAddConnectionsTotal(builder, self.connectionsTotal)
@@ -188,5 +250,7 @@ class FrontStatsT(object):
         FrontStatsAddProtocolErrors(builder, self.protocolErrors)
         FrontStatsAddBytesIn(builder, self.bytesIn)
         FrontStatsAddBytesOut(builder, self.bytesOut)
+        if self.errorsByCode is not None:
+            FrontStatsAddErrorsByCode(builder, errorsByCode)
         frontStats = FrontStatsEnd(builder)
         return frontStats

@@ -128,8 +128,32 @@ class ShardStats(object):
             return self._tab.String(o + self._tab.Pos)
         return None
 
+    # The same distributions as `fsync_latency_us` and `records_per_commit`,
+    # as buckets (absent from older servers).
+    # ShardStats
+    def FsyncLatencyUsBuckets(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(30))
+        if o != 0:
+            x = self._tab.Indirect(o + self._tab.Pos)
+            from shardlog.wire.Buckets import Buckets
+            obj = Buckets()
+            obj.Init(self._tab.Bytes, x)
+            return obj
+        return None
+
+    # ShardStats
+    def RecordsPerCommitBuckets(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(32))
+        if o != 0:
+            x = self._tab.Indirect(o + self._tab.Pos)
+            from shardlog.wire.Buckets import Buckets
+            obj = Buckets()
+            obj.Init(self._tab.Bytes, x)
+            return obj
+        return None
+
 def ShardStatsStart(builder):
-    builder.StartObject(13)
+    builder.StartObject(15)
 
 def Start(builder):
     ShardStatsStart(builder)
@@ -212,12 +236,25 @@ def ShardStatsAddPoisoned(builder, poisoned):
 def AddPoisoned(builder, poisoned):
     ShardStatsAddPoisoned(builder, poisoned)
 
+def ShardStatsAddFsyncLatencyUsBuckets(builder, fsyncLatencyUsBuckets):
+    builder.PrependUOffsetTRelativeSlot(13, flatbuffers.number_types.UOffsetTFlags.py_type(fsyncLatencyUsBuckets), 0)
+
+def AddFsyncLatencyUsBuckets(builder, fsyncLatencyUsBuckets):
+    ShardStatsAddFsyncLatencyUsBuckets(builder, fsyncLatencyUsBuckets)
+
+def ShardStatsAddRecordsPerCommitBuckets(builder, recordsPerCommitBuckets):
+    builder.PrependUOffsetTRelativeSlot(14, flatbuffers.number_types.UOffsetTFlags.py_type(recordsPerCommitBuckets), 0)
+
+def AddRecordsPerCommitBuckets(builder, recordsPerCommitBuckets):
+    ShardStatsAddRecordsPerCommitBuckets(builder, recordsPerCommitBuckets)
+
 def ShardStatsEnd(builder):
     return builder.EndObject()
 
 def End(builder):
     return ShardStatsEnd(builder)
 
+import shardlog.wire.Buckets
 import shardlog.wire.Percentiles
 try:
     from typing import Optional
@@ -242,6 +279,8 @@ class ShardStatsT(object):
         segmentCount = 0,
         segmentBytes = 0,
         poisoned = None,
+        fsyncLatencyUsBuckets = None,
+        recordsPerCommitBuckets = None,
     ):
         self.shard = shard  # type: int
         self.appends = appends  # type: int
@@ -256,6 +295,8 @@ class ShardStatsT(object):
         self.segmentCount = segmentCount  # type: int
         self.segmentBytes = segmentBytes  # type: int
         self.poisoned = poisoned  # type: Optional[str]
+        self.fsyncLatencyUsBuckets = fsyncLatencyUsBuckets  # type: Optional[shardlog.wire.Buckets.BucketsT]
+        self.recordsPerCommitBuckets = recordsPerCommitBuckets  # type: Optional[shardlog.wire.Buckets.BucketsT]
 
     @classmethod
     def InitFromBuf(cls, buf, pos):
@@ -294,11 +335,19 @@ class ShardStatsT(object):
         self.segmentCount = shardStats.SegmentCount()
         self.segmentBytes = shardStats.SegmentBytes()
         self.poisoned = shardStats.Poisoned()
+        if shardStats.FsyncLatencyUsBuckets() is not None:
+            self.fsyncLatencyUsBuckets = shardlog.wire.Buckets.BucketsT.InitFromObj(shardStats.FsyncLatencyUsBuckets())
+        if shardStats.RecordsPerCommitBuckets() is not None:
+            self.recordsPerCommitBuckets = shardlog.wire.Buckets.BucketsT.InitFromObj(shardStats.RecordsPerCommitBuckets())
 
     # ShardStatsT
     def Pack(self, builder):
         if self.poisoned is not None:
             poisoned = builder.CreateString(self.poisoned)
+        if self.fsyncLatencyUsBuckets is not None:
+            fsyncLatencyUsBuckets = self.fsyncLatencyUsBuckets.Pack(builder)
+        if self.recordsPerCommitBuckets is not None:
+            recordsPerCommitBuckets = self.recordsPerCommitBuckets.Pack(builder)
         ShardStatsStart(builder)
         ShardStatsAddShard(builder, self.shard)
         ShardStatsAddAppends(builder, self.appends)
@@ -320,5 +369,9 @@ class ShardStatsT(object):
         ShardStatsAddSegmentBytes(builder, self.segmentBytes)
         if self.poisoned is not None:
             ShardStatsAddPoisoned(builder, poisoned)
+        if self.fsyncLatencyUsBuckets is not None:
+            ShardStatsAddFsyncLatencyUsBuckets(builder, fsyncLatencyUsBuckets)
+        if self.recordsPerCommitBuckets is not None:
+            ShardStatsAddRecordsPerCommitBuckets(builder, recordsPerCommitBuckets)
         shardStats = ShardStatsEnd(builder)
         return shardStats
