@@ -366,7 +366,9 @@ struct Worker {
     start: Instant,
     ack_none: bool,
     verified: bool,
-    interval_latency: bool,
+    /// A live line is shown: keep interval counts and send them in ticks. Without it (`-q`)
+    /// the loop does no per-interval work at all.
+    live: bool,
     clients: Vec<Client>,
     /// Token -> (client, socket).
     tokens: Vec<(u32, u16)>,
@@ -487,7 +489,7 @@ pub fn thread_main(ctx: ThreadCtx, plan: ThreadPlan) -> anyhow::Result<ThreadRes
     let now = Instant::now();
     let mut worker = Worker {
         verified: ctx.log.is_some(),
-        interval_latency: !args.quiet,
+        live: !args.quiet,
         args,
         shared: ctx.shared,
         chooser: ctx.chooser,
@@ -663,7 +665,7 @@ impl Worker {
     }
 
     fn on_tick(&mut self, now: Instant) {
-        if now.duration_since(self.last_tick) >= TICK_INTERVAL {
+        if self.live && now.duration_since(self.last_tick) >= TICK_INTERVAL {
             self.last_tick = now;
             let tally = self.interval.take();
             let _ = self.tx.send(Msg::Tick(Box::new(tally)));
@@ -710,7 +712,9 @@ impl Worker {
     }
 
     fn error(&mut self, kind: &str) {
-        self.interval.error(kind);
+        if self.live {
+            self.interval.error(kind);
+        }
         self.tally.error(kind);
     }
 
@@ -872,12 +876,14 @@ impl Worker {
     /// A request completed. `from` is its intended (open loop) or actual send time.
     fn completed(&mut self, from: Instant, done: Instant, records: u64, bytes: u64, latency: bool) {
         self.records_all += records;
-        let iv = &mut self.interval;
-        iv.requests += 1;
-        iv.records += records;
-        iv.bytes += bytes;
-        if latency && self.interval_latency {
-            record(&mut iv.latency, done.saturating_duration_since(from));
+        if self.live {
+            let iv = &mut self.interval;
+            iv.requests += 1;
+            iv.records += records;
+            iv.bytes += bytes;
+            if latency {
+                record(&mut iv.latency, done.saturating_duration_since(from));
+            }
         }
         if from < self.timing.measure_start {
             return;
