@@ -40,7 +40,10 @@ pub fn connect(addr: SocketAddr, timeout: Duration) -> Result<(TcpStream, HelloO
     stream.write_all(&out).map_err(io)?;
     let mut reader = FrameReader::new(FRAME_BYTES_MAX_DEFAULT);
     let resp = loop {
-        if let Some(payload) = reader.next_frame().map_err(|e| format!("bad frame in answer to Hello: {e}"))? {
+        if let Some(payload) = reader
+            .next_frame()
+            .map_err(|e| format!("bad frame in answer to Hello: {e}"))?
+        {
             break decode_response(payload).map_err(|e| format!("undecodable answer to Hello: {e}"))?;
         }
         let left = deadline.saturating_duration_since(Instant::now());

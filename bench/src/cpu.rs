@@ -43,7 +43,10 @@ mod tests {
         // Busy until the kernel has charged some CPU (its accounting can be tick-based); a
         // generous bound, not a speed check.
         while ProcessCpu::now().total() <= before.total() {
-            assert!(started.elapsed() < Duration::from_secs(30), "no CPU time charged after 30 s of work");
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "no CPU time charged after 30 s of work"
+            );
             for _ in 0..100_000 {
                 x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
             }

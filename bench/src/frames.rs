@@ -327,8 +327,8 @@ fn scalar<T: Default>(b: &[u8], table: usize, vt: u16, read: fn(&[u8], usize) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proptest::prelude::*;
     use crate::rng::Rng;
+    use proptest::prelude::*;
     use proto::codec::{view_request, Encoder};
     use proto::frame::{decode_whole_frame, FRAME_BYTES_MAX_DEFAULT};
     use proto::wire::ErrorCode;
@@ -397,7 +397,11 @@ mod tests {
     #[test]
     fn appended_is_read_in_place() {
         let mut enc = Encoder::new();
-        for (id, shard, lsn, count) in [(0u64, 0u16, 0u64, 0u32), (9, 3, 17, 64), (u64::MAX, u16::MAX, u64::MAX, 1)] {
+        for (id, shard, lsn, count) in [
+            (0u64, 0u16, 0u64, 0u32),
+            (9, 3, 17, 64),
+            (u64::MAX, u16::MAX, u64::MAX, 1),
+        ] {
             let mut out = Vec::new();
             enc.appended(id, shard, lsn, count, &mut out);
             let payload = decode_whole_frame(&out, FRAME_BYTES_MAX_DEFAULT).expect("frame");

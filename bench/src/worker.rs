@@ -337,7 +337,7 @@ impl Timer {
 
     /// Fires after `first` (at least 1 ns), then every `interval` (zero: once).
     fn set(&self, first: Duration, interval: Duration) -> std::io::Result<()> {
-        use rustix::time::{timerfd_settime, Itimerspec, Timespec, TimerfdTimerFlags};
+        use rustix::time::{timerfd_settime, Itimerspec, TimerfdTimerFlags, Timespec};
         let ts = |d: Duration| Timespec {
             tv_sec: d.as_secs() as i64,
             tv_nsec: i64::from(d.subsec_nanos()),
@@ -564,11 +564,7 @@ impl Worker {
             let now = Instant::now();
             // `--ack none` closed loop: connections whose last batch is written send the next
             // one in this turn, so the loop only polls, without sleeping.
-            let runnable = unacked_closed
-                && self
-                    .clients
-                    .iter()
-                    .any(|c| c.sending && !c.dead && c.flushed());
+            let runnable = unacked_closed && self.clients.iter().any(|c| c.sending && !c.dead && c.flushed());
             if self.args.rate.is_some() {
                 self.arm_slot_timer(&slot_timer, now)?;
             }
@@ -690,12 +686,7 @@ impl Worker {
                 self.lost(ci, format!("outbound buffer not drained for {timeout:?}"));
             }
         }
-        let outstanding: usize = self
-            .clients
-            .iter()
-            .filter(|c| !c.dead)
-            .map(Client::in_flight)
-            .sum();
+        let outstanding: usize = self.clients.iter().filter(|c| !c.dead).map(Client::in_flight).sum();
         if outstanding == 0 {
             // Idle (open loop between slots, or done): the timeout runs from the next request.
             self.last_progress = now;
@@ -855,15 +846,21 @@ impl Worker {
                 let (from, records, bytes) = (slot.from, slot.enc.records, slot.enc.bytes);
                 if self.log.is_some() {
                     let stream = slot.stream;
-                    self.log_batch.extend(slot.enc.lens.iter().zip(&slot.enc.crcs).enumerate().map(
-                        |(i, (&len, &crc))| AckedRecord {
-                            stream,
-                            shard,
-                            lsn: first_lsn + i as u64,
-                            crc32c: crc,
-                            len,
-                        },
-                    ));
+                    self.log_batch
+                        .extend(
+                            slot.enc
+                                .lens
+                                .iter()
+                                .zip(&slot.enc.crcs)
+                                .enumerate()
+                                .map(|(i, (&len, &crc))| AckedRecord {
+                                    stream,
+                                    shard,
+                                    lsn: first_lsn + i as u64,
+                                    crc32c: crc,
+                                    len,
+                                }),
+                        );
                 }
                 self.completed(from.unwrap_or(now), now, u64::from(records), bytes, true);
             }
@@ -1013,10 +1010,27 @@ impl Worker {
         let enc = &mut c.slots[slot as usize].enc;
         if drain {
             let mut frames = AppendFrames::new(AckLevel::Durable, 1, self.args.record_bytes, writer);
-            frames.encode(id, stream, writer, first_seq, &mut c.rng, checksums, &mut c.socks[sock].out, enc);
+            frames.encode(
+                id,
+                stream,
+                writer,
+                first_seq,
+                &mut c.rng,
+                checksums,
+                &mut c.socks[sock].out,
+                enc,
+            );
         } else {
-            c.frames
-                .encode(id, stream, writer, first_seq, &mut c.rng, checksums, &mut c.socks[sock].out, enc);
+            c.frames.encode(
+                id,
+                stream,
+                writer,
+                first_seq,
+                &mut c.rng,
+                checksums,
+                &mut c.socks[sock].out,
+                enc,
+            );
         }
     }
 
