@@ -32,6 +32,10 @@ pub struct ReportConfig {
     pub requests_limit: Option<u64>,
     pub warmup_s: f64,
     pub seed: u64,
+    /// `--routed`: every append went to the main address, even where the daemon offered shard
+    /// addresses.
+    #[serde(default)]
+    pub routed: bool,
 }
 
 impl ReportConfig {
@@ -54,6 +58,7 @@ impl ReportConfig {
             requests_limit: args.requests,
             warmup_s: args.warmup.as_secs_f64(),
             seed,
+            routed: args.routed,
         }
     }
 }
@@ -263,6 +268,7 @@ pub(crate) mod tests {
                 requests_limit: None,
                 warmup_s: 1.0,
                 seed: 42,
+                routed: false,
             },
             server: Some("shardlogd 0.1.0".into()),
             shard_count: Some(1),

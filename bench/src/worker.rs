@@ -561,12 +561,11 @@ impl Worker {
         }
         let unacked_closed = self.ack_none && self.args.rate.is_none();
         while self.unfinished > 0 {
-            let now = Instant::now();
             // `--ack none` closed loop: connections whose last batch is written send the next
             // one in this turn, so the loop only polls, without sleeping.
             let runnable = unacked_closed && self.clients.iter().any(|c| c.sending && !c.dead && c.flushed());
             if self.args.rate.is_some() {
-                self.arm_slot_timer(&slot_timer, now)?;
+                self.arm_slot_timer(&slot_timer, Instant::now())?;
             }
             if runnable {
                 wait(&mut poll, &mut events, Some(Duration::ZERO))?;
@@ -697,7 +696,9 @@ impl Worker {
                 "{outstanding} requests outstanding and no response for {timeout:?}; gave up on the daemon"
             ));
             for ci in 0..self.clients.len() {
-                self.lost(ci, format!("no response for {timeout:?}"));
+                if !self.clients[ci].done {
+                    self.lost(ci, format!("no response for {timeout:?}"));
+                }
             }
         }
     }
