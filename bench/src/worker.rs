@@ -1092,3 +1092,60 @@ fn wait(poll: &mut Poll, events: &mut Events, timeout: Option<Duration>) -> std:
         other => other,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::codec::Encoder;
+    use proto::frame::decode_whole_frame;
+    use proto::wire::ErrorCode;
+
+    #[test]
+    fn seqs_count_per_stream_in_both_forms() {
+        for chooser in [
+            StreamChooser::uniform(100, 4),
+            StreamChooser::uniform(0, DENSE_SEQS_MAX + 1),
+        ] {
+            let mut seqs = Seqs::new(&chooser);
+            let base = chooser.base();
+            assert_eq!(seqs.take(base, 3), 0);
+            assert_eq!(seqs.take(base, 1), 3);
+            assert_eq!(seqs.take(base + 1, 2), 0, "streams count apart");
+            assert_eq!(seqs.take(base, 1), 4);
+        }
+        assert!(matches!(Seqs::new(&StreamChooser::uniform(0, 4)), Seqs::Dense { .. }));
+        assert!(matches!(
+            Seqs::new(&StreamChooser::uniform(0, DENSE_SEQS_MAX + 1)),
+            Seqs::Sparse(_)
+        ));
+    }
+
+    fn payload(frame: &[u8]) -> &[u8] {
+        decode_whole_frame(frame, FRAME_BYTES_MAX_DEFAULT).expect("one frame")
+    }
+
+    #[test]
+    fn answers_classify_the_same_with_and_without_the_verifier() {
+        let mut enc = Encoder::new();
+        let mut appended = Vec::new();
+        enc.appended(5 << SLOT_BITS | 3, 2, 40, 8, &mut appended);
+        let mut error = Vec::new();
+        enc.error(9, ErrorCode::Poisoned, "fsync failed", &mut error);
+        for verified in [false, true] {
+            match classify(payload(&appended), verified) {
+                Ok(Resp::Appended {
+                    id,
+                    shard,
+                    first_lsn,
+                    count,
+                }) => assert_eq!((id, shard, first_lsn, count), (5 << SLOT_BITS | 3, 2, 40, 8)),
+                _ => panic!("not read as Appended (verified: {verified})"),
+            }
+            match classify(payload(&error), verified) {
+                Ok(Resp::Error { id, code }) => assert_eq!((id, code), (9, "Poisoned")),
+                _ => panic!("not read as Error (verified: {verified})"),
+            }
+            assert!(classify(&[1, 2, 3], verified).is_err(), "garbage is refused");
+        }
+    }
+}
