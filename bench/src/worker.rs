@@ -46,7 +46,7 @@ use crate::stats::{record, Tally};
 use crate::streams::StreamChooser;
 use crate::verify_log::{AckedRecord, VerifyLogWriter};
 
-/// How often executors send their interval counts to the main thread.
+/// How often threads send their interval counts to the main thread (live line only).
 pub const TICK_INTERVAL: Duration = Duration::from_millis(250);
 /// Streams scanned to find one per shard for the `--ack none` drain.
 const DRAIN_STREAM_SCAN_MAX: u64 = 1 << 16;
