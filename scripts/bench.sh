@@ -34,7 +34,7 @@ while (($#)); do
         --quick) MODE=quick ;;
         --no-install) INSTALL=0 ;;
         --work-dir) WORK=$2; shift ;;
-        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,/^set -euo/{/^#/p}' "$0"; exit 0 ;;
         *) echo "bench.sh: unknown option $1 (try --help)" >&2; exit 2 ;;
     esac
     shift
