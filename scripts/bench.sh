@@ -7,6 +7,9 @@
 #   - Redis 7 RPUSH with `appendonly yes` and `appendfsync always` (durable) or `appendfsync no`;
 #   - shardlogd under shardlog-bench over a matrix of connections, pipeline depth, record size, records per
 #     frame and ack level, and both durability modes (linked, dsync) side by side;
+#   - the CPU each process spends per record at every point: shardlogd and redis-server from /proc/PID/stat
+#     (utime + stime) before and after the load, shardlog-bench and redis-benchmark from their own rusage
+#     (wait4), since client and server share the machine's vCPUs;
 # then writes docs/BENCHMARKS.md (tables with ratios against fio and Redis) and docs/benchmarks.svg.
 #
 # Usage: scripts/bench.sh [--quick] [--work-dir DIR] [--no-install]
@@ -31,7 +34,7 @@ while (($#)); do
         --quick) MODE=quick ;;
         --no-install) INSTALL=0 ;;
         --work-dir) WORK=$2; shift ;;
-        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,/^set -euo/{/^#/p}' "$0"; exit 0 ;;
         *) echo "bench.sh: unknown option $1 (try --help)" >&2; exit 2 ;;
     esac
     shift
@@ -42,7 +45,7 @@ if [[ $MODE == quick ]]; then
 else
     DURATION=5s; WARMUP=1s; FIO_SECONDS=8; REDIS_SECONDS=5
 fi
-# The load generator runs on one executor, like redis-benchmark's single thread.
+# The load generator runs on one thread (one epoll loop), like redis-benchmark's single thread.
 BENCH_THREADS=${BENCH_THREADS:-1}
 
 log() { printf '[bench.sh %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
@@ -112,6 +115,32 @@ fio --name=write1m_fdatasync --filename="$FIO_FILE" --size=1G --rw=write --bs=1M
     --fdatasync=1 --runtime="$FIO_SECONDS" --time_based --output-format=json >"$RESULTS/fio-1m.json"
 rm -f "$FIO_FILE"
 
+# ------------------------------------------------------------------ CPU accounting
+# CPU seconds (user + system) a process has used so far, from /proc/PID/stat (fields 14 and 15, in clock
+# ticks; the command name in field 2 may hold spaces, so count from the `)` that ends it).
+CLK_TCK=$(getconf CLK_TCK)
+proc_cpu_s() { # pid
+    sed 's/^.*) //' "/proc/$1/stat" | awk -v hz="$CLK_TCK" '{printf "%.2f\n", ($12 + $13) / hz}'
+}
+# Runs a command with its stdout in one file and its stderr in another (`-`: the same file), and prints the
+# CPU seconds (user + system) it used, from its own rusage (wait4, microsecond resolution): no other process
+# is counted, the wrapper included.
+CPU_OF=$WORK/cpu_of.py
+cat >"$CPU_OF" <<'PY'
+import os, sys
+out, err, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+actions = [(os.POSIX_SPAWN_OPEN, 1, out, flags, 0o644)]
+actions.append((os.POSIX_SPAWN_DUP2, 1, 2) if err == "-" else (os.POSIX_SPAWN_OPEN, 2, err, flags, 0o644))
+pid = os.posix_spawnp(argv[0], argv, os.environ, file_actions=actions)
+_, status, ru = os.wait4(pid, 0)
+print("%.6f" % (ru.ru_utime + ru.ru_stime))
+sys.exit(os.waitstatus_to_exitcode(status))
+PY
+cpu_of() { # stdout-file stderr-file|- command... -> CPU seconds on stdout; the command's exit status
+    python3 "$CPU_OF" "$@"
+}
+
 # ------------------------------------------------------------------ redis
 free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
@@ -153,6 +182,7 @@ csv_rps() {
 redis_point() { # policy c P S
     local policy=$1 c=$2 p=$3 s=$4
     local out="$RESULTS/redis-$policy-c$c-P$p-S$s.csv"
+    local cpu="$RESULTS/redis-$policy-c$c-P$p-S$s.cpu"
     [[ -s $out ]] && return 0
     log "redis appendfsync=$policy c=$c P=$p S=$s"
     redis-cli -p "$REDIS_PORT" flushall >/dev/null
@@ -163,7 +193,14 @@ redis_point() { # policy c P S
     n=$((rps * REDIS_SECONDS))
     ((n < probe)) && n=$probe
     redis-cli -p "$REDIS_PORT" flushall >/dev/null
-    redis_bench "$c" "$p" "$s" "$n" >"$out" || log "redis-benchmark failed: $policy c=$c P=$p S=$s"
+    local before after client_cpu rc=0
+    before=$(proc_cpu_s "$REDIS_PID")
+    client_cpu=$(cpu_of "$out" /dev/null redis-benchmark -h 127.0.0.1 -p "$REDIS_PORT" -c "$c" -P "$p" -n "$n" -t rpush \
+        -d "$s" --csv) || rc=$?
+    after=$(proc_cpu_s "$REDIS_PID")
+    ((rc == 0)) || log "redis-benchmark failed: $policy c=$c P=$p S=$s"
+    printf 'records=%s\nserver_cpu_s=%s\nclient_cpu_s=%s\n' "$n" \
+        "$(awk -v a="$after" -v b="$before" 'BEGIN {printf "%.2f", a - b}')" "$client_cpu" >"$cpu"
 }
 
 # ------------------------------------------------------------------ shardlogd
@@ -205,11 +242,16 @@ shardlog_point() { # durability c P S B ack
     [[ $dur != "$DEFAULT_DURABILITY" ]] && series+=" ($dur)"
     start_daemon "$dur"
     log "shardlog $dur ack=$ack c=$c P=$p S=$s B=$b"
-    local rc=0
-    "$BENCH" --addr "$ADDR" --threads "$BENCH_THREADS" -c "$c" -P "$p" -S "$s" -B "$b" --ack "$ack" \
-        --streams 1024 --duration "$DURATION" --warmup "$WARMUP" --response-timeout 10s --label "$series" -q \
-        --json "$RESULTS/$id.json" --hgrm "$RESULTS/$id.hgrm" >"$RESULTS/$id.txt" 2>&1 || rc=$?
+    local rc=0 before after client_cpu
+    before=$(proc_cpu_s "$DAEMON_PID")
+    client_cpu=$(cpu_of "$RESULTS/$id.txt" - "$BENCH" --addr "$ADDR" --threads "$BENCH_THREADS" -c "$c" -P "$p" \
+        -S "$s" -B "$b" --ack "$ack" --streams 1024 --duration "$DURATION" --warmup "$WARMUP" \
+        --response-timeout 10s --label "$series" -q --json "$RESULTS/$id.json" --hgrm "$RESULTS/$id.hgrm") || rc=$?
+    after=$(proc_cpu_s "$DAEMON_PID")
     ((rc == 0)) || log "shardlog-bench exited with $rc for $id (see $RESULTS/$id.txt)"
+    # Records for these CPU figures: the report's `cpu.records` (warm-up and drain included, like the CPU).
+    printf 'server_cpu_s=%s\nclient_cpu_s=%s\n' \
+        "$(awk -v a="$after" -v b="$before" 'BEGIN {printf "%.2f", a - b}')" "$client_cpu" >"$RESULTS/$id.cpu"
     stop_daemon
 }
 
@@ -427,6 +469,41 @@ def ratio(a, b):
         return "n/a"
     return f"{a/b:.2f}x"
 
+# ---- CPU per record: server from /proc/PID/stat around the load, client from its own rusage
+def kv_file(path):
+    try:
+        return dict(line.strip().split("=", 1) for line in open(path) if "=" in line)
+    except (OSError, ValueError):
+        return None
+
+def per_record_us(cpu_s, records):
+    try:
+        cpu_s, records = float(cpu_s), float(records)
+    except (TypeError, ValueError):
+        return None
+    return cpu_s * 1e6 / records if records > 0 else None
+
+def shardlog_cpu(r, key):
+    """(shardlogd, shardlog-bench) CPU us per record of a run; the records are the report's `cpu.records`
+    (warm-up and drain included, as the CPU is)."""
+    c = kv_file(os.path.join(results, key + ".cpu"))
+    n = ((r or {}).get("cpu") or {}).get("records")
+    if not c or not n:
+        return (None, None)
+    return (per_record_us(c.get("server_cpu_s"), n), per_record_us(c.get("client_cpu_s"), n))
+
+def redis_cpu(policy, c, p, s):
+    """(redis-server, redis-benchmark) CPU us per record (one RPUSH element each)."""
+    k = kv_file(os.path.join(results, f"redis-{policy}-c{c}-P{p}-S{s}.cpu"))
+    if not k:
+        return (None, None)
+    return (per_record_us(k.get("server_cpu_s"), k.get("records")), per_record_us(k.get("client_cpu_s"), k.get("records")))
+
+def fmt_cpu(v):
+    if v is None or v != v:
+        return "n/a"
+    return f"{v:.1f} us" if v < 100 else f"{v:.0f} us"
+
 D = env.get("durability_default", "dsync")
 lines = []
 w = lines.append
@@ -444,8 +521,8 @@ for key, name in [("cpu", "CPU"), ("vcpus", "vCPUs"), ("mem", "memory"), ("kerne
 w("")
 w(f"Command: `{env.get('command', 'scripts/bench.sh')}` ({env.get('mode')} mode: {env.get('duration')} per point after a "
   f"{env.get('warmup')} warm-up; shardlogd with its defaults and `--durability {D}` unless stated; one fresh daemon and "
-  f"data directory per point; shardlog-bench and redis-benchmark each on one client thread; client and server share "
-  f"the {env.get('vcpus')} vCPUs).")
+  f"data directory per point; shardlog-bench (one epoll loop) and redis-benchmark each on one client thread; client "
+  f"and server share the {env.get('vcpus')} vCPUs).")
 w("")
 
 w("## Targets")
@@ -462,6 +539,9 @@ v, bse = lat(r1, "p50"), red1 and red1["p50_us"]
 target("c=1 durable 100 B p50 vs Redis AOF always p50", v, bse, "<= 1.0x", None if v is None or bse is None else v <= bse)
 target("c=1 durable 100 B p50 vs fio 4 KiB write+fdatasync p50", v, fio4k_p50, "<= 1.5x",
        None if v is None or not fio4k_p50 else v <= 1.5 * fio4k_p50)
+v, bse = shardlog_cpu(r1, f"shardlog-{D}-durable-c1-P1-S100-B1")[1], redis_cpu("always", 1, 1, 100)[1]
+target("c=1 durable 100 B: shardlog-bench CPU per record vs redis-benchmark's", v, bse, "<= 1.0x",
+       None if v is None or bse is None else v <= bse, fmt_cpu)
 r2 = run(D, "durable", 256, 16, 1024, 1)
 red2 = redis("always", 256, 16, 1024)
 v, bse = rate(r2), red2 and red2["rps"]
@@ -470,6 +550,9 @@ target("1 KiB durable c=256 P=16 records/s vs Redis AOF always", v, bse, ">= 2x"
 v, bse = lat(r2, "p99"), red2 and red2["p99_us"]
 target("1 KiB durable c=256 P=16 p99 vs Redis AOF always p99", v, bse, "<= 1.0x",
        None if v is None or bse is None else v <= bse)
+v, bse = shardlog_cpu(r2, f"shardlog-{D}-durable-c256-P16-S1024-B1")[1], redis_cpu("always", 256, 16, 1024)[1]
+target("1 KiB durable c=256 P=16: shardlog-bench CPU per record vs redis-benchmark's", v, bse, "<= 1.0x",
+       None if v is None or bse is None else v <= bse, fmt_cpu)
 bw = max([r["mb_per_s"] * 1e6 for k, r in runs.items()
           if k.startswith(f"shardlog-{D}-durable-") and k.endswith("-S1024-B64") and not failed(r)], default=None)
 fbw = fio1m and fio1m["bw_bytes"]
@@ -510,8 +593,13 @@ w("`appendfsync no`, RPUSH of one element per command at the same c, P and paylo
 w("the appends a connection queues before its writer sends them, where Redis's P is the commands per round trip.")
 w("The c=1 rows also compare with the fio 4 KiB commit latency.")
 w("")
-w("| ack | c | P | S | B | records/s | MB/s | p50 | p99 | p99.9 | errors | Redis rec/s | x Redis | Redis p50 | Redis p99 | p50 x Redis | p50 x fio |")
-w("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+w("CPU columns are microseconds of CPU (user + system) per record, for each process of the point: shardlogd and")
+w("redis-server from `/proc/PID/stat` before and after the load, shardlog-bench and redis-benchmark from their")
+w("own rusage (`wait4`). Client and server share the vCPUs, so the client's cost is inside every rate here.")
+w("shardlog's records include the warm-up and, for ack=none, the drain appends, as its CPU does.")
+w("")
+w("| ack | c | P | S | B | records/s | shardlogd CPU/rec | shardlog-bench CPU/rec | Redis CPU/rec | redis-benchmark CPU/rec | MB/s | p50 | p99 | p99.9 | errors | Redis rec/s | x Redis | Redis p50 | Redis p99 | p50 x Redis | p50 x fio |")
+w("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 def key_of(k):
     r = runs[k]["config"]
     return (r["ack"] != "durable", r["record_bytes_min"], r["records_per_frame"], r["pipeline"], r["connections"])
@@ -525,14 +613,19 @@ for k in sorted((k for k in runs if k.startswith(f"shardlog-{D}-")), key=key_of)
         red = redis("always", c, p, s) if ack == "durable" else redis("no", c, p, s)
     rr = rate(r)
     red_rps = red and red["rps"]
+    d_cpu, g_cpu = shardlog_cpu(r, k)
+    r_cpu, rb_cpu = (None, None)
+    if b == 1:
+        r_cpu, rb_cpu = redis_cpu("always" if ack == "durable" else "no", c, p, s)
+    cpu_cells = f"{fmt_cpu(d_cpu)} | {fmt_cpu(g_cpu)} | {fmt_cpu(r_cpu)} | {fmt_cpu(rb_cpu)}"
     # Compare records/s against Redis elements/s only for one record per request.
     if failed(r):
         why = r.get("stopped_early") or "the drain append was never acknowledged"
-        w(f"| {ack} | {c} | {p} | {s} | {b} | failed: {why} | | | | | "
+        w(f"| {ack} | {c} | {p} | {s} | {b} | failed: {why} | {cpu_cells} | | | | | "
           f"{r['errors_total']} | {fmt_n(red_rps)} | | | | | |")
         failures.append((k, why))
         continue
-    w(f"| {ack} | {c} | {p} | {s} | {b} | {fmt_n(rr)} | "
+    w(f"| {ack} | {c} | {p} | {s} | {b} | {fmt_n(rr)} | {cpu_cells} | "
       f"{(r['drain']['mb_per_s'] if r.get('drain') else r['mb_per_s']):.1f} | {fmt_us(lat(r, 'p50'))} | "
       f"{fmt_us(lat(r, 'p99'))} | {fmt_us(lat(r, 'p999'))} | {r['errors_total']} | {fmt_n(red_rps)} | "
       f"{ratio(rr, red_rps)} | {fmt_us(red and red['p50_us'])} | {fmt_us(red and red['p99_us'])} | "
@@ -553,13 +646,14 @@ w("The faster of the two is shardlogd's default (`--durability`); the engine tab
 w("the network. On these machines the kernel hands a linked fdatasync to an io-wq worker, while an O_DSYNC write's")
 w("flush is issued by the block layer directly, so `dsync` is the default; `linked` stays fully supported.")
 w("")
-w("| point | mode | records/s | p50 | p99 | p99.9 |")
-w("|---|---|---|---|---|---|")
+w("| point | mode | records/s | shardlogd CPU/rec | p50 | p99 | p99.9 |")
+w("|---|---|---|---|---|---|---|")
 for (c, p, s) in [(1, 1, 100), (64, 16, 1024)]:
     for dur in ("linked", "dsync"):
         r = run(dur, "durable", c, p, s, 1)
-        w(f"| c={c} P={p} S={s} | {dur} | {fmt_n(rate(r))} | {fmt_us(lat(r, 'p50'))} | {fmt_us(lat(r, 'p99'))} | "
-          f"{fmt_us(lat(r, 'p999'))} |")
+        d_cpu = shardlog_cpu(r, f"shardlog-{dur}-durable-c{c}-P{p}-S{s}-B1")[0]
+        w(f"| c={c} P={p} S={s} | {dur} | {fmt_n(rate(r))} | {fmt_cpu(d_cpu)} | {fmt_us(lat(r, 'p50'))} | "
+          f"{fmt_us(lat(r, 'p99'))} | {fmt_us(lat(r, 'p999'))} |")
 w("")
 
 engine = os.path.join(results, "engine.txt")

@@ -71,11 +71,12 @@ pub struct RunArgs {
     #[arg(long = "addr", default_value = ADDR_DEFAULT)]
     pub addrs: Vec<SocketAddr>,
 
-    /// Executors (threads) running connections. Unpinned.
+    /// Threads running connections, each one epoll loop. Unpinned.
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
 
-    /// TCP connections in total, spread over the threads.
+    /// Connections in total, spread over the threads. A shard-aware connection (see
+    /// `--routed`) holds one TCP socket per shard.
     #[arg(long, short = 'c', default_value_t = 1)]
     pub connections: usize,
 
@@ -157,9 +158,15 @@ pub struct RunArgs {
     #[arg(long)]
     pub seed: Option<u64>,
 
-    /// Let each executor spin this long (us) before sleeping, trading CPU for wake-up latency.
+    /// Let each thread poll this long (us) before sleeping, trading CPU for wake-up latency.
     #[arg(long, default_value_t = 0)]
     pub spin_before_park_us: u64,
+
+    /// Send every append to the main address and let the daemon route it. Without it, when
+    /// the daemon's `Hello` answer lists shard addresses, each connection opens one socket per
+    /// shard and sends each append straight to the shard that owns its stream.
+    #[arg(long)]
+    pub routed: bool,
 
     /// A label stored in the JSON report (tables and charts group by it).
     #[arg(long)]
@@ -187,6 +194,9 @@ impl RunArgs {
         }
         if self.pipeline == 0 {
             return Err("--pipeline must be at least 1".into());
+        }
+        if self.pipeline > crate::worker::PIPELINE_MAX {
+            return Err(format!("--pipeline must be at most {}", crate::worker::PIPELINE_MAX));
         }
         if self.records_per_frame == 0 {
             return Err("--records-per-frame must be at least 1".into());

@@ -1,6 +1,8 @@
 //! shardlog-bench: a load generator and durability checker for shardlogd.
 //!
-//! - [`run`]: the generator (closed or open loop, any ack level, several executors);
+//! - [`run`]: a run (threads, live line, report); [`worker`]: one thread's epoll loop;
+//! - [`frames`]: append frames patched from a template, answers read in place;
+//! - [`connect`]: connect and `Hello`, shard-aware addresses; [`cpu`]: the generator's CPU;
 //! - [`pacing`]: open-loop schedules, latency from the intended send time;
 //! - [`payload`]: self-describing payloads (run, writer, stream, seq);
 //! - [`verify_log`] and [`verify`]: the log of acknowledged records and the read-back check;
@@ -8,6 +10,9 @@
 
 pub mod chart;
 pub mod config;
+pub mod connect;
+pub mod cpu;
+pub mod frames;
 pub mod pacing;
 pub mod payload;
 pub mod report;
@@ -17,3 +22,4 @@ pub mod stats;
 pub mod streams;
 pub mod verify;
 pub mod verify_log;
+pub mod worker;

@@ -32,6 +32,10 @@ pub struct ReportConfig {
     pub requests_limit: Option<u64>,
     pub warmup_s: f64,
     pub seed: u64,
+    /// `--routed`: every append went to the main address, even where the daemon offered shard
+    /// addresses.
+    #[serde(default)]
+    pub routed: bool,
 }
 
 impl ReportConfig {
@@ -54,6 +58,7 @@ impl ReportConfig {
             requests_limit: args.requests,
             warmup_s: args.warmup.as_secs_f64(),
             seed,
+            routed: args.routed,
         }
     }
 }
@@ -70,6 +75,31 @@ pub struct DrainReport {
     pub mb_per_s: f64,
     /// How long the daemon took to drain after the last send.
     pub drain_s: f64,
+}
+
+/// What the generator itself cost: its whole process's CPU time over the run (getrusage),
+/// against everything it sent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CpuReport {
+    pub user_s: f64,
+    pub system_s: f64,
+    /// Records acknowledged (or sent, with `--ack none`) over the whole run, warm-up and
+    /// drain included.
+    pub records: u64,
+    /// (user + system) / records, in microseconds.
+    pub us_per_record: f64,
+}
+
+impl CpuReport {
+    pub fn of(user: std::time::Duration, system: std::time::Duration, records: u64) -> CpuReport {
+        let total_us = (user + system).as_secs_f64() * 1e6;
+        CpuReport {
+            user_s: user.as_secs_f64(),
+            system_s: system.as_secs_f64(),
+            records,
+            us_per_record: if records == 0 { 0.0 } else { total_us / records as f64 },
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -96,6 +126,13 @@ pub struct Report {
     pub connections_lost: u64,
     /// Why the run ended before its duration or request count, if it did.
     pub stopped_early: Option<String>,
+    /// The generator's own CPU (absent from reports of older versions).
+    #[serde(default)]
+    pub cpu: Option<CpuReport>,
+    /// Connections that sent each append straight to its shard's address (the daemon offered
+    /// shard addresses and `--routed` was not given); the others went through the main address.
+    #[serde(default)]
+    pub shard_aware_connections: u64,
 }
 
 impl Report {
@@ -123,7 +160,12 @@ impl Report {
             c.threads
         );
         if let (Some(server), Some(shards)) = (&self.server, self.shard_count) {
-            let _ = writeln!(s, "  server:    {server}, {shards} shards");
+            let routing = if self.shard_aware_connections > 0 {
+                format!("{} connections shard-aware", self.shard_aware_connections)
+            } else {
+                "appends routed by the daemon".to_string()
+            };
+            let _ = writeln!(s, "  server:    {server}, {shards} shards, {routing}");
         }
         let verb = if c.ack == Ack::None { "sent" } else { "acked" };
         let _ = writeln!(
@@ -162,6 +204,13 @@ impl Report {
                 s,
                 "  drained:   {:.0} records/s, {:.1} MB/s accepted, including the {:.3} s the daemon took to make everything durable",
                 d.records_per_s, d.mb_per_s, d.drain_s
+            );
+        }
+        if let Some(cpu) = &self.cpu {
+            let _ = writeln!(
+                s,
+                "  cpu:       {:.2} us per record (generator: user {:.2} s, system {:.2} s, {} records)",
+                cpu.us_per_record, cpu.user_s, cpu.system_s, cpu.records
             );
         }
         if self.errors_total == 0 {
@@ -219,6 +268,7 @@ pub(crate) mod tests {
                 requests_limit: None,
                 warmup_s: 1.0,
                 seed: 42,
+                routed: false,
             },
             server: Some("shardlogd 0.1.0".into()),
             shard_count: Some(1),
@@ -243,6 +293,12 @@ pub(crate) mod tests {
             errors_total: 2,
             connections_lost: 0,
             stopped_early: None,
+            cpu: Some(CpuReport::of(
+                std::time::Duration::from_millis(300),
+                std::time::Duration::from_millis(100),
+                2000,
+            )),
+            shard_aware_connections: 0,
         }
     }
 
@@ -258,6 +314,7 @@ pub(crate) mod tests {
         assert_eq!(value["config"]["stream_dist"], "uniform");
         assert_eq!(value["errors"]["Poisoned"], 2);
         assert!(value["drain"].is_null());
+        assert_eq!(value["cpu"]["us_per_record"], 200.0);
         let back: Report = serde_json::from_str(&text).expect("deserialize");
         assert_eq!(back, report);
     }
@@ -269,6 +326,18 @@ pub(crate) mod tests {
         assert!(text.contains("p50 140us"), "{text}");
         assert!(text.contains("p99 400us"), "{text}");
         assert!(text.contains("Poisoned=2"), "{text}");
+        assert!(text.contains("200.00 us per record"), "{text}");
+    }
+
+    #[test]
+    fn reports_without_the_newer_fields_still_parse() {
+        let mut value = serde_json::to_value(sample()).expect("serialize");
+        let obj = value.as_object_mut().expect("object");
+        obj.remove("cpu");
+        obj.remove("shard_aware_connections");
+        let back: Report = serde_json::from_value(value).expect("an older report parses");
+        assert_eq!(back.cpu, None);
+        assert_eq!(back.shard_aware_connections, 0);
     }
 
     #[test]

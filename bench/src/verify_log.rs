@@ -5,10 +5,11 @@
 //! 42 3 17 9a3c1f02 100
 //! ```
 //!
-//! Each ack's lines go to the kernel in one `write` on an `O_APPEND` file
-//! before the generator sends anything else on that connection's worker, so
+//! The acks of one socket read go to the kernel in one `write` on an
+//! `O_APPEND` file before the generator sends anything else on that
+//! connection, so
 //! if the daemon is killed mid-run the log holds every record the daemon
-//! acknowledged, and several executors can append to one file without
+//! acknowledged, and several threads can append to one file without
 //! interleaving inside a line. If the generator itself is killed, the last
 //! line may be torn: the parser drops an unterminated final line and says so.
 //!
@@ -69,7 +70,7 @@ pub enum VerifyLogError {
     Malformed { path: PathBuf, line: u64, text: String },
 }
 
-/// One executor's handle on the shared verify log.
+/// One thread's handle on the shared verify log.
 pub struct VerifyLogWriter {
     path: PathBuf,
     file: File,
