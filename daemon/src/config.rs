@@ -127,6 +127,11 @@ pub struct ServeArgs {
     #[arg(long, env = "SHARDLOG_RETENTION_AGE_SECS")]
     pub retention_age_secs: Option<u64>,
 
+    /// Per shard: the background scrub reads sealed segments at most this many bytes per
+    /// second and checks them against their summaries; 0 turns it off.
+    #[arg(long, env = "SHARDLOG_SCRUB_BYTES_PER_SEC", default_value_t = shards::SCRUB_BYTES_PER_SEC_DEFAULT)]
+    pub scrub_bytes_per_sec: u64,
+
     /// Largest request frame accepted, in bytes; a larger length prefix closes the connection.
     #[arg(long, env = "SHARDLOG_MAX_FRAME_BYTES", default_value_t = proto::frame::FRAME_BYTES_MAX_DEFAULT)]
     pub max_frame_bytes: usize,
@@ -199,6 +204,7 @@ impl ServeArgs {
             repair: self.repair,
             retention_bytes: self.retention_bytes,
             retention_age: self.retention_age_secs.map(std::time::Duration::from_secs),
+            scrub_bytes_per_sec: self.scrub_bytes_per_sec,
             ..shards::ShardOptions::default()
         };
         if let Some(bytes) = self.segment_bytes {

@@ -491,6 +491,13 @@ pub fn wire_stats(shard: u16, s: &ShardStats) -> wire::ShardStatsT {
         poisoned: s.poisoned.clone(),
         fsync_latency_us_buckets: Some(Box::new(buckets(&s.fsync_latency_us, FSYNC_LATENCY_US_BOUNDS))),
         records_per_commit_buckets: Some(Box::new(buckets(&s.records_per_commit, RECORDS_PER_COMMIT_BOUNDS))),
+        corrupt_segments: s.corrupt_segments,
+        last_corruption: s.last_corruption.clone(),
+        scrub_bytes: s.scrub_bytes,
+        scrub_passes: s.scrub_passes,
+        recovery_trusted_segments: s.recovery.trusted,
+        recovery_scanned_segments: s.recovery.scanned,
+        recovery_us: s.recovery.elapsed_us,
     }
 }
 

@@ -151,6 +151,13 @@ fn every_response_round_trips() {
                     sum: 700,
                 })),
                 records_per_commit_buckets: None,
+                corrupt_segments: 1,
+                last_corruption: Some("segment 3 is corrupt at offset 4096".into()),
+                scrub_bytes: 12,
+                scrub_passes: 13,
+                recovery_trusted_segments: 14,
+                recovery_scanned_segments: 15,
+                recovery_us: 16,
             }]),
             executors: Some(vec![ExecutorStatsT {
                 name: Some("shard-0".into()),

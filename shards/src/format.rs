@@ -319,6 +319,176 @@ pub fn find_valid_commits(buf: &[u8], base: u64, sequence: u64) -> Vec<(u64, u64
     found
 }
 
+/// Magic of a sealed segment's summary file (`<base_lsn:020>.sum`).
+pub const SUMMARY_MAGIC: [u8; 8] = *b"SHLGSUM\x01";
+/// Magic of the clean-shutdown checkpoint file (`checkpoint`).
+pub const CHECKPOINT_MAGIC: [u8; 8] = *b"SHLGCKP\x01";
+pub const SUMMARY_VERSION: u16 = 1;
+/// magic 8 + version 2 + shard 2 + index entries 4 + sequence 8 + base lsn 8 + end lsn 8
+/// + commit count 8 + end offset 8 + commits crc 4 + crc 4.
+pub const SUMMARY_FIXED_BYTES: usize = 64;
+/// lsn 8 + offset 8.
+pub const SUMMARY_INDEX_ENTRY_BYTES: usize = 16;
+/// A summary never describes more index entries than this (a 64 GiB segment at one entry per
+/// 64 KiB): a corrupt count cannot make a reader allocate without bound.
+pub const SUMMARY_INDEX_ENTRIES_MAX: usize = 1 << 20;
+
+const _: () = assert!(SUMMARY_FIXED_BYTES as u64 <= BLOCK_BYTES);
+
+/// Which file a [`SegmentSummary`] is stored as: the two differ only in their magic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SummaryKind {
+    /// The durable summary of a sealed segment.
+    Sealed,
+    /// The durable end of the active segment at a clean shutdown.
+    Checkpoint,
+}
+
+impl SummaryKind {
+    fn magic(self) -> [u8; 8] {
+        match self {
+            SummaryKind::Sealed => SUMMARY_MAGIC,
+            SummaryKind::Checkpoint => CHECKPOINT_MAGIC,
+        }
+    }
+}
+
+/// What recovery needs to know of a segment without reading its body: where its commits end,
+/// how many there are, a checksum chained over their headers, and the sparse lsn index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentSummary {
+    pub shard_id: u16,
+    pub sequence: u64,
+    pub base_lsn: u64,
+    /// One past the last lsn of the segment.
+    pub end_lsn: u64,
+    pub commits: u64,
+    /// Offset one past the last commit.
+    pub end_offset: u64,
+    /// [`chain_commit_crc`] over every commit header, in order, from 0.
+    pub commits_crc: u32,
+    /// Sparse (first lsn of a commit, its offset), ascending.
+    pub index: Vec<(u64, u64)>,
+}
+
+/// Extends the checksum chained over a segment's commit headers with one more header. The
+/// header holds the commit's own CRC of its body, so the chain covers every byte of every commit.
+pub fn chain_commit_crc(crc: u32, commit_header: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc, &commit_header[..COMMIT_HEADER_BYTES])
+}
+
+impl SegmentSummary {
+    /// Bytes of the encoded summary, rounded up to whole blocks.
+    pub fn encoded_bytes(&self) -> usize {
+        align_up((SUMMARY_FIXED_BYTES + self.index.len() * SUMMARY_INDEX_ENTRY_BYTES) as u64) as usize
+    }
+
+    pub fn encode(&self, kind: SummaryKind, out: &mut [u8]) {
+        let n = self.index.len();
+        assert!(n <= SUMMARY_INDEX_ENTRIES_MAX);
+        assert!(out.len() >= SUMMARY_FIXED_BYTES + n * SUMMARY_INDEX_ENTRY_BYTES);
+        assert!(self.sequence > 0 && self.base_lsn > 0);
+        assert!(self.end_lsn >= self.base_lsn);
+        assert!(self.end_offset >= SEGMENT_DATA_OFFSET);
+        out[0..8].copy_from_slice(&kind.magic());
+        out[8..10].copy_from_slice(&SUMMARY_VERSION.to_le_bytes());
+        out[10..12].copy_from_slice(&self.shard_id.to_le_bytes());
+        out[12..16].copy_from_slice(&(n as u32).to_le_bytes());
+        out[16..24].copy_from_slice(&self.sequence.to_le_bytes());
+        out[24..32].copy_from_slice(&self.base_lsn.to_le_bytes());
+        out[32..40].copy_from_slice(&self.end_lsn.to_le_bytes());
+        out[40..48].copy_from_slice(&self.commits.to_le_bytes());
+        out[48..56].copy_from_slice(&self.end_offset.to_le_bytes());
+        out[56..60].copy_from_slice(&self.commits_crc.to_le_bytes());
+        let mut at = SUMMARY_FIXED_BYTES;
+        for &(lsn, offset) in &self.index {
+            out[at..at + 8].copy_from_slice(&lsn.to_le_bytes());
+            out[at + 8..at + 16].copy_from_slice(&offset.to_le_bytes());
+            at += SUMMARY_INDEX_ENTRY_BYTES;
+        }
+        let crc = summary_crc(&out[..at]);
+        out[60..64].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    /// Decodes and checks a summary: magic, version, checksum, and that its fields describe a
+    /// possible segment (lsns and offsets ordered, index inside the segment). It does not check
+    /// the summary against the segment; recovery does.
+    pub fn decode(kind: SummaryKind, buf: &[u8]) -> Result<SegmentSummary, String> {
+        if buf.len() < SUMMARY_FIXED_BYTES {
+            return Err(format!("summary is {} bytes", buf.len()));
+        }
+        if buf[0..8] != kind.magic() {
+            return Err("bad summary magic".into());
+        }
+        let version = u16_at(buf, 8);
+        if version != SUMMARY_VERSION {
+            return Err(format!("summary version {version}, this build reads {SUMMARY_VERSION}"));
+        }
+        let n = u32_at(buf, 12) as usize;
+        if n > SUMMARY_INDEX_ENTRIES_MAX || SUMMARY_FIXED_BYTES + n * SUMMARY_INDEX_ENTRY_BYTES > buf.len() {
+            return Err(format!(
+                "summary index of {n} entries does not fit in {} bytes",
+                buf.len()
+            ));
+        }
+        let end = SUMMARY_FIXED_BYTES + n * SUMMARY_INDEX_ENTRY_BYTES;
+        if summary_crc(&buf[..end]) != u32_at(buf, 60) {
+            return Err("summary checksum mismatch".into());
+        }
+        let index: Vec<(u64, u64)> = (0..n)
+            .map(|i| {
+                let at = SUMMARY_FIXED_BYTES + i * SUMMARY_INDEX_ENTRY_BYTES;
+                (u64_at(buf, at), u64_at(buf, at + 8))
+            })
+            .collect();
+        let s = SegmentSummary {
+            shard_id: u16_at(buf, 10),
+            sequence: u64_at(buf, 16),
+            base_lsn: u64_at(buf, 24),
+            end_lsn: u64_at(buf, 32),
+            commits: u64_at(buf, 40),
+            end_offset: u64_at(buf, 48),
+            commits_crc: u32_at(buf, 56),
+            index,
+        };
+        s.check()?;
+        Ok(s)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.sequence == 0 || self.base_lsn == 0 {
+            return Err("summary sequence or base lsn is zero".into());
+        }
+        if self.end_lsn < self.base_lsn || self.end_offset < SEGMENT_DATA_OFFSET {
+            return Err("summary ends before it starts".into());
+        }
+        let records = self.end_lsn - self.base_lsn;
+        let data = self.end_offset - SEGMENT_DATA_OFFSET;
+        if (self.commits == 0) != (records == 0) || self.commits > records || (data == 0) != (records == 0) {
+            return Err(format!(
+                "summary of {} commits holds {records} records in {data} bytes",
+                self.commits
+            ));
+        }
+        let mut prev: Option<(u64, u64)> = None;
+        for &(lsn, offset) in &self.index {
+            let inside =
+                lsn >= self.base_lsn && lsn < self.end_lsn && offset >= SEGMENT_DATA_OFFSET && offset < self.end_offset;
+            let ascending = prev.is_none_or(|(l, o)| lsn > l && offset > o);
+            if !inside || !ascending {
+                return Err(format!("summary index entry ({lsn}, {offset}) out of place"));
+            }
+            prev = Some((lsn, offset));
+        }
+        Ok(())
+    }
+}
+
+fn summary_crc(encoded: &[u8]) -> u32 {
+    let crc = crc32c::crc32c(&encoded[..60]);
+    crc32c::crc32c_append(crc, &encoded[SUMMARY_FIXED_BYTES..])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -359,5 +529,39 @@ mod tests {
         assert_eq!(SegmentHeader::decode(&block), HeaderBlock::Valid(header));
         block[20] ^= 1;
         assert!(matches!(SegmentHeader::decode(&block), HeaderBlock::Invalid(_)));
+    }
+
+    #[test]
+    fn summary_round_trips_and_rejects_flips_and_the_other_kind() {
+        let summary = SegmentSummary {
+            shard_id: 3,
+            sequence: 9,
+            base_lsn: 100,
+            end_lsn: 250,
+            commits: 20,
+            end_offset: 200_000,
+            commits_crc: 0xdead_beef,
+            index: vec![(100, 4096), (180, 70_000), (240, 150_000)],
+        };
+        let mut buf = vec![0u8; summary.encoded_bytes()];
+        summary.encode(SummaryKind::Sealed, &mut buf);
+        assert_eq!(SegmentSummary::decode(SummaryKind::Sealed, &buf), Ok(summary.clone()));
+        assert!(SegmentSummary::decode(SummaryKind::Checkpoint, &buf).is_err());
+        for byte in 0..SUMMARY_FIXED_BYTES + 3 * SUMMARY_INDEX_ENTRY_BYTES {
+            let mut flipped = buf.clone();
+            flipped[byte] ^= 0x10;
+            assert!(
+                SegmentSummary::decode(SummaryKind::Sealed, &flipped).is_err(),
+                "flip at {byte}"
+            );
+        }
+        let mut bad = summary;
+        bad.index = vec![(180, 70_000), (100, 4096)];
+        let mut buf = vec![0u8; bad.encoded_bytes()];
+        bad.encode(SummaryKind::Sealed, &mut buf);
+        assert!(
+            SegmentSummary::decode(SummaryKind::Sealed, &buf).is_err(),
+            "index out of order"
+        );
     }
 }

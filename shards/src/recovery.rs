@@ -1,53 +1,93 @@
-//! Recovery on open: find the segments, check every commit, cut a torn tail.
+//! Recovery on open: find the segments, accept what summaries vouch for, scan the rest, cut a
+//! torn tail.
 //!
 //! Which files are segments: a `.wal` or `.prep` file whose header block is valid. A file whose
 //! header block is all zero is a spare (prepared, or recycled by retention) and is removed. A
 //! `.prep` file with a valid header is the active segment of a crash that came before the
 //! background task renamed it; it is renamed now.
 //!
-//! Each segment is scanned from its data offset, commit by commit: magic, segment sequence,
-//! checksum, record framing, and lsn continuity. The scan stops at the first commit that fails.
+//! A summary (`<base_lsn:020>.sum`) or the checkpoint (`checkpoint`) is *trusted* only if its
+//! checksum holds and it names this shard and the segment's sequence and base lsn; anything else
+//! (a torn write, a flipped bit, a leftover of an earlier life of that name) is ignored, and the
+//! segment is scanned as if it had none. So a crash while one is written costs a scan, never data.
 //!
-//! - Sealed segment (not the last): the next segment must start at the lsn the scan ended at, or
-//!   something is missing: `Corruption` at the offset the scan stopped.
-//! - Last segment: the log may end with a torn write. At most `PIPELINE_DEPTH` commits were
-//!   between submission and durability at a power loss, so after the first bad commit at most
-//!   `PIPELINE_DEPTH - 1` valid commits may follow (a later write may have reached the device
-//!   while an earlier one did not; neither was acknowledged, since acks wait for all earlier
-//!   commits). Then the log is cut there. More valid commits behind it mean damage in the
+//! - Sealed segment (not the last) with a trusted summary whose end lsn is the next segment's
+//!   base lsn: accepted without reading its body. The scrub verifies the body later.
+//! - Sealed segment otherwise: scanned from its data offset, commit by commit (magic, segment
+//!   sequence, checksum, record framing, lsn continuity); the scan stops at the first commit
+//!   that fails. The next segment must start at the lsn the scan ended at, or something is
+//!   missing: `Corruption` at the offset the scan stopped. A trusted summary that disagreed with
+//!   the next segment while the body agrees is reported as a corruption finding (`stats`), and
+//!   the background task writes a correct one.
+//! - Last segment with a trusted summary (sealed just before a crash) or checkpoint (clean
+//!   shutdown): accepted after reading only its end: the commits from the last index entry must
+//!   end exactly where it says, and no valid commit of the segment may lie in the
+//!   `PIPELINE_DEPTH` commits' worth of bytes after that (else it is older than the log, and the
+//!   segment is scanned). A summary or checkpoint that vouches for more than the scan then
+//!   finds is `Corruption`: data it saw durable is gone.
+//! - Last segment otherwise: the log may end with a torn write. At most `PIPELINE_DEPTH` commits
+//!   were between submission and durability at a power loss, so after the first bad commit at
+//!   most `PIPELINE_DEPTH - 1` valid commits may follow (a later write may have reached the
+//!   device while an earlier one did not; neither was acknowledged, since acks wait for all
+//!   earlier commits). Then the log is cut there. More valid commits behind it mean damage in the
 //!   middle of acknowledged data: `Corruption`.
 //!
 //! Before new writes, the cut is made permanent: the block holding the end and everything up to
 //! the last valid-looking commit behind it is zeroed and synced. Otherwise a later commit could
 //! end exactly where an unacknowledged one began and revive it. Leftovers of a recycled file
 //! need no zeroing: their commits carry another segment sequence, which the checksum covers.
+//! The checkpoint is removed (and the directory synced) before recovery returns, so it never
+//! outlives the log it describes.
+//!
+//! Scans read with several large aligned reads in flight ([`RECOVERY_READS_IN_FLIGHT`] of
+//! [`RECOVERY_READ_BYTES`]).
 //!
 //! With `repair`, a `Corruption` becomes a cut at that offset; later segments are removed.
 
-use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::rc::Rc;
 use std::time::{Instant, SystemTime};
 
 use crate::error::ShardError;
 use crate::format::{
-    align_down, align_up, find_valid_commits, parse_commit, HeaderBlock, ParseError, SegmentHeader, BLOCK_BYTES,
-    SEGMENT_DATA_OFFSET,
+    align_down, align_up, chain_commit_crc, find_valid_commits, parse_commit, HeaderBlock, ParseError, SegmentHeader,
+    SegmentSummary, SummaryKind, BLOCK_BYTES, COMMIT_HEADER_BYTES, SEGMENT_DATA_OFFSET,
 };
-use crate::shard::{segment_name, Segment, INDEX_INTERVAL_BYTES, PIPELINE_DEPTH};
+use crate::segments::{
+    segment_name, summary_name, Active, Segment, Segments, SummaryState, CHECKPOINT_NAME, INDEX_INTERVAL_BYTES,
+};
+use crate::shard::PIPELINE_DEPTH;
 use crate::storage::{SegmentFile, Storage};
 use crate::ShardOptions;
 
-/// Recovery reads segments in pieces of this size.
-const RECOVERY_READ_BYTES: u64 = 1 << 20;
+/// Recovery reads a segment in pieces of this size ...
+pub(crate) const RECOVERY_READ_BYTES: u64 = 4 << 20;
+/// ... with this many reads in flight at once.
+pub(crate) const RECOVERY_READS_IN_FLIGHT: usize = 4;
+
+/// How the last open recovered the log.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Segments recovered.
+    pub segments: u64,
+    /// Of which accepted from a summary or the checkpoint, without reading their bodies.
+    pub trusted: u64,
+    /// Of which scanned commit by commit.
+    pub scanned: u64,
+    /// Bytes of segment bodies read (scans, and the ends of trusted last segments).
+    pub bytes_read: u64,
+    /// The clean-shutdown checkpoint was found and used.
+    pub checkpoint_used: bool,
+    /// Wall time of recovery, microseconds.
+    pub elapsed_us: u64,
+}
 
 pub(crate) struct Recovered {
-    pub segments: VecDeque<Rc<Segment>>,
-    pub active_offset: u64,
-    pub active_tail: Vec<u8>,
+    pub segs: Segments,
     pub next_lsn: u64,
-    pub next_sequence: u64,
-    pub first_available: u64,
+    /// Summaries found to disagree with the log (recovered from the body instead).
+    pub findings: Vec<String>,
+    pub report: RecoveryReport,
 }
 
 struct Found {
@@ -57,25 +97,47 @@ struct Found {
     size: u64,
 }
 
+impl Found {
+    /// Where commits must end: the file's whole blocks.
+    fn capacity(&self) -> u64 {
+        align_down(self.size)
+    }
+
+    /// Whether a summary names this segment and fits in it.
+    fn matches(&self, s: &SegmentSummary) -> bool {
+        s.shard_id == self.header.shard_id
+            && s.sequence == self.header.sequence
+            && s.base_lsn == self.header.base_lsn
+            && s.end_offset <= self.capacity()
+    }
+}
+
 struct Scan {
     end_offset: u64,
     end_lsn: u64,
     index: Vec<(u64, u64)>,
-    /// Why the scan stopped, if not at zeros or the end of the file.
+    commits: u64,
+    commits_crc: u32,
+    /// Why the scan stopped, if not at zeros or the end of the data.
     stop: Option<String>,
 }
 
-fn scan(data: &[u8], header: &SegmentHeader) -> Scan {
-    let mut offset = SEGMENT_DATA_OFFSET;
-    let mut lsn = header.base_lsn;
+/// Scans commits in `data` (segment bytes from offset `base`) from `offset` at `lsn` on.
+fn scan_from(data: &[u8], base: u64, sequence: u64, mut offset: u64, mut lsn: u64) -> Scan {
+    assert!(offset >= base);
     let mut index: Vec<(u64, u64)> = Vec::new();
+    let mut commits = 0;
+    let mut commits_crc = 0;
     let mut stop = None;
-    while (offset as usize) < data.len() {
-        match parse_commit(&data[offset as usize..], header.sequence) {
+    while ((offset - base) as usize) < data.len() {
+        let at = (offset - base) as usize;
+        match parse_commit(&data[at..], sequence) {
             Ok(view) if view.first_lsn == lsn => {
                 if index.last().is_none_or(|&(_, o)| offset - o >= INDEX_INTERVAL_BYTES) {
                     index.push((lsn, offset));
                 }
+                commits += 1;
+                commits_crc = chain_commit_crc(commits_crc, &data[at..at + COMMIT_HEADER_BYTES]);
                 lsn = view.end_lsn();
                 offset += view.total_bytes as u64;
             }
@@ -98,6 +160,8 @@ fn scan(data: &[u8], header: &SegmentHeader) -> Scan {
         end_offset: offset,
         end_lsn: lsn,
         index,
+        commits,
+        commits_crc,
         stop,
     }
 }
@@ -107,27 +171,34 @@ fn io_err(storage: &dyn Storage, op: &'static str, name: &str) -> impl FnOnce(st
     move |e| ShardError::io(op, path, e)
 }
 
-async fn read_all(storage: &dyn Storage, f: &Found) -> Result<Vec<u8>, ShardError> {
-    let size = align_down(f.size);
-    let mut data = Vec::with_capacity(size as usize);
-    let mut offset = 0;
-    while offset < size {
-        let len = RECOVERY_READ_BYTES.min(size - offset);
-        let chunk = f
-            .file
-            .read(offset, len as usize)
-            .await
-            .map_err(io_err(storage, "read segment", &f.name))?;
-        if chunk.is_empty() {
+/// Reads `[from, to)` of a segment (block aligned), with up to [`RECOVERY_READS_IN_FLIGHT`]
+/// reads of [`RECOVERY_READ_BYTES`] in flight. Stops early at the end of the file.
+async fn read_range(storage: &dyn Storage, f: &Found, from: u64, to: u64) -> Result<Vec<u8>, ShardError> {
+    assert_eq!(from % BLOCK_BYTES, 0);
+    let mut data = Vec::with_capacity(to.saturating_sub(from) as usize);
+    let mut queue = VecDeque::new();
+    let mut next = from;
+    loop {
+        while queue.len() < RECOVERY_READS_IN_FLIGHT && next < to {
+            let len = RECOVERY_READ_BYTES.min(to - next) as usize;
+            // A task per read, so that they are all submitted before the first is awaited.
+            queue.push_back((len, glommio::spawn_local(f.file.read(next, len))));
+            next += len as u64;
+        }
+        let Some((len, read)) = queue.pop_front() else {
+            break;
+        };
+        let chunk = read.await.map_err(io_err(storage, "read segment", &f.name))?;
+        data.extend_from_slice(&chunk);
+        if chunk.len() < len {
             break;
         }
-        offset += chunk.len() as u64;
-        data.extend_from_slice(&chunk);
     }
     Ok(data)
 }
 
 /// Zeroes `[end, zero_to)` (rounded out to blocks, keeping the bytes before `end`) and syncs.
+/// `data` holds the segment from offset 0.
 async fn zero_after(storage: &dyn Storage, f: &Found, data: &[u8], end: u64, zero_to: u64) -> Result<(), ShardError> {
     let zero_to = zero_to.min(data.len() as u64);
     if end >= zero_to || data[end as usize..zero_to as usize].iter().all(|&b| b == 0) {
@@ -148,13 +219,195 @@ async fn zero_after(storage: &dyn Storage, f: &Found, data: &[u8], end: u64, zer
     Ok(())
 }
 
-pub(crate) async fn recover(storage: &dyn Storage, opts: &ShardOptions) -> Result<Recovered, ShardError> {
+/// Reads a summary or checkpoint file. Anything that is not a valid one is reported and
+/// ignored: recovery then scans, so an unreadable summary costs time, never data.
+async fn read_summary(
+    storage: &dyn Storage,
+    opts: &ShardOptions,
+    name: &str,
+    kind: SummaryKind,
+) -> Option<SegmentSummary> {
+    let read = async {
+        let file = storage.open(name, false, opts.durability).await?;
+        let size = file.size().await?;
+        let data = file.read(0, align_down(size) as usize).await;
+        let _ = file.close().await;
+        data
+    }
+    .await;
+    match read {
+        Ok(data) => match SegmentSummary::decode(kind, &data) {
+            Ok(s) => Some(s),
+            Err(reason) => {
+                tracing::warn!(shard = opts.shard_id, %name, %reason, "ignoring an invalid summary; scanning instead");
+                None
+            }
+        },
+        Err(e) => {
+            tracing::warn!(shard = opts.shard_id, %name, error = %e, "ignoring an unreadable summary; scanning instead");
+            None
+        }
+    }
+}
+
+/// How the last segment was recovered.
+struct Last {
+    scan: Scan,
+    /// Bytes of the block holding the end, before the end.
+    tail: Vec<u8>,
+    /// Recovered from a summary: the segment is sealed and the next commit starts a new one.
+    sealed: bool,
+}
+
+/// Checks that a trusted summary or checkpoint of the last segment describes its end: the
+/// commits from its last index entry end exactly at its end, and no valid commit of the segment
+/// lies in the bytes a torn pipeline could have left behind it. `None`: it does not.
+async fn verify_end(
+    storage: &dyn Storage,
+    opts: &ShardOptions,
+    f: &Found,
+    s: &SegmentSummary,
+    report: &mut RecoveryReport,
+) -> Result<Option<Last>, ShardError> {
+    let (lsn, offset) = s.index.last().copied().unwrap_or((s.base_lsn, SEGMENT_DATA_OFFSET));
+    let from = align_down(offset);
+    let behind = (PIPELINE_DEPTH * opts.commit_bytes_max) as u64;
+    let to = align_up(s.end_offset + behind).min(f.capacity());
+    let data = read_range(storage, f, from, to).await?;
+    report.bytes_read += data.len() as u64;
+    let end_at = (s.end_offset - from) as usize;
+    if data.len() < end_at {
+        return Ok(None);
+    }
+    let scan = scan_from(&data[..end_at], from, f.header.sequence, offset, lsn);
+    if scan.end_offset != s.end_offset || scan.end_lsn != s.end_lsn || scan.stop.is_some() {
+        return Ok(None);
+    }
+    if !find_valid_commits(&data[end_at..], s.end_offset, f.header.sequence).is_empty() {
+        return Ok(None);
+    }
+    let tail = data[(align_down(s.end_offset) - from) as usize..end_at].to_vec();
+    let scan = Scan {
+        end_offset: s.end_offset,
+        end_lsn: s.end_lsn,
+        index: s.index.clone(),
+        commits: s.commits,
+        commits_crc: s.commits_crc,
+        stop: None,
+    };
+    Ok(Some(Last {
+        scan,
+        tail,
+        sealed: false,
+    }))
+}
+
+/// Recovers the last segment: from its summary or the checkpoint if they check out, by a scan
+/// that cuts a torn tail otherwise.
+async fn recover_last(
+    storage: &dyn Storage,
+    opts: &ShardOptions,
+    f: &Found,
+    summary: Option<SegmentSummary>,
+    checkpoint: Option<&SegmentSummary>,
+    report: &mut RecoveryReport,
+) -> Result<Last, ShardError> {
     let shard = opts.shard_id;
-    let mut names = storage
-        .list()
-        .await
-        .map_err(io_err(storage, "list shard directory", ""))?;
-    names.sort();
+    let sealed = summary.is_some();
+    let trusted = summary.or_else(|| checkpoint.filter(|c| f.matches(c)).cloned());
+    if let Some(t) = &trusted {
+        if let Some(mut last) = verify_end(storage, opts, f, t, report).await? {
+            last.sealed = sealed;
+            report.trusted += 1;
+            report.checkpoint_used |= !sealed;
+            return Ok(last);
+        }
+        tracing::warn!(
+            shard,
+            segment = f.header.sequence,
+            "the last segment's summary or checkpoint does not match its end; scanning it"
+        );
+    }
+    report.scanned += 1;
+    let data = read_range(storage, f, 0, f.capacity()).await?;
+    report.bytes_read += data.len() as u64;
+    let s = scan_from(&data[..], 0, f.header.sequence, SEGMENT_DATA_OFFSET, f.header.base_lsn);
+    if let Some(t) = &trusted {
+        if s.end_lsn < t.end_lsn {
+            let reason = format!(
+                "a summary or checkpoint vouched for lsns up to {} as durable, the segment holds \
+                 only up to {}",
+                t.end_lsn - 1,
+                s.end_lsn.saturating_sub(1)
+            );
+            if !opts.repair {
+                return Err(ShardError::Corruption {
+                    shard,
+                    segment: f.header.sequence,
+                    offset: s.end_offset,
+                    reason,
+                });
+            }
+            tracing::warn!(shard, segment = f.header.sequence, %reason, "repair: keeping what the scan found");
+        }
+    }
+    let behind = find_valid_commits(&data[s.end_offset as usize..], s.end_offset, f.header.sequence);
+    if behind.len() >= PIPELINE_DEPTH && !opts.repair {
+        return Err(ShardError::Corruption {
+            shard,
+            segment: f.header.sequence,
+            offset: s.end_offset,
+            reason: format!(
+                "{}; {} valid commits follow it, more than a torn write can leave",
+                s.stop.clone().unwrap_or_else(|| "zeroed commit".into()),
+                behind.len()
+            ),
+        });
+    }
+    if let Some(reason) = &s.stop {
+        tracing::info!(shard, segment = f.header.sequence, offset = s.end_offset, %reason, "cutting torn tail");
+    }
+    let zero_to = behind
+        .last()
+        .map_or(align_up(s.end_offset), |&(_, end)| end.max(align_up(s.end_offset)));
+    zero_after(storage, f, &data, s.end_offset, zero_to).await?;
+    let tail = data[align_down(s.end_offset) as usize..s.end_offset as usize].to_vec();
+    Ok(Last {
+        scan: s,
+        tail,
+        sealed: false,
+    })
+}
+
+fn sealed_at(storage: &dyn Storage, name: &str) -> Instant {
+    storage
+        .modified(name)
+        .and_then(|m| SystemTime::now().duration_since(m).ok())
+        .and_then(|age| Instant::now().checked_sub(age))
+        .unwrap_or_else(Instant::now)
+}
+
+fn segment_from(f: &Found, s: &Scan) -> Segment {
+    Segment::new(
+        f.header.sequence,
+        f.header.base_lsn,
+        f.capacity(),
+        f.name.clone(),
+        f.file.clone(),
+        (s.end_lsn, s.end_offset),
+        s.index.clone(),
+        s.commits,
+        s.commits_crc,
+    )
+}
+
+/// Opens every `.wal` and `.prep` file and sorts them into segments (by sequence) and spares.
+async fn find_segments(
+    storage: &dyn Storage,
+    opts: &ShardOptions,
+    names: &[String],
+) -> Result<(Vec<Found>, Vec<String>), ShardError> {
+    let shard = opts.shard_id;
     let mut found = Vec::new();
     let mut spares = Vec::new();
     for name in names {
@@ -163,14 +416,14 @@ pub(crate) async fn recover(storage: &dyn Storage, opts: &ShardOptions) -> Resul
             continue;
         }
         let file = storage
-            .open(&name, false, opts.durability)
+            .open(name, false, opts.durability)
             .await
-            .map_err(io_err(storage, "open segment", &name))?;
-        let size = file.size().await.map_err(io_err(storage, "stat segment", &name))?;
+            .map_err(io_err(storage, "open segment", name))?;
+        let size = file.size().await.map_err(io_err(storage, "stat segment", name))?;
         let block = if size >= BLOCK_BYTES {
             file.read(0, BLOCK_BYTES as usize)
                 .await
-                .map_err(io_err(storage, "read segment header", &name))?
+                .map_err(io_err(storage, "read segment header", name))?
         } else {
             Vec::new()
         };
@@ -188,14 +441,14 @@ pub(crate) async fn recover(storage: &dyn Storage, opts: &ShardOptions) -> Resul
                     });
                 }
                 found.push(Found {
-                    name,
+                    name: name.clone(),
                     header,
                     file,
                     size,
                 });
             }
-            HeaderBlock::Zero => spares.push(name),
-            HeaderBlock::Invalid(_) if !is_wal || opts.repair => spares.push(name),
+            HeaderBlock::Zero => spares.push(name.clone()),
+            HeaderBlock::Invalid(_) if !is_wal || opts.repair => spares.push(name.clone()),
             HeaderBlock::Invalid(reason) => {
                 return Err(ShardError::Corruption {
                     shard,
@@ -207,107 +460,182 @@ pub(crate) async fn recover(storage: &dyn Storage, opts: &ShardOptions) -> Resul
         }
     }
     found.sort_by_key(|f| f.header.sequence);
+    Ok((found, spares))
+}
 
+pub(crate) async fn recover(storage: &dyn Storage, opts: &ShardOptions) -> Result<Recovered, ShardError> {
+    let started = Instant::now();
+    let shard = opts.shard_id;
+    let mut names = storage
+        .list()
+        .await
+        .map_err(io_err(storage, "list shard directory", ""))?;
+    names.sort();
+    let summary_names: BTreeSet<String> = names.iter().filter(|n| n.ends_with(".sum")).cloned().collect();
+    let has_checkpoint = names.iter().any(|n| n == CHECKPOINT_NAME);
+    let (found, spares) = find_segments(storage, opts, &names).await?;
+    let checkpoint = match has_checkpoint {
+        true => read_summary(storage, opts, CHECKPOINT_NAME, SummaryKind::Checkpoint).await,
+        false => None,
+    };
+
+    let mut report = RecoveryReport::default();
+    let mut findings = Vec::new();
     let first_available = found.first().map_or(1, |f| f.header.base_lsn);
     let mut segments: VecDeque<Rc<Segment>> = VecDeque::new();
-    let mut active_offset = SEGMENT_DATA_OFFSET;
-    let mut active_tail = Vec::new();
+    let mut active = None;
     let mut next_lsn = first_available;
     let mut keep = found.len();
     for i in 0..found.len() {
         let f = &found[i];
-        let data = read_all(storage, f).await?;
-        let s = scan(&data, &f.header);
-        let next = found.get(i + 1);
-        let mut ends_log = next.is_none();
-        if let Some(next) = next {
-            let continues = next.header.sequence == f.header.sequence + 1 && next.header.base_lsn == s.end_lsn;
-            if !continues {
-                let reason = s.stop.clone().unwrap_or_else(|| {
-                    format!(
-                        "segment ends at lsn {} but the next segment ({}) is sequence {} from lsn {}",
-                        s.end_lsn, next.name, next.header.sequence, next.header.base_lsn
-                    )
-                });
-                if !opts.repair {
-                    return Err(ShardError::Corruption {
-                        shard,
-                        segment: f.header.sequence,
-                        offset: s.end_offset,
-                        reason,
-                    });
-                }
-                tracing::warn!(shard, segment = f.header.sequence, offset = s.end_offset, %reason,
-                    "repair: truncating the log");
-                ends_log = true;
-                keep = i + 1;
-            }
-        }
-        if ends_log {
-            let behind = find_valid_commits(&data[s.end_offset as usize..], s.end_offset, f.header.sequence);
-            if behind.len() >= PIPELINE_DEPTH && !opts.repair {
-                return Err(ShardError::Corruption {
-                    shard,
-                    segment: f.header.sequence,
-                    offset: s.end_offset,
-                    reason: format!(
-                        "{}; {} valid commits follow it, more than a torn write can leave",
-                        s.stop.clone().unwrap_or_else(|| "zeroed commit".into()),
-                        behind.len()
-                    ),
+        let summary = match summary_names.contains(&summary_name(f.header.base_lsn)) {
+            true => read_summary(storage, opts, &summary_name(f.header.base_lsn), SummaryKind::Sealed)
+                .await
+                .filter(|s| f.matches(s)),
+            false => None,
+        };
+        let Some(next) = found.get(i + 1) else {
+            let last = recover_last(storage, opts, f, summary, checkpoint.as_ref(), &mut report).await?;
+            let seg = Rc::new(segment_from(f, &last.scan));
+            if last.sealed {
+                seg.sealed_at.set(Some(sealed_at(storage, &f.name)));
+                seg.summary.set(SummaryState::Durable);
+            } else {
+                active = Some(Active {
+                    seg: seg.clone(),
+                    offset: last.scan.end_offset,
+                    tail: last.tail,
+                    header_pending: false,
                 });
             }
-            if let Some(reason) = &s.stop {
-                tracing::info!(shard, segment = f.header.sequence, offset = s.end_offset,
-                    %reason, "cutting torn tail");
-            }
-            let zero_to = behind
-                .last()
-                .map_or(align_up(s.end_offset), |&(_, end)| end.max(align_up(s.end_offset)));
-            zero_after(storage, f, &data, s.end_offset, zero_to).await?;
-            active_offset = s.end_offset;
-            active_tail = data[align_down(s.end_offset) as usize..s.end_offset as usize].to_vec();
-        }
-        let sealed_at = (!ends_log).then(|| {
-            storage
-                .modified(&f.name)
-                .and_then(|m| SystemTime::now().duration_since(m).ok())
-                .and_then(|age| Instant::now().checked_sub(age))
-                .unwrap_or_else(Instant::now)
-        });
-        segments.push_back(Rc::new(Segment {
-            sequence: f.header.sequence,
-            base_lsn: f.header.base_lsn,
-            capacity: align_down(f.size),
-            name: RefCell::new(f.name.clone()),
-            file: f.file.clone(),
-            durable_end: Cell::new((s.end_lsn, s.end_offset)),
-            index: RefCell::new(s.index),
-            sealed_at: Cell::new(sealed_at),
-            retired: Cell::new(false),
-        }));
-        next_lsn = s.end_lsn;
-        if ends_log {
+            next_lsn = last.scan.end_lsn;
+            segments.push_back(seg);
             break;
-        }
+        };
+        let continues = |end_lsn: u64| next.header.sequence == f.header.sequence + 1 && next.header.base_lsn == end_lsn;
+        let seg = match summary {
+            Some(s) if continues(s.end_lsn) => {
+                report.trusted += 1;
+                let seg = Segment::new(
+                    f.header.sequence,
+                    f.header.base_lsn,
+                    f.capacity(),
+                    f.name.clone(),
+                    f.file.clone(),
+                    (s.end_lsn, s.end_offset),
+                    s.index,
+                    s.commits,
+                    s.commits_crc,
+                );
+                seg.summary.set(SummaryState::Durable);
+                seg
+            }
+            summary => {
+                report.scanned += 1;
+                let data = read_range(storage, f, 0, f.capacity()).await?;
+                report.bytes_read += data.len() as u64;
+                let s = scan_from(&data, 0, f.header.sequence, SEGMENT_DATA_OFFSET, f.header.base_lsn);
+                if !continues(s.end_lsn) {
+                    let reason = s.stop.clone().unwrap_or_else(|| {
+                        format!(
+                            "segment ends at lsn {} but the next segment ({}) is sequence {} from lsn {}",
+                            s.end_lsn, next.name, next.header.sequence, next.header.base_lsn
+                        )
+                    });
+                    if !opts.repair {
+                        return Err(ShardError::Corruption {
+                            shard,
+                            segment: f.header.sequence,
+                            offset: s.end_offset,
+                            reason,
+                        });
+                    }
+                    tracing::warn!(shard, segment = f.header.sequence, offset = s.end_offset, %reason,
+                        "repair: truncating the log");
+                    keep = i + 1;
+                    // The cut segment becomes the last one: its end is cut like a torn tail.
+                    let last = recover_last(storage, opts, f, None, None, &mut report).await?;
+                    let seg = Rc::new(segment_from(f, &last.scan));
+                    active = Some(Active {
+                        seg: seg.clone(),
+                        offset: last.scan.end_offset,
+                        tail: last.tail,
+                        header_pending: false,
+                    });
+                    next_lsn = last.scan.end_lsn;
+                    segments.push_back(seg);
+                    break;
+                }
+                if let Some(bad) = summary {
+                    let finding = format!(
+                        "shard {shard}: the summary of segment {} says it ends at lsn {} (offset {}), \
+                         its body and the next segment say lsn {} (offset {}); recovered from the body",
+                        f.header.sequence, bad.end_lsn, bad.end_offset, s.end_lsn, s.end_offset
+                    );
+                    tracing::error!(shard, segment = f.header.sequence, %finding, "summary disagrees with the log");
+                    findings.push(finding);
+                }
+                let seg = segment_from(f, &s);
+                // The background task writes (or rewrites) its summary.
+                seg.summary.set(SummaryState::Pending);
+                seg
+            }
+        };
+        seg.sealed_at.set(Some(sealed_at(storage, &f.name)));
+        next_lsn = seg.durable_end.get().0;
+        segments.push_back(Rc::new(seg));
     }
+    report.segments = segments.len() as u64;
 
-    let mut dir_changed = false;
-    for f in &found[keep..] {
-        storage
-            .remove(&f.name)
-            .await
-            .map_err(io_err(storage, "remove segment after repair cut", &f.name))?;
-        dir_changed = true;
+    tidy_directory(
+        storage,
+        &found[keep..],
+        &spares,
+        &summary_names,
+        &segments,
+        has_checkpoint,
+    )
+    .await?;
+    let segs = Segments::recovered(segments, active, first_available);
+    report.elapsed_us = started.elapsed().as_micros() as u64;
+    tracing::info!(shard, ?report, "recovered");
+    Ok(Recovered {
+        segs,
+        next_lsn,
+        findings,
+        report,
+    })
+}
+
+/// Removes what recovery left out (segments after a repair cut, spares, summaries of segments
+/// that are gone, the checkpoint), gives activated segments their names, and syncs the
+/// directory, all before the first new write.
+async fn tidy_directory(
+    storage: &dyn Storage,
+    cut: &[Found],
+    spares: &[String],
+    summary_names: &BTreeSet<String>,
+    segments: &VecDeque<Rc<Segment>>,
+    has_checkpoint: bool,
+) -> Result<(), ShardError> {
+    let mut remove: Vec<String> = cut.iter().map(|f| f.name.clone()).collect();
+    remove.extend(spares.iter().cloned());
+    let kept: BTreeSet<String> = segments.iter().map(|s| summary_name(s.base_lsn)).collect();
+    remove.extend(summary_names.iter().filter(|n| !kept.contains(*n)).cloned());
+    if has_checkpoint {
+        // The checkpoint describes the log as it was at the shutdown; it must be gone before the
+        // log changes, or a later open could believe it.
+        remove.push(CHECKPOINT_NAME.to_string());
     }
-    for name in &spares {
+    let mut dir_changed = false;
+    for name in &remove {
         storage
             .remove(name)
             .await
-            .map_err(io_err(storage, "remove spare segment", name))?;
+            .map_err(io_err(storage, "remove stale file", name))?;
         dir_changed = true;
     }
-    for seg in &segments {
+    for seg in segments {
         let want = segment_name(seg.base_lsn);
         let have = seg.name.borrow().clone();
         if have != want {
@@ -325,13 +653,5 @@ pub(crate) async fn recover(storage: &dyn Storage, opts: &ShardOptions) -> Resul
             .await
             .map_err(io_err(storage, "sync shard directory", ""))?;
     }
-    let next_sequence = segments.back().map_or(1, |s| s.sequence + 1);
-    Ok(Recovered {
-        segments,
-        active_offset,
-        active_tail,
-        next_lsn,
-        next_sequence,
-        first_available,
-    })
+    Ok(())
 }

@@ -23,6 +23,8 @@ use crate::format::{
     self, align_down, align_up, CommitView, ParseError, SegmentHeader, BLOCK_BYTES, COMMIT_HEADER_BYTES,
     SEGMENT_DATA_OFFSET,
 };
+use crate::recovery::RecoveryReport;
+use crate::segments::{Segment, Segments, Spare};
 use crate::storage::dma::DmaStorage;
 use crate::storage::{IoBuf, SegmentFile, Storage};
 use crate::sync::{LsnWaiters, Notify};
@@ -32,57 +34,11 @@ use crate::{AckLevel, Lsn, ReadBatch, ReadRecord, Receipt, RecordRef, ShardOptio
 /// k+1 is written. Recovery relies on it: a power loss can leave at most this many commits at the
 /// end of the log damaged or out of order, so more valid commits behind a bad one mean corruption.
 pub(crate) const PIPELINE_DEPTH: usize = 2;
-/// One sparse index entry per this many bytes of a segment, so a read starts close to its lsn.
-pub(crate) const INDEX_INTERVAL_BYTES: u64 = 64 << 10;
 /// Reads fetch at least this much per I/O.
 const READ_CHUNK_BYTES: u64 = 256 << 10;
 /// A filtered read stops after scanning this many times `max_bytes` (at least 1 MiB) of log, and
 /// returns what it has, so a read for a rare stream cannot run unbounded.
 const READ_SCAN_FACTOR: usize = 8;
-pub(crate) fn segment_name(base_lsn: u64) -> String {
-    format!("{base_lsn:020}.wal")
-}
-
-/// One segment file of the log.
-pub(crate) struct Segment {
-    pub sequence: u64,
-    pub base_lsn: u64,
-    /// File size: commits must end at or before it.
-    pub capacity: u64,
-    pub name: RefCell<String>,
-    pub file: Rc<dyn SegmentFile>,
-    /// (one past the last durable lsn, offset one past the last durable commit).
-    pub durable_end: Cell<(u64, u64)>,
-    /// Sparse (first lsn of a commit, its offset), ascending.
-    pub index: RefCell<Vec<(u64, u64)>>,
-    pub sealed_at: Cell<Option<Instant>>,
-    /// Removed by retention: reads that still hold it report `Truncated`.
-    pub retired: Cell<bool>,
-}
-
-pub(crate) enum Spare {
-    Preparing,
-    Ready {
-        name: String,
-        file: Rc<dyn SegmentFile>,
-        capacity: u64,
-    },
-    Failed {
-        no_space: bool,
-        cause: String,
-    },
-}
-
-pub(crate) struct Active {
-    pub seg: Rc<Segment>,
-    /// Where the next commit starts.
-    pub offset: u64,
-    /// The bytes of the block holding `offset`, before `offset`: the next commit rewrites that
-    /// block, so they go in front of it.
-    pub tail: Vec<u8>,
-    /// The segment header block has not been written yet; it goes out with the first commit.
-    pub header_pending: bool,
-}
 
 enum SlotState {
     Queued,
@@ -129,15 +85,21 @@ struct InFlight {
 pub(crate) struct State {
     pending: VecDeque<Pending>,
     pending_bytes: usize,
-    /// Oldest first; the last one is the active segment once there is one.
-    pub segments: VecDeque<Rc<Segment>>,
-    pub active: Option<Active>,
-    pub spare: Spare,
+    /// The segments, the active one and the spare: changed only through `Segments`' methods.
+    pub segs: Segments,
     inflight: VecDeque<InFlight>,
     write_in_flight: bool,
-    pub next_sequence: u64,
-    pub first_available: u64,
     next_commit_id: u64,
+}
+
+impl State {
+    /// The segment state's invariants and the pipeline's: at most one write in flight, at most
+    /// `PIPELINE_DEPTH` commits between submission and durability.
+    fn assert_invariants(&self) {
+        self.segs.assert_invariants();
+        assert!(self.inflight.len() <= PIPELINE_DEPTH);
+        assert!(!self.write_in_flight || !self.inflight.is_empty());
+    }
 }
 
 struct Counters {
@@ -162,9 +124,22 @@ pub(crate) struct Inner {
     pub bg_stop: Cell<bool>,
     pub committer_wake: Notify,
     pub bg_wake: Notify,
+    /// Wakes the scrub from its pacing sleep when the shard closes.
+    pub scrub_wake: Notify,
+    /// Corruption findings, scrub progress and how the last open recovered.
+    pub health: RefCell<Health>,
     durable_waiters: LsnWaiters,
     counters: RefCell<Counters>,
     tasks: RefCell<Vec<glommio::Task<()>>>,
+}
+
+/// What the scrub and recovery found, for `stats`.
+pub(crate) struct Health {
+    pub corrupt_segments: u64,
+    pub last_corruption: Option<String>,
+    pub scrub_bytes: u64,
+    pub scrub_passes: u64,
+    pub recovery: RecoveryReport,
 }
 
 /// Statistics of one shard.
@@ -186,6 +161,18 @@ pub struct ShardStats {
     /// Bytes of all segment files, including the prepared spare.
     pub segment_bytes: u64,
     pub poisoned: Option<String>,
+    /// Sealed segments found corrupt since the shard opened: by the scrub (a commit that fails
+    /// its checksum, or a body that disagrees with its summary) or by recovery (a summary that
+    /// disagrees with the log). Reads of a corrupt range fail with `Corruption`.
+    pub corrupt_segments: u64,
+    /// The latest of those findings.
+    pub last_corruption: Option<String>,
+    /// Bytes of sealed segments the scrub has read and verified.
+    pub scrub_bytes: u64,
+    /// Complete scrub passes over every sealed segment.
+    pub scrub_passes: u64,
+    /// How the last open recovered the log.
+    pub recovery: RecoveryReport,
 }
 
 /// One shard of the log. Cloning gives another handle to the same shard; it is `!Send` and lives
@@ -219,25 +206,15 @@ impl Shard {
         opts.validate()?;
         let rec = crate::recovery::recover(&*storage, &opts).await?;
         let durable = rec.next_lsn - 1;
-        let active = rec.segments.back().map(|seg| Active {
-            seg: seg.clone(),
-            offset: rec.active_offset,
-            tail: rec.active_tail.clone(),
-            header_pending: false,
-        });
         let hist = || Histogram::<u64>::new(3).expect("3 significant figures is valid");
         let inner = Rc::new(Inner {
             storage,
             st: RefCell::new(State {
                 pending: VecDeque::new(),
                 pending_bytes: 0,
-                segments: rec.segments,
-                active,
-                spare: Spare::Preparing,
+                segs: rec.segs,
                 inflight: VecDeque::new(),
                 write_in_flight: false,
-                next_sequence: rec.next_sequence,
-                first_available: rec.first_available,
                 next_commit_id: 0,
             }),
             next_lsn: Cell::new(rec.next_lsn),
@@ -248,6 +225,14 @@ impl Shard {
             bg_stop: Cell::new(false),
             committer_wake: Notify::default(),
             bg_wake: Notify::default(),
+            scrub_wake: Notify::default(),
+            health: RefCell::new(Health {
+                corrupt_segments: rec.findings.len() as u64,
+                last_corruption: rec.findings.last().cloned(),
+                scrub_bytes: 0,
+                scrub_passes: 0,
+                recovery: rec.report,
+            }),
             durable_waiters: LsnWaiters::default(),
             counters: RefCell::new(Counters {
                 appends: 0,
@@ -266,9 +251,16 @@ impl Shard {
         // the CPU while appenders keep the committer's queue busy, and the queue's latency
         // requirement (`BACKGROUND_PREEMPT_TIMER`) bounds how long one of its slices can delay a
         // commit.
-        let background = glommio::spawn_local_into(crate::rotation::background(inner.clone()), background_queue())
-            .map_err(|e| ShardError::io("spawn the background task", "", io::Error::other(e.to_string())))?;
-        inner.tasks.borrow_mut().extend([committer, background]);
+        let spawn_err = |e: glommio::GlommioError<()>| {
+            ShardError::io("spawn the background task", "", io::Error::other(e.to_string()))
+        };
+        let background = glommio::spawn_local_into(crate::background::background(inner.clone()), background_queue())
+            .map_err(spawn_err)?;
+        // The scrub is a task of its own in the same queue, so that its pacing sleeps never delay
+        // preparing the next segment.
+        let scrub = glommio::spawn_local_into(crate::background::scrub(inner.clone()), background_queue())
+            .map_err(spawn_err)?;
+        inner.tasks.borrow_mut().extend([committer, background, scrub]);
         Ok(Shard { inner })
     }
 
@@ -340,13 +332,14 @@ impl Shard {
 
     /// The oldest lsn still retained.
     pub fn first_available_lsn(&self) -> Lsn {
-        Lsn(self.inner.st.borrow().first_available)
+        Lsn(self.inner.st.borrow().segs.first_available())
     }
 
     pub fn stats(&self) -> ShardStats {
         let st = self.inner.st.borrow();
         let c = self.inner.counters.borrow();
-        let spare_bytes = match &st.spare {
+        let health = self.inner.health.borrow();
+        let spare_bytes = match st.segs.spare() {
             Spare::Ready { capacity, .. } => *capacity,
             _ => 0,
         };
@@ -360,9 +353,14 @@ impl Shard {
             fsync_latency_us: c.fsync_latency_us.clone(),
             queue_depth: st.pending.len(),
             durable_lsn: Lsn(self.inner.durable_lsn.get()),
-            segment_count: st.segments.len(),
-            segment_bytes: st.segments.iter().map(|s| s.capacity).sum::<u64>() + spare_bytes,
+            segment_count: st.segs.len(),
+            segment_bytes: st.segs.file_bytes() + spare_bytes,
             poisoned: self.inner.poisoned.borrow().clone(),
+            corrupt_segments: health.corrupt_segments,
+            last_corruption: health.last_corruption.clone(),
+            scrub_bytes: health.scrub_bytes,
+            scrub_passes: health.scrub_passes,
+            recovery: health.recovery.clone(),
         }
     }
 
@@ -380,17 +378,22 @@ impl Shard {
         }
         inner.bg_stop.set(true);
         inner.bg_wake.notify();
+        inner.scrub_wake.notify();
         for task in tasks {
             task.await;
         }
         inner.durable_waiters.wake_all();
+        // Everything is durable and nothing more will be written: record where the active
+        // segment ends, so the next open need not scan it.
+        if inner.poisoned.borrow().is_none() {
+            crate::background::write_checkpoint(&inner).await?;
+        }
         let files: Vec<Rc<dyn SegmentFile>> = {
             let mut st = inner.st.borrow_mut();
-            let mut files: Vec<_> = st.segments.iter().map(|s| s.file.clone()).collect();
-            if let Spare::Ready { file, .. } = std::mem::replace(&mut st.spare, Spare::Preparing) {
+            let mut files: Vec<_> = st.segs.iter().map(|s| s.file.clone()).collect();
+            if let Spare::Ready { file, .. } = st.segs.take_spare() {
                 files.push(file);
             }
-            st.active = None;
             files
         };
         for file in files {
@@ -535,8 +538,8 @@ impl Inner {
                 max: self.opts.queue_bytes_max,
             });
         }
-        if let Spare::Failed { no_space: true, .. } = st.spare {
-            let fits = st.active.as_ref().is_some_and(|a| {
+        if let Spare::Failed { no_space: true, .. } = st.segs.spare() {
+            let fits = st.segs.active.as_ref().is_some_and(|a| {
                 a.offset + (st.pending_bytes + COMMIT_HEADER_BYTES + body_bytes) as u64 <= a.seg.capacity
             });
             if !fits {
@@ -615,6 +618,7 @@ impl Inner {
         }
         let first_bytes = (COMMIT_HEADER_BYTES + st.pending[0].body.len()) as u64;
         let fits = st
+            .segs
             .active
             .as_ref()
             .is_some_and(|a| a.offset + first_bytes <= a.seg.capacity);
@@ -624,7 +628,8 @@ impl Inner {
             if !st.inflight.is_empty() {
                 return Step::Wait;
             }
-            return match std::mem::replace(&mut st.spare, Spare::Preparing) {
+            // [segments] the spare goes through the segment state's owner.
+            return match st.segs.take_spare() {
                 Spare::Ready { name, file, capacity } => {
                     self.activate(&mut st, name, file, capacity);
                     Step::Again
@@ -642,7 +647,7 @@ impl Inner {
                             ShardError::io("prepare segment", "", io::Error::other(op_cause.clone()))
                         }
                     });
-                    st.spare = Spare::Failed { no_space, cause };
+                    st.segs.install_spare(Spare::Failed { no_space, cause });
                     self.bg_wake.notify();
                     Step::Again
                 }
@@ -652,40 +657,21 @@ impl Inner {
         Step::Again
     }
 
+    /// [segments] Seals the active segment and activates the spare; the transition itself is
+    /// `Segments::activate`.
     fn activate(&self, st: &mut State, name: String, file: Rc<dyn SegmentFile>, capacity: u64) {
-        let sequence = st.next_sequence;
-        st.next_sequence += 1;
         let base_lsn = st.pending[0].first_lsn;
-        if let Some(prev) = st.segments.back() {
-            assert_eq!(prev.durable_end.get().0, base_lsn, "segments are contiguous");
-            prev.sealed_at.set(Some(Instant::now()));
-        }
-        let seg = Rc::new(Segment {
-            sequence,
-            base_lsn,
-            capacity,
-            name: RefCell::new(name),
-            file,
-            durable_end: Cell::new((base_lsn, SEGMENT_DATA_OFFSET)),
-            index: RefCell::new(Vec::new()),
-            sealed_at: Cell::new(None),
-            retired: Cell::new(false),
-        });
-        st.segments.push_back(seg.clone());
-        st.active = Some(Active {
-            seg,
-            offset: SEGMENT_DATA_OFFSET,
-            tail: Vec::new(),
-            header_pending: true,
-        });
-        // The background task renames the file and prepares the next spare.
+        st.segs.activate(base_lsn, name, file, capacity);
+        st.assert_invariants();
+        // The background task renames the file, writes the sealed segment's summary and
+        // prepares the next spare.
         self.bg_wake.notify();
     }
 
     /// Builds one commit from the front of the queue and submits it.
     fn submit(self: &Rc<Self>, mut guard: std::cell::RefMut<'_, State>) {
         let st = &mut *guard;
-        let active = st.active.as_mut().expect("checked by commit_step");
+        let active = st.segs.active.as_mut().expect("checked by commit_step");
         let room = active.seg.capacity - active.offset;
         let limit = (self.opts.commit_bytes_max as u64).min(room) as usize;
         let mut take = 0;
@@ -744,15 +730,10 @@ impl Inner {
         active.tail = b[tail_from..tail_to].to_vec();
         active.offset = end_offset;
         active.header_pending = false;
-        {
-            let mut index = active.seg.index.borrow_mut();
-            let due = index
-                .last()
-                .is_none_or(|&(_, off)| commit_offset - off >= INDEX_INTERVAL_BYTES);
-            if due {
-                index.push((first_lsn, commit_offset));
-            }
-        }
+        // [segments] The sparse index and the checksum chain the segment's summary carries.
+        active
+            .seg
+            .note_commit(first_lsn, commit_offset, &b[prefix..prefix + COMMIT_HEADER_BYTES]);
         let seg = active.seg.clone();
         let id = st.next_commit_id;
         st.next_commit_id += 1;
@@ -873,12 +854,12 @@ impl Inner {
         let requested = from.0.max(1);
         let (segments, first_available) = {
             let st = self.st.borrow();
-            let segs: Vec<Rc<Segment>> = st.segments.iter().cloned().collect();
-            (segs, st.first_available)
+            let segs: Vec<Rc<Segment>> = st.segs.iter().cloned().collect();
+            (segs, st.segs.first_available())
         };
         let truncated = || ShardError::Truncated {
             requested: Lsn(requested),
-            first_available: Lsn(self.st.borrow().first_available),
+            first_available: Lsn(self.st.borrow().segs.first_available()),
         };
         if requested < first_available {
             return Err(truncated());

@@ -16,6 +16,16 @@
 //! A seed runs up to three generations (append, crash, recover, append again on the recovered
 //! image, crash again), and some seeds also cut the power while recovery itself is running.
 //!
+//! The metadata that lets recovery skip reading the log is covered too: segments rotate every
+//! few dozen commits, so the power goes while summaries of sealed segments are being written;
+//! some generations end with a clean close, and the power goes while (or after) its checkpoint
+//! is written, in which case a restart that was not interrupted must scan nothing at all. Some
+//! seeds tamper with the crashed image before recovery: a bit flipped in a summary or the
+//! checkpoint, a summary re-encoded with a valid checksum but a wrong field (disagreeing with the
+//! body), or a checkpoint of an earlier clean shutdown put back (older than the log). None of
+//! them may cost an acknowledged record; a disagreement may end the seed only as a typed
+//! `Corruption` (from recovery, or from a read of the range the lie covers), never as a cut.
+//!
 //! Half of the seeds run on the plain double, where a write reaches the device when it
 //! completes. The other half run on [`Tearing`], which puts a write's bytes on the device as soon
 //! as it is submitted and keeps it in flight a random while: a crash then tears writes that were
@@ -42,7 +52,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use common::run;
-use shards::format::{COMMIT_HEADER_BYTES, RECORD_HEADER_BYTES};
+use shards::format::{SegmentSummary, SummaryKind, COMMIT_HEADER_BYTES, RECORD_HEADER_BYTES, SUMMARY_FIXED_BYTES};
 use shards::storage::mem::{FaultPoint, MemStorage};
 use shards::storage::{IoBuf, LocalBoxFuture, OnWritten, SegmentFile, Storage};
 use shards::{AckLevel, Durability, Lsn, RecordRef, Shard, ShardError, ShardOptions};
@@ -287,6 +297,20 @@ struct Plan {
     /// Cut the power during recovery of the second generation on.
     crash_in_recovery: bool,
     sync_yields_max: u32,
+    /// What is done to each crashed image before recovery.
+    tamper: Tamper,
+}
+
+/// Damage done to the recovery metadata of a crashed image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tamper {
+    None,
+    /// One bit of a summary or of the checkpoint.
+    FlipBit,
+    /// A summary re-encoded with a valid checksum and one field changed.
+    Misstate,
+    /// The checkpoint of an earlier clean shutdown put back.
+    StaleCheckpoint,
 }
 
 fn plan(seed: u64, rng: &mut StdRng) -> Plan {
@@ -314,6 +338,14 @@ fn plan(seed: u64, rng: &mut StdRng) -> Plan {
         generations: rng.gen_range(1..=GENERATIONS_MAX),
         crash_in_recovery: rng.gen_bool(0.3),
         sync_yields_max: rng.gen_range(0..8),
+        tamper: [
+            Tamper::None,
+            Tamper::None,
+            Tamper::None,
+            Tamper::FlipBit,
+            Tamper::Misstate,
+            Tamper::StaleCheckpoint,
+        ][rng.gen_range(0..6)],
     }
 }
 
@@ -411,9 +443,15 @@ async fn run_until_crash(
     rng: &mut StdRng,
     generation: u32,
     plan: &Plan,
-) -> Result<(MemStorage, AtCrash), String> {
+) -> Result<(MemStorage, AtCrash, Closing), String> {
     let steps = rng.gen_range(1..160u32);
     let crash_at = rng.gen_range(0..steps + 20);
+    let close_first = match plan.tamper {
+        // The first generation closes, so that a later one has an old checkpoint to put back.
+        Tamper::StaleCheckpoint if generation == 1 => true,
+        Tamper::None => rng.gen_bool(0.25),
+        _ => rng.gen_bool(0.5),
+    };
     for step in 0..steps + 20 {
         if step == crash_at {
             break;
@@ -438,6 +476,42 @@ async fn run_until_crash(
             _ => {}
         }
     }
+    // A clean close (which writes the checkpoint) that the power cuts short, or not.
+    let closing = if close_first {
+        let shard_probe = shard;
+        let shard = shard.clone();
+        let done = Rc::new(std::cell::Cell::new(false));
+        let task = glommio::spawn_local({
+            let done = done.clone();
+            async move {
+                let _ = shard.close().await;
+                done.set(true);
+            }
+        });
+        // Half of the closes (and the first of a seed that puts an old checkpoint back) finish
+        // before the power goes; the others are cut short, maybe while the checkpoint is written.
+        let finish = rng.gen_bool(0.5) || (plan.tamper == Tamper::StaleCheckpoint && generation == 1);
+        if finish {
+            let probe = shard_probe.clone();
+            guarded("clean close", task, &probe, mem).await?;
+            trace(format_args!("closed cleanly before the crash"));
+            Closing {
+                task: None,
+                finished_before_crash: true,
+            }
+        } else {
+            yield_times(rng.gen_range(0..60)).await;
+            Closing {
+                task: Some(task),
+                finished_before_crash: done.get(),
+            }
+        }
+    } else {
+        Closing {
+            task: None,
+            finished_before_crash: false,
+        }
+    };
     let crash_seed = rng.gen();
     let crashed = mem.crash(crash_seed);
     let at = {
@@ -452,7 +526,14 @@ async fn run_until_crash(
             files_crashed: crashed.file_names(),
         }
     };
-    Ok((crashed, at))
+    Ok((crashed, at, closing))
+}
+
+/// A close started before the crash.
+struct Closing {
+    task: Option<glommio::Task<()>>,
+    /// It completed (checkpoint written) before the power went.
+    finished_before_crash: bool,
 }
 
 async fn read_all(shard: &Shard, from: Lsn) -> Result<Vec<shards::ReadRecord>, String> {
@@ -462,12 +543,91 @@ async fn read_all(shard: &Shard, from: Lsn) -> Result<Vec<shards::ReadRecord>, S
         let batch = shard
             .read(from, 64 << 10, None)
             .await
-            .map_err(|e| format!("read from {from}: {e}"))?;
+            .map_err(|e| format!("{}read from {from}: {e}", corruption_mark(&e)))?;
         if batch.records.is_empty() {
             return Ok(out);
         }
         from = batch.next_lsn;
         out.extend(batch.records);
+    }
+}
+
+/// Errors that are a typed `Corruption` start with this, so that a seed that tampered with the
+/// recovery metadata can tell a reported lie from a silent loss.
+const CORRUPTION: &str = "CORRUPTION: ";
+
+fn corruption_mark(e: &ShardError) -> &'static str {
+    match e {
+        ShardError::Corruption { .. } => CORRUPTION,
+        _ => "",
+    }
+}
+
+/// Tampers with the recovery metadata of a crashed image as `how` says. Returns whether it did
+/// anything (there may be no summary or checkpoint to tamper with).
+async fn tamper(image: &MemStorage, how: Tamper, rng: &mut StdRng, saved_checkpoint: Option<&[u8]>) -> bool {
+    let meta: Vec<String> = image
+        .file_names()
+        .into_iter()
+        .filter(|n| n.ends_with(".sum") || n == "checkpoint")
+        .collect();
+    let pick = |rng: &mut StdRng| (!meta.is_empty()).then(|| meta[rng.gen_range(0..meta.len())].clone());
+    match how {
+        Tamper::None => false,
+        Tamper::FlipBit => {
+            let Some(name) = pick(rng) else { return false };
+            let bytes = image.live_image(&name).expect("listed");
+            // Within the encoded part: the fixed fields and the index entries it counts.
+            let entries = u32::from_le_bytes(bytes[12..16].try_into().expect("4 bytes")) as usize;
+            let used = (SUMMARY_FIXED_BYTES + entries * 16).min(bytes.len());
+            image.flip_bit(&name, rng.gen_range(0..used as u64), rng.gen_range(0..8));
+            trace(format_args!("flipped a bit of {name}"));
+            true
+        }
+        Tamper::Misstate => {
+            let Some(name) = pick(rng) else { return false };
+            let kind = if name == "checkpoint" {
+                SummaryKind::Checkpoint
+            } else {
+                SummaryKind::Sealed
+            };
+            let bytes = image.live_image(&name).expect("listed");
+            let Ok(mut s) = SegmentSummary::decode(kind, &bytes) else {
+                return false;
+            };
+            let what = rng.gen_range(0..6);
+            let delta = rng.gen_range(1..4u64);
+            match what {
+                0 => s.end_lsn += delta,
+                1 => s.end_lsn = (s.end_lsn - delta).max(s.base_lsn),
+                2 => s.end_offset += delta,
+                3 => s.commits += 1,
+                4 => s.commits_crc ^= 1 << rng.gen_range(0..32),
+                _ => match s.index.len() {
+                    0 => s.end_lsn += delta,
+                    n => s.index[rng.gen_range(0..n)].1 += delta,
+                },
+            }
+            let mut out = vec![0u8; s.encoded_bytes().max(bytes.len())];
+            s.encode(kind, &mut out);
+            image.overwrite(&name, 0, &out);
+            trace(format_args!("misstated field {what} of {name}: {s:?}"));
+            true
+        }
+        Tamper::StaleCheckpoint => {
+            let Some(old) = saved_checkpoint else { return false };
+            let file = image
+                .open("checkpoint", true, Durability::Dsync)
+                .await
+                .expect("create checkpoint");
+            let mut buf = image.alloc(old.len());
+            buf.as_mut_slice().copy_from_slice(old);
+            file.write(0, buf).await.expect("write checkpoint");
+            file.sync().await.expect("sync checkpoint");
+            image.sync_dir().await.expect("sync dir");
+            trace(format_args!("put back an old checkpoint"));
+            true
+        }
     }
 }
 
@@ -586,14 +746,19 @@ async fn recover(
         // Let the interrupted recovery finish on the old image and shut it down.
         match opening.await {
             Ok(shard) => close_guarded(shard, &mem).await?,
-            Err(e) => return Err(format!("recovery (before the second crash) failed: {e}")),
+            Err(e) => {
+                return Err(format!(
+                    "{}recovery (before the second crash) failed: {e}",
+                    corruption_mark(&e)
+                ))
+            }
         }
         mem = again;
     }
     let storage = storage_for(plan, &mem, seed);
     match Shard::open_with_storage(storage, plan.opts.clone()).await {
         Ok(shard) => Ok((shard, mem)),
-        Err(e) => Err(format!("recovery failed: {e}")),
+        Err(e) => Err(format!("{}recovery failed: {e}", corruption_mark(&e))),
     }
 }
 
@@ -663,9 +828,11 @@ async fn power_loss_seed(seed: u64) -> Result<(), String> {
     let mut shard = Shard::open_with_storage(storage_for(&plan, &mem, seed), plan.opts.clone())
         .await
         .map_err(|e| fail(0, format!("open: {e}")))?;
+    // The checkpoint of the latest clean close, to put back later (Tamper::StaleCheckpoint).
+    let mut saved_checkpoint: Option<Vec<u8>> = None;
     for generation in 1..=plan.generations {
         trace(format_args!("seed {seed} generation {generation}: run"));
-        let (crashed, at) = run_until_crash(&shard, &mem, &model, &mut rng, generation, &plan)
+        let (crashed, at, closing) = run_until_crash(&shard, &mem, &model, &mut rng, generation, &plan)
             .await
             .map_err(|e| fail(generation, e))?;
         // The process is gone with the power: its shard may finish what it had queued on the
@@ -673,19 +840,51 @@ async fn power_loss_seed(seed: u64) -> Result<(), String> {
         trace(format_args!(
             "seed {seed} generation {generation}: close the crashed shard"
         ));
-        close_guarded(shard, &mem).await.map_err(|e| fail(generation, e))?;
+        match closing.task {
+            Some(task) => guarded("close (begun before the crash)", task, &shard, &mem)
+                .await
+                .map_err(|e| fail(generation, e))?,
+            None => close_guarded(shard, &mem).await.map_err(|e| fail(generation, e))?,
+        }
+        let own_checkpoint = crashed.live_image("checkpoint");
+        let tampered = tamper(&crashed, plan.tamper, &mut rng, saved_checkpoint.as_deref()).await;
+        if let Some(c) = own_checkpoint {
+            saved_checkpoint = Some(c);
+        }
+        // Only a lie that a summary or checkpoint tells may end the seed, and only as Corruption.
+        let may_be_corruption = |e: &str| tampered && plan.tamper == Tamper::Misstate && e.starts_with(CORRUPTION);
         trace(format_args!("seed {seed} generation {generation}: recover"));
         let errors = std::mem::take(&mut model.borrow_mut().errors);
         if let Some(e) = errors.first() {
             return Err(fail(generation, format!("before the crash: {e}")));
         }
         let crash_during = (generation > 1 && plan.crash_in_recovery).then(|| (rng.gen(), rng.gen_range(0..12)));
-        let (recovered, recovered_mem) = recover(&plan, crashed, seed, crash_during)
-            .await
-            .map_err(|e| fail(generation, e))?;
-        check_recovered(&recovered, &model, &at, &plan.opts)
-            .await
-            .map_err(|e| fail(generation, e))?;
+        let (recovered, recovered_mem) = match recover(&plan, crashed, seed, crash_during).await {
+            Ok(r) => r,
+            Err(e) if may_be_corruption(&e) => {
+                trace(format_args!("seed {seed}: the misstated metadata was reported: {e}"));
+                return Ok(());
+            }
+            Err(e) => return Err(fail(generation, e)),
+        };
+        let report = recovered.stats().recovery;
+        if closing.finished_before_crash && !tampered && crash_during.is_none() && report.scanned != 0 {
+            return Err(fail(
+                generation,
+                format!("restart after a clean close scanned segments: {report:?}"),
+            ));
+        }
+        match check_recovered(&recovered, &model, &at, &plan.opts).await {
+            Ok(()) => {}
+            Err(e) if may_be_corruption(&e) => {
+                trace(format_args!("seed {seed}: the misstated metadata was reported: {e}"));
+                close_guarded(recovered, &recovered_mem)
+                    .await
+                    .map_err(|e| fail(generation, e))?;
+                return Ok(());
+            }
+            Err(e) => return Err(fail(generation, e)),
+        }
         shard = recovered;
         mem = recovered_mem;
     }

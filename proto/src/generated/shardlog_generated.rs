@@ -3295,6 +3295,13 @@ impl<'a> ShardStats<'a> {
   pub const VT_POISONED: ::flatbuffers::VOffsetT = 28;
   pub const VT_FSYNC_LATENCY_US_BUCKETS: ::flatbuffers::VOffsetT = 30;
   pub const VT_RECORDS_PER_COMMIT_BUCKETS: ::flatbuffers::VOffsetT = 32;
+  pub const VT_CORRUPT_SEGMENTS: ::flatbuffers::VOffsetT = 34;
+  pub const VT_LAST_CORRUPTION: ::flatbuffers::VOffsetT = 36;
+  pub const VT_SCRUB_BYTES: ::flatbuffers::VOffsetT = 38;
+  pub const VT_SCRUB_PASSES: ::flatbuffers::VOffsetT = 40;
+  pub const VT_RECOVERY_TRUSTED_SEGMENTS: ::flatbuffers::VOffsetT = 42;
+  pub const VT_RECOVERY_SCANNED_SEGMENTS: ::flatbuffers::VOffsetT = 44;
+  pub const VT_RECOVERY_US: ::flatbuffers::VOffsetT = 46;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -3306,6 +3313,12 @@ impl<'a> ShardStats<'a> {
     args: &'args ShardStatsArgs<'args>
   ) -> ::flatbuffers::WIPOffset<ShardStats<'bldr>> {
     let mut builder = ShardStatsBuilder::new(_fbb);
+    builder.add_recovery_us(args.recovery_us);
+    builder.add_recovery_scanned_segments(args.recovery_scanned_segments);
+    builder.add_recovery_trusted_segments(args.recovery_trusted_segments);
+    builder.add_scrub_passes(args.scrub_passes);
+    builder.add_scrub_bytes(args.scrub_bytes);
+    builder.add_corrupt_segments(args.corrupt_segments);
     builder.add_segment_bytes(args.segment_bytes);
     builder.add_segment_count(args.segment_count);
     builder.add_durable_lsn(args.durable_lsn);
@@ -3314,6 +3327,7 @@ impl<'a> ShardStats<'a> {
     builder.add_bytes(args.bytes);
     builder.add_records(args.records);
     builder.add_appends(args.appends);
+    if let Some(x) = args.last_corruption { builder.add_last_corruption(x); }
     if let Some(x) = args.records_per_commit_buckets { builder.add_records_per_commit_buckets(x); }
     if let Some(x) = args.fsync_latency_us_buckets { builder.add_fsync_latency_us_buckets(x); }
     if let Some(x) = args.poisoned { builder.add_poisoned(x); }
@@ -3352,6 +3366,15 @@ impl<'a> ShardStats<'a> {
     let records_per_commit_buckets = self.records_per_commit_buckets().map(|x| {
       alloc::boxed::Box::new(x.unpack())
     });
+    let corrupt_segments = self.corrupt_segments();
+    let last_corruption = self.last_corruption().map(|x| {
+      alloc::string::ToString::to_string(x)
+    });
+    let scrub_bytes = self.scrub_bytes();
+    let scrub_passes = self.scrub_passes();
+    let recovery_trusted_segments = self.recovery_trusted_segments();
+    let recovery_scanned_segments = self.recovery_scanned_segments();
+    let recovery_us = self.recovery_us();
     ShardStatsT {
       shard,
       appends,
@@ -3368,6 +3391,13 @@ impl<'a> ShardStats<'a> {
       poisoned,
       fsync_latency_us_buckets,
       records_per_commit_buckets,
+      corrupt_segments,
+      last_corruption,
+      scrub_bytes,
+      scrub_passes,
+      recovery_trusted_segments,
+      recovery_scanned_segments,
+      recovery_us,
     }
   }
 
@@ -3479,6 +3509,62 @@ impl<'a> ShardStats<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<Buckets>>(ShardStats::VT_RECORDS_PER_COMMIT_BUCKETS, None)}
   }
+  /// Sealed segments found corrupt since the shard opened (by the background
+  /// scrub, or a summary recovery found wrong); reads of a corrupt range
+  /// fail with `Corruption`. Absent (0) from older servers.
+  #[inline]
+  pub fn corrupt_segments(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ShardStats::VT_CORRUPT_SEGMENTS, Some(0)).unwrap()}
+  }
+  /// The latest such finding; absent when there is none.
+  #[inline]
+  pub fn last_corruption(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(ShardStats::VT_LAST_CORRUPTION, None)}
+  }
+  /// Bytes of sealed segments the scrub has verified, and its complete passes.
+  #[inline]
+  pub fn scrub_bytes(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ShardStats::VT_SCRUB_BYTES, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn scrub_passes(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ShardStats::VT_SCRUB_PASSES, Some(0)).unwrap()}
+  }
+  /// The last open: segments accepted from their summary or the checkpoint
+  /// without reading them, segments scanned, and its wall time.
+  #[inline]
+  pub fn recovery_trusted_segments(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ShardStats::VT_RECOVERY_TRUSTED_SEGMENTS, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn recovery_scanned_segments(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ShardStats::VT_RECOVERY_SCANNED_SEGMENTS, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn recovery_us(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ShardStats::VT_RECOVERY_US, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for ShardStats<'_> {
@@ -3502,6 +3588,13 @@ impl ::flatbuffers::Verifiable for ShardStats<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("poisoned", Self::VT_POISONED, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<Buckets>>("fsync_latency_us_buckets", Self::VT_FSYNC_LATENCY_US_BUCKETS, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<Buckets>>("records_per_commit_buckets", Self::VT_RECORDS_PER_COMMIT_BUCKETS, false)?
+     .visit_field::<u64>("corrupt_segments", Self::VT_CORRUPT_SEGMENTS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("last_corruption", Self::VT_LAST_CORRUPTION, false)?
+     .visit_field::<u64>("scrub_bytes", Self::VT_SCRUB_BYTES, false)?
+     .visit_field::<u64>("scrub_passes", Self::VT_SCRUB_PASSES, false)?
+     .visit_field::<u64>("recovery_trusted_segments", Self::VT_RECOVERY_TRUSTED_SEGMENTS, false)?
+     .visit_field::<u64>("recovery_scanned_segments", Self::VT_RECOVERY_SCANNED_SEGMENTS, false)?
+     .visit_field::<u64>("recovery_us", Self::VT_RECOVERY_US, false)?
      .finish();
     Ok(())
   }
@@ -3522,6 +3615,13 @@ pub struct ShardStatsArgs<'a> {
     pub poisoned: Option<::flatbuffers::WIPOffset<&'a str>>,
     pub fsync_latency_us_buckets: Option<::flatbuffers::WIPOffset<Buckets<'a>>>,
     pub records_per_commit_buckets: Option<::flatbuffers::WIPOffset<Buckets<'a>>>,
+    pub corrupt_segments: u64,
+    pub last_corruption: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub scrub_bytes: u64,
+    pub scrub_passes: u64,
+    pub recovery_trusted_segments: u64,
+    pub recovery_scanned_segments: u64,
+    pub recovery_us: u64,
 }
 impl<'a> Default for ShardStatsArgs<'a> {
   #[inline]
@@ -3542,6 +3642,13 @@ impl<'a> Default for ShardStatsArgs<'a> {
       poisoned: None,
       fsync_latency_us_buckets: None,
       records_per_commit_buckets: None,
+      corrupt_segments: 0,
+      last_corruption: None,
+      scrub_bytes: 0,
+      scrub_passes: 0,
+      recovery_trusted_segments: 0,
+      recovery_scanned_segments: 0,
+      recovery_us: 0,
     }
   }
 }
@@ -3612,6 +3719,34 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ShardStatsBuilder<'a, 'b, A> 
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<Buckets>>(ShardStats::VT_RECORDS_PER_COMMIT_BUCKETS, records_per_commit_buckets);
   }
   #[inline]
+  pub fn add_corrupt_segments(&mut self, corrupt_segments: u64) {
+    self.fbb_.push_slot::<u64>(ShardStats::VT_CORRUPT_SEGMENTS, corrupt_segments, 0);
+  }
+  #[inline]
+  pub fn add_last_corruption(&mut self, last_corruption: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ShardStats::VT_LAST_CORRUPTION, last_corruption);
+  }
+  #[inline]
+  pub fn add_scrub_bytes(&mut self, scrub_bytes: u64) {
+    self.fbb_.push_slot::<u64>(ShardStats::VT_SCRUB_BYTES, scrub_bytes, 0);
+  }
+  #[inline]
+  pub fn add_scrub_passes(&mut self, scrub_passes: u64) {
+    self.fbb_.push_slot::<u64>(ShardStats::VT_SCRUB_PASSES, scrub_passes, 0);
+  }
+  #[inline]
+  pub fn add_recovery_trusted_segments(&mut self, recovery_trusted_segments: u64) {
+    self.fbb_.push_slot::<u64>(ShardStats::VT_RECOVERY_TRUSTED_SEGMENTS, recovery_trusted_segments, 0);
+  }
+  #[inline]
+  pub fn add_recovery_scanned_segments(&mut self, recovery_scanned_segments: u64) {
+    self.fbb_.push_slot::<u64>(ShardStats::VT_RECOVERY_SCANNED_SEGMENTS, recovery_scanned_segments, 0);
+  }
+  #[inline]
+  pub fn add_recovery_us(&mut self, recovery_us: u64) {
+    self.fbb_.push_slot::<u64>(ShardStats::VT_RECOVERY_US, recovery_us, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ShardStatsBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     ShardStatsBuilder {
@@ -3644,6 +3779,13 @@ impl ::core::fmt::Debug for ShardStats<'_> {
       ds.field("poisoned", &self.poisoned());
       ds.field("fsync_latency_us_buckets", &self.fsync_latency_us_buckets());
       ds.field("records_per_commit_buckets", &self.records_per_commit_buckets());
+      ds.field("corrupt_segments", &self.corrupt_segments());
+      ds.field("last_corruption", &self.last_corruption());
+      ds.field("scrub_bytes", &self.scrub_bytes());
+      ds.field("scrub_passes", &self.scrub_passes());
+      ds.field("recovery_trusted_segments", &self.recovery_trusted_segments());
+      ds.field("recovery_scanned_segments", &self.recovery_scanned_segments());
+      ds.field("recovery_us", &self.recovery_us());
       ds.finish()
   }
 }
@@ -3664,6 +3806,13 @@ pub struct ShardStatsT {
   pub poisoned: Option<alloc::string::String>,
   pub fsync_latency_us_buckets: Option<alloc::boxed::Box<BucketsT>>,
   pub records_per_commit_buckets: Option<alloc::boxed::Box<BucketsT>>,
+  pub corrupt_segments: u64,
+  pub last_corruption: Option<alloc::string::String>,
+  pub scrub_bytes: u64,
+  pub scrub_passes: u64,
+  pub recovery_trusted_segments: u64,
+  pub recovery_scanned_segments: u64,
+  pub recovery_us: u64,
 }
 impl Default for ShardStatsT {
   fn default() -> Self {
@@ -3683,6 +3832,13 @@ impl Default for ShardStatsT {
       poisoned: None,
       fsync_latency_us_buckets: None,
       records_per_commit_buckets: None,
+      corrupt_segments: 0,
+      last_corruption: None,
+      scrub_bytes: 0,
+      scrub_passes: 0,
+      recovery_trusted_segments: 0,
+      recovery_scanned_segments: 0,
+      recovery_us: 0,
     }
   }
 }
@@ -3715,6 +3871,15 @@ impl ShardStatsT {
     let records_per_commit_buckets = self.records_per_commit_buckets.as_ref().map(|x|{
       x.pack(_fbb)
     });
+    let corrupt_segments = self.corrupt_segments;
+    let last_corruption = self.last_corruption.as_ref().map(|x|{
+      _fbb.create_string(x)
+    });
+    let scrub_bytes = self.scrub_bytes;
+    let scrub_passes = self.scrub_passes;
+    let recovery_trusted_segments = self.recovery_trusted_segments;
+    let recovery_scanned_segments = self.recovery_scanned_segments;
+    let recovery_us = self.recovery_us;
     ShardStats::create(_fbb, &ShardStatsArgs{
       shard,
       appends,
@@ -3731,6 +3896,13 @@ impl ShardStatsT {
       poisoned,
       fsync_latency_us_buckets,
       records_per_commit_buckets,
+      corrupt_segments,
+      last_corruption,
+      scrub_bytes,
+      scrub_passes,
+      recovery_trusted_segments,
+      recovery_scanned_segments,
+      recovery_us,
     })
   }
 }

@@ -1,0 +1,481 @@
+//! The shard's background work, in the executor's low-priority task queue (see
+//! `Shard::open_with_storage`): one task keeps the next segment ready, names activated segments,
+//! makes the summaries of sealed segments durable and applies retention; a second task scrubs
+//! sealed segments against their summaries at a bounded rate. Both stay I/O-bound: the work is
+//! large awaited reads and writes, syncs and directory operations, so between two of the
+//! committer's turns they hold the CPU for tens of microseconds (the scrub's checksums run over
+//! one chunk at a time).
+//!
+//! Summaries: when the committer seals a segment (full, and everything in it durable), this task
+//! writes `<base_lsn:020>.sum`, syncs it and its directory, and only then marks the summary
+//! durable. A crash before that leaves no summary or a torn one, whose checksum fails: recovery
+//! then scans the segment, as it would have without summaries, and this task writes it again.
+//! The checkpoint of a clean shutdown is written the same way by `Shard::close`.
+//!
+//! A spare segment is a full-size file that is either zero-filled or recycled from retention, and
+//! whose directory entry is synced. Rotation on the hot path is then a pointer swap: the first
+//! commit to the new segment carries its header block. The file is first named `*.prep`; once
+//! active, this task renames it to `<base_lsn:020>.wal`. A crash before that rename is harmless:
+//! recovery recognises a segment by its header, not its name.
+//!
+//! Recycling: retention zeroes the header block of the oldest sealed segment and syncs it before
+//! renaming the file to a spare, so if the process dies in between, recovery sees a headerless
+//! file (a spare) rather than an old segment. The old commits stay in the file; they carry the old
+//! segment sequence, which their checksums cover, so they are never read as commits of the new one.
+
+use std::io;
+use std::rc::Rc;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::error::{is_no_space, ShardError};
+use crate::format::{
+    align_up, chain_commit_crc, parse_commit, ParseError, SegmentSummary, SummaryKind, BLOCK_BYTES,
+    COMMIT_HEADER_BYTES, SEGMENT_DATA_OFFSET,
+};
+use crate::segments::{segment_name, summary_name, Segment, Spare, SummaryState, CHECKPOINT_NAME};
+use crate::shard::Inner;
+use crate::storage::{SegmentFile, Storage};
+use crate::Durability;
+
+/// After a failure to prepare a segment (e.g. no space), try again after this long.
+pub(crate) const PREPARE_RETRY_INTERVAL: Duration = Duration::from_millis(200);
+/// Zero-fill write size: large, so preparation is a few big awaited writes.
+const ZERO_FILL_CHUNK_BYTES: u64 = 1 << 20;
+
+pub(crate) async fn background(inner: Rc<Inner>) {
+    let mut spare_id = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let mut retry_at: Option<Instant> = None;
+    loop {
+        // Also once more after the stop request, so a closed shard leaves its files named.
+        name_segments(&inner).await;
+        let summaries_failed = write_summaries(&inner).await;
+        if inner.bg_stop.get() {
+            break;
+        }
+        apply_retention(&inner, &mut spare_id).await;
+        ensure_spare(&inner, &mut spare_id, &mut retry_at).await;
+        let summary_retry_at = summaries_failed.then(|| Instant::now() + PREPARE_RETRY_INTERVAL);
+        let wake_at = [retry_at, age_retention_due_at(&inner), summary_retry_at]
+            .into_iter()
+            .flatten()
+            .min();
+        match wake_at.map(|at| at.saturating_duration_since(Instant::now())) {
+            Some(t) => futures_lite::future::or(inner.bg_wake.wait(), glommio::timer::sleep(t)).await,
+            None => inner.bg_wake.wait().await,
+        }
+    }
+}
+
+/// Renames activated segments from their spare name to `<base_lsn:020>.wal`.
+async fn name_segments(inner: &Inner) {
+    let todo: Vec<(Rc<Segment>, String)> = inner
+        .st
+        .borrow()
+        .segs
+        .iter()
+        .filter(|s| *s.name.borrow() != segment_name(s.base_lsn))
+        .map(|s| (s.clone(), s.name.borrow().clone()))
+        .collect();
+    if todo.is_empty() {
+        return;
+    }
+    for (seg, from) in todo {
+        let to = segment_name(seg.base_lsn);
+        match inner.storage.rename(&from, &to).await {
+            Ok(()) => *seg.name.borrow_mut() = to,
+            Err(e) => tracing::warn!(%from, %to, error = %e, "renaming segment failed; will retry"),
+        }
+    }
+    if let Err(e) = inner.storage.sync_dir().await {
+        tracing::warn!(error = %e, "syncing shard directory failed; will retry");
+    }
+}
+
+/// When the oldest sealed segment becomes older than `retention_age`, if there is one. The
+/// active segment is never sealed, so a shard with one segment has nothing to wait for; the
+/// committer wakes this task when it seals a segment (`activate`).
+fn age_retention_due_at(inner: &Inner) -> Option<Instant> {
+    let age = inner.opts.retention_age?;
+    let st = inner.st.borrow();
+    let sealed_at = st.segs.oldest_sealed()?.sealed_at.get()?;
+    // One millisecond late rather than early: `apply_retention` retires only when the age is
+    // strictly exceeded.
+    Some(sealed_at + age + Duration::from_millis(1))
+}
+
+async fn apply_retention(inner: &Inner, spare_id: &mut u64) {
+    loop {
+        let victim = {
+            let st = inner.st.borrow();
+            // Never the active segment.
+            let Some(front) = st.segs.oldest_sealed() else {
+                return;
+            };
+            let total = st.segs.file_bytes();
+            let over_bytes = inner.opts.retention_bytes.is_some_and(|max| total > max);
+            let too_old = inner
+                .opts
+                .retention_age
+                .is_some_and(|age| front.sealed_at.get().is_some_and(|t| t.elapsed() > age));
+            if !(over_bytes || too_old) {
+                return;
+            }
+            front.clone()
+        };
+        let recycle = {
+            let mut st = inner.st.borrow_mut();
+            let retired = st.segs.retire_oldest();
+            assert!(Rc::ptr_eq(&retired, &victim));
+            !matches!(st.segs.spare(), Spare::Ready { .. })
+        };
+        let summary = summary_name(victim.base_lsn);
+        let name = victim.name.borrow().clone();
+        if recycle {
+            *spare_id += 1;
+            let spare = format!("spare-{spare_id:020}.prep");
+            match recycle_file(inner, &victim.file, &name, &spare).await {
+                Ok(()) => {
+                    inner.st.borrow_mut().segs.install_spare(Spare::Ready {
+                        name: spare,
+                        file: victim.file.clone(),
+                        capacity: victim.capacity,
+                    });
+                    inner.committer_wake.notify();
+                    remove_summary(inner, &summary).await;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(%name, error = %e, "recycling segment failed; removing it")
+                }
+            }
+        }
+        let removed = inner.storage.remove(&name).await;
+        let synced = inner.storage.sync_dir().await;
+        if let Err(e) = removed.and(synced) {
+            tracing::warn!(%name, error = %e, "removing retired segment failed");
+        }
+        remove_summary(inner, &summary).await;
+    }
+}
+
+/// Removes a retired segment's summary (recovery removes one left behind by a crash).
+async fn remove_summary(inner: &Inner, name: &str) {
+    match inner.storage.remove(name).await {
+        Ok(()) => {}
+        // Never written: the segment was retired before its summary was.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+        Err(e) => tracing::warn!(%name, error = %e, "removing a retired segment's summary failed"),
+    }
+    if let Err(e) = inner.storage.sync_dir().await {
+        tracing::warn!(error = %e, "syncing shard directory failed");
+    }
+}
+
+async fn recycle_file(inner: &Inner, file: &Rc<dyn SegmentFile>, name: &str, spare: &str) -> io::Result<()> {
+    // The header block first, durably: if we crash after this, the file is a spare to recovery.
+    file.write(0, inner.storage.alloc(BLOCK_BYTES as usize)).await?;
+    file.sync().await?;
+    inner.storage.rename(name, spare).await?;
+    inner.storage.sync_dir().await
+}
+
+async fn ensure_spare(inner: &Inner, spare_id: &mut u64, retry_at: &mut Option<Instant>) {
+    if inner.poisoned_cause().is_some() {
+        return;
+    }
+    match inner.st.borrow().segs.spare() {
+        Spare::Ready { .. } => return,
+        Spare::Failed { .. } if retry_at.is_some_and(|at| Instant::now() < at) => return,
+        _ => {}
+    }
+    *spare_id += 1;
+    let name = format!("spare-{spare_id:020}.prep");
+    match prepare(inner, &name).await {
+        Ok(file) => {
+            *retry_at = None;
+            inner.st.borrow_mut().segs.install_spare(Spare::Ready {
+                name,
+                file,
+                capacity: inner.opts.segment_bytes,
+            });
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "preparing the next segment failed; will retry");
+            // Free whatever the partial file took.
+            let _ = inner.storage.remove(&name).await;
+            *retry_at = Some(Instant::now() + PREPARE_RETRY_INTERVAL);
+            inner.st.borrow_mut().segs.install_spare(Spare::Failed {
+                no_space: is_no_space(&e),
+                cause: e.to_string(),
+            });
+        }
+    }
+    inner.committer_wake.notify();
+}
+
+/// Creates a full-size zero-filled segment file and syncs it and its directory entry. Zero-filled,
+/// not just fallocated: an fdatasync after writing into unwritten extents also has to commit the
+/// extent conversion, which costs about three times as much.
+async fn prepare(inner: &Inner, name: &str) -> io::Result<Rc<dyn SegmentFile>> {
+    let storage = &inner.storage;
+    let file = storage.open(name, true, inner.opts.durability).await?;
+    let size = inner.opts.segment_bytes;
+    let mut offset = 0;
+    while offset < size {
+        if inner.bg_stop.get() {
+            return Err(io::Error::new(io::ErrorKind::Interrupted, "shard closing"));
+        }
+        let len = ZERO_FILL_CHUNK_BYTES.min(size - offset);
+        file.write(offset, storage.alloc(len as usize)).await?;
+        offset += len;
+    }
+    file.sync().await?;
+    storage.sync_dir().await?;
+    Ok(file)
+}
+
+/// Writes `summary` as the whole of file `name` and makes it durable, name included. A crash
+/// part way leaves a file whose checksum fails (or an older summary of another segment
+/// sequence), which recovery does not trust.
+pub(crate) async fn write_summary_file(
+    storage: &dyn Storage,
+    durability: Durability,
+    name: &str,
+    summary: &SegmentSummary,
+    kind: SummaryKind,
+) -> io::Result<()> {
+    let file = storage.open(name, true, durability).await?;
+    let mut buf = storage.alloc(summary.encoded_bytes());
+    summary.encode(kind, buf.as_mut_slice());
+    let written = async {
+        file.write(0, buf).await?;
+        file.sync().await
+    }
+    .await;
+    let closed = file.close().await;
+    written?;
+    closed?;
+    storage.sync_dir().await
+}
+
+/// Makes the summaries of sealed segments durable. Returns whether one failed (it is retried).
+async fn write_summaries(inner: &Inner) -> bool {
+    let pending = inner.st.borrow().segs.summaries_pending();
+    let mut failed = false;
+    for seg in pending {
+        if seg.retired.get() || seg.summary.get() != SummaryState::Pending {
+            continue;
+        }
+        let summary = seg.summary(inner.opts.shard_id);
+        let name = summary_name(seg.base_lsn);
+        let storage = &*inner.storage;
+        match write_summary_file(storage, inner.opts.durability, &name, &summary, SummaryKind::Sealed).await {
+            Ok(()) if !seg.retired.get() => inner.st.borrow().segs.summary_written(&seg),
+            // Retired while its summary was being written: the summary goes with it.
+            Ok(()) => remove_summary(inner, &name).await,
+            Err(e) => {
+                tracing::warn!(%name, error = %e, "writing a sealed segment's summary failed; will retry");
+                failed = true;
+            }
+        }
+    }
+    failed
+}
+
+/// Writes the checkpoint of a clean shutdown: the durable end of the active segment. Called by
+/// `Shard::close` once nothing is in flight or queued. A failure only costs the next open a scan
+/// of the active segment, so it is reported, not returned.
+pub(crate) async fn write_checkpoint(inner: &Inner) -> Result<(), ShardError> {
+    let summary = {
+        let st = inner.st.borrow();
+        match &st.segs.active {
+            Some(active) if !active.header_pending => {
+                assert_eq!(
+                    active.offset,
+                    active.seg.durable_end.get().1,
+                    "everything is durable at close"
+                );
+                Some(active.seg.summary(inner.opts.shard_id))
+            }
+            _ => None,
+        }
+    };
+    let Some(summary) = summary else {
+        return Ok(());
+    };
+    let storage = &*inner.storage;
+    if let Err(e) = write_summary_file(
+        storage,
+        inner.opts.durability,
+        CHECKPOINT_NAME,
+        &summary,
+        SummaryKind::Checkpoint,
+    )
+    .await
+    {
+        tracing::warn!(error = %e, "writing the shutdown checkpoint failed; the next open scans the active segment");
+    }
+    Ok(())
+}
+
+/// The scrub reads a sealed segment this much at a time, then sleeps as long as the rate asks.
+const SCRUB_CHUNK_BYTES: u64 = 1 << 20;
+/// With nothing to scrub (no sealed segment with a durable summary), look again after this long.
+const SCRUB_IDLE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The scrub task: verifies each sealed segment whose summary is durable against it, oldest
+/// first, round and round, at most `scrub_bytes_per_sec`. A segment whose body fails (a commit
+/// that fails its checksum, lsns that do not follow, or a body that disagrees with the summary)
+/// is reported: logged, counted in `stats`, and never scrubbed again. Reads of it verify every
+/// commit they return, so its bad range answers `Corruption` while the rest is served.
+pub(crate) async fn scrub(inner: Rc<Inner>) {
+    let rate = inner.opts.scrub_bytes_per_sec;
+    if rate == 0 {
+        return;
+    }
+    let mut next_sequence = 0;
+    let mut verified_this_pass = false;
+    while !inner.bg_stop.get() {
+        let seg = {
+            let st = inner.st.borrow();
+            let found = st
+                .segs
+                .iter()
+                .find(|s| {
+                    s.sequence >= next_sequence
+                        && s.summary.get() == SummaryState::Durable
+                        && s.corrupt.borrow().is_none()
+                })
+                .cloned();
+            found
+        };
+        let Some(seg) = seg else {
+            if verified_this_pass {
+                inner.health.borrow_mut().scrub_passes += 1;
+            }
+            verified_this_pass = false;
+            next_sequence = 0;
+            pace(&inner, SCRUB_IDLE_INTERVAL).await;
+            continue;
+        };
+        next_sequence = seg.sequence + 1;
+        match scrub_segment(&inner, &seg, rate).await {
+            Ok(None) => verified_this_pass = true,
+            Ok(Some((offset, reason))) => {
+                if !seg.retired.get() {
+                    report_corruption(&inner, &seg, offset, reason);
+                }
+            }
+            Err(e) if seg.retired.get() || inner.bg_stop.get() => {
+                tracing::debug!(segment = seg.sequence, error = %e, "scrub of a retired segment stopped")
+            }
+            Err(e) => tracing::warn!(segment = seg.sequence, error = %e, "scrub could not read a segment"),
+        }
+    }
+}
+
+/// Sleeps `t`, or until the shard closes.
+async fn pace(inner: &Inner, t: Duration) {
+    if !inner.bg_stop.get() {
+        futures_lite::future::or(inner.scrub_wake.wait(), glommio::timer::sleep(t)).await;
+    }
+}
+
+/// Records what is wrong with a sealed segment: logged, counted, and kept on the segment.
+pub(crate) fn report_corruption(inner: &Inner, seg: &Segment, offset: u64, reason: String) {
+    let shard = inner.opts.shard_id;
+    let message = format!(
+        "shard {shard}: segment {} (lsns {}..{}) is corrupt at offset {offset}: {reason}",
+        seg.sequence,
+        seg.base_lsn,
+        seg.durable_end.get().0
+    );
+    tracing::error!(shard, segment = seg.sequence, offset, %reason, "corrupt sealed segment; reads of it fail with Corruption");
+    *seg.corrupt.borrow_mut() = Some(message.clone());
+    let mut health = inner.health.borrow_mut();
+    health.corrupt_segments += 1;
+    health.last_corruption = Some(message);
+}
+
+/// Reads one sealed segment and checks it against its summary. `Ok(Some((offset, reason)))`
+/// names the first thing found wrong; `Err` is an I/O error or the shard closing.
+async fn scrub_segment(inner: &Inner, seg: &Segment, rate: u64) -> io::Result<Option<(u64, String)>> {
+    let summary = seg.summary(inner.opts.shard_id);
+    let read_end = align_up(summary.end_offset).min(seg.capacity);
+    let mut buf: Vec<u8> = Vec::new();
+    // Segment offset of buf[0], and where the next read starts (always block aligned).
+    let mut buf_start = SEGMENT_DATA_OFFSET;
+    let mut read_at = SEGMENT_DATA_OFFSET;
+    let mut offset = SEGMENT_DATA_OFFSET;
+    let mut lsn = seg.base_lsn;
+    let mut commits = 0u64;
+    let mut crc = 0u32;
+    let mut index = summary.index.iter().peekable();
+    while offset < summary.end_offset {
+        let at = (offset - buf_start) as usize;
+        match parse_commit(&buf[at..], seg.sequence) {
+            Ok(view) if view.first_lsn != lsn => {
+                return Ok(Some((
+                    offset,
+                    format!("commit starts at lsn {}, expected {lsn}", view.first_lsn),
+                )))
+            }
+            Ok(view) => {
+                if let Some(&&(index_lsn, index_offset)) = index.peek() {
+                    if index_offset == offset {
+                        if index_lsn != lsn {
+                            return Ok(Some((
+                                offset,
+                                format!("summary index says lsn {index_lsn}, the commit holds {lsn}"),
+                            )));
+                        }
+                        index.next();
+                    } else if index_offset < offset {
+                        return Ok(Some((index_offset, "summary index entry is not at a commit".into())));
+                    }
+                }
+                commits += 1;
+                crc = chain_commit_crc(crc, &buf[at..at + COMMIT_HEADER_BYTES]);
+                lsn = view.end_lsn();
+                offset += view.total_bytes as u64;
+            }
+            Err(ParseError::Short { .. }) if read_at < read_end => {
+                if inner.bg_stop.get() {
+                    return Err(io::Error::new(io::ErrorKind::Interrupted, "shard closing"));
+                }
+                buf.drain(..at);
+                buf_start = offset;
+                let len = SCRUB_CHUNK_BYTES.min(read_end - read_at);
+                let chunk = seg.file.read(read_at, len as usize).await?;
+                if chunk.is_empty() {
+                    return Ok(Some((read_at, "segment file ends before its summary".into())));
+                }
+                read_at += chunk.len() as u64;
+                buf.extend_from_slice(&chunk);
+                inner.health.borrow_mut().scrub_bytes += chunk.len() as u64;
+                pace(inner, Duration::from_secs_f64(chunk.len() as f64 / rate as f64)).await;
+            }
+            Err(e) => return Ok(Some((offset, format!("{e:?}")))),
+        }
+    }
+    let found = (lsn, offset, commits, crc, index.next().is_none());
+    let want = (
+        summary.end_lsn,
+        summary.end_offset,
+        summary.commits,
+        summary.commits_crc,
+        true,
+    );
+    if found != want {
+        return Ok(Some((
+            offset,
+            format!(
+                "the body (end lsn, end offset, commits, commits crc, index consumed) = {found:?} \
+                 disagrees with the summary {want:?}"
+            ),
+        )));
+    }
+    Ok(None)
+}
