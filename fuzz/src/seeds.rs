@@ -131,6 +131,7 @@ fn responses() -> Vec<(&'static str, ResponseT)> {
                         sum: 700,
                     })),
                     records_per_commit_buckets: None,
+                    ..Default::default()
                 }]),
                 executors: None,
                 process_cpu_us: 0,

@@ -152,8 +152,64 @@ class ShardStats(object):
             return obj
         return None
 
+    # Sealed segments found corrupt since the shard opened (by the background
+    # scrub, or a summary recovery found wrong); reads of a corrupt range
+    # fail with `Corruption`. Absent (0) from older servers.
+    # ShardStats
+    def CorruptSegments(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(34))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Uint64Flags, o + self._tab.Pos)
+        return 0
+
+    # The latest such finding; absent when there is none.
+    # ShardStats
+    def LastCorruption(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(36))
+        if o != 0:
+            return self._tab.String(o + self._tab.Pos)
+        return None
+
+    # Bytes of sealed segments the scrub has verified, and its complete passes.
+    # ShardStats
+    def ScrubBytes(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(38))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Uint64Flags, o + self._tab.Pos)
+        return 0
+
+    # ShardStats
+    def ScrubPasses(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(40))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Uint64Flags, o + self._tab.Pos)
+        return 0
+
+    # The last open: segments accepted from their summary or the checkpoint
+    # without reading them, segments scanned, and its wall time.
+    # ShardStats
+    def RecoveryTrustedSegments(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(42))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Uint64Flags, o + self._tab.Pos)
+        return 0
+
+    # ShardStats
+    def RecoveryScannedSegments(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(44))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Uint64Flags, o + self._tab.Pos)
+        return 0
+
+    # ShardStats
+    def RecoveryUs(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(46))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Uint64Flags, o + self._tab.Pos)
+        return 0
+
 def ShardStatsStart(builder):
-    builder.StartObject(15)
+    builder.StartObject(22)
 
 def Start(builder):
     ShardStatsStart(builder)
@@ -248,6 +304,48 @@ def ShardStatsAddRecordsPerCommitBuckets(builder, recordsPerCommitBuckets):
 def AddRecordsPerCommitBuckets(builder, recordsPerCommitBuckets):
     ShardStatsAddRecordsPerCommitBuckets(builder, recordsPerCommitBuckets)
 
+def ShardStatsAddCorruptSegments(builder, corruptSegments):
+    builder.PrependUint64Slot(15, corruptSegments, 0)
+
+def AddCorruptSegments(builder, corruptSegments):
+    ShardStatsAddCorruptSegments(builder, corruptSegments)
+
+def ShardStatsAddLastCorruption(builder, lastCorruption):
+    builder.PrependUOffsetTRelativeSlot(16, flatbuffers.number_types.UOffsetTFlags.py_type(lastCorruption), 0)
+
+def AddLastCorruption(builder, lastCorruption):
+    ShardStatsAddLastCorruption(builder, lastCorruption)
+
+def ShardStatsAddScrubBytes(builder, scrubBytes):
+    builder.PrependUint64Slot(17, scrubBytes, 0)
+
+def AddScrubBytes(builder, scrubBytes):
+    ShardStatsAddScrubBytes(builder, scrubBytes)
+
+def ShardStatsAddScrubPasses(builder, scrubPasses):
+    builder.PrependUint64Slot(18, scrubPasses, 0)
+
+def AddScrubPasses(builder, scrubPasses):
+    ShardStatsAddScrubPasses(builder, scrubPasses)
+
+def ShardStatsAddRecoveryTrustedSegments(builder, recoveryTrustedSegments):
+    builder.PrependUint64Slot(19, recoveryTrustedSegments, 0)
+
+def AddRecoveryTrustedSegments(builder, recoveryTrustedSegments):
+    ShardStatsAddRecoveryTrustedSegments(builder, recoveryTrustedSegments)
+
+def ShardStatsAddRecoveryScannedSegments(builder, recoveryScannedSegments):
+    builder.PrependUint64Slot(20, recoveryScannedSegments, 0)
+
+def AddRecoveryScannedSegments(builder, recoveryScannedSegments):
+    ShardStatsAddRecoveryScannedSegments(builder, recoveryScannedSegments)
+
+def ShardStatsAddRecoveryUs(builder, recoveryUs):
+    builder.PrependUint64Slot(21, recoveryUs, 0)
+
+def AddRecoveryUs(builder, recoveryUs):
+    ShardStatsAddRecoveryUs(builder, recoveryUs)
+
 def ShardStatsEnd(builder):
     return builder.EndObject()
 
@@ -281,6 +379,13 @@ class ShardStatsT(object):
         poisoned = None,
         fsyncLatencyUsBuckets = None,
         recordsPerCommitBuckets = None,
+        corruptSegments = 0,
+        lastCorruption = None,
+        scrubBytes = 0,
+        scrubPasses = 0,
+        recoveryTrustedSegments = 0,
+        recoveryScannedSegments = 0,
+        recoveryUs = 0,
     ):
         self.shard = shard  # type: int
         self.appends = appends  # type: int
@@ -297,6 +402,13 @@ class ShardStatsT(object):
         self.poisoned = poisoned  # type: Optional[str]
         self.fsyncLatencyUsBuckets = fsyncLatencyUsBuckets  # type: Optional[shardlog.wire.Buckets.BucketsT]
         self.recordsPerCommitBuckets = recordsPerCommitBuckets  # type: Optional[shardlog.wire.Buckets.BucketsT]
+        self.corruptSegments = corruptSegments  # type: int
+        self.lastCorruption = lastCorruption  # type: Optional[str]
+        self.scrubBytes = scrubBytes  # type: int
+        self.scrubPasses = scrubPasses  # type: int
+        self.recoveryTrustedSegments = recoveryTrustedSegments  # type: int
+        self.recoveryScannedSegments = recoveryScannedSegments  # type: int
+        self.recoveryUs = recoveryUs  # type: int
 
     @classmethod
     def InitFromBuf(cls, buf, pos):
@@ -339,6 +451,13 @@ class ShardStatsT(object):
             self.fsyncLatencyUsBuckets = shardlog.wire.Buckets.BucketsT.InitFromObj(shardStats.FsyncLatencyUsBuckets())
         if shardStats.RecordsPerCommitBuckets() is not None:
             self.recordsPerCommitBuckets = shardlog.wire.Buckets.BucketsT.InitFromObj(shardStats.RecordsPerCommitBuckets())
+        self.corruptSegments = shardStats.CorruptSegments()
+        self.lastCorruption = shardStats.LastCorruption()
+        self.scrubBytes = shardStats.ScrubBytes()
+        self.scrubPasses = shardStats.ScrubPasses()
+        self.recoveryTrustedSegments = shardStats.RecoveryTrustedSegments()
+        self.recoveryScannedSegments = shardStats.RecoveryScannedSegments()
+        self.recoveryUs = shardStats.RecoveryUs()
 
     # ShardStatsT
     def Pack(self, builder):
@@ -348,6 +467,8 @@ class ShardStatsT(object):
             fsyncLatencyUsBuckets = self.fsyncLatencyUsBuckets.Pack(builder)
         if self.recordsPerCommitBuckets is not None:
             recordsPerCommitBuckets = self.recordsPerCommitBuckets.Pack(builder)
+        if self.lastCorruption is not None:
+            lastCorruption = builder.CreateString(self.lastCorruption)
         ShardStatsStart(builder)
         ShardStatsAddShard(builder, self.shard)
         ShardStatsAddAppends(builder, self.appends)
@@ -373,5 +494,13 @@ class ShardStatsT(object):
             ShardStatsAddFsyncLatencyUsBuckets(builder, fsyncLatencyUsBuckets)
         if self.recordsPerCommitBuckets is not None:
             ShardStatsAddRecordsPerCommitBuckets(builder, recordsPerCommitBuckets)
+        ShardStatsAddCorruptSegments(builder, self.corruptSegments)
+        if self.lastCorruption is not None:
+            ShardStatsAddLastCorruption(builder, lastCorruption)
+        ShardStatsAddScrubBytes(builder, self.scrubBytes)
+        ShardStatsAddScrubPasses(builder, self.scrubPasses)
+        ShardStatsAddRecoveryTrustedSegments(builder, self.recoveryTrustedSegments)
+        ShardStatsAddRecoveryScannedSegments(builder, self.recoveryScannedSegments)
+        ShardStatsAddRecoveryUs(builder, self.recoveryUs)
         shardStats = ShardStatsEnd(builder)
         return shardStats
