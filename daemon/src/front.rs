@@ -1,5 +1,13 @@
-//! The front executor: accepts connections, reads and verifies frames, routes each request to
-//! the shard that owns it, and writes the responses back.
+//! A front: the connection server that every executor runs. It accepts connections, reads and
+//! verifies frames, routes each request to the shard that owns it, and writes the responses back.
+//!
+//! Two kinds of executor run one: a front executor accepts on the main address (the routed path,
+//! for clients that do not know the placement), and each shard executor accepts on its shard's own
+//! address (the shard-aware path, `HelloOk.shard_addresses`). The code is the same; only the links
+//! differ. A front reaches the shard on its own executor directly ([`ShardLink::Local`]: no ring,
+//! no other executor, no wake-up) and every other shard over a ring, so a request for a shard the
+//! executor does not own is forwarded rather than refused (see docs/PROTOCOL.md, "Shard-aware
+//! connections").
 //!
 //! Each connection has two tasks. The reader turns bytes into frames and dispatches them; before
 //! dispatching it reserves the request's bytes (and, for reads and stats, the response's) from
@@ -29,7 +37,7 @@ use proto::wire::{self, ErrorCode, RequestBody};
 use proto::DecodeError;
 
 use crate::notify::Notify;
-use crate::ring::{Completion, ConnId, FromShard, Latch, ReadArgs, Reply, RingSender, ToShard};
+use crate::ring::{Completion, ConnId, FromShard, FrontInbox, Latch, ReadArgs, Reply, RingSender, ToShard};
 use crate::shard_server::{ReplyTo, ShardServer};
 
 /// Budget reserved for a small response (Appended, Pong, HelloOk, Error).
@@ -80,6 +88,9 @@ pub struct FrontShared {
     /// Set by the main thread once every shard is open: fronts accept only after it, so no
     /// request reaches a shard that is still recovering.
     pub shards_open: Latch,
+    /// Each shard's own port, by shard id (`HelloOk.shard_addresses`); empty when shard-aware
+    /// connections are off.
+    pub shard_ports: Vec<u16>,
 }
 
 impl FrontShared {
@@ -110,8 +121,8 @@ pub struct FrontConfig {
 #[derive(Clone)]
 pub enum ShardLink {
     Ring(Rc<RingSender<ToShard>>),
-    /// The shard runs on this executor (single-core layout); the front registers with it in
-    /// [`Front::new`].
+    /// The shard runs on this executor; the front registers with it in [`Front::new`] and hands
+    /// it requests by a plain call.
     Local(Rc<ShardServer>),
 }
 
@@ -134,7 +145,6 @@ pub struct Front {
     next_token: Cell<u64>,
     gathers: RefCell<HashMap<u64, Gather>>,
     encoder: RefCell<Encoder>,
-    stop_accept: Notify,
     /// Request frame buffers to reuse.
     frame_pool: RefCell<Vec<Vec<u8>>>,
     /// This front's index at the shard on its own executor, if there is one.
@@ -186,14 +196,14 @@ impl Front {
             next_token: Cell::new(1),
             gathers: RefCell::new(HashMap::new()),
             encoder: RefCell::new(Encoder::new()),
-            stop_accept: Notify::default(),
             frame_pool: RefCell::new(Vec::new()),
             local_index: Cell::new(usize::MAX),
             me: me.clone(),
         });
         for link in &front.links {
             if let ShardLink::Local(server) = link {
-                let index = server.add_front(ReplyTo::Local(Rc::downgrade(&front)));
+                let inbox: Weak<dyn FrontInbox> = Rc::downgrade(&front) as Weak<dyn FrontInbox>;
+                let index = server.add_front(ReplyTo::Local(inbox));
                 front.local_index.set(index);
             }
         }
@@ -208,21 +218,36 @@ impl Front {
         &self.shared.counters[self.index]
     }
 
-    /// Runs the accept loop on `listener_fd` until shutdown, then drains every connection.
-    pub async fn run(self: Rc<Self>, listener_fd: i32) {
+    /// Accepts on every one of `listener_fds` until shutdown, then drains every connection.
+    pub async fn run(self: Rc<Self>, listener_fds: Vec<i32>) {
+        let accepting: Vec<_> = listener_fds
+            .into_iter()
+            .map(|fd| glommio::spawn_local(self.clone().accept(fd)))
+            .collect();
+        for a in accepting {
+            a.await;
+        }
+        tracing::info!(
+            front = self.index,
+            connections = self.conns.borrow().len(),
+            "front stops accepting; draining"
+        );
+        self.drain().await;
+        for link in &self.links {
+            if let ShardLink::Ring(tx) = link {
+                tx.close();
+            }
+        }
+    }
+
+    /// The accept loop of one listening socket, until shutdown.
+    async fn accept(self: Rc<Self>, listener_fd: i32) {
         // SAFETY: the fd is a bound, listening TCP socket created for this front alone.
         let listener = unsafe { TcpListener::from_raw_fd(listener_fd) };
-        tracing::debug!(front = self.index, "accepting");
-        let watcher = {
-            let this = self.clone();
-            glommio::spawn_local(async move {
-                this.shared.shutdown.wait().await;
-                this.stop_accept.notify();
-            })
-        };
+        tracing::debug!(front = self.index, addr = ?listener.local_addr(), "accepting");
         loop {
             let accepted = future::or(async { Some(listener.accept().await) }, async {
-                self.stop_accept.wait().await;
+                self.shared.shutdown.wait().await;
                 None
             })
             .await;
@@ -234,19 +259,6 @@ impl Front {
                     tracing::warn!(front = self.index, error = %e, "accept failed");
                     glommio::timer::sleep(Duration::from_millis(10)).await;
                 }
-            }
-        }
-        watcher.await;
-        drop(listener);
-        tracing::info!(
-            front = self.index,
-            connections = self.conns.borrow().len(),
-            "front stops accepting; draining"
-        );
-        self.drain().await;
-        for link in &self.links {
-            if let ShardLink::Ring(tx) = link {
-                tx.close();
             }
         }
     }
@@ -480,7 +492,7 @@ impl Front {
                             version: proto::PROTOCOL_VERSION,
                             server: Some(format!("shardlogd {}", env!("CARGO_PKG_VERSION"))),
                             shard_count: self.shard_count,
-                            shard_addresses: None,
+                            shard_addresses: self.shard_addresses(conn),
                         })),
                     };
                     self.encoder.borrow_mut().response(&resp, &mut frame);
@@ -530,6 +542,22 @@ impl Front {
             }
             other => unreachable!("view_request admits only known tags, got {other:?}"),
         }
+    }
+
+    /// Where each shard accepts shard-aware connections, as seen by this connection's client: the
+    /// address it connected to, with each shard's port. `None` when shard ports are off.
+    fn shard_addresses(&self, conn: &Conn) -> Option<Vec<String>> {
+        if self.shared.shard_ports.is_empty() {
+            return None;
+        }
+        let ip = conn.stream.borrow().local_addr().ok()?.ip();
+        let addrs = self
+            .shared
+            .shard_ports
+            .iter()
+            .map(|&port| std::net::SocketAddr::new(ip, port).to_string())
+            .collect();
+        Some(addrs)
     }
 
     /// Sends a request to a shard; if the shard is gone, answers it with an error.
@@ -714,6 +742,12 @@ impl Front {
         }
         self.conns.borrow_mut().remove(&conn.id);
         self.shared.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl FrontInbox for Front {
+    fn deliver(&self, msg: FromShard) {
+        Front::deliver(self, msg)
     }
 }
 
