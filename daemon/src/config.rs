@@ -178,8 +178,9 @@ pub struct ServeArgs {
 
     /// Shard-aware addresses, listed to clients in `HelloOk.shard_addresses`: each shard
     /// executor accepts connections on its own port and serves the streams it owns without a
-    /// cross-core hop. "next": shard s on the listen port + 1 + s (any free port when listening on
-    /// port 0); a number N: shard s on N + s (0: any free port); "off": none.
+    /// cross-core hop. "next": shard s on the listen port + 1 + s, or any free port when that one
+    /// is taken or the listen port is 0; a number N: shard s on N + s (0: any free port); "off":
+    /// none.
     #[arg(long, env = "SHARDLOG_SHARD_PORTS", default_value = "next")]
     pub shard_ports: ShardPorts,
 

@@ -151,7 +151,7 @@ pub fn serve(args: ServeArgs) -> Result<(), ServeError> {
     }
 
     let (fds, bound) = bind_listeners(args.listen, plan.front_count)?;
-    let (shard_fds, shard_ports) = bind_shard_listeners(bound, args.shard_ports, shard_count)?;
+    let (shard_fds, shard_ports) = bind_shard_listeners(args.listen.port(), bound, args.shard_ports, shard_count)?;
     tracing::info!(
         listen = %bound,
         shard_ports = ?shard_ports,
@@ -515,9 +515,11 @@ fn bind_listeners(addr: SocketAddr, count: usize) -> Result<(Vec<RawFd>, SocketA
     Ok((fds, bound))
 }
 
-/// Binds each shard's own listening socket on the main address's IP, as `ports` says. Returns the
-/// sockets and the port each got, by shard id (both empty when off).
+/// Binds each shard's own listening socket on the main address's IP, as `ports` says (given the
+/// port asked for the main address). Returns the sockets and the port each got, by shard id (both
+/// empty when off).
 fn bind_shard_listeners(
+    listen_port: u16,
     main: SocketAddr,
     ports: ShardPorts,
     shard_count: u16,
@@ -525,15 +527,25 @@ fn bind_shard_listeners(
     let mut fds = Vec::new();
     let mut bound = Vec::new();
     for shard in 0..shard_count {
-        let Some(port) = ports.port(main.port(), shard) else {
+        let Some(port) = ports.port(listen_port, shard) else {
             break;
         };
         let port = port.map_err(ServeError::Other)?;
         let addr = SocketAddr::new(main.ip(), port);
         let listen_err = |source| ServeError::ShardListen { shard, addr, source };
-        // Not SO_REUSEPORT: one socket per shard port, and a port already taken is an error,
-        // not a port shared with whoever holds it.
-        let fd = bind_one_with(addr, false).map_err(listen_err)?;
+        // Not SO_REUSEPORT: one socket per shard port, and a port already taken is not shared
+        // with whoever holds it.
+        let fd = match bind_one_with(addr, false) {
+            Ok(fd) => fd,
+            // "next" ports are a convenience (clients learn the real ones from HelloOk): when one
+            // is taken, for example by an outgoing connection when the main port lies in the
+            // ephemeral range, take any free port instead. A base the operator chose must hold.
+            Err(e) if ports == ShardPorts::Next && e.raw_os_error() == Some(libc::EADDRINUSE) => {
+                tracing::warn!(shard, %addr, "shard port is taken; using a free port instead (see HelloOk)");
+                bind_one_with(SocketAddr::new(main.ip(), 0), false).map_err(listen_err)?
+            }
+            Err(e) => return Err(listen_err(e)),
+        };
         bound.push(local_addr(fd).map_err(listen_err)?.port());
         fds.push(fd);
     }
