@@ -19,7 +19,7 @@ const PAYLOAD_BYTES: usize = 100;
 const WARMUP: Duration = Duration::from_millis(500);
 
 enum Conn {
-    Routed(Client),
+    Routed(Box<Client>),
     Aware(ShardAwareClient),
 }
 
@@ -63,7 +63,7 @@ fn main() -> anyhow::Result<()> {
     let secs: f64 = args[2].parse().context("SECS")?;
     let pid: Option<u32> = args.get(3).map(|p| p.parse()).transpose().context("DAEMON_PID")?;
     let mut conn = match args[1].as_str() {
-        "routed" => Conn::Routed(Client::connect(addr)?),
+        "routed" => Conn::Routed(Box::new(Client::connect(addr)?)),
         "aware" => {
             let c = ShardAwareClient::connect(addr)?;
             if !c.is_shard_aware() {

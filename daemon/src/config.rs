@@ -37,6 +37,8 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+// Parsed once per process: the size of the `Serve` variant costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Run the daemon (the default when no command is given).
     Serve(ServeArgs),
@@ -97,9 +99,10 @@ impl ShardPorts {
             ShardPorts::Base(base) => (base, 0),
         };
         let port = u32::from(base) + after + u32::from(shard);
-        Some(u16::try_from(port).map_err(|_| {
-            format!("shard {shard}'s port {port} is above 65535; pick a lower --shard-ports base")
-        }))
+        Some(
+            u16::try_from(port)
+                .map_err(|_| format!("shard {shard}'s port {port} is above 65535; pick a lower --shard-ports base")),
+        )
     }
 }
 

@@ -295,7 +295,11 @@ mod tests {
             let e = &p.executors[p.shard_executor(s)];
             assert_eq!(e.front, Some(s as usize));
         }
-        assert_eq!(p.executors[p.shard_executor(0)].cpu, Some(2), "--front-cpu still comes first");
+        assert_eq!(
+            p.executors[p.shard_executor(0)].cpu,
+            Some(2),
+            "--front-cpu still comes first"
+        );
         assert!(!oversubscribed(&p));
     }
 

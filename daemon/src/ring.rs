@@ -138,8 +138,11 @@ fn wakeup_counter() -> Arc<AtomicU64> {
     COUNTER.with(Arc::clone)
 }
 
-fn registry() -> &'static Mutex<Vec<(String, Arc<AtomicU64>)>> {
-    static REGISTRY: OnceLock<Mutex<Vec<(String, Arc<AtomicU64>)>>> = OnceLock::new();
+/// Every thread's wake-up counter, by thread name.
+type Registry = Mutex<Vec<(String, Arc<AtomicU64>)>>;
+
+fn registry() -> &'static Registry {
+    static REGISTRY: OnceLock<Registry> = OnceLock::new();
     REGISTRY.get_or_init(Default::default)
 }
 

@@ -179,8 +179,19 @@ pub fn serve(args: ServeArgs) -> Result<(), ServeError> {
         shard_ports,
     });
     let (ready_tx, ready_rx) = mpsc::channel();
-    let listeners = Listeners { main: fds, shards: shard_fds };
-    let bundles = make_bundles(&plan, &args, &data_dir, listeners, shared.clone(), &fault_specs, ready_tx);
+    let listeners = Listeners {
+        main: fds,
+        shards: shard_fds,
+    };
+    let bundles = make_bundles(
+        &plan,
+        &args,
+        &data_dir,
+        listeners,
+        shared.clone(),
+        &fault_specs,
+        ready_tx,
+    );
 
     let mut handles = Vec::new();
     for (bundle, exec) in bundles.into_iter().zip(&plan.executors) {

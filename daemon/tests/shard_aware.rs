@@ -89,10 +89,16 @@ fn appends_on_the_owners_connection_are_read_back_on_both_paths() {
         let stream = stream_of(shard, 100);
         for i in 0..5u64 {
             let payload = format!("s{shard}-{i}").into_bytes();
-            let ack = c.append(stream, &payload, AckLevel::Durable).unwrap().expect("Appended");
+            let ack = c
+                .append(stream, &payload, AckLevel::Durable)
+                .unwrap()
+                .expect("Appended");
             assert_eq!(ack.shard, shard);
             assert_eq!(ack.first_lsn, i + 1, "lsns have no gaps");
-            expected.entry(shard).or_default().push((ack.first_lsn, stream, payload));
+            expected
+                .entry(shard)
+                .or_default()
+                .push((ack.first_lsn, stream, payload));
         }
         // Read back on the shard's own connection.
         assert_eq!(read_all(&mut c, shard), expected[&shard]);
@@ -128,7 +134,11 @@ fn appends_for_another_shard_are_forwarded_in_order() {
         let proto::wire::ResponseBodyT::Appended(a) = resp.body else {
             panic!("append {id} answered {:?}", resp.body);
         };
-        assert_eq!(a.shard, shard_for(*stream, SHARDS), "the owner appends, wherever it arrived");
+        assert_eq!(
+            a.shard,
+            shard_for(*stream, SHARDS),
+            "the owner appends, wherever it arrived"
+        );
     }
     let want = |shard: u16| -> Vec<Vec<u8>> {
         ids.iter()
@@ -177,7 +187,10 @@ fn a_long_poll_on_a_shards_connection_returns_when_a_record_becomes_durable() {
         if frames_in(&mut watcher) >= before + asked + 2 {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "the long poll never reached the daemon");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the long poll never reached the daemon"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     assert!(!poller.is_finished(), "nothing was durable, so the poll waits");
@@ -237,7 +250,13 @@ fn the_shard_aware_clients_route_by_placement_and_agree_with_the_routed_path() {
         let via_aware: Vec<Vec<u8>> = {
             let mut out = Vec::new();
             let batch = aware.read(ReadParams::new(shard, 1)).unwrap();
-            out.extend(batch.records.unwrap_or_default().into_iter().map(|r| r.payload.unwrap_or_default()));
+            out.extend(
+                batch
+                    .records
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|r| r.payload.unwrap_or_default()),
+            );
             out
         };
         assert_eq!(via_routed, sent[&shard]);
@@ -286,7 +305,9 @@ fn sigterm_with_requests_in_flight_on_shard_connections_exits_cleanly() {
     let mut pending = Vec::new();
     for (i, c) in conns.iter_mut().enumerate() {
         for stream in 0..6u64 {
-            let id = c.send_append(stream, &[AppendRecord::new(b"late")], AckLevel::Durable).unwrap();
+            let id = c
+                .send_append(stream, &[AppendRecord::new(b"late")], AckLevel::Durable)
+                .unwrap();
             pending.push((i, id));
         }
         let params = ReadParams {
