@@ -149,6 +149,10 @@ pub struct Front {
     frame_pool: RefCell<Vec<Vec<u8>>>,
     /// This front's index at the shard on its own executor, if there is one.
     local_index: Cell<usize>,
+    /// Shards whose ring got requests that have not woken it yet (see [`Front::flusher`]).
+    unflushed: RefCell<Vec<u16>>,
+    flusher_wake: Notify,
+    flusher_stop: Cell<bool>,
     me: Weak<Front>,
 }
 
@@ -198,6 +202,9 @@ impl Front {
             encoder: RefCell::new(Encoder::new()),
             frame_pool: RefCell::new(Vec::new()),
             local_index: Cell::new(usize::MAX),
+            unflushed: RefCell::new(Vec::new()),
+            flusher_wake: Notify::default(),
+            flusher_stop: Cell::new(false),
             me: me.clone(),
         });
         for link in &front.links {
@@ -220,6 +227,7 @@ impl Front {
 
     /// Accepts on every one of `listener_fds` until shutdown, then drains every connection.
     pub async fn run(self: Rc<Self>, listener_fds: Vec<i32>) {
+        let flusher = glommio::spawn_local(self.clone().flusher());
         let accepting: Vec<_> = listener_fds
             .into_iter()
             .map(|fd| glommio::spawn_local(self.clone().accept(fd)))
@@ -233,9 +241,35 @@ impl Front {
             "front stops accepting; draining"
         );
         self.drain().await;
+        self.flusher_stop.set(true);
+        self.flusher_wake.notify();
+        flusher.await;
         for link in &self.links {
             if let ShardLink::Ring(tx) = link {
                 tx.close();
+            }
+        }
+    }
+
+    /// Wakes the shards that were sent requests, once per round of the executor rather than once
+    /// per request. Requests go on the rings without waking anyone ([`RingSender::try_send_quiet`]);
+    /// the first one marks the shard and notifies this task, which glommio queues behind the tasks
+    /// already runnable. So when many connections (or one pipelining connection) have frames
+    /// ready at once, every one of them is dispatched before the shard is woken, once: one
+    /// cross-executor wake-up for the batch instead of one for each request the shard happened to
+    /// finish before the next arrived. Nothing waits on a request left unflushed: the flusher is
+    /// runnable whenever the list is not empty.
+    async fn flusher(self: Rc<Self>) {
+        loop {
+            self.flusher_wake.wait().await;
+            let shards = std::mem::take(&mut *self.unflushed.borrow_mut());
+            for shard in shards {
+                if let ShardLink::Ring(tx) = &self.links[shard as usize] {
+                    tx.flush();
+                }
+            }
+            if self.flusher_stop.get() {
+                break;
             }
         }
     }
@@ -577,7 +611,21 @@ impl Front {
 
     async fn send_raw(&self, shard: u16, msg: ToShard) -> bool {
         match &self.links[shard as usize] {
-            ShardLink::Ring(tx) => tx.send(msg).await.is_ok(),
+            ShardLink::Ring(tx) => match tx.try_send_quiet(msg) {
+                Ok(()) => {
+                    let mut unflushed = self.unflushed.borrow_mut();
+                    if !unflushed.contains(&shard) {
+                        unflushed.push(shard);
+                    }
+                    if unflushed.len() == 1 {
+                        self.flusher_wake.notify();
+                    }
+                    true
+                }
+                // The ring is full (or the shard gone): wait for room the ordinary way, which
+                // wakes the shard itself.
+                Err(msg) => tx.send(msg).await.is_ok(),
+            },
             ShardLink::Local(server) => {
                 server.handle(msg, self.local_index.get());
                 true

@@ -263,6 +263,24 @@ impl<T> RingSender<T> {
         .await
     }
 
+    /// Queues `item` without waking the receiver: a batch of these ends with one [`flush`].
+    /// `Err(item)` if the ring is full or the receiver is gone (then use [`send`], which waits,
+    /// or reports the receiver gone).
+    ///
+    /// [`flush`]: RingSender::flush
+    /// [`send`]: RingSender::send
+    pub fn try_send_quiet(&self, item: T) -> Result<(), T> {
+        if self.shared.receiver_closed.load(Ordering::Acquire) {
+            return Err(item);
+        }
+        self.shared.queue.push(item)
+    }
+
+    /// Wakes the receiver if it is parked, for items queued with [`RingSender::try_send_quiet`].
+    pub fn flush(&self) {
+        self.pushed();
+    }
+
     fn pushed(&self) {
         fence(Ordering::SeqCst);
         self.shared.receiver.unpark();
