@@ -256,6 +256,8 @@ pub fn serve(args: ServeArgs) -> Result<(), ServeError> {
             }
         }
     }
+    // Until `stats` reports them per executor: how often each executor was woken through a ring.
+    tracing::info!(by_executor = ?ring::ring_wakeups_by_executor(), "ring wake-ups received");
     match failure {
         None => {
             tracing::info!("shut down cleanly");
