@@ -2,10 +2,10 @@
 //!
 //! Startup: check io_uring, the data directory (O_DIRECT, LOCK, META) and RLIMIT_MEMLOCK; bind
 //! the listening sockets (the main address, and each shard's own port); start every executor.
-//! Every executor runs a front: front executors for the main address, shard executors for their
-//! shard's port, and with rings to every shard on another executor. Each shard executor opens (recovers) its shard
-//! and reports to the main thread, which prints the listening line only once all shards are
-//! open. Fronts connect their rings first, so no request reaches a shard that is not open.
+//! Every executor runs a front (front executors on the main address, shard executors on their
+//! shard's port), with a ring pair to every shard on another executor. Each shard executor opens
+//! (recovers) its shard and reports to the main thread, which prints the listening line only once
+//! all shards are open. Fronts connect their rings first, so no request reaches a shard that is not open.
 //!
 //! Shutdown (first SIGTERM/SIGINT): fronts stop accepting and stop reading requests, answer
 //! everything already received, then close their request rings. A shard's ring receivers end
