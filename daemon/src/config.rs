@@ -37,6 +37,7 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+// Parsed once per process: the size of the `Serve` variant costs nothing worth a box.
 pub enum Command {
     /// Run the daemon (the default when no command is given).
     Serve(Box<ServeArgs>),
@@ -83,6 +84,51 @@ pub enum Pin {
     Fixed,
     /// Let the kernel schedule executors anywhere (for tests, or more shards than cores).
     None,
+}
+
+/// Where shard executors accept shard-aware connections (`--shard-ports`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShardPorts {
+    /// Shard s on the listen port + 1 + s; each on a port the kernel picks when listening on port 0.
+    Next,
+    /// Shard s on `base + s`; with 0, each on a port the kernel picks.
+    Base(u16),
+    /// No shard-aware ports: every connection goes through the main address.
+    Off,
+}
+
+impl std::str::FromStr for ShardPorts {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "next" => Ok(ShardPorts::Next),
+            "off" => Ok(ShardPorts::Off),
+            n => n
+                .parse()
+                .map(ShardPorts::Base)
+                .map_err(|_| format!("expected \"next\", \"off\" or a port number, got {n:?}")),
+        }
+    }
+}
+
+impl ShardPorts {
+    /// The port to bind for shard `shard` (0: any), given the bound main address's port, or
+    /// `None` when off. Fails if the port would pass 65535.
+    pub fn port(self, listen_port: u16, shard: u16) -> Option<Result<u16, String>> {
+        let (base, after) = match self {
+            ShardPorts::Off => return None,
+            ShardPorts::Next if listen_port == 0 => return Some(Ok(0)),
+            ShardPorts::Base(0) => return Some(Ok(0)),
+            ShardPorts::Next => (listen_port, 1u32),
+            ShardPorts::Base(base) => (base, 0),
+        };
+        let port = u32::from(base) + after + u32::from(shard);
+        Some(
+            u16::try_from(port)
+                .map_err(|_| format!("shard {shard}'s port {port} is above 65535; pick a lower --shard-ports base")),
+        )
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -157,9 +203,19 @@ pub struct ServeArgs {
     #[arg(long, env = "SHARDLOG_FRONT_CPU")]
     pub front_cpu: Option<usize>,
 
-    /// Number of front executors accepting connections (SO_REUSEPORT); each routes to all shards.
+    /// Number of dedicated front executors accepting connections on the main address
+    /// (SO_REUSEPORT); each routes to all shards. With 0, no executor is dedicated: every shard
+    /// executor also accepts on the main address and forwards what it does not own.
     #[arg(long, env = "SHARDLOG_FRONT_CORES", default_value_t = 1)]
     pub front_cores: usize,
+
+    /// Shard-aware addresses, listed to clients in `HelloOk.shard_addresses`: each shard
+    /// executor accepts connections on its own port and serves the streams it owns without a
+    /// cross-core hop. "next": shard s on the listen port + 1 + s, or any free port when that one
+    /// is taken or the listen port is 0; a number N: shard s on N + s (0: any free port); "off":
+    /// none.
+    #[arg(long, env = "SHARDLOG_SHARD_PORTS", default_value = "next")]
+    pub shard_ports: ShardPorts,
 
     /// Number of shards [default: one per CPU left after the front executors, at least 1]. Fixed
     /// when the data directory is created: a different count would move streams between shards.
@@ -225,6 +281,22 @@ mod tests {
     use clap::Parser;
 
     use super::Cli;
+
+    #[test]
+    fn shard_ports_follow_the_listen_port_or_a_base() {
+        use super::ShardPorts;
+        let next: ShardPorts = "next".parse().unwrap();
+        assert_eq!(next.port(7070, 0), Some(Ok(7071)));
+        assert_eq!(next.port(7070, 3), Some(Ok(7074)));
+        assert_eq!(next.port(0, 3), Some(Ok(0)), "port 0 picks free ports");
+        assert_eq!("9000".parse::<ShardPorts>().unwrap().port(7070, 2), Some(Ok(9002)));
+        assert_eq!("0".parse::<ShardPorts>().unwrap().port(7070, 2), Some(Ok(0)));
+        assert_eq!("off".parse::<ShardPorts>().unwrap().port(7070, 2), None);
+        assert!(next.port(65535, 0).unwrap().is_err());
+        assert!("x".parse::<ShardPorts>().is_err());
+        let cli = Cli::try_parse_from(["shardlogd"]).unwrap();
+        assert_eq!(cli.serve.shard_ports, ShardPorts::Next);
+    }
 
     #[test]
     fn retention_flags_reach_the_shard_options() {

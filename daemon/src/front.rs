@@ -1,5 +1,13 @@
-//! The front executor: accepts connections, reads and verifies frames, routes each request to
-//! the shard that owns it, and writes the responses back.
+//! A front: the connection server that every executor runs. It accepts connections, reads and
+//! verifies frames, routes each request to the shard that owns it, and writes the responses back.
+//!
+//! Two kinds of executor run one: a front executor accepts on the main address (the routed path,
+//! for clients that do not know the placement), and each shard executor accepts on its shard's own
+//! address (the shard-aware path, `HelloOk.shard_addresses`). The code is the same; only the links
+//! differ. A front reaches the shard on its own executor directly ([`ShardLink::Local`]: no ring,
+//! no other executor, no wake-up) and every other shard over a ring, so a request for a shard the
+//! executor does not own is forwarded rather than refused (see docs/PROTOCOL.md, "Shard-aware
+//! connections").
 //!
 //! Each connection has two tasks. The reader turns bytes into frames and dispatches them; before
 //! dispatching it reserves the request's bytes (and, for reads and stats, the response's) from
@@ -29,7 +37,7 @@ use proto::wire::{self, ErrorCode, RequestBody};
 use proto::DecodeError;
 
 use crate::notify::Notify;
-use crate::ring::{Completion, ConnId, FromShard, Latch, ReadArgs, Reply, RingSender, ToShard};
+use crate::ring::{Completion, ConnId, FromShard, FrontInbox, Latch, ReadArgs, Reply, RingSender, ToShard};
 use crate::shard_server::{ReplyTo, ShardServer};
 
 /// Budget reserved for a small response (Appended, Pong, HelloOk, Error).
@@ -93,6 +101,9 @@ pub struct FrontShared {
     /// Set by the main thread once every shard is open: fronts accept only after it, so no
     /// request reaches a shard that is still recovering.
     pub shards_open: Latch,
+    /// Each shard's own port, by shard id (`HelloOk.shard_addresses`); empty when shard-aware
+    /// connections are off.
+    pub shard_ports: Vec<u16>,
 }
 
 impl FrontShared {
@@ -133,8 +144,8 @@ pub struct FrontConfig {
 #[derive(Clone)]
 pub enum ShardLink {
     Ring(Rc<RingSender<ToShard>>),
-    /// The shard runs on this executor (single-core layout); the front registers with it in
-    /// [`Front::new`].
+    /// The shard runs on this executor; the front registers with it in [`Front::new`] and hands
+    /// it requests by a plain call.
     Local(Rc<ShardServer>),
 }
 
@@ -157,11 +168,14 @@ pub struct Front {
     next_token: Cell<u64>,
     gathers: RefCell<HashMap<u64, Gather>>,
     encoder: RefCell<Encoder>,
-    stop_accept: Notify,
     /// Request frame buffers to reuse.
     frame_pool: RefCell<Vec<Vec<u8>>>,
     /// This front's index at the shard on its own executor, if there is one.
     local_index: Cell<usize>,
+    /// Shards whose ring got requests that have not woken it yet (see [`Front::flusher`]).
+    unflushed: RefCell<Vec<u16>>,
+    flusher_wake: Notify,
+    flusher_stop: Cell<bool>,
     me: Weak<Front>,
 }
 
@@ -209,14 +223,17 @@ impl Front {
             next_token: Cell::new(1),
             gathers: RefCell::new(HashMap::new()),
             encoder: RefCell::new(Encoder::new()),
-            stop_accept: Notify::default(),
             frame_pool: RefCell::new(Vec::new()),
             local_index: Cell::new(usize::MAX),
+            unflushed: RefCell::new(Vec::new()),
+            flusher_wake: Notify::default(),
+            flusher_stop: Cell::new(false),
             me: me.clone(),
         });
         for link in &front.links {
             if let ShardLink::Local(server) = link {
-                let index = server.add_front(ReplyTo::Local(Rc::downgrade(&front)));
+                let inbox: Weak<dyn FrontInbox> = Rc::downgrade(&front) as Weak<dyn FrontInbox>;
+                let index = server.add_front(ReplyTo::Local(inbox));
                 front.local_index.set(index);
             }
         }
@@ -231,21 +248,63 @@ impl Front {
         &self.shared.counters[self.index]
     }
 
-    /// Runs the accept loop on `listener_fd` until shutdown, then drains every connection.
-    pub async fn run(self: Rc<Self>, listener_fd: i32) {
+    /// Accepts on every one of `listener_fds` until shutdown, then drains every connection.
+    pub async fn run(self: Rc<Self>, listener_fds: Vec<i32>) {
+        let flusher = glommio::spawn_local(self.clone().flusher());
+        let accepting: Vec<_> = listener_fds
+            .into_iter()
+            .map(|fd| glommio::spawn_local(self.clone().accept(fd)))
+            .collect();
+        for a in accepting {
+            a.await;
+        }
+        tracing::info!(
+            front = self.index,
+            connections = self.conns.borrow().len(),
+            "front stops accepting; draining"
+        );
+        self.drain().await;
+        self.flusher_stop.set(true);
+        self.flusher_wake.notify();
+        flusher.await;
+        for link in &self.links {
+            if let ShardLink::Ring(tx) = link {
+                tx.close();
+            }
+        }
+    }
+
+    /// Wakes the shards that were sent requests, once per round of the executor rather than once
+    /// per request. Requests go on the rings without waking anyone ([`RingSender::try_send_quiet`]);
+    /// the first one marks the shard and notifies this task, which glommio queues behind the tasks
+    /// already runnable. So when many connections (or one pipelining connection) have frames
+    /// ready at once, every one of them is dispatched before the shard is woken, once: one
+    /// cross-executor wake-up for the batch instead of one for each request the shard happened to
+    /// finish before the next arrived. Nothing waits on a request left unflushed: the flusher is
+    /// runnable whenever the list is not empty.
+    async fn flusher(self: Rc<Self>) {
+        loop {
+            self.flusher_wake.wait().await;
+            let shards = std::mem::take(&mut *self.unflushed.borrow_mut());
+            for shard in shards {
+                if let ShardLink::Ring(tx) = &self.links[shard as usize] {
+                    tx.flush();
+                }
+            }
+            if self.flusher_stop.get() {
+                break;
+            }
+        }
+    }
+
+    /// The accept loop of one listening socket, until shutdown.
+    async fn accept(self: Rc<Self>, listener_fd: i32) {
         // SAFETY: the fd is a bound, listening TCP socket created for this front alone.
         let listener = unsafe { TcpListener::from_raw_fd(listener_fd) };
-        tracing::debug!(front = self.index, "accepting");
-        let watcher = {
-            let this = self.clone();
-            glommio::spawn_local(async move {
-                this.shared.shutdown.wait().await;
-                this.stop_accept.notify();
-            })
-        };
+        tracing::debug!(front = self.index, addr = ?listener.local_addr(), "accepting");
         loop {
             let accepted = future::or(async { Some(listener.accept().await) }, async {
-                self.stop_accept.wait().await;
+                self.shared.shutdown.wait().await;
                 None
             })
             .await;
@@ -257,19 +316,6 @@ impl Front {
                     tracing::warn!(front = self.index, error = %e, "accept failed");
                     glommio::timer::sleep(Duration::from_millis(10)).await;
                 }
-            }
-        }
-        watcher.await;
-        drop(listener);
-        tracing::info!(
-            front = self.index,
-            connections = self.conns.borrow().len(),
-            "front stops accepting; draining"
-        );
-        self.drain().await;
-        for link in &self.links {
-            if let ShardLink::Ring(tx) = link {
-                tx.close();
             }
         }
     }
@@ -504,7 +550,7 @@ impl Front {
                             version: proto::PROTOCOL_VERSION,
                             server: Some(format!("shardlogd {}", env!("CARGO_PKG_VERSION"))),
                             shard_count: self.shard_count,
-                            shard_addresses: None,
+                            shard_addresses: self.shard_addresses(conn),
                         })),
                     };
                     self.encoder.borrow_mut().response(&resp, &mut frame);
@@ -556,6 +602,22 @@ impl Front {
         }
     }
 
+    /// Where each shard accepts shard-aware connections, as seen by this connection's client: the
+    /// address it connected to, with each shard's port. `None` when shard ports are off.
+    fn shard_addresses(&self, conn: &Conn) -> Option<Vec<String>> {
+        if self.shared.shard_ports.is_empty() {
+            return None;
+        }
+        let ip = conn.stream.borrow().local_addr().ok()?.ip();
+        let addrs = self
+            .shared
+            .shard_ports
+            .iter()
+            .map(|&port| std::net::SocketAddr::new(ip, port).to_string())
+            .collect();
+        Some(addrs)
+    }
+
     /// Sends a request to a shard; if the shard is gone, answers it with an error.
     async fn send(&self, conn: &Rc<Conn>, shard: u16, msg: ToShard) {
         let (id, reserved) = match &msg {
@@ -573,7 +635,21 @@ impl Front {
 
     async fn send_raw(&self, shard: u16, msg: ToShard) -> bool {
         match &self.links[shard as usize] {
-            ShardLink::Ring(tx) => tx.send(msg).await.is_ok(),
+            ShardLink::Ring(tx) => match tx.try_send_quiet(msg) {
+                Ok(()) => {
+                    let mut unflushed = self.unflushed.borrow_mut();
+                    if !unflushed.contains(&shard) {
+                        unflushed.push(shard);
+                    }
+                    if unflushed.len() == 1 {
+                        self.flusher_wake.notify();
+                    }
+                    true
+                }
+                // The ring is full (or the shard gone): wait for room the ordinary way, which
+                // wakes the shard itself.
+                Err(msg) => tx.send(msg).await.is_ok(),
+            },
             ShardLink::Local(server) => {
                 server.handle(msg, self.local_index.get());
                 true
@@ -741,6 +817,12 @@ impl Front {
         }
         self.conns.borrow_mut().remove(&conn.id);
         self.shared.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl FrontInbox for Front {
+    fn deliver(&self, msg: FromShard) {
+        Front::deliver(self, msg)
     }
 }
 

@@ -11,6 +11,10 @@
 //! 3. `front.rs`: the connection's writer sends every completion that is ready in one write,
 //!    then returns the budget.
 //!
+//! On a shard-aware connection (a shard executor's own port, `HelloOk.shard_addresses`) the same
+//! `front.rs` code runs on the shard's executor and hands an append for its own shard to
+//! `shard_server.rs` by a plain call, and the answer back the same way: no ring, no other core.
+//!
 //! `server.rs` builds all of this and runs the shutdown; `checks.rs` holds the startup checks.
 
 pub mod checks;

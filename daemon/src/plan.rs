@@ -2,7 +2,12 @@
 //!
 //! On C usable CPUs the default is one front executor on the first CPU and one shard executor on
 //! each of the other C-1. With a single CPU the front and the one shard share an executor, since
-//! two executors pinned to one CPU would only take turns.
+//! two executors pinned to one CPU would only take turns. With no dedicated front
+//! (`--front-cores 0`) there is one shard executor per CPU and each also accepts on the main
+//! address.
+//!
+//! Every shard executor also runs a front of its own for its shard-aware port (see `front.rs`);
+//! `ExecutorPlan::front` names only the fronts that accept on the main address.
 
 use crate::config::Pin;
 
@@ -12,7 +17,7 @@ pub struct ExecutorPlan {
     pub name: String,
     /// `None`: unpinned.
     pub cpu: Option<usize>,
-    /// Index of the front this executor runs, if any.
+    /// Index of the main-address front this executor runs, if any.
     pub front: Option<usize>,
     /// The shard this executor owns, if any.
     pub shard: Option<u16>,
@@ -49,8 +54,6 @@ pub enum PlanError {
     BadCpuList { spec: String, reason: String },
     #[error("--front-cpu {cpu} is not among the usable CPUs {cpus:?}")]
     FrontCpuNotUsable { cpu: usize, cpus: Vec<usize> },
-    #[error("--front-cores must be at least 1")]
-    NoFront,
     #[error("--shards must be at least 1")]
     NoShards,
     #[error("--front-cores {fronts} exceeds the {cpus} usable CPUs; lower it, or run with --pin none")]
@@ -116,9 +119,6 @@ pub fn plan(
     pin: Pin,
 ) -> Result<Plan, PlanError> {
     assert!(!cpus.is_empty());
-    if front_count == 0 {
-        return Err(PlanError::NoFront);
-    }
     if shards == Some(0) {
         return Err(PlanError::NoShards);
     }
@@ -133,6 +133,9 @@ pub fn plan(
         };
         let cpu = ordered.remove(at);
         ordered.insert(0, cpu);
+    }
+    if front_count == 0 {
+        return Ok(plan_without_front(&ordered, shards, pin));
     }
     if pin == Pin::Fixed && front_count > ordered.len() {
         return Err(PlanError::TooManyFronts {
@@ -188,6 +191,25 @@ pub fn plan(
         shard_count,
         front_count,
     })
+}
+
+/// No dedicated front: one shard executor per CPU (in `ordered`'s order), each accepting on the
+/// main address too.
+fn plan_without_front(ordered: &[usize], shards: Option<u16>, pin: Pin) -> Plan {
+    let shard_count = shards.unwrap_or_else(|| ordered.len().clamp(1, u16::MAX as usize) as u16);
+    let executors = (0..shard_count)
+        .map(|s| ExecutorPlan {
+            name: format!("front{s}+shard{s:03}"),
+            cpu: (pin == Pin::Fixed).then(|| ordered[s as usize % ordered.len()]),
+            front: Some(s as usize),
+            shard: Some(s),
+        })
+        .collect();
+    Plan {
+        executors,
+        shard_count,
+        front_count: shard_count as usize,
+    }
 }
 
 /// Whether two pinned executors share a CPU.
@@ -261,6 +283,24 @@ mod tests {
         assert_eq!(p.shard_count, 2);
         assert_eq!(p.executors[p.front_executor(1)].cpu, Some(1));
         assert!(plan(&[0], None, 2, None, Pin::Fixed).is_err());
+    }
+
+    #[test]
+    fn no_dedicated_front_puts_a_front_on_every_shard_executor() {
+        let p = plan(&[0, 1, 2], Some(2), 0, None, Pin::Fixed).unwrap();
+        assert_eq!(p.shard_count, 3);
+        assert_eq!(p.front_count, 3);
+        assert_eq!(p.executors.len(), 3);
+        for s in 0..3u16 {
+            let e = &p.executors[p.shard_executor(s)];
+            assert_eq!(e.front, Some(s as usize));
+        }
+        assert_eq!(
+            p.executors[p.shard_executor(0)].cpu,
+            Some(2),
+            "--front-cpu still comes first"
+        );
+        assert!(!oversubscribed(&p));
     }
 
     #[test]

@@ -1,14 +1,16 @@
 //! Process lifecycle: startup checks, executors and their rings, signals, shutdown.
 //!
 //! Startup: check io_uring, the data directory (O_DIRECT, LOCK, META) and RLIMIT_MEMLOCK; bind
-//! the listening sockets; start every executor. Each shard executor opens (recovers) its shard
-//! and reports to the main thread, which prints the listening line only once all shards are
-//! open. Fronts connect their rings first, so no request reaches a shard that is not open.
+//! the listening sockets (the main address, and each shard's own port); start every executor.
+//! Every executor runs a front (front executors on the main address, shard executors on their
+//! shard's port), with a ring pair to every shard on another executor. Each shard executor opens
+//! (recovers) its shard and reports to the main thread, which prints the listening line only once
+//! all shards are open. Fronts connect their rings first, so no request reaches a shard that is not open.
 //!
 //! Shutdown (first SIGTERM/SIGINT): fronts stop accepting and stop reading requests, answer
 //! everything already received, then close their request rings. A shard's ring receivers end
-//! once every front has closed; the shard then commits what is queued, fdatasyncs and closes.
-//! A second signal exits at once.
+//! once every front has closed; the shard then commits what is queued, fdatasyncs, closes its
+//! completion rings and closes. A second signal exits at once.
 
 use std::net::SocketAddr;
 use std::os::unix::io::RawFd;
@@ -19,7 +21,7 @@ use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use crate::checks;
-use crate::config::ServeArgs;
+use crate::config::{ServeArgs, ShardPorts};
 use crate::faults::{self, FaultSpec};
 use crate::front::{Front, FrontConfig, FrontCounters, FrontShared, ShardLink};
 use crate::metrics::MetricsServer;
@@ -38,6 +40,13 @@ pub enum ServeError {
     Faults(#[from] faults::FaultParseError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr} for shard {shard}'s shard-aware connections: {source}; choose other ports with --shard-ports BASE, or turn them off with --shard-ports off")]
+    ShardListen {
+        shard: u16,
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
@@ -66,7 +75,8 @@ struct Bundle {
 
 struct FrontPart {
     index: usize,
-    listener_fd: RawFd,
+    /// The main address's socket (front executors) and/or the shard's own (shard executors).
+    listener_fds: Vec<RawFd>,
     shard_count: u16,
     cfg: FrontConfig,
     shared: Arc<FrontShared>,
@@ -82,7 +92,8 @@ struct ShardPart {
     dir: PathBuf,
     opts: shards::ShardOptions,
     faults: Vec<FaultSpec>,
-    /// One (requests in, completions out) pair per front on another executor.
+    /// One (requests in, completions out) pair per front on another executor (including the
+    /// fronts of other shard executors, which forward what they do not own).
     rings: Vec<(RingReceiver<ToShard>, RingSender<FromShard>)>,
     ready: mpsc::Sender<Ready>,
 }
@@ -141,8 +152,10 @@ pub fn serve(args: ServeArgs) -> Result<(), ServeError> {
     }
 
     let (fds, bound) = bind_listeners(args.listen, plan.front_count)?;
+    let (shard_fds, shard_ports) = bind_shard_listeners(args.listen.port(), bound, args.shard_ports, shard_count)?;
     tracing::info!(
         listen = %bound,
+        shard_ports = ?shard_ports,
         data_dir = %data_dir.display(),
         shards = shard_count,
         fronts = plan.front_count,
@@ -158,14 +171,28 @@ pub fn serve(args: ServeArgs) -> Result<(), ServeError> {
     let shutdown = Arc::new(Latch::default());
     install_signal_handler(shutdown.clone())?;
 
+    let fronts = front_executors(&plan, !shard_fds.is_empty()).len();
     let shared = Arc::new(FrontShared {
-        counters: (0..plan.front_count).map(|_| FrontCounters::default()).collect(),
+        counters: (0..fronts).map(|_| FrontCounters::default()).collect(),
         connections: AtomicUsize::new(0),
         shutdown: shutdown.clone(),
         shards_open: Latch::default(),
+        shard_ports,
     });
     let (ready_tx, ready_rx) = mpsc::channel();
-    let bundles = make_bundles(&plan, &args, &data_dir, fds, shared.clone(), &fault_specs, ready_tx);
+    let listeners = Listeners {
+        main: fds,
+        shards: shard_fds,
+    };
+    let bundles = make_bundles(
+        &plan,
+        &args,
+        &data_dir,
+        listeners,
+        shared.clone(),
+        &fault_specs,
+        ready_tx,
+    );
 
     let mut handles = Vec::new();
     for (bundle, exec) in bundles.into_iter().zip(&plan.executors) {
@@ -249,6 +276,7 @@ pub fn serve(args: ServeArgs) -> Result<(), ServeError> {
     if let Some(m) = metrics {
         m.stop();
     }
+    tracing::info!(by_executor = ?ring::ring_wakeups_by_executor(), "ring wake-ups received");
     match failure {
         None => {
             tracing::info!("shut down cleanly");
@@ -258,11 +286,31 @@ pub fn serve(args: ServeArgs) -> Result<(), ServeError> {
     }
 }
 
+/// Listening sockets: one per main-address front, and one per shard (none when shard ports are
+/// off).
+struct Listeners {
+    main: Vec<RawFd>,
+    shards: Vec<RawFd>,
+}
+
+/// Capacity of a ring from a shard executor's front to another shard: it carries only requests
+/// that came to the wrong shard's port (forwarded) and stats, so it is kept small, which bounds
+/// the memory of the shards x shards rings.
+const FORWARD_RING_CAPACITY_MAX: usize = 64;
+
+/// Executors that run a front, in front-index order: those accepting on the main address, and
+/// with shard ports, every shard executor.
+fn front_executors(plan: &Plan, shard_ports: bool) -> Vec<usize> {
+    (0..plan.executors.len())
+        .filter(|&e| plan.executors[e].front.is_some() || (shard_ports && plan.executors[e].shard.is_some()))
+        .collect()
+}
+
 fn make_bundles(
     plan: &Plan,
     args: &ServeArgs,
     data_dir: &std::path::Path,
-    fds: Vec<RawFd>,
+    listeners: Listeners,
     shared: Arc<FrontShared>,
     faults: &[FaultSpec],
     ready: mpsc::Sender<Ready>,
@@ -273,42 +321,56 @@ fn make_bundles(
         max_connections: args.max_connections,
         conn_budget_bytes: args.conn_budget_bytes,
     };
+    let fronts = front_executors(plan, !listeners.shards.is_empty());
     let mut bundles: Vec<Bundle> = plan
         .executors
         .iter()
-        .map(|e| Bundle {
-            name: e.name.clone(),
-            front: e.front.map(|index| FrontPart {
-                index,
-                listener_fd: fds[index],
-                shard_count: plan.shard_count,
-                cfg,
-                shared: shared.clone(),
-                to_shards: Vec::new(),
-                from_shards: Vec::new(),
-            }),
-            shard: e.shard.map(|id| ShardPart {
-                id,
-                shard_count: plan.shard_count,
-                dir: checks::shard_dir(data_dir, id),
-                opts: args.shard_options(id),
-                faults: faults.iter().copied().filter(|f| f.shard == id).collect(),
-                rings: Vec::new(),
-                ready: ready.clone(),
-            }),
-            shutdown: shutdown.clone(),
+        .enumerate()
+        .map(|(e, exec)| {
+            let mut listener_fds: Vec<RawFd> = exec.front.map(|f| listeners.main[f]).into_iter().collect();
+            if let (Some(s), false) = (exec.shard, listeners.shards.is_empty()) {
+                listener_fds.push(listeners.shards[s as usize]);
+            }
+            Bundle {
+                name: exec.name.clone(),
+                front: fronts.iter().position(|&fe| fe == e).map(|index| FrontPart {
+                    index,
+                    listener_fds,
+                    shard_count: plan.shard_count,
+                    cfg,
+                    shared: shared.clone(),
+                    to_shards: Vec::new(),
+                    from_shards: Vec::new(),
+                }),
+                shard: exec.shard.map(|id| ShardPart {
+                    id,
+                    shard_count: plan.shard_count,
+                    dir: checks::shard_dir(data_dir, id),
+                    opts: args.shard_options(id),
+                    faults: faults.iter().copied().filter(|f| f.shard == id).collect(),
+                    rings: Vec::new(),
+                    ready: ready.clone(),
+                }),
+                shutdown: shutdown.clone(),
+            }
         })
         .collect();
-    for f in 0..plan.front_count {
-        let fe = plan.front_executor(f);
+    for &fe in &fronts {
+        // A main-address front routes every client's traffic; a shard's own front forwards only
+        // what was sent to the wrong port.
+        let capacity = if plan.executors[fe].front.is_some() {
+            args.ring_capacity
+        } else {
+            args.ring_capacity.min(FORWARD_RING_CAPACITY_MAX)
+        };
         for s in 0..plan.shard_count {
             let se = plan.shard_executor(s);
             if fe == se {
                 bundles[fe].front.as_mut().expect("front").to_shards.push(None);
                 continue;
             }
-            let (req_tx, req_rx) = ring::channel(args.ring_capacity);
-            let (rep_tx, rep_rx) = ring::channel(args.ring_capacity);
+            let (req_tx, req_rx) = ring::channel(capacity);
+            let (rep_tx, rep_rx) = ring::channel(capacity);
             let front = bundles[fe].front.as_mut().expect("front");
             front.to_shards.push(Some(req_tx));
             front.from_shards.push(rep_rx);
@@ -401,6 +463,7 @@ async fn executor_main(bundle: Bundle) -> Result<(), String> {
     }
 
     // 3. The front: run until shutdown has drained every connection.
+    let mut front_completions = Vec::new();
     if let Some(part) = front {
         let links = part
             .to_shards
@@ -429,16 +492,14 @@ async fn executor_main(bundle: Bundle) -> Result<(), String> {
         }
         shared.shards_open.wait().await;
         tracing::debug!(executor = %name, "shards open; accepting");
-        front.clone().run(part.listener_fd).await;
-        // The request rings are closed; each shard closes its completion ring once it has sent
-        // everything.
-        for c in completions {
-            c.await;
-        }
+        front.clone().run(part.listener_fds).await;
+        front_completions = completions;
     }
 
     // 4. The shard: once every front has closed its ring (so every request was answered),
-    //    stop the acker, then commit, sync and close.
+    //    stop the acker, close the completion rings, then commit, sync and close. The front's
+    //    completion tasks keep running meanwhile: other executors' fronts may still be draining
+    //    through this shard, and this one's through theirs.
     for r in receivers {
         r.await;
     }
@@ -447,6 +508,9 @@ async fn executor_main(bundle: Bundle) -> Result<(), String> {
         if let Some(acker) = acker {
             acker.await;
         }
+        // The front on this executor holds the server (its local link), so dropping the server
+        // does not drop its ring senders: close them, so other executors' completion tasks end.
+        server.close_replies();
         let id = server.id;
         let shard = server.shard().clone();
         drop(server);
@@ -457,6 +521,11 @@ async fn executor_main(bundle: Bundle) -> Result<(), String> {
                 return Err(format!("{name}: closing shard {id}: {e}"));
             }
         }
+    }
+    // 5. Every shard on another executor closes its completion ring once its own receivers have
+    //    ended, which needed this front's request rings closed (step 3).
+    for c in front_completions {
+        c.await;
     }
     Ok(())
 }
@@ -478,7 +547,48 @@ fn bind_listeners(addr: SocketAddr, count: usize) -> Result<(Vec<RawFd>, SocketA
     Ok((fds, bound))
 }
 
+/// Binds each shard's own listening socket on the main address's IP, as `ports` says (given the
+/// port asked for the main address). Returns the sockets and the port each got, by shard id (both
+/// empty when off).
+fn bind_shard_listeners(
+    listen_port: u16,
+    main: SocketAddr,
+    ports: ShardPorts,
+    shard_count: u16,
+) -> Result<(Vec<RawFd>, Vec<u16>), ServeError> {
+    let mut fds = Vec::new();
+    let mut bound = Vec::new();
+    for shard in 0..shard_count {
+        let Some(port) = ports.port(listen_port, shard) else {
+            break;
+        };
+        let port = port.map_err(ServeError::Other)?;
+        let addr = SocketAddr::new(main.ip(), port);
+        let listen_err = |source| ServeError::ShardListen { shard, addr, source };
+        // Not SO_REUSEPORT: one socket per shard port, and a port already taken is not shared
+        // with whoever holds it.
+        let fd = match bind_one_with(addr, false) {
+            Ok(fd) => fd,
+            // "next" ports are a convenience (clients learn the real ones from HelloOk): when one
+            // is taken, for example by an outgoing connection when the main port lies in the
+            // ephemeral range, take any free port instead. A base the operator chose must hold.
+            Err(e) if ports == ShardPorts::Next && e.raw_os_error() == Some(libc::EADDRINUSE) => {
+                tracing::warn!(shard, %addr, "shard port is taken; using a free port instead (see HelloOk)");
+                bind_one_with(SocketAddr::new(main.ip(), 0), false).map_err(listen_err)?
+            }
+            Err(e) => return Err(listen_err(e)),
+        };
+        bound.push(local_addr(fd).map_err(listen_err)?.port());
+        fds.push(fd);
+    }
+    Ok((fds, bound))
+}
+
 fn bind_one(addr: SocketAddr) -> std::io::Result<RawFd> {
+    bind_one_with(addr, true)
+}
+
+fn bind_one_with(addr: SocketAddr, reuse_port: bool) -> std::io::Result<RawFd> {
     let domain = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
     // SAFETY: plain socket syscalls on a descriptor this function owns until it returns it.
     unsafe {
@@ -492,7 +602,12 @@ fn bind_one(addr: SocketAddr) -> std::io::Result<RawFd> {
             Err(e)
         };
         let one: libc::c_int = 1;
-        for opt in [libc::SO_REUSEADDR, libc::SO_REUSEPORT] {
+        let opts: &[libc::c_int] = if reuse_port {
+            &[libc::SO_REUSEADDR, libc::SO_REUSEPORT]
+        } else {
+            &[libc::SO_REUSEADDR]
+        };
+        for &opt in opts {
             let rc = libc::setsockopt(
                 fd,
                 libc::SOL_SOCKET,

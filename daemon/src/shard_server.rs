@@ -20,8 +20,7 @@ use futures_lite::future;
 use proto::wire::{self, ErrorCode};
 use shards::{AckLevel, Lsn, ReadBatch, RecordRef, Shard, ShardError, ShardStats, Ticket};
 
-use crate::front::Front;
-use crate::ring::{Completion, FromShard, ReadArgs, Reply, RingSender, ToShard};
+use crate::ring::{Completion, FromShard, FrontInbox, ReadArgs, Reply, RingSender, ToShard};
 
 /// How often a long-polling read looks at the shutdown flag while it waits.
 const LONG_POLL_SLICE: Duration = Duration::from_millis(50);
@@ -37,7 +36,7 @@ pub enum ReplyTo {
     Ring(Rc<RingSender<FromShard>>),
     /// Weak: the front holds the shard server, and a reply for a front that is gone has nobody
     /// to go to.
-    Local(Weak<Front>),
+    Local(Weak<dyn FrontInbox>),
 }
 
 impl ReplyTo {
@@ -232,6 +231,16 @@ impl ShardServer {
     pub fn stop_acker(&self) {
         self.acker_stop.set(true);
         self.wake_acker();
+    }
+
+    /// Closes the completion rings to fronts on other executors, once the acker has sent
+    /// everything: each front's completion task then ends.
+    pub fn close_replies(&self) {
+        for reply_to in self.fronts.borrow().iter() {
+            if let ReplyTo::Ring(tx) = reply_to {
+                tx.close();
+            }
+        }
     }
 
     /// The acker task: answers appends as their tickets resolve, one ring message per front per

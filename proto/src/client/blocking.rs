@@ -304,3 +304,106 @@ impl Iterator for Tail<'_> {
         }
     }
 }
+
+/// A shard-aware blocking client: one connection per shard, each to the address the server lists
+/// for that shard (`HelloOk.shard_addresses`), where the shard's own core serves it. An append
+/// goes to the connection of the shard that owns its stream ([`crate::shard_for`]), a read to the
+/// connection of the shard it names, so neither crosses cores inside the server.
+///
+/// A server that lists no shard addresses (an older one, or `--shard-ports off`) is served
+/// through the one routed connection instead; [`ShardAwareClient::is_shard_aware`] tells which.
+/// Both paths serve the same data, so the mode changes latency, never results. Order is kept per
+/// stream (a stream's appends all use one connection), not across streams of different shards.
+pub struct ShardAwareClient {
+    /// One connection per shard, or the single routed connection.
+    conns: Vec<Client>,
+    shard_count: u16,
+    shard_aware: bool,
+}
+
+impl ShardAwareClient {
+    /// Connects to the main address, reads the shard map from `HelloOk`, and opens one
+    /// connection per shard (then closes the first one).
+    pub fn connect(addr: impl ToSocketAddrs) -> Result<ShardAwareClient, ClientError> {
+        let routed = Client::connect(addr)?;
+        let hello = routed.server_hello().cloned().expect("connect exchanges Hello");
+        let addresses = super::shard_addresses(&hello)?;
+        if addresses.is_empty() {
+            return Ok(ShardAwareClient {
+                conns: vec![routed],
+                shard_count: hello.shard_count,
+                shard_aware: false,
+            });
+        }
+        drop(routed);
+        let conns = addresses
+            .iter()
+            .map(|a| Client::connect(a.as_str()))
+            .collect::<Result<Vec<_>, _>>()?;
+        assert_eq!(conns.len(), hello.shard_count as usize);
+        Ok(ShardAwareClient {
+            conns,
+            shard_count: hello.shard_count,
+            shard_aware: true,
+        })
+    }
+
+    /// Whether each shard has its own connection (the server offered shard addresses).
+    pub fn is_shard_aware(&self) -> bool {
+        self.shard_aware
+    }
+
+    pub fn shard_count(&self) -> u16 {
+        self.shard_count
+    }
+
+    /// The connection that serves `shard` (for pipelining with `send_*` and `wait`).
+    pub fn connection(&mut self, shard: u16) -> &mut Client {
+        assert!(shard < self.shard_count, "shard {shard} of {}", self.shard_count);
+        let at = if self.conns.len() == 1 { 0 } else { shard as usize };
+        &mut self.conns[at]
+    }
+
+    /// The connection that serves `stream`'s appends.
+    pub fn connection_for_stream(&mut self, stream: u64) -> &mut Client {
+        let shard = crate::shard_for(stream, self.shard_count);
+        self.connection(shard)
+    }
+
+    /// Appends one record on the owning shard's connection. `None` for `AckLevel::None`.
+    pub fn append(&mut self, stream: u64, payload: &[u8], ack: AckLevel) -> Result<Option<AppendedT>, ClientError> {
+        self.connection_for_stream(stream).append(stream, payload, ack)
+    }
+
+    /// Appends records atomically to one stream, on the owning shard's connection.
+    pub fn append_batch(
+        &mut self,
+        stream: u64,
+        records: &[AppendRecord<'_>],
+        ack: AckLevel,
+    ) -> Result<Option<AppendedT>, ClientError> {
+        self.connection_for_stream(stream).append_batch(stream, records, ack)
+    }
+
+    /// Reads on the connection of the shard `params` names.
+    pub fn read(&mut self, params: ReadParams) -> Result<RecordsT, ClientError> {
+        if params.shard >= self.shard_count {
+            // Let the server answer NoSuchShard, as on a routed connection.
+            return self.conns[0].read(params);
+        }
+        self.connection(params.shard).read(params)
+    }
+
+    pub fn stats(&mut self) -> Result<StatsReplyT, ClientError> {
+        self.conns[0].stats()
+    }
+
+    pub fn ping(&mut self) -> Result<(), ClientError> {
+        self.conns[0].ping()
+    }
+
+    /// Errors received on any connection for requests nobody waited on.
+    pub fn take_errors(&mut self) -> Vec<(u64, ServerError)> {
+        self.conns.iter_mut().flat_map(|c| c.take_errors()).collect()
+    }
+}

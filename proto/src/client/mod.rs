@@ -9,8 +9,8 @@
 mod blocking;
 mod pipelined;
 
-pub use blocking::{Client, Tail};
-pub use pipelined::AsyncClient;
+pub use blocking::{Client, ShardAwareClient, Tail};
+pub use pipelined::{AsyncClient, AsyncShardAwareClient};
 
 use crate::codec::response_kind;
 use crate::error::{ClientError, ServerError};
@@ -89,6 +89,23 @@ pub(crate) fn expect_pong(resp: ResponseT) -> Result<(), ClientError> {
             got: response_kind(&other),
         }),
     }
+}
+
+/// The shard-aware addresses a `HelloOk` lists: empty if none, else one per shard.
+pub(crate) fn shard_addresses(hello: &HelloOkT) -> Result<Vec<String>, ClientError> {
+    let addresses = hello.shard_addresses.clone().unwrap_or_default();
+    if !addresses.is_empty() && addresses.len() != hello.shard_count as usize {
+        // Never guess a route: a map that does not cover every shard is a server bug.
+        return Err(ClientError::Io(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "HelloOk lists {} shard addresses for {} shards",
+                addresses.len(),
+                hello.shard_count
+            ),
+        )));
+    }
+    Ok(addresses)
 }
 
 pub(crate) fn hello_body(client_name: &str) -> crate::wire::RequestBodyT {

@@ -321,3 +321,133 @@ async fn writer_task(inner: Rc<Inner>, mut wr: WriteHalf<TcpStream>) {
         batch.clear();
     }
 }
+
+/// A shard-aware pipelined client: one [`AsyncClient`] per shard, each connected to the address
+/// the server lists for that shard (`HelloOk.shard_addresses`), where the shard's own core serves
+/// it. An append goes to the connection of the shard that owns its stream
+/// ([`crate::shard_for`]), a read to the connection of the shard it names.
+///
+/// A server that lists no shard addresses is served through the one routed connection instead
+/// ([`AsyncShardAwareClient::is_shard_aware`] is then false). Cheap to clone; clones share the
+/// connections. Order is kept per stream, not across streams of different shards.
+#[derive(Clone)]
+pub struct AsyncShardAwareClient {
+    /// One connection per shard, or the single routed connection.
+    conns: Rc<[AsyncClient]>,
+    shard_count: u16,
+    shard_aware: bool,
+}
+
+impl AsyncShardAwareClient {
+    /// Connects to the main address, reads the shard map from `HelloOk`, and opens one
+    /// connection per shard (then closes the first one).
+    pub async fn connect(addr: SocketAddr) -> Result<AsyncShardAwareClient, ClientError> {
+        let routed = AsyncClient::connect(addr).await?;
+        let shard_count = routed.shard_count();
+        let addresses = super::shard_addresses(routed.server_hello())?;
+        if addresses.is_empty() {
+            return Ok(AsyncShardAwareClient {
+                conns: Rc::from(vec![routed]),
+                shard_count,
+                shard_aware: false,
+            });
+        }
+        routed.close();
+        let mut conns = Vec::with_capacity(addresses.len());
+        for a in &addresses {
+            let addr = resolve(a)?;
+            conns.push(AsyncClient::connect(addr).await?);
+        }
+        assert_eq!(conns.len(), shard_count as usize);
+        Ok(AsyncShardAwareClient {
+            conns: Rc::from(conns),
+            shard_count,
+            shard_aware: true,
+        })
+    }
+
+    /// Whether each shard has its own connection (the server offered shard addresses).
+    pub fn is_shard_aware(&self) -> bool {
+        self.shard_aware
+    }
+
+    pub fn shard_count(&self) -> u16 {
+        self.shard_count
+    }
+
+    /// The server's `HelloOk` (from the first connection).
+    pub fn server_hello(&self) -> &HelloOkT {
+        self.conns[0].server_hello()
+    }
+
+    /// The connection that serves `shard`.
+    pub fn connection(&self, shard: u16) -> &AsyncClient {
+        assert!(shard < self.shard_count, "shard {shard} of {}", self.shard_count);
+        let at = if self.conns.len() == 1 { 0 } else { shard as usize };
+        &self.conns[at]
+    }
+
+    /// The connection that serves `stream`'s appends.
+    pub fn connection_for_stream(&self, stream: u64) -> &AsyncClient {
+        self.connection(crate::shard_for(stream, self.shard_count))
+    }
+
+    /// Appends records to `stream` on the owning shard's connection (see [`AsyncClient::append`]).
+    pub async fn append(
+        &self,
+        stream: u64,
+        records: &[AppendRecord<'_>],
+        ack: AckLevel,
+    ) -> Result<Option<AppendedT>, ClientError> {
+        self.connection_for_stream(stream).append(stream, records, ack).await
+    }
+
+    /// Reads on the connection of the shard `params` names.
+    pub async fn read(&self, params: ReadParams) -> Result<RecordsT, ClientError> {
+        if params.shard >= self.shard_count {
+            // Let the server answer NoSuchShard, as on a routed connection.
+            return self.conns[0].read(params).await;
+        }
+        self.connection(params.shard).read(params).await
+    }
+
+    pub async fn stats(&self) -> Result<StatsReplyT, ClientError> {
+        self.conns[0].stats().await
+    }
+
+    pub async fn ping(&self) -> Result<(), ClientError> {
+        self.conns[0].ping().await
+    }
+
+    /// Requests awaiting a response, over all connections.
+    pub fn in_flight(&self) -> usize {
+        self.conns.iter().map(AsyncClient::in_flight).sum()
+    }
+
+    /// Errors received on any connection for requests nobody waited on.
+    pub fn take_errors(&self) -> Vec<(u64, ServerError)> {
+        self.conns.iter().flat_map(AsyncClient::take_errors).collect()
+    }
+
+    /// Why a connection closed, if one did.
+    pub fn closed(&self) -> Option<String> {
+        self.conns.iter().find_map(AsyncClient::closed)
+    }
+
+    /// Closes every connection.
+    pub fn close(&self) {
+        for c in self.conns.iter() {
+            c.close();
+        }
+    }
+}
+
+/// A "host:port" from `HelloOk.shard_addresses` as a socket address.
+fn resolve(address: &str) -> Result<SocketAddr, ClientError> {
+    if let Ok(addr) = address.parse() {
+        return Ok(addr);
+    }
+    std::net::ToSocketAddrs::to_socket_addrs(address)?
+        .next()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("{address} does not resolve")).into())
+}
