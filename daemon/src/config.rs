@@ -37,7 +37,6 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-// Parsed once per process: the size of the `Serve` variant costs nothing worth a box.
 pub enum Command {
     /// Run the daemon (the default when no command is given).
     Serve(Box<ServeArgs>),
