@@ -336,21 +336,21 @@ mod tests {
         let (tx, rx) = channel::<u64>(4);
         let count = 10_000u64;
         let producer = spawn(move || async move {
-                for i in 0..count {
-                    tx.send(i).await.expect("receiver is alive");
-                }
-                tx.close();
-            })
-            .unwrap();
+            for i in 0..count {
+                tx.send(i).await.expect("receiver is alive");
+            }
+            tx.close();
+        })
+        .unwrap();
         let consumer = spawn(move || async move {
-                let mut next = 0;
-                while let Some(i) = rx.recv().await {
-                    assert_eq!(i, next);
-                    next += 1;
-                }
-                next
-            })
-            .unwrap();
+            let mut next = 0;
+            while let Some(i) = rx.recv().await {
+                assert_eq!(i, next);
+                next += 1;
+            }
+            next
+        })
+        .unwrap();
         producer.join().unwrap();
         assert_eq!(consumer.join().unwrap(), count);
     }
@@ -360,30 +360,30 @@ mod tests {
         let (tx, rx) = channel::<u64>(2);
         let (tasks, each) = (16u64, 1_000u64);
         let producer = spawn(move || async move {
-                let tx = std::rc::Rc::new(tx);
-                let senders: Vec<_> = (0..tasks)
-                    .map(|_| {
-                        let tx = tx.clone();
-                        glommio::spawn_local(async move {
-                            for i in 0..each {
-                                tx.send(i).await.expect("receiver is alive");
-                            }
-                        })
+            let tx = std::rc::Rc::new(tx);
+            let senders: Vec<_> = (0..tasks)
+                .map(|_| {
+                    let tx = tx.clone();
+                    glommio::spawn_local(async move {
+                        for i in 0..each {
+                            tx.send(i).await.expect("receiver is alive");
+                        }
                     })
-                    .collect();
-                for s in senders {
-                    s.await;
-                }
-            })
-            .unwrap();
+                })
+                .collect();
+            for s in senders {
+                s.await;
+            }
+        })
+        .unwrap();
         let consumer = spawn(move || async move {
-                let mut received = 0;
-                while rx.recv().await.is_some() {
-                    received += 1;
-                }
-                received
-            })
-            .unwrap();
+            let mut received = 0;
+            while rx.recv().await.is_some() {
+                received += 1;
+            }
+            received
+        })
+        .unwrap();
         producer.join().unwrap();
         assert_eq!(consumer.join().unwrap(), tasks * each);
     }
@@ -392,8 +392,7 @@ mod tests {
     fn send_fails_once_the_receiver_is_gone() {
         let (tx, rx) = channel::<u8>(1);
         drop(rx);
-        let ex = spawn(move || async move { tx.send(7).await })
-            .unwrap();
+        let ex = spawn(move || async move { tx.send(7).await }).unwrap();
         assert_eq!(ex.join().unwrap(), Err(7));
     }
 
@@ -402,8 +401,7 @@ mod tests {
         let latch = Arc::new(Latch::default());
         let waiter = {
             let latch = latch.clone();
-            spawn(move || async move { latch.wait().await })
-                .unwrap()
+            spawn(move || async move { latch.wait().await }).unwrap()
         };
         std::thread::sleep(std::time::Duration::from_millis(20));
         assert!(!latch.set());

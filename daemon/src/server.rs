@@ -173,10 +173,11 @@ pub fn serve(args: ServeArgs) -> Result<(), ServeError> {
             .io_memory(io_memory)
             .spin_before_park((args.spin_us > 0).then(|| Duration::from_micros(args.spin_us)));
         let name = exec.name.clone();
-        let handle = shards::executor::spawn(opts, move || executor_main(bundle)).map_err(|e| ServeError::Executor {
-            name: name.clone(),
-            reason: e.to_string(),
-        })?;
+        let handle =
+            shards::executor::spawn(opts, move || executor_main(bundle)).map_err(|e| ServeError::Executor {
+                name: name.clone(),
+                reason: e.to_string(),
+            })?;
         handles.push((name, handle));
     }
 

@@ -357,7 +357,10 @@ fn clock_us(clock: libc::clockid_t) -> Option<u64> {
 #[cfg(test)]
 pub(crate) fn guard_of(name: &str) -> Arc<Shared> {
     let registry = registry();
-    let entry = registry.iter().find(|e| e.name == name).expect("a running executor of that name");
+    let entry = registry
+        .iter()
+        .find(|e| e.name == name)
+        .expect("a running executor of that name");
     entry.guard.clone()
 }
 

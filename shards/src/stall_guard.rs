@@ -284,7 +284,10 @@ fn helper(shared: &Shared, busy_us: u64, waker_rx: &mpsc::Receiver<Waker>) {
         let polls = shared.anchor_polls.load(Ordering::Acquire);
         if waker.is_none() && polls > 0 {
             waker = waker_rx.try_recv().ok();
-            assert!(waker.is_some(), "the anchor sends its waker before it counts its first poll");
+            assert!(
+                waker.is_some(),
+                "the anchor sends its waker before it counts its first poll"
+            );
         }
         let overdue = match polls_at_wake {
             None => polls == 0,
