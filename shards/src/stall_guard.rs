@@ -439,23 +439,21 @@ mod tests {
     /// its main task in nearly every run (measured with `examples/executor_park -- 5 2`: 6 of 6
     /// runs without a guard, and 9 of 10 with the earlier guard, which needed a task's waker and
     /// so could not help before the first poll). Each executor must still run its future, which
-    /// only says that it ran; the guard must have seen stalls to break.
+    /// only says that it ran. (Whether the guard *counted* a stall is not asserted: the count is a
+    /// lower bound, and a park just after the anchor's first poll is ended by a routine wake
+    /// without being seen.)
     #[test]
     fn an_executor_parked_at_its_first_instant_is_woken() {
         const EXECUTORS: usize = 4;
         let (done_tx, done_rx) = mpsc::channel();
         let ran: Arc<[AtomicU32; EXECUTORS]> = Arc::default();
-        let stalls = Arc::new(AtomicU64::new(0));
         let mut handles = Vec::new();
         for i in 0..EXECUTORS {
             let done_tx = done_tx.clone();
             let ran = ran.clone();
-            let stalls = stalls.clone();
-            let name = format!("first-instant-{i}");
-            let opts = ExecutorOptions::new(name.clone()).preempt_timer(executor::PREEMPT_TIMER_MIN);
+            let opts = ExecutorOptions::new(format!("first-instant-{i}")).preempt_timer(executor::PREEMPT_TIMER_MIN);
             let handle = executor::spawn(opts, move || async move {
                 ran[i].fetch_add(1, Ordering::Relaxed);
-                stalls.fetch_add(executor::guard_of(&name).stalls_broken(), Ordering::Relaxed);
                 let _ = done_tx.send(i);
             })
             .unwrap();
@@ -465,6 +463,5 @@ mod tests {
         for handle in handles {
             handle.join().unwrap();
         }
-        assert!(stalls.load(Ordering::Relaxed) > 0, "the guard saw no stall to break");
     }
 }
