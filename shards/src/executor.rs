@@ -370,23 +370,27 @@ mod tests {
 
     #[test]
     fn stats_list_running_executors_and_forget_finished_ones() {
+        const WORK_CPU_US: u64 = 20_000;
+        let (worked_tx, worked_rx) = mpsc::channel::<()>();
         let (go_tx, go_rx) = mpsc::channel::<()>();
         let ex = spawn(ExecutorOptions::new("stats-probe"), move || async move {
-            // Some CPU, so that the thread's CPU time is not 0.
-            let t = std::time::Instant::now();
-            while t.elapsed() < Duration::from_millis(20) {
+            // CPU time of its own (not wall time, which a loaded machine stretches), and a park.
+            while clock_us(libc::CLOCK_THREAD_CPUTIME_ID).expect("thread clock") < WORK_CPU_US {
                 std::hint::spin_loop();
             }
             glommio::timer::sleep(Duration::from_millis(20)).await;
-            let _ = go_rx.recv_timeout(Duration::from_secs(30));
+            worked_tx.send(()).expect("test waits");
+            let _ = go_rx.recv_timeout(Duration::from_secs(60));
         })
         .expect("spawn");
-        // Let it work, then look while it waits for the word to finish.
-        thread::sleep(Duration::from_millis(200));
+        // Look while it waits for the word to finish.
+        worked_rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the executor did its work");
         let mine: Vec<ExecutorStats> = stats().into_iter().filter(|s| s.name == "stats-probe").collect();
         assert_eq!(mine.len(), 1, "{mine:?}");
         assert_eq!(mine[0].cpu, None);
-        assert!(mine[0].cpu_us >= 10_000, "{mine:?}");
+        assert!(mine[0].cpu_us >= WORK_CPU_US, "{mine:?}");
         assert!(mine[0].parks >= 1, "{mine:?}");
         assert!(process_cpu_us() >= mine[0].cpu_us);
         go_tx.send(()).expect("executor waits");
