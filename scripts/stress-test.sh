@@ -22,8 +22,9 @@ runs=$2
 shift 2
 cd "$(dirname "$0")/.."
 
+# Test harnesses only (profile "test": true), not the binaries built for the tests to run.
 mapfile -t bins < <(cargo test --no-run --message-format=json "$@" |
-    grep -o '"executable":"[^"]*"' | cut -d'"' -f4)
+    grep '"profile":{[^}]*"test":true}' | grep -o '"executable":"[^"]*"' | cut -d'"' -f4)
 if [[ ${#bins[@]} -eq 0 ]]; then
     echo "no test binary built for: cargo test $*" >&2
     exit 2
