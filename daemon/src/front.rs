@@ -710,8 +710,8 @@ impl Front {
             body: wire::ResponseBodyT::StatsReply(Box::new(wire::StatsReplyT {
                 front: Some(Box::new(self.shared.wire_stats())),
                 shards: Some(g.shards),
-                executors: None,
-                process_cpu_us: 0,
+                executors: Some(crate::stats_cmd::executors_wire()),
+                process_cpu_us: shards::executor::process_cpu_us(),
             })),
         };
         let mut frame = Vec::new();

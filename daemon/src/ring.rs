@@ -394,28 +394,36 @@ impl Latch {
 mod tests {
     use super::*;
 
+    /// Every executor goes through `shards::executor::spawn` (io_memory, preemption, stall guard).
+    fn spawn<G, F, T>(fut_gen: G) -> Result<shards::executor::Executor<T>, shards::executor::ExecutorError>
+    where
+        G: FnOnce() -> F + Send + 'static,
+        F: std::future::Future<Output = T> + 'static,
+        T: Send + 'static,
+    {
+        shards::executor::spawn(shards::executor::ExecutorOptions::new("ring-test"), fut_gen)
+    }
+
     #[test]
     fn messages_cross_executors_in_order_and_close_ends_the_receiver() {
         let (tx, rx) = channel::<u64>(4);
         let count = 10_000u64;
-        let producer = glommio::LocalExecutorBuilder::default()
-            .spawn(move || async move {
-                for i in 0..count {
-                    tx.send(i).await.expect("receiver is alive");
-                }
-                tx.close();
-            })
-            .unwrap();
-        let consumer = glommio::LocalExecutorBuilder::default()
-            .spawn(move || async move {
-                let mut next = 0;
-                while let Some(i) = rx.recv().await {
-                    assert_eq!(i, next);
-                    next += 1;
-                }
-                next
-            })
-            .unwrap();
+        let producer = spawn(move || async move {
+            for i in 0..count {
+                tx.send(i).await.expect("receiver is alive");
+            }
+            tx.close();
+        })
+        .unwrap();
+        let consumer = spawn(move || async move {
+            let mut next = 0;
+            while let Some(i) = rx.recv().await {
+                assert_eq!(i, next);
+                next += 1;
+            }
+            next
+        })
+        .unwrap();
         producer.join().unwrap();
         assert_eq!(consumer.join().unwrap(), count);
     }
@@ -424,33 +432,31 @@ mod tests {
     fn many_tasks_waiting_for_room_are_all_woken() {
         let (tx, rx) = channel::<u64>(2);
         let (tasks, each) = (16u64, 1_000u64);
-        let producer = glommio::LocalExecutorBuilder::default()
-            .spawn(move || async move {
-                let tx = std::rc::Rc::new(tx);
-                let senders: Vec<_> = (0..tasks)
-                    .map(|_| {
-                        let tx = tx.clone();
-                        glommio::spawn_local(async move {
-                            for i in 0..each {
-                                tx.send(i).await.expect("receiver is alive");
-                            }
-                        })
+        let producer = spawn(move || async move {
+            let tx = std::rc::Rc::new(tx);
+            let senders: Vec<_> = (0..tasks)
+                .map(|_| {
+                    let tx = tx.clone();
+                    glommio::spawn_local(async move {
+                        for i in 0..each {
+                            tx.send(i).await.expect("receiver is alive");
+                        }
                     })
-                    .collect();
-                for s in senders {
-                    s.await;
-                }
-            })
-            .unwrap();
-        let consumer = glommio::LocalExecutorBuilder::default()
-            .spawn(move || async move {
-                let mut received = 0;
-                while rx.recv().await.is_some() {
-                    received += 1;
-                }
-                received
-            })
-            .unwrap();
+                })
+                .collect();
+            for s in senders {
+                s.await;
+            }
+        })
+        .unwrap();
+        let consumer = spawn(move || async move {
+            let mut received = 0;
+            while rx.recv().await.is_some() {
+                received += 1;
+            }
+            received
+        })
+        .unwrap();
         producer.join().unwrap();
         assert_eq!(consumer.join().unwrap(), tasks * each);
     }
@@ -488,9 +494,7 @@ mod tests {
     fn send_fails_once_the_receiver_is_gone() {
         let (tx, rx) = channel::<u8>(1);
         drop(rx);
-        let ex = glommio::LocalExecutorBuilder::default()
-            .spawn(move || async move { tx.send(7).await })
-            .unwrap();
+        let ex = spawn(move || async move { tx.send(7).await }).unwrap();
         assert_eq!(ex.join().unwrap(), Err(7));
     }
 
@@ -499,9 +503,7 @@ mod tests {
         let latch = Arc::new(Latch::default());
         let waiter = {
             let latch = latch.clone();
-            glommio::LocalExecutorBuilder::default()
-                .spawn(move || async move { latch.wait().await })
-                .unwrap()
+            spawn(move || async move { latch.wait().await }).unwrap()
         };
         std::thread::sleep(std::time::Duration::from_millis(20));
         assert!(!latch.set());

@@ -196,14 +196,13 @@ pub fn serve(args: ServeArgs) -> Result<(), ServeError> {
 
     let mut handles = Vec::new();
     for (bundle, exec) in bundles.into_iter().zip(&plan.executors) {
-        let mut builder = shards::executor_builder(exec.cpu).name(&exec.name).io_memory(io_memory);
-        if args.spin_us > 0 {
-            builder = builder.spin_before_park(Duration::from_micros(args.spin_us));
-        }
+        let opts = shards::executor::ExecutorOptions::new(exec.name.clone())
+            .cpu(exec.cpu)
+            .io_memory(io_memory)
+            .spin_before_park((args.spin_us > 0).then(|| Duration::from_micros(args.spin_us)));
         let name = exec.name.clone();
-        let handle = builder
-            .spawn(move || executor_main(bundle))
-            .map_err(|e| ServeError::Executor {
+        let handle =
+            shards::executor::spawn(opts, move || executor_main(bundle)).map_err(|e| ServeError::Executor {
                 name: name.clone(),
                 reason: e.to_string(),
             })?;
@@ -403,9 +402,6 @@ async fn executor_main(bundle: Bundle) -> Result<(), String> {
         shard,
         shutdown,
     } = bundle;
-    // glommio 0.9 can park an executor that still has runnable tasks (see `shards::StallGuard`);
-    // the guard bounds that.
-    let _guard = shards::StallGuard::install(shards::STALL_GUARD_INTERVAL_DEFAULT);
     // 1. Open the shard. Fronts accept connections only once the main thread has heard from
     //    every shard (`FrontShared::shards_open`), so no request arrives before recovery is done.
     let mut shard_rings = Vec::new();

@@ -3,7 +3,7 @@
 use std::fmt::Write;
 
 use proto::client::Client;
-use proto::wire::{PercentilesT, StatsReplyT};
+use proto::wire::{ExecutorStatsT, PercentilesT, StatsReplyT};
 
 use crate::config::StatsArgs;
 
@@ -13,6 +13,22 @@ pub fn run(args: &StatsArgs) -> anyhow::Result<()> {
     let stats = client.stats()?;
     print!("{}", render(&stats));
     Ok(())
+}
+
+/// The daemon's side of the report: one entry per executor of this process (all started through
+/// `shards::executor::spawn`). `ring_wakeups` is not counted yet.
+pub fn executors_wire() -> Vec<ExecutorStatsT> {
+    shards::executor::stats()
+        .into_iter()
+        .map(|e| ExecutorStatsT {
+            name: Some(e.name),
+            cpu: e.cpu.and_then(|c| i32::try_from(c).ok()).unwrap_or(-1),
+            parks: e.parks,
+            ring_wakeups: 0,
+            stalls_broken: e.stalls_broken,
+            cpu_us: e.cpu_us,
+        })
+        .collect()
 }
 
 fn pct(p: &Option<PercentilesT>) -> String {
@@ -75,6 +91,27 @@ pub fn render(stats: &StatsReplyT) -> String {
             sh.segment_bytes,
             state
         );
+    }
+    if let Some(executors) = &stats.executors {
+        let _ = writeln!(
+            s,
+            "{:<16} {:>4} {:>10} {:>12} {:>13} {:>12}",
+            "executor", "cpu", "parks", "ring wakeups", "stalls broken", "cpu ms"
+        );
+        for e in executors {
+            let cpu = if e.cpu < 0 { "-".to_string() } else { e.cpu.to_string() };
+            let _ = writeln!(
+                s,
+                "{:<16} {:>4} {:>10} {:>12} {:>13} {:>12.1}",
+                e.name.as_deref().unwrap_or("?"),
+                cpu,
+                e.parks,
+                e.ring_wakeups,
+                e.stalls_broken,
+                e.cpu_us as f64 / 1000.0
+            );
+        }
+        let _ = writeln!(s, "process cpu ms: {:.1}", stats.process_cpu_us as f64 / 1000.0);
     }
     s
 }

@@ -296,6 +296,20 @@ fn stats_count_appends_and_the_cli_prints_them() {
         assert!(s.fsync_latency_us.as_ref().unwrap().max > 0);
         assert!(s.segment_count >= 1);
     }
+    // Every executor of the daemon, each having run and slept; the process used at least what
+    // its executors did.
+    let executors = stats.executors.expect("executor stats");
+    assert!(executors.len() >= 2, "{executors:?}");
+    for e in &executors {
+        assert!(e.name.as_deref().is_some_and(|n| !n.is_empty()), "{e:?}");
+        assert!(e.cpu_us > 0 && e.parks > 0, "{e:?}");
+    }
+    let executors_cpu_us: u64 = executors.iter().map(|e| e.cpu_us).sum();
+    assert!(
+        stats.process_cpu_us >= executors_cpu_us,
+        "{} < {executors_cpu_us}",
+        stats.process_cpu_us
+    );
 
     let out = std::process::Command::new(common::BIN)
         .args(["stats", "--addr", &d.addr.to_string()])
@@ -305,6 +319,10 @@ fn stats_count_appends_and_the_cli_prints_them() {
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("front: connections"), "{text}");
     assert!(text.contains("fsync us"), "{text}");
+    assert!(
+        text.contains("stalls broken") && text.contains("process cpu ms"),
+        "{text}"
+    );
     assert_eq!(
         text.lines().filter(|l| l.trim_end().ends_with("ok")).count(),
         2,

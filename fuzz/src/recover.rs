@@ -45,9 +45,8 @@ pub fn check(input: &[u8]) {
     if image.len() as u64 > SEGMENT_BYTES {
         return;
     }
-    let ex = shards::executor_builder(None)
-        .name("fuzz-recovery")
-        .spawn(move || check_open(image, header))
+    let opts = shards::executor::ExecutorOptions::new("fuzz-recovery");
+    let ex = shards::executor::spawn(opts, move || check_open(image, header))
         .expect("a glommio executor for the recovery target");
     // A property that fails panics on the executor thread (under libFuzzer that aborts the
     // process); here it shows up as a failed join.

@@ -151,9 +151,9 @@ fn main() {
         .unwrap_or(4000);
     let dir = bench_dir();
     std::fs::create_dir_all(&dir).expect("bench dir");
-    let results = shards::executor_builder(None)
-        .spawn(move || async move {
-            let _guard = shards::StallGuard::install(shards::STALL_GUARD_INTERVAL_DEFAULT);
+    let results = shards::executor::spawn(
+        shards::executor::ExecutorOptions::new("bench-append"),
+        move || async move {
             let mut results = Vec::new();
             // The shard's sentinel must be the first DmaFile of the executor.
             let first = run_shard(dir.join("shard-warm"), Durability::Dsync, 1, 200).await;
@@ -167,10 +167,11 @@ fn main() {
                 }
             }
             results
-        })
-        .expect("spawn executor")
-        .join()
-        .expect("bench ran");
+        },
+    )
+    .expect("spawn executor")
+    .join()
+    .expect("bench ran");
     let base = results[0].per_sec;
     println!(
         "{:<36} {:>10} {:>8} {:>8} {:>9} {:>10} {:>8}",

@@ -43,18 +43,16 @@
 //! of background work delays a commit by at most that much (glommio's default interval of 100 ms
 //! would turn it into commit latency). The background task also stays I/O-bound: it awaits every
 //! large write, sync and directory operation. A short preemption timer makes glommio 0.9 park
-//! executors that still have runnable tasks; every executor that runs shards must hold a
-//! [`StallGuard`] for its lifetime, which bounds such a stall to [`STALL_GUARD_INTERVAL_DEFAULT`]
-//! while the executor is busy (and to [`STALL_GUARD_IDLE_INTERVAL`] on its first work after an
-//! idle spell).
-//! Executors that run shards also need a modest `io_memory` (glommio registers it on three rings
-//! against `RLIMIT_MEMLOCK`); use [`executor_builder`].
+//! executors that still have runnable tasks, and it can happen at any time; every executor of
+//! shardlog therefore starts through [`executor::spawn`], which sizes its `io_memory`, sets its
+//! preemption timer and guards it against such stalls from its first instant (a stall costs at
+//! most [`executor::STALL_GUARD_INTERVAL_DEFAULT`] while the executor is busy, and
+//! [`executor::STALL_GUARD_IDLE_INTERVAL`] on its first work after an idle spell).
 //!
 //! ```no_run
 //! use shards::{AckLevel, Lsn, RecordRef, Shard, ShardOptions};
 //!
-//! let ex = shards::executor_builder(None).spawn(|| async move {
-//!     let _guard = shards::StallGuard::install(shards::STALL_GUARD_INTERVAL_DEFAULT);
+//! let ex = shards::executor::spawn(shards::executor::ExecutorOptions::new("shard-0"), || async move {
 //!     let shard = Shard::open("/var/lib/shardlog/shard-0", ShardOptions::default()).await?;
 //!     let record = RecordRef { payload: b"hello", timestamp: None };
 //!     let receipt = shard.append(7, &[record], AckLevel::Durable).await?;
@@ -68,6 +66,7 @@
 
 mod background;
 mod error;
+pub mod executor;
 pub mod format;
 mod recovery;
 mod segments;
@@ -84,7 +83,6 @@ use std::time::Duration;
 pub use error::ShardError;
 pub use recovery::RecoveryReport;
 pub use shard::{Shard, ShardStats, Ticket};
-pub use stall_guard::{StallGuard, STALL_GUARD_IDLE_INTERVAL, STALL_GUARD_INTERVAL_DEFAULT};
 
 /// Log sequence number. The lsns of a shard start at 1; `Lsn(0)` means "nothing".
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -184,8 +182,7 @@ pub const QUEUE_BYTES_MAX_DEFAULT: usize = 64 << 20;
 /// Preemption interval of a shard executor while its background task queue has work (the queue's
 /// `Latency::Matters`): it bounds how long a slice of background work can hold the CPU while a
 /// commit is ready to start. Executors keep glommio's default interval otherwise, which keeps
-/// the window of glommio's park-with-runnable-tasks bug (see [`StallGuard`]) narrow while the
-/// executor starts, before it can install its guard.
+/// glommio's park-with-runnable-tasks bug rare (see [`executor`]).
 pub const BACKGROUND_PREEMPT_TIMER: Duration = Duration::from_millis(1);
 /// Default glommio `io_memory` for shard executors: counted three times against
 /// `RLIMIT_MEMLOCK` (8 MiB for non-root), so 2 MiB leaves room for a private ring.
@@ -271,15 +268,4 @@ impl ShardOptions {
         }
         Ok(())
     }
-}
-
-/// A glommio executor builder set up for running shards: [`IO_MEMORY_BYTES_DEFAULT`] of registered
-/// I/O memory and glommio's default preemption interval (see [`BACKGROUND_PREEMPT_TIMER`]). `cpu`
-/// pins the executor. The executor must hold a [`StallGuard`].
-pub fn executor_builder(cpu: Option<usize>) -> glommio::LocalExecutorBuilder {
-    let placement = match cpu {
-        Some(cpu) => glommio::Placement::Fixed(cpu),
-        None => glommio::Placement::Unbound,
-    };
-    glommio::LocalExecutorBuilder::new(placement).io_memory(IO_MEMORY_BYTES_DEFAULT)
 }

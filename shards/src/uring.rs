@@ -1103,14 +1103,7 @@ mod tests {
         T: Send + 'static,
         Fut: Future<Output = T> + 'static,
     {
-        crate::executor_builder(None)
-            .spawn(move || async move {
-                let _guard = crate::StallGuard::install(crate::STALL_GUARD_INTERVAL_DEFAULT);
-                f().await
-            })
-            .expect("spawn executor")
-            .join()
-            .expect("executor ran")
+        crate::executor::run(crate::executor::ExecutorOptions::new("uring-test"), f).expect("executor ran")
     }
 
     /// A directory on a real file system: O_DIRECT fails on tmpfs, which /tmp may be.

@@ -6,20 +6,13 @@ use std::rc::Rc;
 use shards::storage::mem::MemStorage;
 use shards::{Durability, RecordRef, Shard, ShardOptions};
 
-/// Runs `f` on a fresh shard executor (short preemption, 2 MiB io_memory).
+/// Runs `f` on a fresh executor set up as a shard's (`shards::executor::spawn`'s defaults).
 pub fn run<G, F>(f: G)
 where
     G: FnOnce() -> F + Send + 'static,
     F: Future<Output = ()> + 'static,
 {
-    shards::executor_builder(None)
-        .spawn(|| async move {
-            let _guard = shards::StallGuard::install(shards::STALL_GUARD_INTERVAL_DEFAULT);
-            f().await
-        })
-        .expect("spawn executor")
-        .join()
-        .expect("executor ran");
+    shards::executor::run(shards::executor::ExecutorOptions::new("shard-test"), f).expect("executor ran");
 }
 
 /// A directory on the target's file system (ext4 here), not a possibly-tmpfs /tmp.
