@@ -275,7 +275,6 @@ pub fn serve(args: ServeArgs) -> Result<(), ServeError> {
     if let Some(m) = metrics {
         m.stop();
     }
-    tracing::info!(by_executor = ?ring::ring_wakeups_by_executor(), "ring wake-ups received");
     match failure {
         None => {
             tracing::info!("shut down cleanly");

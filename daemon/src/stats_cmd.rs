@@ -16,15 +16,17 @@ pub fn run(args: &StatsArgs) -> anyhow::Result<()> {
 }
 
 /// The daemon's side of the report: one entry per executor of this process (all started through
-/// `shards::executor::spawn`). `ring_wakeups` is not counted yet.
+/// `shards::executor::spawn`, which names each thread after its executor, the name under which
+/// `ring` counts the wake-ups a thread received).
 pub fn executors_wire() -> Vec<ExecutorStatsT> {
+    let wakeups = crate::ring::ring_wakeups_by_executor();
     shards::executor::stats()
         .into_iter()
         .map(|e| ExecutorStatsT {
+            ring_wakeups: wakeups.iter().filter(|(name, _)| *name == e.name).map(|(_, n)| n).sum(),
             name: Some(e.name),
             cpu: e.cpu.and_then(|c| i32::try_from(c).ok()).unwrap_or(-1),
             parks: e.parks,
-            ring_wakeups: 0,
             stalls_broken: e.stalls_broken,
             cpu_us: e.cpu_us,
         })

@@ -304,6 +304,9 @@ fn stats_count_appends_and_the_cli_prints_them() {
         assert!(e.name.as_deref().is_some_and(|n| !n.is_empty()), "{e:?}");
         assert!(e.cpu_us > 0 && e.parks > 0, "{e:?}");
     }
+    // Routed appends crossed to the shard executors over rings, waking them from their parks.
+    let ring_wakeups: u64 = executors.iter().map(|e| e.ring_wakeups).sum();
+    assert!(ring_wakeups > 0, "{executors:?}");
     let executors_cpu_us: u64 = executors.iter().map(|e| e.cpu_us).sum();
     assert!(
         stats.process_cpu_us >= executors_cpu_us,
