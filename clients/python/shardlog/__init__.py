@@ -25,7 +25,7 @@ from .client import (
 )
 from .errors import *  # noqa: F401,F403  (one class per ErrorCode)
 from .errors import ConnectionClosed, ProtocolError, ServerError, ShardlogError, error_for
-from .placement import jump_hash, mix64, shard_for
+from .placement import daemon_for, home_for, jump_hash, mix64, shard_for
 
 __all__ = [
     "ADDR_DEFAULT",
@@ -41,7 +41,9 @@ __all__ = [
     "Records",
     "ServerError",
     "ShardlogError",
+    "daemon_for",
     "error_for",
+    "home_for",
     "jump_hash",
     "mix64",
     "shard_for",
