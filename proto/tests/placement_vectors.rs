@@ -12,7 +12,11 @@ enum Vector {
     /// `shard_for(stream, shard_count) == shard`.
     Shard { stream: u64, shard_count: u16, shard: u16 },
     /// `daemon_for(stream, daemon_count) == daemon`.
-    Daemon { stream: u64, daemon_count: u32, daemon: u32 },
+    Daemon {
+        stream: u64,
+        daemon_count: u32,
+        daemon: u32,
+    },
     /// `home_for(stream, shard_counts) == (daemon, shard)`.
     Home {
         stream: u64,
@@ -35,7 +39,12 @@ fn vectors() -> Vec<Vector> {
             }
             match f[0] {
                 "daemon" => {
-                    assert_eq!(f.len(), 4, "line {}: expected `daemon stream daemon_count daemon`", i + 1);
+                    assert_eq!(
+                        f.len(),
+                        4,
+                        "line {}: expected `daemon stream daemon_count daemon`",
+                        i + 1
+                    );
                     Vector::Daemon {
                         stream: num(f[1], &bad, "stream"),
                         daemon_count: num(f[2], &bad, "daemon_count"),
@@ -141,7 +150,10 @@ fn shared_cluster_vectors_hold() {
             }
         }
     }
-    assert!(daemons >= 200 && homes >= 200, "{daemons} daemon and {homes} home vectors");
+    assert!(
+        daemons >= 200 && homes >= 200,
+        "{daemons} daemon and {homes} home vectors"
+    );
     assert_eq!(max_count, u32::MAX, "the edge daemon count 2^32 - 1 is covered");
     assert!(nonzero_daemon, "some home is not daemon 0");
 }
