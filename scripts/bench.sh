@@ -10,10 +10,14 @@
 #   - the CPU each process spends per record at every point: shardlogd and redis-server from /proc/PID/stat
 #     (utime + stime) before and after the load, shardlog-bench and redis-benchmark from their own rusage
 #     (wait4), since client and server share the machine's vCPUs;
+#   - a cluster on this one machine: aggregate records/s and CPU per record for 1 daemon and for 3 daemons
+#     (own data directories, loopback), shardlog-bench with --addr repeated; on a 2-vCPU machine this measures
+#     the overhead of running more daemons, not scaling;
 # then writes docs/BENCHMARKS.md (tables with ratios against fio and Redis) and docs/benchmarks.svg.
 #
-# Usage: scripts/bench.sh [--quick] [--work-dir DIR] [--no-install]
+# Usage: scripts/bench.sh [--quick | --cluster-only] [--work-dir DIR] [--no-install]
 #   --quick       about 2 minutes: a trimmed matrix, 2 s per point (default: the full matrix, 5 s per point)
+#   --cluster-only  only the cluster points (1 and 3 daemons, 2 s each), printed; docs/ is not rewritten
 #   --work-dir    where data files, fio's file and raw results go (default: $CARGO_TARGET_DIR or target/, then
 #                 bench-run/); it must be a real disk filesystem (ext4, xfs), not tmpfs
 #   --no-install  do not apt-get install fio / redis if they are missing
@@ -32,6 +36,7 @@ WORK=$TARGET_DIR/bench-run
 while (($#)); do
     case "$1" in
         --quick) MODE=quick ;;
+        --cluster-only) MODE=cluster ;;
         --no-install) INSTALL=0 ;;
         --work-dir) WORK=$2; shift ;;
         -h|--help) sed -n '2,/^set -euo/{/^#/p}' "$0"; exit 0 ;;
@@ -40,7 +45,7 @@ while (($#)); do
     shift
 done
 
-if [[ $MODE == quick ]]; then
+if [[ $MODE == quick || $MODE == cluster ]]; then
     DURATION=2s; WARMUP=500ms; FIO_SECONDS=3; REDIS_SECONDS=2
 else
     DURATION=5s; WARMUP=1s; FIO_SECONDS=8; REDIS_SECONDS=5
@@ -74,7 +79,10 @@ forget_pid() {
 }
 
 # ------------------------------------------------------------------ tools
-if ((INSTALL)); then
+if [[ $MODE == cluster ]]; then
+    INSTALL=0 # only python3 and the release binaries are needed
+    command -v python3 >/dev/null || die "python3 is missing"
+elif ((INSTALL)); then
     need=()
     command -v fio >/dev/null || need+=(fio)
     command -v redis-server >/dev/null || need+=(redis-server)
@@ -86,15 +94,19 @@ if ((INSTALL)); then
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
     fi
 fi
-for tool in fio redis-server redis-cli redis-benchmark python3; do
-    command -v "$tool" >/dev/null || die "$tool is missing (run without --no-install, or install it)"
-done
+if [[ $MODE != cluster ]]; then
+    for tool in fio redis-server redis-cli redis-benchmark python3; do
+        command -v "$tool" >/dev/null || die "$tool is missing (run without --no-install, or install it)"
+    done
+fi
 
 mkdir -p "$WORK"
 WORK=$(cd "$WORK" && pwd)
 FSTYPE=$(df -T "$WORK" | awk 'NR==2 {print $2}')
 [[ $FSTYPE == tmpfs ]] && die "$WORK is on tmpfs: O_DIRECT and fdatasync mean nothing there; pass --work-dir on a disk"
 RESULTS=$WORK/results
+# --cluster-only keeps its results apart, so a full run's stay.
+[[ $MODE == cluster ]] && RESULTS=$WORK/results-cluster
 rm -rf "$RESULTS" "$WORK/data" "$WORK/redis"
 mkdir -p "$RESULTS" "$WORK/redis"
 
@@ -106,14 +118,16 @@ BENCH=$TARGET_DIR/release/shardlog-bench
 [[ -x $SHARDLOGD && -x $BENCH ]] || die "release binaries not found under $TARGET_DIR/release"
 
 # ------------------------------------------------------------------ fio: the device floor
-log "fio: device floor on a zero-filled preallocated file in $WORK"
-FIO_FILE=$WORK/fio.dat
-dd if=/dev/zero of="$FIO_FILE" bs=1M count=1024 oflag=direct conv=fsync status=none
-fio --name=write4k_fdatasync --filename="$FIO_FILE" --size=1G --rw=write --bs=4k --direct=1 --ioengine=sync \
-    --fdatasync=1 --runtime="$FIO_SECONDS" --time_based --output-format=json >"$RESULTS/fio-4k.json"
-fio --name=write1m_fdatasync --filename="$FIO_FILE" --size=1G --rw=write --bs=1M --direct=1 --ioengine=sync \
-    --fdatasync=1 --runtime="$FIO_SECONDS" --time_based --output-format=json >"$RESULTS/fio-1m.json"
-rm -f "$FIO_FILE"
+if [[ $MODE != cluster ]]; then
+    log "fio: device floor on a zero-filled preallocated file in $WORK"
+    FIO_FILE=$WORK/fio.dat
+    dd if=/dev/zero of="$FIO_FILE" bs=1M count=1024 oflag=direct conv=fsync status=none
+    fio --name=write4k_fdatasync --filename="$FIO_FILE" --size=1G --rw=write --bs=4k --direct=1 --ioengine=sync \
+        --fdatasync=1 --runtime="$FIO_SECONDS" --time_based --output-format=json >"$RESULTS/fio-4k.json"
+    fio --name=write1m_fdatasync --filename="$FIO_FILE" --size=1G --rw=write --bs=1M --direct=1 --ioengine=sync \
+        --fdatasync=1 --runtime="$FIO_SECONDS" --time_based --output-format=json >"$RESULTS/fio-1m.json"
+    rm -f "$FIO_FILE"
+fi
 
 # ------------------------------------------------------------------ CPU accounting
 # CPU seconds (user + system) a process has used so far, from /proc/PID/stat (fields 14 and 15, in clock
@@ -261,6 +275,113 @@ DEFAULT_DURABILITY=$("$SHARDLOGD" --help | awk '/--durability/ {f = 1} f && /def
 [[ $DEFAULT_DURABILITY == linked || $DEFAULT_DURABILITY == dsync ]] ||
     die "could not read the default of --durability from shardlogd --help (got '$DEFAULT_DURABILITY')"
 
+# ------------------------------------------------------------------ a cluster on this machine
+# The same load against 1 daemon and against a cluster of 3 (each with its own data directory, default
+# shard count, unpinned so that three daemons do not pin their executors onto the same cores): shardlog-bench
+# with --addr repeated reaches every daemon from each connection and sends each append to its stream's home.
+# The daemons' CPU is the sum over all of them. Both vCPUs are shared by every daemon and the generator, so
+# 3 daemons can only show the overhead of more processes, sockets and fdatasyncs, not scaling.
+CLUSTER_POINT="64 16 1024 1 durable" # c P S B ack
+start_cluster_daemon() { # index -> sets CLUSTER_PID, CLUSTER_ADDR
+    local i=$1 out=$WORK/cluster/d$1.out
+    mkdir -p "$WORK/cluster/d$i"
+    "$SHARDLOGD" --listen 127.0.0.1:0 --data-dir "$WORK/cluster/d$i" --pin none --log warn \
+        >"$out" 2>>"$WORK/cluster/d$i.log" &
+    CLUSTER_PID=$!
+    PIDS+=("$CLUSTER_PID")
+    CLUSTER_ADDR=
+    for _ in $(seq 300); do
+        CLUSTER_ADDR=$(sed -n 's/^shardlogd listening on //p' "$out")
+        [[ -n $CLUSTER_ADDR ]] && return 0
+        kill -0 "$CLUSTER_PID" 2>/dev/null || die "shardlogd $i exited at startup (see $WORK/cluster/d$i.log)"
+        sleep 0.1
+    done
+    die "shardlogd $i did not print its address within 30 s"
+}
+cluster_point() { # daemons
+    local n=$1 id="cluster-d$1" i rc=0 before=0 after=0 client_cpu pid
+    [[ -s $RESULTS/$id.json ]] && return 0
+    local c p s b ack pids=() addrs=()
+    read -r c p s b ack <<<"$CLUSTER_POINT"
+    rm -rf "$WORK/cluster"
+    for ((i = 0; i < n; i++)); do
+        start_cluster_daemon "$i"
+        pids+=("$CLUSTER_PID")
+        addrs+=(--addr "$CLUSTER_ADDR")
+    done
+    log "cluster of $n daemon(s): ack=$ack c=$c P=$p S=$s B=$b"
+    for pid in "${pids[@]}"; do before=$(awk -v a="$before" -v b="$(proc_cpu_s "$pid")" 'BEGIN {print a + b}'); done
+    client_cpu=$(cpu_of "$RESULTS/$id.txt" - "$BENCH" "${addrs[@]}" --threads "$BENCH_THREADS" -c "$c" -P "$p" \
+        -S "$s" -B "$b" --ack "$ack" --streams 1024 --duration "$DURATION" --warmup "$WARMUP" \
+        --response-timeout 10s --label "$n daemon(s)" -q --json "$RESULTS/$id.json") || rc=$?
+    for pid in "${pids[@]}"; do after=$(awk -v a="$after" -v b="$(proc_cpu_s "$pid")" 'BEGIN {print a + b}'); done
+    ((rc == 0)) || log "shardlog-bench exited with $rc for $id (see $RESULTS/$id.txt)"
+    printf 'daemons=%s\nserver_cpu_s=%s\nclient_cpu_s=%s\n' "$n" \
+        "$(awk -v a="$after" -v b="$before" 'BEGIN {printf "%.2f", a - b}')" "$client_cpu" >"$RESULTS/$id.cpu"
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${pids[@]}"; do
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+        forget_pid "$pid"
+    done
+    rm -rf "$WORK/cluster"
+}
+# Writes the cluster table (Markdown) for the report, and prints it.
+cluster_table() {
+    python3 - "$RESULTS" "$(nproc)" "$CLUSTER_POINT" >"$RESULTS/cluster.md" <<'PY'
+import json, os, sys
+results, vcpus, point = sys.argv[1], sys.argv[2], sys.argv[3].split()
+def load(path):
+    try:
+        return json.load(open(path))
+    except (OSError, ValueError):
+        return None
+def kv(path):
+    try:
+        return dict(l.strip().split("=", 1) for l in open(path) if "=" in l)
+    except OSError:
+        return {}
+def us(v):
+    if v is None:
+        return "-"
+    return f"{v / 1000:.2f} ms" if v >= 1000 else (f"{v:.0f} us" if v >= 100 else f"{v:.1f} us")
+c, p, s, b, ack = point
+print(f"ack={ack}, c={c} connections (each reaching every daemon), P={p}, {s} B records, B={b}, 1024 streams. "
+      f"CPU per record: the daemons' total and the generator's, over the records of the whole run.")
+print()
+print("| daemons | records/s (aggregate) | vs 1 daemon | p50 | p99 | daemons' CPU/rec | generator CPU/rec | errors |")
+print("|---|---|---|---|---|---|---|---|")
+base = None
+for n in (1, 3):
+    r, k = load(os.path.join(results, f"cluster-d{n}.json")), kv(os.path.join(results, f"cluster-d{n}.cpu"))
+    if not r:
+        print(f"| {n} | not measured | | | | | | |")
+        continue
+    rate = r.get("records_per_s") or 0.0
+    base = rate if n == 1 else base
+    records = ((r.get("cpu") or {}).get("records")) or 0
+    per = lambda key: float(k[key]) * 1e6 / records if records and key in k else None
+    lat = r.get("latency_us") or {}
+    vs = f"{rate / base:.2f}x" if base else "-"
+    print(f"| {n} | {rate:,.0f} | {vs} | {us(lat.get('p50'))} | {us(lat.get('p99'))} | {us(per('server_cpu_s'))} | "
+          f"{us(per('client_cpu_s'))} | {r.get('errors_total', 0)} |")
+print()
+print(f"This machine has {vcpus} vCPUs, shared by every daemon and the generator: a cluster of 3 daemons here "
+      "measures the overhead of more processes, sockets and fdatasyncs competing for the same cores and disk, "
+      "not scaling. Scaling needs a host (or at least cores and a disk) per daemon.")
+PY
+    cat "$RESULTS/cluster.md"
+}
+
+if [[ $MODE == cluster ]]; then
+    cluster_point 1
+    cluster_point 3
+    cluster_table
+    log "done (--cluster-only): raw results in $RESULTS; docs/ not rewritten"
+    exit 0
+fi
+
 # ------------------------------------------------------------------ the matrix
 # Each entry: c P S B ack. Trimming (documented in BENCHMARKS.md):
 #  - ack=none: P is the appends a connection queues before its writer sends them (nothing is awaited);
@@ -310,6 +431,11 @@ for dur in linked dsync; do
     shardlog_point "$dur" 1 1 100 1 durable
     shardlog_point "$dur" 64 16 1024 1 durable
 done
+
+log "a cluster on this machine: 1 and 3 daemons"
+cluster_point 1
+cluster_point 3
+cluster_table >/dev/null
 
 log "redis: appendfsync always / no"
 start_redis always
@@ -638,6 +764,16 @@ if failures:
     for k, why in failures:
         w(f"- `{k}`: {why}")
     w("")
+
+w("## A cluster on this machine: 1 and 3 daemons")
+w("")
+cluster_md = os.path.join(results, "cluster.md")
+if os.path.exists(cluster_md) and os.path.getsize(cluster_md) > 0:
+    for line in open(cluster_md):
+        w(line.rstrip("\n"))
+else:
+    w("(not measured in this run)")
+w("")
 
 w("## Durability modes side by side")
 w("")

@@ -67,7 +67,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// The load to generate (the top-level command).
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
-    /// Daemon address; repeat to spread connections round-robin over several.
+    /// Daemon address. Repeated, the daemons form a cluster (in the order given, which is
+    /// placement): each connection then reaches every daemon and sends each append to its
+    /// stream's home `(daemon_for(stream), shard_for(stream))`, and the report is the aggregate.
     #[arg(long = "addr", default_value = ADDR_DEFAULT)]
     pub addrs: Vec<SocketAddr>,
 
@@ -180,6 +182,11 @@ pub struct RunArgs {
 impl RunArgs {
     /// Checks relations clap cannot express; the message says what to change.
     pub fn validate(&self) -> Result<(), String> {
+        for (i, a) in self.addrs.iter().enumerate() {
+            if self.addrs[..i].contains(a) {
+                return Err(format!("--addr {a} is given twice: a cluster lists each daemon once"));
+            }
+        }
         if self.threads == 0 {
             return Err("--threads must be at least 1".into());
         }

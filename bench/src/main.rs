@@ -18,6 +18,7 @@ Examples:
   shardlog-bench -c 16 --rate 20000 --hgrm latency.hgrm          (open loop, 20K requests/s)
   shardlog-bench -c 8 --verify-log acks.log --duration 30s
   shardlog-bench verify --verify-log acks.log --addr 127.0.0.1:7070
+  shardlog-bench --addr 10.0.0.1:7070 --addr 10.0.0.2:7070 -c 8 -P 16   (a cluster: aggregate figures)
   shardlog-bench chart --out chart.svg results/*.json
 
 Exit status: 0 the run completed; 2 every connection was lost before the end
@@ -58,7 +59,8 @@ struct VerifyArgs {
     /// The log written by a run with `--verify-log`.
     #[arg(long)]
     verify_log: PathBuf,
-    /// Daemon address; with several, the first that answers is used.
+    /// Daemon address; repeated, a cluster in the order the run used: each record is checked on
+    /// its home daemon, and every daemon is read back.
     #[arg(long = "addr", default_value = ADDR_DEFAULT)]
     addrs: Vec<SocketAddr>,
     /// Write the outcome as JSON to this file.
@@ -138,21 +140,7 @@ fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
             args.verify_log.display()
         );
     }
-    let mut last_err = None;
-    let mut outcome = None;
-    for addr in &args.addrs {
-        match bench::verify::verify_against(*addr, log.records.clone(), args.timeout) {
-            Ok(o) => {
-                outcome = Some(o);
-                break;
-            }
-            Err(e) => last_err = Some(e),
-        }
-    }
-    let outcome: VerifyOutcome = match outcome {
-        Some(o) => o,
-        None => return Err(last_err.unwrap_or_else(|| anyhow::anyhow!("no --addr given"))),
-    };
+    let outcome: VerifyOutcome = bench::verify::verify_cluster(&args.addrs, log.records, args.timeout)?;
     println!(
         "verify: {} acked records, {} found, {} retired by retention; {} records read ({} never acked, {} foreign)",
         outcome.acked,

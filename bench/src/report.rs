@@ -167,6 +167,15 @@ impl Report {
             };
             let _ = writeln!(s, "  server:    {server}, {shards} shards, {routing}");
         }
+        if c.addrs.len() > 1 {
+            // Rates below are the cluster's aggregate.
+            let _ = writeln!(
+                s,
+                "  cluster:   {} daemons ({}), appends sent to each stream's home; figures are totals",
+                c.addrs.len(),
+                c.addrs.join(", ")
+            );
+        }
         let verb = if c.ack == Ack::None { "sent" } else { "acked" };
         let _ = writeln!(
             s,

@@ -157,7 +157,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<RunOutcome> {
         let plan = ThreadPlan {
             connections: (0..args.connections)
                 .filter(|c| c % args.threads == thread)
-                .map(|c| (c as u32, args.addrs[c % args.addrs.len()]))
+                .map(|c| c as u32)
                 .collect(),
             seed: seed.wrapping_add(thread as u64),
         };

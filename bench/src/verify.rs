@@ -70,6 +70,24 @@ impl VerifyOutcome {
         self.problems_total() == 0
     }
 
+    /// Adds `other`'s counts (another daemon's check) to these.
+    pub fn merge(&mut self, other: VerifyOutcome) {
+        self.acked += other.acked;
+        self.acked_found += other.acked_found;
+        self.retired_by_retention += other.retired_by_retention;
+        self.records_read += other.records_read;
+        self.unacked_present += other.unacked_present;
+        self.foreign_payloads += other.foreign_payloads;
+        for (kind, n) in other.problems {
+            *self.problems.entry(kind).or_insert(0) += n;
+        }
+        for (kind, examples) in other.examples {
+            let mine = self.examples.entry(kind).or_default();
+            let room = EXAMPLES_MAX.saturating_sub(mine.len());
+            mine.extend(examples.into_iter().take(room));
+        }
+    }
+
     fn problem(&mut self, kind: ProblemKind, example: impl FnOnce() -> String) {
         *self.problems.entry(kind).or_insert(0) += 1;
         let examples = self.examples.entry(kind).or_default();
@@ -211,6 +229,30 @@ impl Checker {
         }
         self.outcome
     }
+}
+
+/// Checks a cluster: each acknowledged record on its home daemon (`daemon_for` over `addrs`, in
+/// cluster order), every shard of every daemon read back. A record acknowledged on a daemon
+/// other than its home is reported missing or corrupted at its home, where a reader following
+/// placement looks for it. With one address this is [`verify_against`].
+pub fn verify_cluster(
+    addrs: &[SocketAddr],
+    acked: Vec<AckedRecord>,
+    timeout: Duration,
+) -> anyhow::Result<VerifyOutcome> {
+    let n = u32::try_from(addrs.len()).map_err(|_| anyhow::anyhow!("too many daemons"))?;
+    anyhow::ensure!(n > 0, "no --addr given");
+    let mut per_daemon: Vec<Vec<AckedRecord>> = vec![Vec::new(); addrs.len()];
+    for r in acked {
+        per_daemon[proto::daemon_for(r.stream, n) as usize].push(r);
+    }
+    let mut total = VerifyOutcome::default();
+    for (d, (addr, records)) in addrs.iter().zip(per_daemon).enumerate() {
+        let outcome = verify_against(*addr, records, timeout)
+            .map_err(|e| e.context(format!("daemon {d} of the cluster ({addr})")))?;
+        total.merge(outcome);
+    }
+    Ok(total)
 }
 
 /// Reads every shard of the daemon at `addr` from lsn 1 (or, once retention has deleted that,

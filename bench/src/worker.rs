@@ -123,9 +123,10 @@ pub struct ThreadResult {
     pub shard_aware: u64,
 }
 
-/// The connections one thread owns: (writer index, main address).
+/// The connections one thread owns, by writer index. Each connection reaches every daemon of
+/// `--addr` (a cluster when repeated), as a Kafka producer reaches every broker.
 pub struct ThreadPlan {
-    pub connections: Vec<(u32, SocketAddr)>,
+    pub connections: Vec<u32>,
     pub seed: u64,
 }
 
@@ -220,11 +221,22 @@ struct Slot {
     enc: Encoded,
 }
 
+/// One daemon of the cluster, as one connection reaches it.
+struct Member {
+    /// Index in `socks` of the daemon's first socket.
+    first_sock: usize,
+    shard_count: u16,
+    /// One socket per shard (`first_sock + shard`); otherwise one routed socket.
+    shard_aware: bool,
+}
+
 struct Client {
     writer: u32,
     socks: Vec<Sock>,
-    /// With several sockets, `socks[shard_for(stream, shard_count)]` carries the stream.
-    shard_count: u16,
+    /// The daemons in cluster order: a stream's home daemon is
+    /// `members[daemon_for(stream, members.len())]`, and its socket that daemon's routed one or
+    /// the one of `shard_for(stream, shard_count)`.
+    members: Vec<Member>,
     rng: Rng,
     seqs: Seqs,
     frames: AppendFrames,
@@ -250,11 +262,30 @@ impl Client {
     }
 
     fn sock_for(&self, stream: u64) -> usize {
-        if self.socks.len() == 1 {
-            0
+        let m = match self.members.len() {
+            1 => &self.members[0],
+            n => &self.members[proto::daemon_for(stream, n as u32) as usize],
+        };
+        if m.shard_aware {
+            m.first_sock + usize::from(proto::shard_for(stream, m.shard_count))
         } else {
-            usize::from(proto::shard_for(stream, self.shard_count))
+            m.first_sock
         }
+    }
+
+    /// The homes `(daemon, shard)` of this cluster, as flat indices: daemon d's shard s is
+    /// `home_base(d) + s`.
+    fn homes(&self) -> usize {
+        self.members.iter().map(|m| usize::from(m.shard_count)).sum()
+    }
+
+    fn home_index(&self, stream: u64) -> usize {
+        let d = match self.members.len() {
+            1 => 0,
+            n => proto::daemon_for(stream, n as u32) as usize,
+        };
+        let base: usize = self.members[..d].iter().map(|m| usize::from(m.shard_count)).sum();
+        base + usize::from(proto::shard_for(stream, self.members[d].shard_count))
     }
 
     fn flushed(&self) -> bool {
@@ -400,30 +431,41 @@ pub fn thread_main(ctx: ThreadCtx, plan: ThreadPlan) -> anyhow::Result<ThreadRes
     let mut last_error = None;
     let mut server = None;
     let mut shard_aware = 0;
-    for &(writer, addr) in &plan.connections {
-        let route = ctx.routes.get(&addr).cloned().flatten();
-        let targets = route.clone().unwrap_or_else(|| vec![addr]);
-        let mut socks = Vec::with_capacity(targets.len());
-        let mut shard_count = 1;
+    for &writer in &plan.connections {
+        let mut socks = Vec::new();
+        let mut members = Vec::with_capacity(args.addrs.len());
         let mut failed = None;
-        for target in targets {
-            match connect(target, args.connect_timeout) {
-                Ok((stream, hello)) => {
-                    server.get_or_insert_with(|| (hello.server.clone().unwrap_or_default(), hello.shard_count));
-                    shard_count = hello.shard_count;
-                    socks.push(Sock {
-                        stream: mio::net::TcpStream::from_std(stream),
-                        out: Vec::new(),
-                        out_at: 0,
-                        inbuf: FrameReader::new(FRAME_BYTES_MAX_DEFAULT),
-                        stalled_since: None,
-                    });
-                }
-                Err(e) => {
-                    failed = Some(format!("cannot connect to {target}: {e}"));
-                    break;
+        let mut aware = true;
+        'daemons: for &addr in &args.addrs {
+            let route = ctx.routes.get(&addr).cloned().flatten();
+            aware &= route.is_some();
+            let targets = route.clone().unwrap_or_else(|| vec![addr]);
+            let first_sock = socks.len();
+            let mut shard_count = 1;
+            for target in targets {
+                match connect(target, args.connect_timeout) {
+                    Ok((stream, hello)) => {
+                        server.get_or_insert_with(|| (hello.server.clone().unwrap_or_default(), hello.shard_count));
+                        shard_count = hello.shard_count;
+                        socks.push(Sock {
+                            stream: mio::net::TcpStream::from_std(stream),
+                            out: Vec::new(),
+                            out_at: 0,
+                            inbuf: FrameReader::new(FRAME_BYTES_MAX_DEFAULT),
+                            stalled_since: None,
+                        });
+                    }
+                    Err(e) => {
+                        failed = Some(format!("cannot connect to {target}: {e}"));
+                        break 'daemons;
+                    }
                 }
             }
+            members.push(Member {
+                first_sock,
+                shard_count,
+                shard_aware: route.is_some(),
+            });
         }
         if let Some(why) = failed {
             tally.error("connect");
@@ -431,14 +473,11 @@ pub fn thread_main(ctx: ThreadCtx, plan: ThreadPlan) -> anyhow::Result<ThreadRes
             last_error = Some(why);
             continue;
         }
-        if route.is_some() {
+        if aware {
             shard_aware += 1;
         }
-        let slots = if ack_none {
-            usize::from(shard_count)
-        } else {
-            args.pipeline
-        };
+        let homes: usize = members.iter().map(|m| usize::from(m.shard_count)).sum();
+        let slots = if ack_none { homes } else { args.pipeline };
         let id = Writer {
             run: ctx.run_id,
             writer,
@@ -446,7 +485,7 @@ pub fn thread_main(ctx: ThreadCtx, plan: ThreadPlan) -> anyhow::Result<ThreadRes
         clients.push(Client {
             writer,
             socks,
-            shard_count,
+            members,
             rng: Rng::new(plan.seed ^ proto::placement::mix64(u64::from(writer))),
             seqs: Seqs::new(&ctx.chooser),
             frames: AppendFrames::new(args.ack.wire(), args.records_per_frame, args.record_bytes, id),
@@ -1060,17 +1099,16 @@ impl Worker {
         self.completed(intended.unwrap_or(now), now, records, bytes, false);
     }
 
-    /// `--ack none`: one durable append per shard this run's streams reach. Each shard
-    /// processes one connection's appends in order, so when the durable one is acked,
-    /// everything this connection sent to that shard before it is durable.
+    /// `--ack none`: one durable append per home (daemon, shard) this run's streams reach.
+    /// Each shard processes one connection's appends in order, so when the durable one is
+    /// acked, everything this connection sent to that shard before it is durable.
     fn start_drain(&mut self, ci: usize, now: Instant) {
         self.clients[ci].drain_started = true;
-        let shard_count = self.clients[ci].shard_count;
-        let mut by_shard: Vec<Option<u64>> = vec![None; usize::from(shard_count)];
+        let mut by_shard: Vec<Option<u64>> = vec![None; self.clients[ci].homes()];
         let scan = self.chooser.count().min(DRAIN_STREAM_SCAN_MAX);
         for s in self.chooser.base()..self.chooser.base() + scan {
-            let shard = usize::from(proto::shard_for(s, shard_count));
-            by_shard[shard].get_or_insert(s);
+            let home = self.clients[ci].home_index(s);
+            by_shard[home].get_or_insert(s);
         }
         for stream in by_shard.into_iter().flatten() {
             let c = &mut self.clients[ci];

@@ -42,6 +42,17 @@ pub struct Common {
     #[arg(long, short = 'a', global = true, env = "SHARDLOG_ADDR", default_value = ADDR_DEFAULT)]
     pub addr: String,
 
+    /// A cluster: daemon addresses in cluster order, comma-separated ("a:7070,b:7070"). Every
+    /// client must list the same daemons in the same order: the order is placement. Overrides
+    /// --addr.
+    #[arg(long, global = true, env = "SHARDLOG_CLUSTER", conflicts_with = "cluster_file")]
+    pub cluster: Option<String>,
+
+    /// A cluster read from a file: one daemon address a line, in cluster order (blank lines and
+    /// `#` comments skipped). Overrides --addr.
+    #[arg(long, global = true, env = "SHARDLOG_CLUSTER_FILE")]
+    pub cluster_file: Option<std::path::PathBuf>,
+
     /// Seconds to wait for an answer before failing with exit code 3.
     #[arg(long, global = true, env = "SHARDLOG_TIMEOUT_SECS", default_value_t = TIMEOUT_SECS_DEFAULT)]
     pub timeout_secs: u64,
@@ -61,7 +72,7 @@ pub enum Command {
     Stats,
     /// Measure the round trip to the daemon.
     Ping(PingArgs),
-    /// Print the shard that owns a stream.
+    /// Print the home of a stream: its daemon (in a cluster) and shard.
     ShardOf(ShardOfArgs),
 }
 
@@ -141,6 +152,10 @@ pub struct ConsumeArgs {
     #[arg(long, short = 's', env = "SHARDLOG_SHARD")]
     pub shard: Option<u16>,
 
+    /// With --shard in a cluster: the daemon (index in the cluster list, from 0) whose shard to read.
+    #[arg(long, env = "SHARDLOG_DAEMON", requires = "shard")]
+    pub daemon: Option<u32>,
+
     /// Start at this lsn (fails with the daemon's Truncated if retention deleted it).
     #[arg(long, env = "SHARDLOG_FROM_LSN")]
     pub from_lsn: Option<u64>,
@@ -200,7 +215,7 @@ pub struct ShardOfArgs {
     #[arg(required = true)]
     pub streams: Vec<u64>,
 
-    /// Compute for this many shards without asking a daemon.
+    /// Compute for this many shards (on every daemon) without asking a daemon.
     #[arg(long, env = "SHARDLOG_SHARDS", value_parser = clap::value_parser!(u16).range(1..))]
     pub shards: Option<u16>,
 }

@@ -27,7 +27,6 @@ pub enum Route {
 }
 
 pub struct Conns {
-    addr: String,
     timeout: Duration,
     routed: Client,
     hello: HelloOkT,
@@ -59,17 +58,12 @@ impl Conns {
         };
         let shard_conns = (0..shard_addrs.len()).map(|_| None).collect();
         Ok(Conns {
-            addr: addr.to_string(),
             timeout,
             routed,
             hello,
             shard_addrs,
             shard_conns,
         })
-    }
-
-    pub fn addr(&self) -> &str {
-        &self.addr
     }
 
     pub fn shard_count(&self) -> u16 {

@@ -1,13 +1,15 @@
-//! `shardlog consume`: reads a stream (from the shard that owns it, filtered) or a whole shard,
-//! from a chosen lsn, until caught up or, with `--follow`, with long-polls until interrupted.
+//! `shardlog consume`: reads a stream (from its home: in a cluster, its daemon; there, the shard
+//! that owns it, filtered) or a whole shard of one daemon, from a chosen lsn, until caught up
+//! or, with `--follow`, with long-polls until interrupted.
 
 use base64::Engine;
 use proto::client::ReadParams;
 use proto::wire::{ErrorCode, ReadRecordT};
-use proto::{shard_for, ClientError};
+use proto::ClientError;
 use serde::Serialize;
 
 use crate::args::ConsumeArgs;
+use crate::cluster::Cluster;
 use crate::conn::{Conns, RecordsReader};
 use crate::failure::Failure;
 use crate::output::{unescape, Out};
@@ -16,6 +18,9 @@ use crate::output::{unescape, Out};
 #[derive(Serialize)]
 struct Consumed<'a> {
     lsn: u64,
+    /// The daemon's index in the cluster list; only with a cluster.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    daemon: Option<u32>,
     shard: u16,
     stream: u64,
     /// `null` when the producer gave none.
@@ -35,21 +40,51 @@ enum Start {
     End,
 }
 
-pub fn run(mut conns: Conns, args: &ConsumeArgs, json: bool) -> Result<(), Failure> {
+pub fn run(mut cluster: Cluster, args: &ConsumeArgs, json: bool) -> Result<(), Failure> {
     let delimiter = unescape(&args.delimiter).map_err(Failure::Usage)?;
-    let shard_count = conns.shard_count();
-    let shard = match (args.stream, args.shard) {
-        (Some(stream), None) => shard_for(stream, shard_count),
-        (None, Some(shard)) if shard < shard_count => shard,
+    let (daemon, shard) = match (args.stream, args.shard) {
+        (Some(stream), None) => cluster.home_for(stream)?,
         (None, Some(shard)) => {
-            return Err(Failure::Usage(format!(
-                "--shard {shard}: shardlogd at {} has shards 0..{}",
-                conns.addr(),
-                shard_count - 1
-            )))
+            let daemon = match args.daemon {
+                Some(d) if d < cluster.daemon_count() => d,
+                Some(d) => {
+                    return Err(Failure::Usage(format!(
+                        "--daemon {d}: the cluster has daemons 0..{}",
+                        cluster.daemon_count() - 1
+                    )))
+                }
+                None if cluster.is_cluster() => {
+                    return Err(Failure::Usage(
+                        "--shard in a cluster: say whose with --daemon INDEX (from 0, in cluster order)".into(),
+                    ))
+                }
+                None => 0,
+            };
+            let shard_count = cluster.with(daemon, |c| Ok(c.shard_count()))?;
+            if shard >= shard_count {
+                return Err(Failure::Usage(format!(
+                    "--shard {shard}: shardlogd at {} has shards 0..{}",
+                    cluster.addr(daemon),
+                    shard_count - 1
+                )));
+            }
+            (daemon, shard)
         }
         _ => unreachable!("clap requires exactly one of STREAM and --shard"),
     };
+    let named = cluster.is_cluster().then_some(daemon);
+    cluster.with(daemon, |conns| read(conns, args, json, named, shard, &delimiter))
+}
+
+/// Reads `shard` of the daemon behind `conns` (`daemon` is its index, printed in a cluster).
+fn read(
+    conns: &mut Conns,
+    args: &ConsumeArgs,
+    json: bool,
+    daemon: Option<u32>,
+    shard: u16,
+    delimiter: &[u8],
+) -> Result<(), Failure> {
     let start = match (args.from_lsn, args.from_end) {
         (Some(lsn), _) => Start::Lsn(lsn.max(1)),
         (None, true) => Start::End,
@@ -59,7 +94,7 @@ pub fn run(mut conns: Conns, args: &ConsumeArgs, json: bool) -> Result<(), Failu
     let mut from = match start {
         Start::Lsn(lsn) => lsn,
         Start::Beginning => 1,
-        Start::End => durable_lsn(&mut conns, shard)? + 1,
+        Start::End => durable_lsn(conns, shard)? + 1,
     };
     let client = conns.get(route)?;
     let mut reader = RecordsReader::new();
@@ -106,7 +141,7 @@ pub fn run(mut conns: Conns, args: &ConsumeArgs, json: bool) -> Result<(), Failu
             if args.max_records.is_some_and(|max| printed >= max) {
                 break;
             }
-            emit(&mut out, shard, r, json, args.base64, &delimiter)?;
+            emit(&mut out, (daemon, shard), r, json, args.base64, delimiter)?;
             printed += 1;
         }
         out.flush()?;
@@ -130,7 +165,14 @@ fn durable_lsn(conns: &mut Conns, shard: u16) -> Result<u64, Failure> {
         .ok_or_else(|| Failure::Protocol(format!("shardlogd's stats have no shard {shard}")))
 }
 
-fn emit(out: &mut Out, shard: u16, r: &ReadRecordT, json: bool, base64: bool, delimiter: &[u8]) -> Result<(), Failure> {
+fn emit(
+    out: &mut Out,
+    (daemon, shard): (Option<u32>, u16),
+    r: &ReadRecordT,
+    json: bool,
+    base64: bool,
+    delimiter: &[u8],
+) -> Result<(), Failure> {
     let payload: &[u8] = r.payload.as_deref().unwrap_or_default();
     if !json {
         out.bytes(payload)?;
@@ -143,6 +185,7 @@ fn emit(out: &mut Out, shard: u16, r: &ReadRecordT, json: bool, base64: bool, de
     };
     out.json(&Consumed {
         lsn: r.lsn,
+        daemon,
         shard,
         stream: r.stream,
         timestamp: r.has_timestamp.then_some(r.timestamp),

@@ -25,6 +25,13 @@ pub enum Failure {
     Connect { addr: String, source: ClientError },
     #[error("{0}")]
     Client(#[from] ClientError),
+    /// A failure of one daemon of a cluster (with `--cluster`): the others were not at fault.
+    #[error("daemon {daemon} of the cluster ({addr}): {source}")]
+    Daemon {
+        daemon: u32,
+        addr: String,
+        source: Box<Failure>,
+    },
     /// The daemon's answer made no sense (beyond what the client library checks).
     #[error("{0}")]
     Protocol(String),
@@ -43,6 +50,7 @@ impl Failure {
             Failure::Usage(_) => EXIT_USAGE,
             Failure::Connect { .. } => EXIT_CONNECTION,
             Failure::Client(e) => client_exit_code(e),
+            Failure::Daemon { source, .. } => source.exit_code(),
             Failure::Input { .. } => EXIT_INPUT,
             Failure::Protocol(_) => EXIT_PROTOCOL,
             Failure::Stdin(_) | Failure::Stdout(_) => EXIT_LOCAL,
@@ -75,6 +83,9 @@ pub fn describe(f: &Failure) -> String {
             source: ClientError::Server(s),
             ..
         } => describe_server(s),
+        Failure::Daemon { daemon, addr, source } => {
+            format!("daemon {daemon} of the cluster ({addr}): {}", describe(source))
+        }
         Failure::Client(ClientError::Io(e))
             if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
         {

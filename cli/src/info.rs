@@ -1,4 +1,6 @@
-//! `shardlog stats`, `shardlog ping` and `shardlog shard-of`.
+//! `shardlog stats`, `shardlog ping` and `shardlog shard-of`. In a cluster, `stats` and `ping`
+//! ask every daemon in turn: one that fails is reported on stderr, the others still answer, and
+//! the run then exits with the first failure.
 
 use std::fmt::Write;
 use std::time::{Duration, Instant};
@@ -8,19 +10,40 @@ use proto::wire::{PercentilesT, StatsReplyT};
 use serde_json::{json, Value};
 
 use crate::args::{PingArgs, ShardOfArgs};
-use crate::conn::Conns;
+use crate::cluster::Cluster;
 use crate::failure::Failure;
 use crate::output::Out;
 
-pub fn stats(mut conns: Conns, json: bool) -> Result<(), Failure> {
-    let stats = conns.routed().stats()?;
+pub fn stats(mut cluster: Cluster, json: bool) -> Result<(), Failure> {
     let mut out = Out::new();
-    if json {
-        out.json(&stats_json(&stats))?;
-    } else {
-        out.bytes(render(&stats).as_bytes())?;
+    let mut first_failure = None;
+    for daemon in 0..cluster.daemon_count() {
+        let stats = match cluster.with(daemon, |c| Ok(c.routed().stats()?)) {
+            Ok(s) => s,
+            Err(f) if !cluster.is_cluster() => return Err(f),
+            Err(f) => {
+                eprintln!("shardlog: error: {}", crate::failure::describe(&f));
+                first_failure.get_or_insert(f);
+                continue;
+            }
+        };
+        let addr = cluster.addr(daemon).to_string();
+        if json {
+            let mut v = stats_json(&stats);
+            if cluster.is_cluster() {
+                v["daemon"] = json!(daemon);
+                v["addr"] = json!(addr);
+            }
+            out.json(&v)?;
+        } else {
+            if cluster.is_cluster() {
+                out.line(&format!("daemon {daemon} ({addr}):"))?;
+            }
+            out.bytes(render(&stats).as_bytes())?;
+        }
+        out.flush()?;
     }
-    out.flush()
+    first_failure.map_or(Ok(()), Err)
 }
 
 fn pct_json(p: &Option<PercentilesT>) -> Value {
@@ -171,8 +194,31 @@ fn render(stats: &StatsReplyT) -> String {
     s
 }
 
-pub fn ping(mut conns: Conns, args: &PingArgs, json: bool) -> Result<(), Failure> {
-    let addr = conns.addr().to_string();
+pub fn ping(mut cluster: Cluster, args: &PingArgs, json: bool) -> Result<(), Failure> {
+    let mut first_failure = None;
+    for daemon in 0..cluster.daemon_count() {
+        if let Err(f) = ping_one(&mut cluster, daemon, args, json) {
+            if f.is_broken_pipe() || !cluster.is_cluster() {
+                return Err(f);
+            }
+            eprintln!("shardlog: error: {}", crate::failure::describe(&f));
+            first_failure.get_or_insert(f);
+        }
+    }
+    first_failure.map_or(Ok(()), Err)
+}
+
+fn ping_one(cluster: &mut Cluster, daemon: u32, args: &PingArgs, json: bool) -> Result<(), Failure> {
+    let addr = cluster.addr(daemon).to_string();
+    let deadline = Instant::now() + Duration::from_secs(args.wait_secs);
+    // With --wait-secs, keep trying to connect (a daemon that is still starting).
+    loop {
+        match cluster.with(daemon, |_| Ok(())) {
+            Ok(()) => break,
+            Err(f) if is_connect(&f) && Instant::now() < deadline => std::thread::sleep(PING_RETRY),
+            Err(f) => return Err(f),
+        }
+    }
     let mut out = Out::new();
     let mut rtts_us = Vec::new();
     for seq in 1..=args.count.max(1) {
@@ -180,7 +226,7 @@ pub fn ping(mut conns: Conns, args: &PingArgs, json: bool) -> Result<(), Failure
             std::thread::sleep(Duration::from_millis(args.interval_ms));
         }
         let started = Instant::now();
-        conns.routed().ping()?;
+        cluster.with(daemon, |c| Ok(c.routed().ping()?))?;
         let rtt_us = started.elapsed().as_micros() as u64;
         rtts_us.push(rtt_us);
         if json {
@@ -208,27 +254,50 @@ pub fn ping(mut conns: Conns, args: &PingArgs, json: bool) -> Result<(), Failure
     out.flush()
 }
 
-/// `conns` is `None` when `--shards` makes asking a daemon unnecessary.
-pub fn shard_of(conns: Option<Conns>, args: &ShardOfArgs, json: bool) -> Result<(), Failure> {
-    let shard_count = match (&conns, args.shards) {
-        (_, Some(n)) => n,
-        (Some(c), None) => c.shard_count(),
-        (None, None) => unreachable!("shard_of without --shards needs a connection"),
-    };
+/// Pause between connection attempts of `ping --wait-secs`.
+const PING_RETRY: Duration = Duration::from_millis(100);
+
+/// Whether `f` is a failure to reach a daemon (possibly named as a cluster member's).
+fn is_connect(f: &Failure) -> bool {
+    match f {
+        Failure::Connect { .. } => true,
+        Failure::Daemon { source, .. } => is_connect(source),
+        _ => false,
+    }
+}
+
+/// Each stream's home. With `--shards`, every daemon is taken to have that many shards and
+/// none is asked; otherwise the home daemon of each stream is asked for its shard count.
+pub fn shard_of(mut cluster: Cluster, args: &ShardOfArgs, json: bool) -> Result<(), Failure> {
     let mut out = Out::new();
     for &stream in &args.streams {
+        let daemon = cluster.daemon_for(stream);
+        let (shard_count, address) = match args.shards {
+            Some(n) => (n, None),
+            None => cluster.with(daemon, |c| {
+                let n = c.shard_count();
+                Ok((n, c.shard_address(shard_for(stream, n)).map(str::to_string)))
+            })?,
+        };
         let shard = shard_for(stream, shard_count);
-        let address = conns.as_ref().and_then(|c| c.shard_address(shard));
+        let daemon_address = cluster.addr(daemon);
         if json {
             out.json(&json!({
                 "stream": stream,
+                "daemon": daemon,
+                "daemon_address": daemon_address,
                 "shard": shard,
                 "shard_count": shard_count,
                 "address": address,
             }))?;
         } else {
+            let on = if cluster.is_cluster() {
+                format!("daemon {daemon} ({daemon_address}) ")
+            } else {
+                String::new()
+            };
             let at = address.map(|a| format!(" at {a}")).unwrap_or_default();
-            out.line(&format!("stream {stream}: shard {shard} of {shard_count}{at}"))?;
+            out.line(&format!("stream {stream}: {on}shard {shard} of {shard_count}{at}"))?;
         }
     }
     out.flush()

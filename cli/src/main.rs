@@ -6,11 +6,13 @@
 //! shardlog consume 42 --from-beginning         # print stream 42's payloads, one per line
 //! shardlog consume 42 --from-end --follow --json | jq .payload
 //! shardlog stats | shardlog ping | shardlog shard-of 42
+//! shardlog --cluster a:7070,b:7070,c:7070 produce 42 hello   # to stream 42's home daemon
 //! ```
 //!
 //! Output formats and exit codes are a contract for scripts; docs/CLI.md lists them.
 
 mod args;
+mod cluster;
 mod conn;
 mod consume;
 mod failure;
@@ -24,7 +26,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use args::{Cli, Command};
-use conn::Conns;
+use cluster::Cluster;
 use failure::{describe, Failure};
 
 fn main() -> ExitCode {
@@ -46,39 +48,22 @@ fn main() -> ExitCode {
     }
 }
 
-/// Pause between connection attempts of `ping --wait-secs`.
-const PING_RETRY: Duration = Duration::from_millis(100);
-
 fn run(cli: &Cli) -> Result<(), Failure> {
     let common = &cli.common;
     let timeout = Duration::from_secs(common.timeout_secs.max(1));
-    let connect = || Conns::connect(&common.addr, timeout);
+    // Daemons are connected when first needed (a stream's home, or each in turn for stats).
+    let cluster = Cluster::new(cluster::addresses(common)?, timeout);
     match &cli.command {
-        Command::Produce(a) => produce::run(connect()?, a, common.json),
+        Command::Produce(a) => produce::run(cluster, a, common.json),
         Command::Consume(a) => {
             // A long-poll must come back before the socket's read timeout fires.
             if a.follow && u64::from(a.poll_ms) >= timeout.as_millis() as u64 {
                 return Err(Failure::Usage("--poll-ms must be shorter than --timeout-secs".into()));
             }
-            consume::run(connect()?, a, common.json)
+            consume::run(cluster, a, common.json)
         }
-        Command::Stats => info::stats(connect()?, common.json),
-        Command::Ping(a) => {
-            let deadline = std::time::Instant::now() + Duration::from_secs(a.wait_secs);
-            let conns = loop {
-                match connect() {
-                    Ok(c) => break c,
-                    Err(Failure::Connect { .. }) if std::time::Instant::now() < deadline => {
-                        std::thread::sleep(PING_RETRY);
-                    }
-                    Err(e) => return Err(e),
-                }
-            };
-            info::ping(conns, a, common.json)
-        }
-        Command::ShardOf(a) => {
-            let conns = if a.shards.is_some() { None } else { Some(connect()?) };
-            info::shard_of(conns, a, common.json)
-        }
+        Command::Stats => info::stats(cluster, common.json),
+        Command::Ping(a) => info::ping(cluster, a, common.json),
+        Command::ShardOf(a) => info::shard_of(cluster, a, common.json),
     }
 }

@@ -23,7 +23,8 @@ use proto::{shard_for, ClientError, ServerError};
 use serde::{Deserialize, Serialize};
 
 use crate::args::{Input, ProduceArgs};
-use crate::conn::{Conns, Route};
+use crate::cluster::Cluster;
+use crate::conn::Route;
 use crate::failure::Failure;
 use crate::output::{now_us, Out};
 
@@ -69,6 +70,9 @@ struct JsonRecord {
 #[derive(Serialize)]
 struct Produced {
     stream: u64,
+    /// The home daemon's index in the cluster list; only with a cluster.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    daemon: Option<u32>,
     shard: u16,
     lsn: u64,
 }
@@ -124,6 +128,7 @@ impl Budget {
 }
 
 struct Pending {
+    daemon: u32,
     route: Route,
     id: u64,
     stream: u64,
@@ -132,7 +137,7 @@ struct Pending {
 }
 
 struct Run<'a> {
-    conns: Conns,
+    cluster: Cluster,
     out: Out,
     args: &'a ProduceArgs,
     json: bool,
@@ -142,7 +147,7 @@ struct Run<'a> {
     progress: Option<ProgressBar>,
 }
 
-pub fn run(conns: Conns, args: &ProduceArgs, json: bool) -> Result<(), Failure> {
+pub fn run(cluster: Cluster, args: &ProduceArgs, json: bool) -> Result<(), Failure> {
     if args.stream.is_none() && args.input == Input::Lines {
         return Err(Failure::Usage(
             "produce: give a STREAM (only --input json lines name their own)".into(),
@@ -180,7 +185,7 @@ pub fn run(conns: Conns, args: &ProduceArgs, json: bool) -> Result<(), Failure> 
         .then(|| progress_bar(args.quiet))
         .flatten();
     let mut run = Run {
-        conns,
+        cluster,
         out: Out::new(),
         args,
         json,
@@ -247,8 +252,6 @@ impl Run<'_> {
         while self.pending.len() >= self.args.in_flight as usize {
             self.settle_one()?;
         }
-        let shard = shard_for(stream, self.conns.shard_count());
-        let route = self.conns.route(shard);
         let records: Vec<AppendRecord<'_>> = batch
             .iter()
             .map(|r| AppendRecord {
@@ -256,7 +259,12 @@ impl Run<'_> {
                 timestamp: r.timestamp,
             })
             .collect();
-        let id = self.conns.get(route)?.send_append(stream, &records, self.ack)?;
+        let (ack, daemon) = (self.ack, self.cluster.daemon_for(stream));
+        let (route, id) = self.cluster.with(daemon, |conns| {
+            let route = conns.route(shard_for(stream, conns.shard_count()));
+            let id = conns.get(route)?.send_append(stream, &records, ack)?;
+            Ok((route, id))
+        })?;
         let bytes_in: u64 = batch.iter().map(|r| r.bytes_in).sum();
         if self.ack == AckLevel::None {
             self.advance_progress(batch.len() as u64, bytes_in);
@@ -266,6 +274,7 @@ impl Run<'_> {
             }
         } else {
             self.pending.push_back(Pending {
+                daemon,
                 route,
                 id,
                 stream,
@@ -286,37 +295,45 @@ impl Run<'_> {
     /// Waits for the oldest outstanding append and prints its lsns.
     fn settle_one(&mut self) -> Result<(), Failure> {
         let p = self.pending.pop_front().expect("settle_one with nothing pending");
-        let resp = self.conns.get(p.route)?.wait(p.id)?;
-        let appended = match resp.body {
-            ResponseBodyT::Appended(a) => *a,
-            ResponseBodyT::Error(e) => return Err(ClientError::Server(ServerError::from(*e)).into()),
-            other => {
-                return Err(ClientError::UnexpectedResponse {
-                    id: p.id,
-                    expected: "Appended",
-                    got: response_kind(&other),
+        let appended = self.cluster.with(p.daemon, |conns| {
+            let resp = conns.get(p.route)?.wait(p.id)?;
+            let appended = match resp.body {
+                ResponseBodyT::Appended(a) => *a,
+                ResponseBodyT::Error(e) => return Err(ClientError::Server(ServerError::from(*e)).into()),
+                other => {
+                    return Err(ClientError::UnexpectedResponse {
+                        id: p.id,
+                        expected: "Appended",
+                        got: response_kind(&other),
+                    }
+                    .into())
                 }
-                .into())
+            };
+            if appended.count != p.count {
+                return Err(Failure::Protocol(format!(
+                    "shardlogd acknowledged {} records of an append of {}",
+                    appended.count, p.count
+                )));
             }
-        };
-        if appended.count != p.count {
-            return Err(Failure::Protocol(format!(
-                "shardlogd acknowledged {} records of an append of {}",
-                appended.count, p.count
-            )));
-        }
+            Ok(appended)
+        })?;
+        let daemon = self.cluster.is_cluster().then_some(p.daemon);
         if !self.args.quiet {
             for lsn in appended.first_lsn..appended.first_lsn + u64::from(appended.count) {
                 let rec = Produced {
                     stream: p.stream,
+                    daemon,
                     shard: appended.shard,
                     lsn,
                 };
                 if self.json {
                     self.out.json(&rec)?;
                 } else {
-                    self.out
-                        .line(&format!("stream={} shard={} lsn={}", rec.stream, rec.shard, rec.lsn))?;
+                    let at = daemon.map(|d| format!(" daemon={d}")).unwrap_or_default();
+                    self.out.line(&format!(
+                        "stream={}{at} shard={} lsn={}",
+                        rec.stream, rec.shard, rec.lsn
+                    ))?;
                 }
             }
         }
@@ -324,19 +341,25 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// With `--ack none`: a ping on each open connection brings back any error the daemon sent
-    /// before it; the first one fails the run. `last` also runs it when nothing was sent since.
+    /// With `--ack none`: a ping on each open connection of each daemon brings back any error
+    /// the daemon sent before it; the first one fails the run. `last` also runs it when nothing
+    /// was sent since.
     fn check_fire_and_forget(&mut self, last: bool) -> Result<(), Failure> {
         if self.ack != AckLevel::None || (!last && self.appends_unchecked == 0) {
             return Ok(());
         }
         self.appends_unchecked = 0;
-        for route in self.conns.open_routes() {
-            let client: &mut Client = self.conns.get(route)?;
-            client.ping()?;
-            if let Some((_, e)) = client.take_errors().into_iter().next() {
-                return Err(ClientError::Server(e).into());
-            }
+        for daemon in self.cluster.open_daemons() {
+            self.cluster.with(daemon, |conns| {
+                for route in conns.open_routes() {
+                    let client: &mut Client = conns.get(route)?;
+                    client.ping()?;
+                    if let Some((_, e)) = client.take_errors().into_iter().next() {
+                        return Err(ClientError::Server(e).into());
+                    }
+                }
+                Ok(())
+            })?;
         }
         Ok(())
     }

@@ -7,6 +7,9 @@
         for rec in c.read(ack.shard, ack.first_lsn, stream=42).records:
             print(rec.lsn, rec.payload)
 
+    with ClusterClient(["a:7070", "b:7070", "c:7070"]) as c:   # a cluster: order is placement
+        c.append(42, b"hello")                                 # on stream 42's home daemon
+
 The wire types in ``shardlog.wire`` are generated from ``proto/schema/shardlog.fbs`` by
 ``scripts/gen-proto.sh`` (flatc 25.12.19); do not edit them by hand.
 """
@@ -23,9 +26,10 @@ from .client import (
     ReadRecord,
     Records,
 )
+from .cluster import ClusterClient, DaemonUnavailable
 from .errors import *  # noqa: F401,F403  (one class per ErrorCode)
 from .errors import ConnectionClosed, ProtocolError, ServerError, ShardlogError, error_for
-from .placement import jump_hash, mix64, shard_for
+from .placement import daemon_for, home_for, jump_hash, mix64, shard_for
 
 __all__ = [
     "ADDR_DEFAULT",
@@ -33,7 +37,9 @@ __all__ = [
     "AckLevel",
     "Appended",
     "Client",
+    "ClusterClient",
     "ConnectionClosed",
+    "DaemonUnavailable",
     "ErrorCode",
     "HelloOk",
     "ProtocolError",
@@ -41,7 +47,9 @@ __all__ = [
     "Records",
     "ServerError",
     "ShardlogError",
+    "daemon_for",
     "error_for",
+    "home_for",
     "jump_hash",
     "mix64",
     "shard_for",

@@ -4,7 +4,13 @@
 SplitMix64's finaliser applied to the stream id. Both steps use wrapping 64-bit arithmetic, and
 the jump step the same IEEE double arithmetic as the Rust code, so the two agree bit for bit;
 ``proto/tests/placement_vectors.txt`` pins that for both test suites.
+
+In a cluster (an ordered list of daemons), ``home_for(stream, shard_counts)`` first picks the
+daemon with ``daemon_for`` (the same jump hash over the stream id mixed twice), then the shard
+of that daemon with ``shard_for``.
 """
+
+from typing import Sequence, Tuple
 
 _MASK64 = (1 << 64) - 1
 
@@ -37,3 +43,26 @@ def shard_for(stream: int, shard_count: int) -> int:
     if not 0 < shard_count <= 0xFFFF:
         raise ValueError(f"shard_count {shard_count} is not in 1..=65535")
     return jump_hash(mix64(stream), shard_count)
+
+
+def daemon_for(stream: int, daemon_count: int) -> int:
+    """The daemon (index into the cluster's ordered address list) that is home to ``stream``.
+
+    Jump consistent hash of the stream id mixed *twice*: the second mix decorrelates the daemon
+    from the shard, which ``shard_for`` picks with one mix. Appending a daemon to the list moves
+    about ``1 / (n + 1)`` of the streams, all to the new daemon (docs/SCALING.md).
+    """
+    if not 0 <= stream <= _MASK64:
+        raise ValueError(f"stream {stream} is not a u64")
+    if not 0 < daemon_count <= 0xFFFFFFFF:
+        raise ValueError(f"daemon_count {daemon_count} is not in 1..=4294967295")
+    return jump_hash(mix64(mix64(stream)), daemon_count)
+
+
+def home_for(stream: int, shard_counts: Sequence[int]) -> Tuple[int, int]:
+    """A stream's home in a cluster: ``(daemon, shard)``, where ``shard_counts[d]`` is daemon
+    ``d``'s shard count (from its ``HelloOk``)."""
+    if not shard_counts:
+        raise ValueError("a cluster has at least one daemon")
+    daemon = daemon_for(stream, len(shard_counts))
+    return daemon, shard_for(stream, shard_counts[daemon])

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
 use super::{expect_appended, expect_hello_ok, expect_pong, expect_records, expect_stats, hello_body, ReadParams};
@@ -325,8 +325,17 @@ impl ShardAwareClient {
     /// Connects to the main address, reads the shard map from `HelloOk`, and opens one
     /// connection per shard (then closes the first one).
     pub fn connect(addr: impl ToSocketAddrs) -> Result<ShardAwareClient, ClientError> {
-        let routed = Client::connect(addr)?;
-        let hello = routed.server_hello().cloned().expect("connect exchanges Hello");
+        ShardAwareClient::connect_with(addr, |a| Client::connect(a))
+    }
+
+    /// As [`ShardAwareClient::connect`], with every connection (the routed one and each shard's)
+    /// opened by `open`, which must send `Hello` (to set a client name or a read timeout).
+    pub fn connect_with(
+        addr: impl ToSocketAddrs,
+        open: impl Fn(&[SocketAddr]) -> Result<Client, ClientError>,
+    ) -> Result<ShardAwareClient, ClientError> {
+        let routed = open(&addr.to_socket_addrs()?.collect::<Vec<_>>())?;
+        let hello = routed.server_hello().cloned().expect("open exchanges Hello");
         let addresses = super::shard_addresses(&hello)?;
         if addresses.is_empty() {
             return Ok(ShardAwareClient {
@@ -338,7 +347,7 @@ impl ShardAwareClient {
         drop(routed);
         let conns = addresses
             .iter()
-            .map(|a| Client::connect(a.as_str()))
+            .map(|a| open(&a.as_str().to_socket_addrs()?.collect::<Vec<_>>()))
             .collect::<Result<Vec<_>, _>>()?;
         assert_eq!(conns.len(), hello.shard_count as usize);
         Ok(ShardAwareClient {
@@ -346,6 +355,11 @@ impl ShardAwareClient {
             shard_count: hello.shard_count,
             shard_aware: true,
         })
+    }
+
+    /// Sets the read timeout of every connection.
+    pub fn set_read_timeout(&self, timeout: Option<Duration>) -> Result<(), ClientError> {
+        self.conns.iter().try_for_each(|c| c.set_read_timeout(timeout))
     }
 
     /// Whether each shard has its own connection (the server offered shard addresses).

@@ -1,5 +1,6 @@
-//! Clients: a blocking one on `std::net` (tests, the CLI, scripts) and a
-//! pipelined one on glommio (the load generator).
+//! Clients: a blocking one on `std::net` (tests, the CLI, scripts), a
+//! pipelined one on glommio (the load generator), and a blocking cluster
+//! client that places each stream on its home daemon.
 //!
 //! Both match responses to requests by id: responses may come back out of
 //! order. An `Error` response becomes [`ClientError::Server`]. Errors for
@@ -7,9 +8,11 @@
 //! kept and handed out by `take_errors`.
 
 mod blocking;
+mod cluster;
 mod pipelined;
 
 pub use blocking::{Client, ShardAwareClient, Tail};
+pub use cluster::{ClusterClient, ClusterError, CLUSTER_CLIENT_NAME_DEFAULT};
 pub use pipelined::{AsyncClient, AsyncShardAwareClient};
 
 use crate::codec::response_kind;

@@ -1,0 +1,323 @@
+//! `shardlog --cluster` against three real daemons on loopback, each with its own data
+//! directory: produce sends each record to its home (checked by reading every daemon directly),
+//! consume reads a stream from its home, shard-of names the daemon, a cluster file means the
+//! same as the flag, and a daemon killed with SIGKILL fails only its streams, with an error
+//! naming it.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use proto::client::{Client, ReadParams};
+use proto::{daemon_for, shard_for};
+use serde_json::Value;
+
+const CLI: &str = env!("CARGO_BIN_EXE_shardlog");
+/// A guard against hangs, not a performance bound.
+const RUN_LIMIT: Duration = Duration::from_secs(120);
+/// Shards of daemons 0, 1, 2: different on purpose.
+const SHARDS: [u16; 3] = [2, 1, 3];
+const STREAMS: u64 = 24;
+
+/// The daemon binary: `SHARDLOGD`, or beside this test's profile directory, or built once (as
+/// in against_daemon.rs).
+fn shardlogd() -> &'static Path {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        if let Ok(p) = std::env::var("SHARDLOGD") {
+            return PathBuf::from(p);
+        }
+        let exe = std::env::current_exe().expect("current_exe");
+        let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps");
+        let beside = profile_dir.join("shardlogd");
+        if beside.exists() {
+            return beside;
+        }
+        let target = profile_dir.parent().expect("target dir").join("cli-test-daemon");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "daemon", "--bin", "shardlogd", "--target-dir"])
+            .arg(&target)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("run cargo build -p daemon");
+        assert!(status.success(), "cargo build -p daemon failed");
+        target.join("debug").join("shardlogd")
+    })
+}
+
+/// A daemon on its own data directory under the target dir, killed on drop.
+struct Daemon {
+    child: Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    fn start(shards: u16) -> Daemon {
+        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("data dir");
+        let mut child = Command::new(shardlogd())
+            .args(["--listen", "127.0.0.1:0", "--pin", "none", "--log", "warn"])
+            .args(["--segment-bytes", "2097152", "--shards"])
+            .arg(shards.to_string())
+            .arg("--data-dir")
+            .arg(dir.path())
+            .env_remove("SHARDLOG_FAULTS")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn shardlogd");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            let _ = tx.send(lines.next());
+            for _ in lines {}
+        });
+        let line = match rx.recv_timeout(RUN_LIMIT) {
+            Ok(Some(Ok(line))) => line,
+            other => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("shardlogd did not print its address: {other:?}");
+            }
+        };
+        let addr = line
+            .strip_prefix("shardlogd listening on ")
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected first line from shardlogd: {line:?}"));
+        Daemon { child, addr, _dir: dir }
+    }
+
+    /// Every (stream, shard, payload) this daemon holds, read directly from it.
+    fn read_all(&self, shards: u16) -> Vec<(u64, u16, String)> {
+        let mut client = Client::connect(self.addr).expect("connect");
+        client.set_read_timeout(Some(RUN_LIMIT)).unwrap();
+        let mut out = Vec::new();
+        for shard in 0..shards {
+            let mut from = 1;
+            loop {
+                let batch = client.read(ReadParams::new(shard, from)).expect("read");
+                let records = batch.records.unwrap_or_default();
+                if records.is_empty() {
+                    break;
+                }
+                for r in records {
+                    let payload = String::from_utf8(r.payload.unwrap_or_default()).expect("UTF-8");
+                    out.push((r.stream, shard, payload));
+                }
+                from = batch.next_lsn;
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `shardlog` with no SHARDLOG_* variable from the caller's shell, and these arguments.
+fn cli(args: &[&str]) -> Command {
+    let mut cmd = Command::new(CLI);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("SHARDLOG_") {
+            cmd.env_remove(k);
+        }
+    }
+    // Nothing listens on port 1: a test that forgot the cluster fails loudly.
+    cmd.env("SHARDLOG_ADDR", "127.0.0.1:1").args(args);
+    cmd
+}
+
+fn run(mut cmd: Command, stdin: &[u8]) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn shardlog");
+    let mut input = child.stdin.take().expect("stdin");
+    let data = stdin.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = input.write_all(&data);
+    });
+    let (mut stdout, mut stderr) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let out_thread = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = stdout.read_to_end(&mut b);
+        b
+    });
+    let err_thread = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = stderr.read_to_end(&mut b);
+        b
+    });
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if started.elapsed() > RUN_LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("shardlog still running after {RUN_LIMIT:?}; killed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    writer.join().expect("stdin writer");
+    Output {
+        status,
+        stdout: out_thread.join().expect("stdout reader"),
+        stderr: err_thread.join().expect("stderr reader"),
+    }
+}
+
+fn ok(out: Output) -> Output {
+    assert!(
+        out.status.success(),
+        "shardlog failed: {:?}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn json_lines(out: &Output) -> Vec<Value> {
+    String::from_utf8(out.stdout.clone())
+        .expect("UTF-8")
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
+        .collect()
+}
+
+fn start_cluster() -> (Vec<Daemon>, String) {
+    let daemons: Vec<Daemon> = SHARDS.iter().map(|&s| Daemon::start(s)).collect();
+    let list = daemons.iter().map(|d| d.addr.to_string()).collect::<Vec<_>>().join(",");
+    (daemons, list)
+}
+
+fn home(stream: u64) -> (u32, u16) {
+    let d = daemon_for(stream, SHARDS.len() as u32);
+    (d, shard_for(stream, SHARDS[d as usize]))
+}
+
+#[test]
+fn produce_and_consume_follow_each_streams_home() {
+    let (daemons, list) = start_cluster();
+    let input: String = (0..STREAMS)
+        .flat_map(|s| (0..2).map(move |i| format!("{{\"stream\":{s},\"payload\":\"s{s} r{i}\"}}\n")))
+        .collect();
+    let out = ok(run(
+        cli(&["--cluster", &list, "produce", "--json", "--input", "json"]),
+        input.as_bytes(),
+    ));
+    let produced = json_lines(&out);
+    assert_eq!(produced.len() as u64, STREAMS * 2);
+    for p in &produced {
+        let stream = p["stream"].as_u64().unwrap();
+        let (d, shard) = home(stream);
+        assert_eq!(
+            (p["daemon"].as_u64(), p["shard"].as_u64()),
+            (Some(u64::from(d)), Some(u64::from(shard))),
+            "{p}"
+        );
+    }
+
+    // Every daemon holds exactly the records of the streams whose home it is.
+    let mut found = 0;
+    for (d, daemon) in daemons.iter().enumerate() {
+        for (stream, shard, payload) in daemon.read_all(SHARDS[d]) {
+            assert_eq!(
+                home(stream),
+                (d as u32, shard),
+                "{payload:?} on daemon {d} shard {shard}"
+            );
+            assert!(payload.starts_with(&format!("s{stream} ")), "{payload:?}");
+            found += 1;
+        }
+    }
+    assert_eq!(found, STREAMS * 2);
+
+    // consume reads a stream from its home, and a cluster file means the same as the flag.
+    let file = tempfile::NamedTempFile::new_in(env!("CARGO_TARGET_TMPDIR")).expect("cluster file");
+    std::fs::write(file.path(), format!("# three daemons\n{}\n", list.replace(',', "\n"))).unwrap();
+    let file_path = file.path().to_str().unwrap();
+    for stream in [0, 5, STREAMS - 1] {
+        let want = format!("s{stream} r0\ns{stream} r1\n");
+        let out = ok(run(cli(&["--cluster", &list, "consume", &stream.to_string()]), b""));
+        assert_eq!(String::from_utf8_lossy(&out.stdout), want);
+        let out = ok(run(
+            cli(&["--cluster-file", file_path, "consume", &stream.to_string()]),
+            b"",
+        ));
+        assert_eq!(String::from_utf8_lossy(&out.stdout), want);
+    }
+
+    // shard-of names the home daemon, asking it, or offline with --shards.
+    let placed = json_lines(&ok(run(cli(&["--cluster", &list, "shard-of", "--json", "7"]), b"")));
+    let (d, shard) = home(7);
+    assert_eq!(placed[0]["daemon"].as_u64(), Some(u64::from(d)));
+    assert_eq!(placed[0]["shard"].as_u64(), Some(u64::from(shard)));
+    assert_eq!(
+        placed[0]["daemon_address"].as_str(),
+        Some(daemons[d as usize].addr.to_string().as_str())
+    );
+    let text = ok(run(cli(&["--cluster", &list, "shard-of", "7"]), b""));
+    assert!(
+        String::from_utf8_lossy(&text.stdout).contains(&format!("daemon {d} (")),
+        "{}",
+        String::from_utf8_lossy(&text.stdout)
+    );
+
+    // A whole shard in a cluster needs the daemon said.
+    let out = run(cli(&["--cluster", &list, "consume", "--shard", "0"]), b"");
+    assert_eq!(out.status.code(), Some(2));
+    let out = ok(run(
+        cli(&["--cluster", &list, "consume", "--shard", "0", "--daemon", "2", "--json"]),
+        b"",
+    ));
+    assert!(json_lines(&out)
+        .iter()
+        .all(|r| r["daemon"] == 2 && home(r["stream"].as_u64().unwrap()) == (2, 0)));
+
+    // stats asks every daemon.
+    let stats = json_lines(&ok(run(cli(&["--cluster", &list, "stats", "--json"]), b"")));
+    let daemons_seen: Vec<u64> = stats.iter().map(|s| s["daemon"].as_u64().unwrap()).collect();
+    assert_eq!(daemons_seen, [0, 1, 2]);
+}
+
+#[test]
+fn a_killed_daemon_fails_only_its_streams() {
+    let (mut daemons, list) = start_cluster();
+    const VICTIM: u32 = 2;
+    let victim_addr = daemons[VICTIM as usize].addr.to_string();
+    drop(daemons.remove(VICTIM as usize)); // SIGKILL, then wait for the exit.
+
+    let mut served = 0;
+    for stream in 0..8u64 {
+        let out = run(cli(&["--cluster", &list, "produce", &stream.to_string(), "x"]), b"");
+        if home(stream).0 == VICTIM {
+            assert_eq!(out.status.code(), Some(3), "a connection failure for stream {stream}");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                stderr.contains(&format!("daemon {VICTIM} of the cluster ({victim_addr})")),
+                "the error names the daemon: {stderr}"
+            );
+        } else {
+            ok(out);
+            served += 1;
+        }
+    }
+    assert!(served > 0 && served < 8, "{served} of 8 streams served");
+    // stats still reports the live daemons, and fails (exit 3) for the dead one.
+    let out = run(cli(&["--cluster", &list, "stats", "--json"]), b"");
+    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(json_lines(&out).len(), 2);
+}
