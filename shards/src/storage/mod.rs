@@ -16,9 +16,13 @@
 //! - `create`, `rename` and `remove` become durable at the next `sync_dir`.
 //! - All futures are `'static` and must be polled on the executor that owns the storage.
 //! - A future that is dropped early may still have its I/O performed.
+//! - `write` and `commit` own their buffer until the I/O is done and then drop it. A commit
+//!   buffer is usually an [`IoBuf::Pooled`], which goes back to the shard's pool when dropped, so
+//!   an implementation must not drop it while the device may still read it.
 
 pub mod dma;
 pub mod mem;
+pub mod pool;
 
 use std::future::Future;
 use std::io;
@@ -26,7 +30,9 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::time::SystemTime;
 
+use crate::uring::RingBuf;
 use crate::Durability;
+pub use pool::{BufPool, PooledBuf};
 
 pub type LocalBoxFuture<T> = Pin<Box<dyn Future<Output = T> + 'static>>;
 
@@ -64,10 +70,12 @@ pub trait SegmentFile {
 /// A 4 KiB-aligned, zero-initialised heap buffer (the same type the private ring writes from).
 pub use crate::uring::AlignedBuf;
 
-/// A write buffer: glommio's DMA buffer for real files, a plain aligned buffer otherwise.
+/// A write buffer: glommio's DMA buffer for real files, a plain aligned buffer otherwise, or a
+/// buffer of a [`BufPool`] (commits).
 pub enum IoBuf {
     Dma(glommio::io::DmaBuffer),
     Heap(AlignedBuf),
+    Pooled(PooledBuf),
 }
 
 impl IoBuf {
@@ -75,6 +83,7 @@ impl IoBuf {
         match self {
             IoBuf::Dma(b) => b.as_bytes(),
             IoBuf::Heap(b) => b.as_slice(),
+            IoBuf::Pooled(b) => b.as_slice(),
         }
     }
 
@@ -82,6 +91,7 @@ impl IoBuf {
         match self {
             IoBuf::Dma(b) => b.as_bytes_mut(),
             IoBuf::Heap(b) => b.as_mut_slice(),
+            IoBuf::Pooled(b) => b.as_mut_slice(),
         }
     }
 
@@ -91,5 +101,20 @@ impl IoBuf {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+// SAFETY: every variant keeps its bytes in a heap allocation it owns (see each variant's own
+// `RingBuf` implementation); moving the enum does not move them.
+unsafe impl RingBuf for IoBuf {
+    fn as_ptr(&self) -> *const u8 {
+        match self {
+            IoBuf::Dma(b) => RingBuf::as_ptr(b),
+            IoBuf::Heap(b) => RingBuf::as_ptr(b),
+            IoBuf::Pooled(b) => RingBuf::as_ptr(b),
+        }
+    }
+    fn len(&self) -> usize {
+        IoBuf::len(self)
     }
 }
