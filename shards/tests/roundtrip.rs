@@ -86,7 +86,9 @@ fn no_polled_ring_writes_after_opening_a_fresh_dir() {
         }
         let stats = glommio::executor().io_stats();
         assert_eq!(stats.poll_ring.file_writes().0, 0, "writes went to the polled ring");
-        assert!(stats.main_ring.file_writes().0 + stats.latency_ring.file_writes().0 >= 20);
+        // Commits go through the shard's private ring; glommio's writes are the segment's
+        // preparation (zero-fill), which the first commit waited for.
+        assert!(stats.main_ring.file_writes().0 + stats.latency_ring.file_writes().0 >= 1);
         shard.close().await.unwrap();
     });
 }
