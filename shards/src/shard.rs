@@ -1,14 +1,19 @@
 //! The shard: append queue, group-commit pipeline, acknowledgements and reads.
 //!
 //! An append is serialised at call time straight into the commit buffer being built (a
-//! [`Batch`]: a pooled, block-aligned buffer), at the place its body will have on disk, so the
-//! payload is copied once on its way to the device. The committer task takes everything queued
-//! (bounded by `commit_bytes_max` and the end of the segment: a batch is closed when the next
-//! append would cross either), seals it as one commit (header, checksum, zeroed padding) and
-//! hands the buffer to the storage seam, which returns it to the pool when the I/O is done. While commit k syncs, commit k+1 is built, and its write is submitted once k's write has
+//! [`Batch`]: a pooled, block-aligned buffer), at the place its body will have in the write, so
+//! the payload is copied once on its way to the device. The committer task takes everything
+//! queued (bounded by `commit_bytes_max` and the end of the segment: a batch is closed when the
+//! next append would cross either), seals it as one commit (header, checksum, zeroed padding) and
+//! hands the buffer to the storage seam, which returns it to the pool when the I/O is done. While
+//! commit k syncs, commit k+1 is built, and its write is submitted once k's write has
 //! completed. So at most one write is in flight (two writes never touch the same block at once,
 //! which matters because a commit that ends mid-block leaves that block to be rewritten by the
 //! next commit) and at most [`PIPELINE_DEPTH`] commits are between submission and durability.
+//!
+//! Every acknowledged append of a batch holds the batch's one [`BatchSlot`], so a commit's
+//! completion answers all of them with one state change, and an append allocates nothing: the
+//! buffer, the slot and every queue are reused.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
