@@ -165,6 +165,8 @@ fn into_dma(file: &DmaFile, buf: IoBuf) -> glommio::io::DmaBuffer {
         IoBuf::Dma(b) => b,
         IoBuf::Heap(h) => copy_to_dma(file, h.as_slice()),
         IoBuf::Pooled(p) => copy_to_dma(file, p.as_slice()),
+        IoBuf::SharedHeap(h) => copy_to_dma(file, h.as_slice()),
+        IoBuf::SharedDma(b) => copy_to_dma(file, b.as_bytes()),
     }
 }
 
@@ -178,8 +180,11 @@ async fn write_all(file: &DmaFile, offset: u64, buf: IoBuf) -> io::Result<()> {
     let len = buf.len();
     assert_eq!(offset % BLOCK_BYTES, 0);
     assert_eq!(len as u64 % BLOCK_BYTES, 0);
-    let dma = into_dma(file, buf);
-    let written = file.write_at(dma, offset).await?;
+    let written = match buf {
+        // Written as is: glommio keeps its own reference until the write completes.
+        IoBuf::SharedDma(b) => file.write_rc_at(b, offset).await?,
+        buf => file.write_at(into_dma(file, buf), offset).await?,
+    };
     if written != len {
         // A short direct write to preallocated space means something is wrong underneath; the
         // data cannot be assumed to be there.

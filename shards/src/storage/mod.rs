@@ -71,11 +71,14 @@ pub trait SegmentFile {
 pub use crate::uring::AlignedBuf;
 
 /// A write buffer: glommio's DMA buffer for real files, a plain aligned buffer otherwise, or a
-/// buffer of a [`BufPool`] (commits).
+/// buffer of a [`BufPool`] (commits). The shared variants ([`IoBuf::into_shared`]) are read-only
+/// and can be written many times without copying, e.g. one block of zeros for a whole segment.
 pub enum IoBuf {
     Dma(glommio::io::DmaBuffer),
     Heap(AlignedBuf),
     Pooled(PooledBuf),
+    SharedDma(Rc<glommio::io::DmaBuffer>),
+    SharedHeap(Rc<AlignedBuf>),
 }
 
 impl IoBuf {
@@ -84,14 +87,40 @@ impl IoBuf {
             IoBuf::Dma(b) => b.as_bytes(),
             IoBuf::Heap(b) => b.as_slice(),
             IoBuf::Pooled(b) => b.as_slice(),
+            IoBuf::SharedDma(b) => b.as_bytes(),
+            IoBuf::SharedHeap(b) => b.as_slice(),
         }
     }
 
+    /// The bytes, to fill them. A shared buffer is read-only: fill it before sharing it.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        const SHARED: &str = "a shared buffer is read-only";
         match self {
             IoBuf::Dma(b) => b.as_bytes_mut(),
             IoBuf::Heap(b) => b.as_mut_slice(),
             IoBuf::Pooled(b) => b.as_mut_slice(),
+            IoBuf::SharedDma(b) => Rc::get_mut(b).expect(SHARED).as_bytes_mut(),
+            IoBuf::SharedHeap(b) => Rc::get_mut(b).expect(SHARED).as_mut_slice(),
+        }
+    }
+
+    /// Makes the buffer shareable: [`IoBuf::share`] then gives more handles to the same bytes.
+    /// A pooled buffer cannot be shared (it returns to its pool when dropped).
+    pub fn into_shared(self) -> IoBuf {
+        match self {
+            IoBuf::Dma(b) => IoBuf::SharedDma(Rc::new(b)),
+            IoBuf::Heap(b) => IoBuf::SharedHeap(Rc::new(b)),
+            IoBuf::Pooled(_) => panic!("a pooled buffer cannot be shared"),
+            shared => shared,
+        }
+    }
+
+    /// Another handle to the bytes of a shared buffer.
+    pub fn share(&self) -> IoBuf {
+        match self {
+            IoBuf::SharedDma(b) => IoBuf::SharedDma(b.clone()),
+            IoBuf::SharedHeap(b) => IoBuf::SharedHeap(b.clone()),
+            _ => panic!("only a buffer made shared with `into_shared` can be shared"),
         }
     }
 
@@ -112,6 +141,8 @@ unsafe impl RingBuf for IoBuf {
             IoBuf::Dma(b) => RingBuf::as_ptr(b),
             IoBuf::Heap(b) => RingBuf::as_ptr(b),
             IoBuf::Pooled(b) => RingBuf::as_ptr(b),
+            IoBuf::SharedDma(b) => RingBuf::as_ptr(&**b),
+            IoBuf::SharedHeap(b) => RingBuf::as_ptr(&**b),
         }
     }
     fn len(&self) -> usize {
