@@ -49,6 +49,10 @@ const READ_CHUNK_BYTES: u64 = 256 << 10;
 /// A filtered read stops after scanning this many times `max_bytes` (at least 1 MiB) of log, and
 /// returns what it has, so a read for a rare stream cannot run unbounded.
 const READ_SCAN_FACTOR: usize = 8;
+
+#[cfg(test)]
+mod tests;
+
 pub(crate) fn segment_name(base_lsn: u64) -> String {
     format!("{base_lsn:020}.wal")
 }
@@ -328,6 +332,7 @@ struct Counters {
     records: u64,
     bytes: u64,
     commits: u64,
+    commits_moved: u64,
     records_per_commit: Histogram<u64>,
     bytes_per_commit: Histogram<u64>,
     fsync_latency_us: Histogram<u64>,
@@ -360,6 +365,10 @@ pub struct ShardStats {
     /// Payload bytes appended.
     pub bytes: u64,
     pub commits: u64,
+    /// Commits whose body was moved inside its buffer when sealed, because the batch expected
+    /// another start in the block (a rotation it did not foresee): a second copy of their records.
+    /// At most about one per segment.
+    pub commits_moved: u64,
     pub records_per_commit: Histogram<u64>,
     pub bytes_per_commit: Histogram<u64>,
     /// From submitting a commit to it being durable.
@@ -442,6 +451,7 @@ impl Shard {
                 records: 0,
                 bytes: 0,
                 commits: 0,
+                commits_moved: 0,
                 records_per_commit: hist(),
                 bytes_per_commit: hist(),
                 fsync_latency_us: hist(),
@@ -560,6 +570,7 @@ impl Shard {
             records: c.records,
             bytes: c.bytes,
             commits: c.commits,
+            commits_moved: c.commits_moved,
             records_per_commit: c.records_per_commit.clone(),
             bytes_per_commit: c.bytes_per_commit.clone(),
             fsync_latency_us: c.fsync_latency_us.clone(),
@@ -995,6 +1006,7 @@ impl Inner {
             // The batch was opened expecting another start (a rotation it did not foresee):
             // move the body once.
             b.copy_within(staged_body_at..staged_body_at + body_bytes, body_at);
+            self.counters.borrow_mut().commits_moved += 1;
         }
         if active.header_pending {
             assert_eq!(active.offset, SEGMENT_DATA_OFFSET);

@@ -169,6 +169,10 @@ fn bursts_allocate_a_small_constant_per_append(durability: Durability) {
             shard.next_lsn().0 - 1,
             "everything acknowledged is durable"
         );
+        assert_eq!(
+            after.commits_moved, before.commits_moved,
+            "every batch was built in place"
+        );
         assert!(
             per_append <= 0.5,
             "{per_append:.2} allocations per append (at most 0.5 expected: nothing per append, \
