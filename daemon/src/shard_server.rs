@@ -328,15 +328,16 @@ impl ShardServer {
             self.id,
             "stream {stream} routed to the wrong shard"
         );
-        let records: Vec<RecordRef<'_>> = append
+        // Read straight out of the frame by the shard, which copies each payload once, into
+        // its commit buffer; no list of the records is built.
+        let records = append
             .records()
             .expect("verification requires records")
             .iter()
             .map(|r| RecordRef {
                 payload: r.payload().map(|p| p.bytes()).unwrap_or(&[]),
                 timestamp: r.has_timestamp().then(|| r.timestamp()),
-            })
-            .collect();
+            });
         let (silent, ack) = match append.ack() {
             // `AckLevel::None` still waits for the write inside the daemon: the connection keeps
             // its budget reserved until then, so a client that never waits for answers is held
@@ -345,7 +346,7 @@ impl ShardServer {
             wire::AckLevel::Written => (false, AckLevel::Written),
             _ => (false, AckLevel::Durable),
         };
-        (silent, ack, self.shard.enqueue(stream, &records, ack))
+        (silent, ack, self.shard.enqueue_iter(stream, records, ack))
     }
 
     /// Reads durable records; with `max_wait_ms`, waits for one to become durable.

@@ -222,13 +222,21 @@ async fn prepare(inner: &Inner, name: &str) -> io::Result<Rc<dyn SegmentFile>> {
     let storage = &inner.storage;
     let file = storage.open(name, true, inner.opts.durability).await?;
     let size = inner.opts.segment_bytes;
+    // One zeroed chunk, written over and over: allocating and zeroing a fresh one per write cost
+    // as much CPU as the data that later fills the segment.
+    let zeroes = storage.alloc(ZERO_FILL_CHUNK_BYTES.min(size) as usize).into_shared();
     let mut offset = 0;
     while offset < size {
         if inner.bg_stop.get() {
             return Err(io::Error::new(io::ErrorKind::Interrupted, "shard closing"));
         }
         let len = ZERO_FILL_CHUNK_BYTES.min(size - offset);
-        file.write(offset, storage.alloc(len as usize)).await?;
+        let chunk = if len as usize == zeroes.len() {
+            zeroes.share()
+        } else {
+            storage.alloc(len as usize)
+        };
+        file.write(offset, chunk).await?;
         offset += len;
     }
     file.sync().await?;

@@ -130,13 +130,25 @@ pub fn record_bytes(payload_len: usize) -> usize {
 
 /// Appends one record to a commit body being staged.
 pub fn encode_record(out: &mut Vec<u8>, stream: u64, timestamp: Option<u64>, payload: &[u8]) {
+    let at = out.len();
+    out.resize(at + record_bytes(payload.len()), 0);
+    encode_record_at(&mut out[at..], stream, timestamp, payload);
+}
+
+/// Writes one record at the start of `out`, which must hold at least
+/// [`record_bytes`]`(payload.len())` bytes, and returns the bytes written. The engine serialises
+/// an append straight into its commit buffer with this: the payload is copied once.
+pub fn encode_record_at(out: &mut [u8], stream: u64, timestamp: Option<u64>, payload: &[u8]) -> usize {
     let len = u32::try_from(payload.len()).expect("payload length checked by the caller");
+    let total = record_bytes(payload.len());
+    assert!(out.len() >= total);
     let flags = if timestamp.is_some() { RECORD_FLAG_TIMESTAMP } else { 0 };
-    out.extend_from_slice(&len.to_le_bytes());
-    out.extend_from_slice(&flags.to_le_bytes());
-    out.extend_from_slice(&stream.to_le_bytes());
-    out.extend_from_slice(&timestamp.unwrap_or(0).to_le_bytes());
-    out.extend_from_slice(payload);
+    out[0..4].copy_from_slice(&len.to_le_bytes());
+    out[4..8].copy_from_slice(&flags.to_le_bytes());
+    out[8..16].copy_from_slice(&stream.to_le_bytes());
+    out[16..24].copy_from_slice(&timestamp.unwrap_or(0).to_le_bytes());
+    out[RECORD_HEADER_BYTES..total].copy_from_slice(payload);
+    total
 }
 
 /// Writes a commit header in front of a body that is already in place at

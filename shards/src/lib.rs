@@ -18,13 +18,15 @@
 //!
 //! # The path of one durable append
 //!
-//! 1. [`Shard::append`] validates, assigns lsns and serialises the records into the queue at call
-//!    time (`shard.rs`).
+//! 1. [`Shard::append`] validates, assigns lsns and serialises the records at call time straight
+//!    into the tail of the commit being built: a 4 KiB-aligned buffer from the shard's bounded
+//!    pool (`shard.rs`, `storage/pool.rs`). The payload is copied once.
 //! 2. The committer takes everything queued (up to `commit_bytes_max` and the segment end),
-//!    frames it as one checksummed commit (`format.rs`) in one aligned buffer, and hands it to the
-//!    storage seam (`storage/`), which writes it and makes it durable: one `O_DSYNC` write
+//!    seals it as one checksummed commit (`format.rs`; only the padding to the block boundary is
+//!    zeroed), and hands the buffer to the storage seam (`storage/`), which writes it and makes it
+//!    durable on the shard's private io_uring ring (`uring.rs`): one `O_DSYNC` write
 //!    (`Durability::Dsync`) or a write linked to an fdatasync in one submission
-//!    (`Durability::Linked`).
+//!    (`Durability::Linked`). The buffer goes back to the pool once the kernel is done with it.
 //! 3. Durable commits are acknowledged in lsn order; the next commit is built while the previous
 //!    one syncs (`shard.rs`).
 //! 4. When a segment is full the committer seals it and swaps in a segment the background task
@@ -110,7 +112,7 @@ pub enum AckLevel {
 pub enum Durability {
     /// One submission on a private io_uring ring: the write linked to an fdatasync.
     Linked,
-    /// One write through a file opened with `O_DSYNC`.
+    /// One write (`RWF_DSYNC`, on the private ring) to a file opened with `O_DSYNC`.
     Dsync,
 }
 
@@ -212,6 +214,9 @@ pub struct ShardOptions {
     /// Upper bound of one commit, and so of one append. Default [`COMMIT_BYTES_MAX_DEFAULT`].
     pub commit_bytes_max: usize,
     /// Appends fail with `Busy` while more than this is queued. Default [`QUEUE_BYTES_MAX_DEFAULT`].
+    /// It also sizes the pool of commit buffers: at most `queue_bytes_max / commit_bytes_max`
+    /// (rounded up) plus 3 buffers of `commit_bytes_max` + 4 KiB, allocated as needed and kept.
+    /// When they are all in use (a queue of part-filled commits) appends also get `Busy`.
     pub queue_bytes_max: usize,
     /// Default [`DURABILITY_DEFAULT`].
     pub durability: Durability,

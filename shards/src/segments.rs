@@ -162,7 +162,7 @@ pub(crate) struct Active {
     /// Where the next commit starts.
     pub offset: u64,
     /// The bytes of the block holding `offset`, before `offset`: the next commit rewrites that
-    /// block, so they go in front of it.
+    /// block, so they go in front of it. Refilled in place (at most a block), never reallocated.
     pub tail: Vec<u8>,
     /// The segment header block has not been written yet; it goes out with the first commit.
     pub header_pending: bool,

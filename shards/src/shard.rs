@@ -1,11 +1,19 @@
 //! The shard: append queue, group-commit pipeline, acknowledgements and reads.
 //!
-//! One committer task per shard takes everything queued (bounded by `commit_bytes_max` and the
-//! end of the segment), frames it as one commit in one aligned buffer and hands it to the storage
-//! seam. While commit k syncs, commit k+1 is built, and its write is submitted once k's write has
+//! An append is serialised at call time straight into the commit buffer being built (a
+//! [`Batch`]: a pooled, block-aligned buffer), at the place its body will have in the write, so
+//! the payload is copied once on its way to the device. The committer task takes everything
+//! queued (bounded by `commit_bytes_max` and the end of the segment: a batch is closed when the
+//! next append would cross either), seals it as one commit (header, checksum, zeroed padding) and
+//! hands the buffer to the storage seam, which returns it to the pool when the I/O is done. While
+//! commit k syncs, commit k+1 is built, and its write is submitted once k's write has
 //! completed. So at most one write is in flight (two writes never touch the same block at once,
 //! which matters because a commit that ends mid-block leaves that block to be rewritten by the
 //! next commit) and at most [`PIPELINE_DEPTH`] commits are between submission and durability.
+//!
+//! Every acknowledged append of a batch holds the batch's one [`BatchSlot`], so a commit's
+//! completion answers all of them with one state change, and an append allocates nothing: the
+//! buffer, the slot and every queue are reused.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -24,9 +32,9 @@ use crate::format::{
     SEGMENT_DATA_OFFSET,
 };
 use crate::recovery::RecoveryReport;
-use crate::segments::{Segment, Segments, Spare};
+use crate::segments::{Active, Segment, Segments, Spare};
 use crate::storage::dma::DmaStorage;
-use crate::storage::{IoBuf, SegmentFile, Storage};
+use crate::storage::{BufPool, IoBuf, PooledBuf, SegmentFile, Storage};
 use crate::sync::{LsnWaiters, Notify};
 use crate::{AckLevel, Lsn, ReadBatch, ReadRecord, Receipt, RecordRef, ShardOptions};
 
@@ -34,40 +42,212 @@ use crate::{AckLevel, Lsn, ReadBatch, ReadRecord, Receipt, RecordRef, ShardOptio
 /// k+1 is written. Recovery relies on it: a power loss can leave at most this many commits at the
 /// end of the log damaged or out of order, so more valid commits behind a bad one mean corruption.
 pub(crate) const PIPELINE_DEPTH: usize = 2;
+/// Batch slots kept for reuse (see [`BatchSlot`]); beyond this a batch gets a fresh one.
+const SLOTS_POOLED_MAX: usize = 64;
 /// Reads fetch at least this much per I/O.
 const READ_CHUNK_BYTES: u64 = 256 << 10;
 /// A filtered read stops after scanning this many times `max_bytes` (at least 1 MiB) of log, and
 /// returns what it has, so a read for a rare stream cannot run unbounded.
 const READ_SCAN_FACTOR: usize = 8;
 
-enum SlotState {
-    Queued,
-    Written,
-    Durable,
-    Failed(ShardError),
-    Taken,
+#[cfg(test)]
+mod tests;
+
+/// Why queued or submitted appends failed. Every ticket of a batch makes its own [`ShardError`]
+/// from it.
+#[derive(Debug, Clone)]
+enum Failure {
+    Poisoned {
+        cause: String,
+    },
+    NoSpace,
+    /// Preparing the next segment failed for another reason.
+    Prepare {
+        cause: String,
+    },
 }
 
-/// Where the future of one append learns its outcome.
-struct Slot {
-    state: RefCell<SlotState>,
-    waker: RefCell<Option<Waker>>,
-}
-
-impl Slot {
-    fn set(&self, state: SlotState) {
-        *self.state.borrow_mut() = state;
-        if let Some(w) = self.waker.borrow_mut().take() {
-            w.wake();
+impl Failure {
+    fn error(&self) -> ShardError {
+        match self {
+            Failure::Poisoned { cause } => ShardError::Poisoned { cause: cause.clone() },
+            Failure::NoSpace => ShardError::NoSpace,
+            Failure::Prepare { cause } => ShardError::io("prepare segment", "", io::Error::other(cause.clone())),
         }
     }
 }
 
-struct Pending {
+enum SlotState {
+    Queued,
+    Written,
+    Durable,
+    Failed(Failure),
+}
+
+/// Where the tickets of one batch (one commit) learn their outcome. One slot is shared by every
+/// acknowledged append of the batch, so one state change answers all of them; a slot no ticket
+/// holds any more is reused for a later batch, so an append allocates none.
+struct BatchSlot {
+    state: RefCell<SlotState>,
+    /// Tasks waiting on a ticket of this batch. A ticket remembers its entry as (epoch, index).
+    wakers: RefCell<Vec<Waker>>,
+    /// Bumped whenever `wakers` is emptied, so an entry remembered from before is not reused.
+    epoch: Cell<u64>,
+}
+
+impl BatchSlot {
+    fn new() -> BatchSlot {
+        BatchSlot {
+            state: RefCell::new(SlotState::Queued),
+            wakers: RefCell::new(Vec::new()),
+            epoch: Cell::new(0),
+        }
+    }
+
+    fn set(&self, state: SlotState) {
+        *self.state.borrow_mut() = state;
+        self.epoch.set(self.epoch.get() + 1);
+        // Woken outside the borrow; the emptied vector goes back so its capacity is kept.
+        let mut wakers = std::mem::take(&mut *self.wakers.borrow_mut());
+        for waker in wakers.drain(..) {
+            waker.wake();
+        }
+        let mut current = self.wakers.borrow_mut();
+        if current.is_empty() {
+            *current = wakers;
+        }
+    }
+
+    /// Makes the slot ready for a new batch. Only called when no ticket holds it: its remaining
+    /// wakers belong to tickets that were dropped.
+    fn reset(&self) {
+        *self.state.borrow_mut() = SlotState::Queued;
+        self.wakers.borrow_mut().clear();
+        self.epoch.set(self.epoch.get() + 1);
+    }
+
+    /// Registers (or refreshes) the waker of the ticket whose entry is `entry`.
+    fn register(&self, entry: &mut Option<(u64, usize)>, waker: &Waker) {
+        let mut wakers = self.wakers.borrow_mut();
+        let epoch = self.epoch.get();
+        match *entry {
+            Some((e, i)) if e == epoch => {
+                if !wakers[i].will_wake(waker) {
+                    wakers[i] = waker.clone();
+                }
+            }
+            _ => {
+                wakers.push(waker.clone());
+                *entry = Some((epoch, wakers.len() - 1));
+            }
+        }
+    }
+}
+
+/// A slot for a new batch: a pooled one that no ticket holds any more, else a fresh one.
+fn take_slot(slots: &mut VecDeque<Rc<BatchSlot>>) -> Rc<BatchSlot> {
+    for _ in 0..slots.len() {
+        let slot = slots.pop_front().expect("within len");
+        let free = Rc::strong_count(&slot) == 1;
+        slots.push_back(slot);
+        if free {
+            let slot = slots.back().expect("just pushed");
+            slot.reset();
+            return slot.clone();
+        }
+    }
+    let slot = Rc::new(BatchSlot::new());
+    if slots.len() < SLOTS_POOLED_MAX {
+        slots.push_back(slot.clone());
+    }
+    slot
+}
+
+/// Where a commit is expected to start. A batch serialises its appends at the place its body will
+/// have in the write, which depends on where the commit starts in its block; when the prediction
+/// misses (it can only after a rotation it did not foresee), sealing moves the body once.
+#[derive(Debug, Clone, Copy)]
+struct Placement {
+    /// Segment offset of the commit.
+    offset: u64,
+    /// Size of that segment.
+    capacity: u64,
+    /// The segment's first commit: its write starts with the segment header block.
+    first: bool,
+}
+
+impl Placement {
+    fn new_segment(capacity: u64) -> Placement {
+        Placement {
+            offset: SEGMENT_DATA_OFFSET,
+            capacity,
+            first: true,
+        }
+    }
+
+    fn of_active(a: &Active) -> Placement {
+        Placement {
+            offset: a.offset,
+            capacity: a.seg.capacity,
+            first: a.header_pending,
+        }
+    }
+
+    /// Bytes of the write in front of the commit: the header block of a new segment, or the
+    /// start of the block the commit begins in.
+    fn prefix(&self) -> usize {
+        if self.first {
+            SEGMENT_DATA_OFFSET as usize
+        } else {
+            (self.offset - align_down(self.offset)) as usize
+        }
+    }
+
+    fn fits(&self, commit_bytes: usize) -> bool {
+        self.offset + commit_bytes as u64 <= self.capacity
+    }
+
+    /// Where the commit after one of `commit_bytes` starts.
+    fn after(&self, commit_bytes: usize) -> Placement {
+        Placement {
+            offset: self.offset + commit_bytes as u64,
+            capacity: self.capacity,
+            first: false,
+        }
+    }
+}
+
+/// Appends serialised into one pooled buffer; the committer seals it as one commit.
+///
+/// The buffer is laid out as the write will be: `[0, prefix)` for the bytes in front of the
+/// commit (filled when sealing), then the commit header (filled when sealing), then the body,
+/// which appends extend. Only the queue's last batch takes new appends.
+struct Batch {
+    buf: PooledBuf,
+    at: Placement,
     first_lsn: u64,
-    count: u32,
-    body: Vec<u8>,
-    slot: Option<Rc<Slot>>,
+    records: u32,
+    appends: usize,
+    body_bytes: usize,
+    /// Shared by the batch's acknowledged appends; `None` while it has none.
+    slot: Option<Rc<BatchSlot>>,
+}
+
+impl Batch {
+    fn commit_bytes(&self) -> usize {
+        COMMIT_HEADER_BYTES + self.body_bytes
+    }
+
+    fn body_at(&self) -> usize {
+        self.at.prefix() + COMMIT_HEADER_BYTES
+    }
+
+    /// Whether `body_bytes` more fit in this commit: within `commit_bytes_max` and within the
+    /// segment the commit is expected to go to.
+    fn takes(&self, body_bytes: usize, commit_bytes_max: usize) -> bool {
+        let commit_bytes = self.commit_bytes() + body_bytes;
+        commit_bytes <= commit_bytes_max && self.at.fits(commit_bytes)
+    }
 }
 
 struct InFlight {
@@ -78,13 +258,19 @@ struct InFlight {
     records: u64,
     bytes: u64,
     started: Instant,
-    slots: Vec<Rc<Slot>>,
+    slot: Option<Rc<BatchSlot>>,
     result: Option<io::Result<()>>,
 }
 
 pub(crate) struct State {
-    pending: VecDeque<Pending>,
+    /// Batches not yet handed to the device, oldest first; the last one takes new appends.
+    pending: VecDeque<Batch>,
+    /// Record bytes (commit bodies) in `pending`.
     pending_bytes: usize,
+    /// Appends in `pending`.
+    pending_appends: usize,
+    /// Batch slots for reuse.
+    slots: VecDeque<Rc<BatchSlot>>,
     /// The segments, the active one and the spare: changed only through `Segments`' methods.
     pub segs: Segments,
     inflight: VecDeque<InFlight>,
@@ -107,6 +293,7 @@ struct Counters {
     records: u64,
     bytes: u64,
     commits: u64,
+    commits_moved: u64,
     records_per_commit: Histogram<u64>,
     bytes_per_commit: Histogram<u64>,
     fsync_latency_us: Histogram<u64>,
@@ -115,6 +302,8 @@ struct Counters {
 pub(crate) struct Inner {
     pub opts: ShardOptions,
     pub storage: Rc<dyn Storage>,
+    /// Commit buffers; bounded, so it also bounds what can be queued.
+    pool: BufPool,
     pub st: RefCell<State>,
     next_lsn: Cell<u64>,
     durable_lsn: Cell<u64>,
@@ -150,6 +339,10 @@ pub struct ShardStats {
     /// Payload bytes appended.
     pub bytes: u64,
     pub commits: u64,
+    /// Commits whose body was moved inside its buffer when sealed, because the batch expected
+    /// another start in the block (a rotation it did not foresee): a second copy of their records.
+    /// At most about one per segment.
+    pub commits_moved: u64,
     pub records_per_commit: Histogram<u64>,
     pub bytes_per_commit: Histogram<u64>,
     /// From submitting a commit to it being durable.
@@ -209,9 +402,12 @@ impl Shard {
         let hist = || Histogram::<u64>::new(3).expect("3 significant figures is valid");
         let inner = Rc::new(Inner {
             storage,
+            pool: commit_pool(&opts),
             st: RefCell::new(State {
                 pending: VecDeque::new(),
                 pending_bytes: 0,
+                pending_appends: 0,
+                slots: VecDeque::new(),
                 segs: rec.segs,
                 inflight: VecDeque::new(),
                 write_in_flight: false,
@@ -239,6 +435,7 @@ impl Shard {
                 records: 0,
                 bytes: 0,
                 commits: 0,
+                commits_moved: 0,
                 records_per_commit: hist(),
                 bytes_per_commit: hist(),
                 fsync_latency_us: hist(),
@@ -285,8 +482,25 @@ impl Shard {
     /// nameable future, so one task can hold many of them (e.g. in a queue polled in lsn order)
     /// instead of spawning a task per append.
     pub fn enqueue(&self, stream: u64, records: &[RecordRef<'_>], ack: AckLevel) -> Result<Ticket, ShardError> {
-        let (receipt, slot) = self.inner.enqueue(stream, records, ack)?;
-        Ok(Ticket { receipt, slot, ack })
+        self.enqueue_iter(stream, records.iter().copied(), ack)
+    }
+
+    /// [`Shard::enqueue`] from any cloneable iterator of records, e.g. one that reads them
+    /// straight out of a request frame: the records are serialised into the commit buffer as
+    /// they are read, with no list of them built first. The iterator is walked twice (to size
+    /// the append, then to copy it) and must yield the same records both times.
+    pub fn enqueue_iter<'r, I>(&self, stream: u64, records: I, ack: AckLevel) -> Result<Ticket, ShardError>
+    where
+        I: IntoIterator<Item = RecordRef<'r>>,
+        I::IntoIter: Clone,
+    {
+        let (receipt, slot) = self.inner.enqueue(stream, records.into_iter(), ack)?;
+        Ok(Ticket {
+            receipt,
+            slot,
+            ack,
+            entry: None,
+        })
     }
 
     /// Reads durable records from `from` on, across segments, optionally only of `stream`, up to
@@ -348,10 +562,11 @@ impl Shard {
             records: c.records,
             bytes: c.bytes,
             commits: c.commits,
+            commits_moved: c.commits_moved,
             records_per_commit: c.records_per_commit.clone(),
             bytes_per_commit: c.bytes_per_commit.clone(),
             fsync_latency_us: c.fsync_latency_us.clone(),
-            queue_depth: st.pending.len(),
+            queue_depth: st.pending_appends,
             durable_lsn: Lsn(self.inner.durable_lsn.get()),
             segment_count: st.segs.len(),
             segment_bytes: st.segs.file_bytes() + spare_bytes,
@@ -406,6 +621,17 @@ impl Shard {
     }
 }
 
+/// The pool of commit buffers of a shard with `opts`. A buffer holds a whole write: up to a block
+/// in front of the commit (the segment header block, or the start of the commit's first block),
+/// then at most `commit_bytes_max`. Enough buffers for `queue_bytes_max` of full commits plus the
+/// commits in flight and the one being filled; a queue of smaller batches (large appends that
+/// leave a batch part empty) meets the bound earlier and gets `Busy` earlier.
+fn commit_pool(opts: &ShardOptions) -> BufPool {
+    let buffer_bytes = SEGMENT_DATA_OFFSET as usize + opts.commit_bytes_max;
+    let buffers_max = opts.queue_bytes_max.div_ceil(opts.commit_bytes_max) + PIPELINE_DEPTH + 1;
+    BufPool::new(buffer_bytes, buffers_max)
+}
+
 /// Shares of the background task queue, against glommio's default queue's 1000.
 const BACKGROUND_SHARES: usize = 50;
 
@@ -442,8 +668,11 @@ fn background_queue() -> glommio::TaskQueueHandle {
 #[must_use = "a ticket does nothing unless polled; dropping it only gives up the answer"]
 pub struct Ticket {
     receipt: Receipt,
-    slot: Option<Rc<Slot>>,
+    /// The batch's slot; `None` for `AckLevel::None`.
+    slot: Option<Rc<BatchSlot>>,
     ack: AckLevel,
+    /// This ticket's waker entry in the slot: (epoch, index).
+    entry: Option<(u64, usize)>,
 }
 
 impl Ticket {
@@ -457,24 +686,23 @@ impl Future for Ticket {
     type Output = Result<Receipt, ShardError>;
 
     fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
-        let Some(slot) = &self.slot else {
-            return Poll::Ready(Ok(self.receipt));
+        let Ticket {
+            receipt,
+            slot,
+            ack,
+            entry,
+        } = self.get_mut();
+        let Some(slot) = slot else {
+            return Poll::Ready(Ok(*receipt));
         };
-        let mut state = slot.state.borrow_mut();
+        let state = slot.state.borrow();
         match &*state {
-            SlotState::Durable => Poll::Ready(Ok(self.receipt)),
-            SlotState::Written if self.ack == AckLevel::Written => Poll::Ready(Ok(self.receipt)),
-            SlotState::Failed(_) => match std::mem::replace(&mut *state, SlotState::Taken) {
-                SlotState::Failed(e) => Poll::Ready(Err(e)),
-                _ => unreachable!("matched Failed above"),
-            },
-            SlotState::Taken => Poll::Ready(Err(ShardError::Closed)),
+            SlotState::Durable => Poll::Ready(Ok(*receipt)),
+            SlotState::Written if *ack == AckLevel::Written => Poll::Ready(Ok(*receipt)),
+            SlotState::Failed(failure) => Poll::Ready(Err(failure.error())),
             SlotState::Queued | SlotState::Written => {
-                let mut waker = slot.waker.borrow_mut();
-                match &*waker {
-                    Some(w) if w.will_wake(cx.waker()) => {}
-                    _ => *waker = Some(cx.waker().clone()),
-                }
+                drop(state);
+                slot.register(entry, cx.waker());
                 Poll::Pending
             }
         }
@@ -506,23 +734,30 @@ impl Inner {
             .map(|cause| ShardError::Poisoned { cause })
     }
 
-    fn enqueue(
+    fn enqueue<'r>(
         &self,
         stream: u64,
-        records: &[RecordRef<'_>],
+        records: impl Iterator<Item = RecordRef<'r>> + Clone,
         ack: AckLevel,
-    ) -> Result<(Receipt, Option<Rc<Slot>>), ShardError> {
+    ) -> Result<(Receipt, Option<Rc<BatchSlot>>), ShardError> {
         if let Some(e) = self.poisoned_error() {
             return Err(e);
         }
         if self.closing.get() {
             return Err(ShardError::Closed);
         }
-        if records.is_empty() {
+        let mut count = 0usize;
+        let mut body_bytes = 0usize;
+        let mut payload_bytes = 0u64;
+        for r in records.clone() {
+            count += 1;
+            body_bytes = body_bytes.saturating_add(format::record_bytes(r.payload.len()));
+            payload_bytes += r.payload.len() as u64;
+        }
+        if count == 0 {
             return Err(ShardError::Empty);
         }
-        let body_bytes: usize = records.iter().map(|r| format::record_bytes(r.payload.len())).sum();
-        let commit_bytes = COMMIT_HEADER_BYTES + body_bytes;
+        let commit_bytes = COMMIT_HEADER_BYTES.saturating_add(body_bytes);
         if commit_bytes > self.opts.commit_bytes_max {
             return Err(ShardError::TooLarge {
                 bytes: commit_bytes,
@@ -530,13 +765,14 @@ impl Inner {
             });
         }
         // Bounded by commit_bytes_max, which fits in 32 bits (checked by validate).
-        let count = records.len() as u32;
+        let count = count as u32;
         let mut st = self.st.borrow_mut();
+        let busy = |st: &State| ShardError::Busy {
+            queued_bytes: st.pending_bytes,
+            max: self.opts.queue_bytes_max,
+        };
         if st.pending_bytes + body_bytes > self.opts.queue_bytes_max {
-            return Err(ShardError::Busy {
-                queued_bytes: st.pending_bytes,
-                max: self.opts.queue_bytes_max,
-            });
+            return Err(busy(&st));
         }
         if let Spare::Failed { no_space: true, .. } = st.segs.spare() {
             let fits = st.segs.active.as_ref().is_some_and(|a| {
@@ -547,32 +783,54 @@ impl Inner {
                 return Err(ShardError::NoSpace);
             }
         }
-        let mut body = Vec::with_capacity(body_bytes);
-        for r in records {
-            format::encode_record(&mut body, stream, r.timestamp, r.payload);
-        }
-        assert_eq!(body.len(), body_bytes);
         let first_lsn = self.next_lsn.get();
+        let joins = st
+            .pending
+            .back()
+            .is_some_and(|b| b.takes(body_bytes, self.opts.commit_bytes_max));
+        if !joins {
+            let at = self.next_placement(&st, body_bytes);
+            let Some(buf) = self.pool.take() else {
+                return Err(busy(&st));
+            };
+            st.pending.push_back(Batch {
+                buf,
+                at,
+                first_lsn,
+                records: 0,
+                appends: 0,
+                body_bytes: 0,
+                slot: None,
+            });
+        }
+        // Nothing can fail from here on.
         self.next_lsn.set(first_lsn + u64::from(count));
-        let slot = (ack != AckLevel::None).then(|| {
-            Rc::new(Slot {
-                state: RefCell::new(SlotState::Queued),
-                waker: RefCell::new(None),
-            })
-        });
-        st.pending_bytes += body_bytes;
-        st.pending.push_back(Pending {
+        let State { pending, slots, .. } = &mut *st;
+        let batch = pending.back_mut().expect("joined or pushed above");
+        assert_eq!(
+            batch.first_lsn + u64::from(batch.records),
             first_lsn,
-            count,
-            body,
-            slot: slot.clone(),
-        });
+            "lsns are contiguous"
+        );
+        let from = batch.body_at() + batch.body_bytes;
+        let out = &mut batch.buf.as_mut_slice()[from..from + body_bytes];
+        let mut at = 0;
+        for r in records {
+            at += format::encode_record_at(&mut out[at..], stream, r.timestamp, r.payload);
+        }
+        assert_eq!(at, body_bytes, "the records iterator yielded the same records twice");
+        batch.body_bytes += body_bytes;
+        batch.records += count;
+        batch.appends += 1;
+        let slot = (ack != AckLevel::None).then(|| batch.slot.get_or_insert_with(|| take_slot(slots)).clone());
+        st.pending_bytes += body_bytes;
+        st.pending_appends += 1;
         drop(st);
         {
             let mut c = self.counters.borrow_mut();
             c.appends += 1;
             c.records += u64::from(count);
-            c.bytes += records.iter().map(|r| r.payload.len() as u64).sum::<u64>();
+            c.bytes += payload_bytes;
         }
         self.committer_wake.notify();
         Ok((
@@ -584,25 +842,50 @@ impl Inner {
         ))
     }
 
-    /// Fails every queued append with `error()` and gives their lsns back: none of them has been
-    /// handed to the device, and lsns must stay contiguous on disk.
-    fn fail_pending(&self, st: &mut State, error: impl Fn() -> ShardError) {
+    /// Where the commit of a new batch whose first append has `body_bytes` is expected to start:
+    /// after the last queued batch, or where the active segment's next commit goes; in a new
+    /// segment if it does not fit there.
+    fn next_placement(&self, st: &State, body_bytes: usize) -> Placement {
+        let new_segment = || {
+            let capacity = match st.segs.spare() {
+                Spare::Ready { capacity, .. } => *capacity,
+                _ => self.opts.segment_bytes,
+            };
+            Placement::new_segment(capacity)
+        };
+        let at = match (st.pending.back(), &st.segs.active) {
+            (Some(b), _) => b.at.after(b.commit_bytes()),
+            (None, Some(a)) => Placement::of_active(a),
+            (None, None) => return new_segment(),
+        };
+        if at.fits(COMMIT_HEADER_BYTES + body_bytes) {
+            at
+        } else {
+            new_segment()
+        }
+    }
+
+    /// Fails every queued append with `failure` and gives their lsns back: none of them has been
+    /// handed to the device, and lsns must stay contiguous on disk. Their buffers go back to the
+    /// pool.
+    fn fail_pending(&self, st: &mut State, failure: Failure) {
         if let Some(front) = st.pending.front() {
             self.next_lsn.set(front.first_lsn);
         }
-        for p in st.pending.drain(..) {
-            if let Some(slot) = p.slot {
-                slot.set(SlotState::Failed(error()));
+        for batch in st.pending.drain(..) {
+            if let Some(slot) = batch.slot {
+                slot.set(SlotState::Failed(failure.clone()));
             }
         }
         st.pending_bytes = 0;
+        st.pending_appends = 0;
     }
 
     /// One step of the committer, without awaiting: submit a commit, rotate, or say why not.
     fn commit_step(self: &Rc<Self>) -> Step {
         let mut st = self.st.borrow_mut();
         if let Some(cause) = self.poisoned.borrow().clone() {
-            self.fail_pending(&mut st, || ShardError::Poisoned { cause: cause.clone() });
+            self.fail_pending(&mut st, Failure::Poisoned { cause });
             return if self.closing.get() { Step::Exit } else { Step::Wait };
         }
         if st.pending.is_empty() {
@@ -616,7 +899,7 @@ impl Inner {
         if st.write_in_flight || st.inflight.len() >= PIPELINE_DEPTH {
             return Step::Wait;
         }
-        let first_bytes = (COMMIT_HEADER_BYTES + st.pending[0].body.len()) as u64;
+        let first_bytes = st.pending[0].commit_bytes() as u64;
         let fits = st
             .segs
             .active
@@ -639,14 +922,12 @@ impl Inner {
                     Step::Wait
                 }
                 Spare::Failed { no_space, cause } => {
-                    let op_cause = cause.clone();
-                    self.fail_pending(&mut st, || {
-                        if no_space {
-                            ShardError::NoSpace
-                        } else {
-                            ShardError::io("prepare segment", "", io::Error::other(op_cause.clone()))
-                        }
-                    });
+                    let failure = if no_space {
+                        Failure::NoSpace
+                    } else {
+                        Failure::Prepare { cause: cause.clone() }
+                    };
+                    self.fail_pending(&mut st, failure);
                     st.segs.install_spare(Spare::Failed { no_space, cause });
                     self.bg_wake.notify();
                     Step::Again
@@ -668,72 +949,85 @@ impl Inner {
         self.bg_wake.notify();
     }
 
-    /// Builds one commit from the front of the queue and submits it.
+    /// Seals the batch at the front of the queue as one commit and submits it.
     fn submit(self: &Rc<Self>, mut guard: std::cell::RefMut<'_, State>) {
         let st = &mut *guard;
+        let batch = st.pending.pop_front().expect("checked by commit_step");
+        st.pending_bytes -= batch.body_bytes;
+        st.pending_appends -= batch.appends;
+        let staged_body_at = batch.body_at();
+        let commit_bytes = batch.commit_bytes();
+        let Batch {
+            mut buf,
+            first_lsn,
+            records: count,
+            body_bytes,
+            slot,
+            ..
+        } = batch;
+        assert!(count > 0);
+        assert!(commit_bytes <= self.opts.commit_bytes_max);
         let active = st.segs.active.as_mut().expect("checked by commit_step");
-        let room = active.seg.capacity - active.offset;
-        let limit = (self.opts.commit_bytes_max as u64).min(room) as usize;
-        let mut take = 0;
-        let mut body_bytes = 0;
-        for p in &st.pending {
-            if COMMIT_HEADER_BYTES + body_bytes + p.body.len() > limit {
-                break;
-            }
-            take += 1;
-            body_bytes += p.body.len();
-        }
-        assert!(take > 0, "the first append fits: checked by commit_step");
+        assert!(
+            active.offset + commit_bytes as u64 <= active.seg.capacity,
+            "checked by commit_step"
+        );
+        assert!(
+            first_lsn >= active.seg.base_lsn,
+            "a commit never goes below its segment's base"
+        );
         let write_start = if active.header_pending {
             0
         } else {
             align_down(active.offset)
         };
         let prefix = (active.offset - write_start) as usize;
-        let commit_bytes = COMMIT_HEADER_BYTES + body_bytes;
-        let buf_len = align_up((prefix + commit_bytes) as u64) as usize;
-        let mut buf: IoBuf = self.storage.alloc(buf_len);
+        let commit_end = prefix + commit_bytes;
+        let buf_len = align_up(commit_end as u64) as usize;
+        assert!(buf_len <= buf.capacity());
         let b = buf.as_mut_slice();
+        let body_at = prefix + COMMIT_HEADER_BYTES;
+        if body_at != staged_body_at {
+            // The batch was opened expecting another start (a rotation it did not foresee):
+            // move the body once.
+            b.copy_within(staged_body_at..staged_body_at + body_bytes, body_at);
+            self.counters.borrow_mut().commits_moved += 1;
+        }
         if active.header_pending {
             assert_eq!(active.offset, SEGMENT_DATA_OFFSET);
             assert!(active.tail.is_empty());
+            let block = &mut b[..BLOCK_BYTES as usize];
+            block.fill(0);
             SegmentHeader {
                 shard_id: self.opts.shard_id,
                 sequence: active.seg.sequence,
                 base_lsn: active.seg.base_lsn,
             }
-            .encode(&mut b[..BLOCK_BYTES as usize]);
+            .encode(block);
         } else {
             assert_eq!(active.tail.len(), prefix);
             b[..prefix].copy_from_slice(&active.tail);
         }
-        let first_lsn = st.pending[0].first_lsn;
-        let mut count: u32 = 0;
-        let mut at = prefix + COMMIT_HEADER_BYTES;
-        let mut slots = Vec::with_capacity(take);
-        for _ in 0..take {
-            let p = st.pending.pop_front().expect("take <= len");
-            assert_eq!(p.first_lsn, first_lsn + u64::from(count), "lsns are contiguous");
-            b[at..at + p.body.len()].copy_from_slice(&p.body);
-            at += p.body.len();
-            count += p.count;
-            st.pending_bytes -= p.body.len();
-            slots.extend(p.slot);
-        }
         format::seal_commit(&mut b[prefix..], active.seg.sequence, first_lsn, count, body_bytes);
+        // Only the padding is cleared: everything before it was written above or by the appends.
+        b[commit_end..buf_len].fill(0);
+        buf.set_len(buf_len);
         // Padding must be zero: recovery reads zeros after the last commit as the end of the log.
-        assert!(b[prefix + commit_bytes..].iter().all(|&x| x == 0));
+        assert!(buf.as_slice()[commit_end..].iter().all(|&x| x == 0));
         let commit_offset = active.offset;
         let end_offset = commit_offset + commit_bytes as u64;
         let tail_from = (align_down(end_offset) - write_start) as usize;
         let tail_to = (end_offset - write_start) as usize;
-        active.tail = b[tail_from..tail_to].to_vec();
+        active.tail.clear();
+        active.tail.extend_from_slice(&buf.as_slice()[tail_from..tail_to]);
         active.offset = end_offset;
         active.header_pending = false;
         // [segments] The sparse index and the checksum chain the segment's summary carries.
-        active
-            .seg
-            .note_commit(first_lsn, commit_offset, &b[prefix..prefix + COMMIT_HEADER_BYTES]);
+        active.seg.note_commit(
+            first_lsn,
+            commit_offset,
+            &buf.as_slice()[prefix..prefix + COMMIT_HEADER_BYTES],
+        );
         let seg = active.seg.clone();
         let id = st.next_commit_id;
         st.next_commit_id += 1;
@@ -745,7 +1039,7 @@ impl Inner {
             records: u64::from(count),
             bytes: commit_bytes as u64,
             started: Instant::now(),
-            slots,
+            slot,
             result: None,
         });
         st.write_in_flight = true;
@@ -756,7 +1050,7 @@ impl Inner {
             let inner = self.clone();
             Box::new(move || inner.on_written(id))
         };
-        let io = seg.file.commit(write_start, buf, on_written);
+        let io = seg.file.commit(write_start, IoBuf::Pooled(buf), on_written);
         let inner = self.clone();
         glommio::spawn_local(async move {
             let result = io.await;
@@ -768,12 +1062,10 @@ impl Inner {
     fn on_written(&self, id: u64) {
         let mut st = self.st.borrow_mut();
         st.write_in_flight = false;
-        if let Some(f) = st.inflight.iter().find(|f| f.id == id) {
-            for slot in &f.slots {
-                let queued = matches!(*slot.state.borrow(), SlotState::Queued);
-                if queued {
-                    slot.set(SlotState::Written);
-                }
+        if let Some(slot) = st.inflight.iter().find(|f| f.id == id).and_then(|f| f.slot.as_ref()) {
+            let queued = matches!(*slot.state.borrow(), SlotState::Queued);
+            if queued {
+                slot.set(SlotState::Written);
             }
         }
         drop(st);
@@ -816,7 +1108,7 @@ impl Inner {
             let _ = c.records_per_commit.record(f.records);
             let _ = c.bytes_per_commit.record(f.bytes);
             let _ = c.fsync_latency_us.record(f.started.elapsed().as_micros() as u64);
-            for slot in f.slots {
+            if let Some(slot) = f.slot {
                 slot.set(SlotState::Durable);
             }
         }
@@ -838,11 +1130,10 @@ impl Inner {
         }
         let cause = self.poisoned.borrow().clone().expect("set above");
         let mut st = self.st.borrow_mut();
-        self.fail_pending(&mut st, || ShardError::Poisoned { cause: cause.clone() });
-        for f in &st.inflight {
-            for slot in &f.slots {
-                slot.set(SlotState::Failed(ShardError::Poisoned { cause: cause.clone() }));
-            }
+        let failure = Failure::Poisoned { cause };
+        self.fail_pending(&mut st, failure.clone());
+        for slot in st.inflight.iter().filter_map(|f| f.slot.as_ref()) {
+            slot.set(SlotState::Failed(failure.clone()));
         }
         drop(st);
         self.durable_waiters.wake_all();

@@ -6,6 +6,9 @@
 //! (`-ECANCELED`), so a successful fdatasync CQE always covers the bytes of its write.
 //!
 //! glommio 0.9 cannot link SQEs on its own rings, so each shard owns one more ring, this one.
+//! Both durability modes commit through it (`Dsync` as one `RWF_DSYNC` write): glommio's writes
+//! take only its own `DmaBuffer`s, which cannot be reused at another length, while this ring
+//! writes from any stable buffer, such as the shard's pooled commit buffers.
 //!
 //! # Waking without spinning
 //!

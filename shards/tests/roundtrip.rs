@@ -25,6 +25,8 @@ fn round_trip_across_rotations(durability: Durability) {
         assert_eq!(shard.durable_lsn(), Lsn(600));
         let stats = shard.stats();
         assert!(stats.segment_count > 3, "rotated: {} segments", stats.segment_count);
+        // Each batch was serialised where its commit landed, across rotations too: one copy.
+        assert_eq!(stats.commits_moved, 0, "commits whose body was moved when sealed");
         let check = |shard: Shard| async move {
             let mut from = Lsn(1);
             let mut seen = 0u64;
@@ -86,7 +88,9 @@ fn no_polled_ring_writes_after_opening_a_fresh_dir() {
         }
         let stats = glommio::executor().io_stats();
         assert_eq!(stats.poll_ring.file_writes().0, 0, "writes went to the polled ring");
-        assert!(stats.main_ring.file_writes().0 + stats.latency_ring.file_writes().0 >= 20);
+        // Commits go through the shard's private ring; glommio's writes are the segment's
+        // preparation (zero-fill), which the first commit waited for.
+        assert!(stats.main_ring.file_writes().0 + stats.latency_ring.file_writes().0 >= 1);
         shard.close().await.unwrap();
     });
 }

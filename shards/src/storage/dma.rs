@@ -29,16 +29,20 @@ pub struct DmaStorage {
     dir: PathBuf,
     /// Kept open for the life of the storage; also the allocator of DMA buffers.
     sentinel: Rc<DmaFile>,
-    /// The private ring that links each commit's write to its fdatasync (`Durability::Linked`).
-    ring: Option<Rc<LinkedRing>>,
+    /// The private ring every commit is submitted on: a write linked to an fdatasync
+    /// (`Durability::Linked`) or one `RWF_DSYNC` write to a file opened with `O_DSYNC`
+    /// (`Durability::Dsync`). glommio's own writes take only its `DmaBuffer`s, so a commit written
+    /// straight from a pooled buffer goes through this ring in both modes.
+    ring: Rc<LinkedRing>,
 }
 
 impl DmaStorage {
     /// Opens the shard directory, creating it and its sentinel file if needed. Must be the first
-    /// `DmaFile` this executor opens for the polled-ring workaround to work. With
-    /// `Durability::Linked` it also sets up the private ring; its completion reaper runs in the
-    /// caller's task queue, which should be the latency-sensitive one.
-    pub async fn open(dir: impl AsRef<Path>, durability: Durability) -> io::Result<DmaStorage> {
+    /// `DmaFile` this executor opens for the polled-ring workaround to work. It also sets up the
+    /// private commit ring; its completion reaper runs in the caller's task queue, which should be
+    /// the latency-sensitive one. Both durability modes commit through the ring, so the mode the
+    /// segments will use (given to [`Storage::open`]) does not matter here.
+    pub async fn open(dir: impl AsRef<Path>, _durability: Durability) -> io::Result<DmaStorage> {
         let dir = dir.as_ref().to_path_buf();
         std::fs::create_dir_all(&dir)?;
         let path = dir.join(SENTINEL_FILE);
@@ -61,10 +65,7 @@ impl DmaStorage {
                 path.display()
             )));
         }
-        let ring = match durability {
-            Durability::Linked => Some(LinkedRing::new(LINKED_RING_ENTRIES)?),
-            Durability::Dsync => None,
-        };
+        let ring = LinkedRing::new(LINKED_RING_ENTRIES)?;
         Ok(DmaStorage {
             dir,
             sentinel: Rc::new(sentinel),
@@ -99,16 +100,8 @@ impl Storage for DmaStorage {
         durability: Durability,
     ) -> LocalBoxFuture<io::Result<Rc<dyn SegmentFile>>> {
         let path = self.dir.join(name);
-        let ring = match durability {
-            Durability::Linked => self.ring.clone(),
-            Durability::Dsync => None,
-        };
+        let ring = self.ring.clone();
         Box::pin(async move {
-            if durability == Durability::Linked && ring.is_none() {
-                return Err(io::Error::other(
-                    "linked durability needs the storage opened with Durability::Linked",
-                ));
-            }
             let mut opts = OpenOptions::new();
             opts.read(true).write(true).create(create);
             if durability == Durability::Dsync {
@@ -118,6 +111,7 @@ impl Storage for DmaStorage {
             let file: Rc<dyn SegmentFile> = Rc::new(DmaSegment {
                 file: Rc::new(file),
                 ring,
+                durability,
             });
             Ok(file)
         })
@@ -161,27 +155,36 @@ impl Storage for DmaStorage {
 
 struct DmaSegment {
     file: Rc<DmaFile>,
-    /// `Some` in linked mode; `None` means the file was opened with O_DSYNC.
-    ring: Option<Rc<LinkedRing>>,
+    ring: Rc<LinkedRing>,
+    /// `Dsync`: the file was opened with `O_DSYNC`.
+    durability: Durability,
 }
 
 fn into_dma(file: &DmaFile, buf: IoBuf) -> glommio::io::DmaBuffer {
     match buf {
         IoBuf::Dma(b) => b,
-        IoBuf::Heap(h) => {
-            let mut b = file.alloc_dma_buffer(h.as_slice().len());
-            b.as_bytes_mut().copy_from_slice(h.as_slice());
-            b
-        }
+        IoBuf::Heap(h) => copy_to_dma(file, h.as_slice()),
+        IoBuf::Pooled(p) => copy_to_dma(file, p.as_slice()),
+        IoBuf::SharedHeap(h) => copy_to_dma(file, h.as_slice()),
+        IoBuf::SharedDma(b) => copy_to_dma(file, b.as_bytes()),
     }
+}
+
+fn copy_to_dma(file: &DmaFile, bytes: &[u8]) -> glommio::io::DmaBuffer {
+    let mut b = file.alloc_dma_buffer(bytes.len());
+    b.as_bytes_mut().copy_from_slice(bytes);
+    b
 }
 
 async fn write_all(file: &DmaFile, offset: u64, buf: IoBuf) -> io::Result<()> {
     let len = buf.len();
     assert_eq!(offset % BLOCK_BYTES, 0);
     assert_eq!(len as u64 % BLOCK_BYTES, 0);
-    let dma = into_dma(file, buf);
-    let written = file.write_at(dma, offset).await?;
+    let written = match buf {
+        // Written as is: glommio keeps its own reference until the write completes.
+        IoBuf::SharedDma(b) => file.write_rc_at(b, offset).await?,
+        buf => file.write_at(into_dma(file, buf), offset).await?,
+    };
     if written != len {
         // A short direct write to preallocated space means something is wrong underneath; the
         // data cannot be assumed to be there.
@@ -216,25 +219,33 @@ impl SegmentFile for DmaSegment {
     fn commit(&self, offset: u64, buf: IoBuf, on_written: OnWritten) -> LocalBoxFuture<io::Result<()>> {
         let file = self.file.clone();
         let ring = self.ring.clone();
+        let durability = self.durability;
         Box::pin(async move {
+            let len = buf.len();
             assert_eq!(offset % BLOCK_BYTES, 0);
-            assert_eq!(buf.len() as u64 % BLOCK_BYTES, 0);
-            match ring {
-                // The file was opened with O_DSYNC: the write completes once it is durable.
-                None => {
-                    write_all(&file, offset, buf).await?;
+            assert_eq!(len as u64 % BLOCK_BYTES, 0);
+            // `file` (and so the fd) lives until every completion is in. The ring owns `buf` until
+            // the kernel is done with it, even if this future is dropped first.
+            match durability {
+                // One write, durable when it completes: `RWF_DSYNC` on a file that is also opened
+                // with `O_DSYNC`. The block layer issues the flush (FUA where the device has it).
+                Durability::Dsync => {
+                    let (result, buf) = ring.write_dsync(file.as_raw_fd(), buf, offset).await;
+                    // Back to the pool before the shard learns of the completion.
+                    drop(buf);
+                    let written = result?;
+                    assert_eq!(written, len, "the ring reports a short write as an error");
                     on_written();
                     Ok(())
                 }
                 // One submission: the write, linked to an fdatasync that the kernel starts only
-                // after the write completed in full. `file` (and so the fd) lives until both
-                // completions are in.
-                Some(ring) => {
-                    let dma = into_dma(&file, buf);
-                    let mut commit = ring.write_then_sync(file.as_raw_fd(), dma, offset);
+                // after the write completed in full.
+                Durability::Linked => {
+                    let mut commit = ring.write_then_sync(file.as_raw_fd(), buf, offset);
                     commit.written().await?;
                     on_written();
-                    let (result, _buf) = commit.synced().await;
+                    let (result, buf) = commit.synced().await;
+                    drop(buf);
                     result
                 }
             }

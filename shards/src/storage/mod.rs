@@ -16,9 +16,13 @@
 //! - `create`, `rename` and `remove` become durable at the next `sync_dir`.
 //! - All futures are `'static` and must be polled on the executor that owns the storage.
 //! - A future that is dropped early may still have its I/O performed.
+//! - `write` and `commit` own their buffer until the I/O is done and then drop it. A commit
+//!   buffer is usually an [`IoBuf::Pooled`], which goes back to the shard's pool when dropped, so
+//!   an implementation must not drop it while the device may still read it.
 
 pub mod dma;
 pub mod mem;
+pub mod pool;
 
 use std::future::Future;
 use std::io;
@@ -26,7 +30,9 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::time::SystemTime;
 
+use crate::uring::RingBuf;
 use crate::Durability;
+pub use pool::{BufPool, PooledBuf};
 
 pub type LocalBoxFuture<T> = Pin<Box<dyn Future<Output = T> + 'static>>;
 
@@ -64,10 +70,15 @@ pub trait SegmentFile {
 /// A 4 KiB-aligned, zero-initialised heap buffer (the same type the private ring writes from).
 pub use crate::uring::AlignedBuf;
 
-/// A write buffer: glommio's DMA buffer for real files, a plain aligned buffer otherwise.
+/// A write buffer: glommio's DMA buffer for real files, a plain aligned buffer otherwise, or a
+/// buffer of a [`BufPool`] (commits). The shared variants ([`IoBuf::into_shared`]) are read-only
+/// and can be written many times without copying, e.g. one block of zeros for a whole segment.
 pub enum IoBuf {
     Dma(glommio::io::DmaBuffer),
     Heap(AlignedBuf),
+    Pooled(PooledBuf),
+    SharedDma(Rc<glommio::io::DmaBuffer>),
+    SharedHeap(Rc<AlignedBuf>),
 }
 
 impl IoBuf {
@@ -75,13 +86,41 @@ impl IoBuf {
         match self {
             IoBuf::Dma(b) => b.as_bytes(),
             IoBuf::Heap(b) => b.as_slice(),
+            IoBuf::Pooled(b) => b.as_slice(),
+            IoBuf::SharedDma(b) => b.as_bytes(),
+            IoBuf::SharedHeap(b) => b.as_slice(),
         }
     }
 
+    /// The bytes, to fill them. A shared buffer is read-only: fill it before sharing it.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        const SHARED: &str = "a shared buffer is read-only";
         match self {
             IoBuf::Dma(b) => b.as_bytes_mut(),
             IoBuf::Heap(b) => b.as_mut_slice(),
+            IoBuf::Pooled(b) => b.as_mut_slice(),
+            IoBuf::SharedDma(b) => Rc::get_mut(b).expect(SHARED).as_bytes_mut(),
+            IoBuf::SharedHeap(b) => Rc::get_mut(b).expect(SHARED).as_mut_slice(),
+        }
+    }
+
+    /// Makes the buffer shareable: [`IoBuf::share`] then gives more handles to the same bytes.
+    /// A pooled buffer cannot be shared (it returns to its pool when dropped).
+    pub fn into_shared(self) -> IoBuf {
+        match self {
+            IoBuf::Dma(b) => IoBuf::SharedDma(Rc::new(b)),
+            IoBuf::Heap(b) => IoBuf::SharedHeap(Rc::new(b)),
+            IoBuf::Pooled(_) => panic!("a pooled buffer cannot be shared"),
+            shared => shared,
+        }
+    }
+
+    /// Another handle to the bytes of a shared buffer.
+    pub fn share(&self) -> IoBuf {
+        match self {
+            IoBuf::SharedDma(b) => IoBuf::SharedDma(b.clone()),
+            IoBuf::SharedHeap(b) => IoBuf::SharedHeap(b.clone()),
+            _ => panic!("only a buffer made shared with `into_shared` can be shared"),
         }
     }
 
@@ -91,5 +130,22 @@ impl IoBuf {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+// SAFETY: every variant keeps its bytes in a heap allocation it owns (see each variant's own
+// `RingBuf` implementation); moving the enum does not move them.
+unsafe impl RingBuf for IoBuf {
+    fn as_ptr(&self) -> *const u8 {
+        match self {
+            IoBuf::Dma(b) => RingBuf::as_ptr(b),
+            IoBuf::Heap(b) => RingBuf::as_ptr(b),
+            IoBuf::Pooled(b) => RingBuf::as_ptr(b),
+            IoBuf::SharedDma(b) => RingBuf::as_ptr(&**b),
+            IoBuf::SharedHeap(b) => RingBuf::as_ptr(&**b),
+        }
+    }
+    fn len(&self) -> usize {
+        IoBuf::len(self)
     }
 }
