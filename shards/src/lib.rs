@@ -62,6 +62,7 @@
 
 mod error;
 pub mod format;
+pub mod read_pool;
 mod recovery;
 mod rotation;
 mod shard;
@@ -75,6 +76,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 pub use error::ShardError;
+pub use read_pool::{ReadMemory, ReadPool, READ_MEMORY_BYTES_DEFAULT};
 pub use shard::{Shard, ShardStats, Ticket};
 pub use stall_guard::{StallGuard, STALL_GUARD_IDLE_INTERVAL, STALL_GUARD_INTERVAL_DEFAULT};
 
