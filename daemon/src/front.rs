@@ -12,7 +12,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::future::poll_fn;
-use std::os::unix::io::FromRawFd;
+use std::os::unix::io::{AsRawFd, FromRawFd};
 use std::pin::Pin;
 use std::rc::{Rc, Weak};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -27,6 +27,7 @@ use proto::codec::{self, Encoder};
 use proto::frame::{FrameReader, FRAME_HEADER_BYTES, READ_CHUNK_BYTES};
 use proto::wire::{self, ErrorCode, RequestBody};
 use proto::DecodeError;
+use shards::ReadMemory;
 
 use crate::notify::Notify;
 use crate::ring::{Completion, ConnId, FromShard, Latch, ReadArgs, Reply, RingSender, ToShard};
@@ -44,6 +45,9 @@ const LINGER_BYTES_MAX: usize = 1 << 20;
 /// How long shutdown waits for connections to drain before dropping those whose clients do not
 /// read their responses.
 pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(10);
+/// How often a reader waiting for budget asks the kernel whether its client has closed its
+/// sending side (see [`client_hung_up`]).
+const HANGUP_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 /// A writer keeps at most this much buffer capacity while idle.
 const IDLE_BUFFER_BYTES: usize = 64 << 10;
 /// Request frame buffers kept for reuse (they come back from the shards with the answers).
@@ -104,6 +108,8 @@ pub struct FrontConfig {
     pub max_frame_bytes: usize,
     pub max_connections: usize,
     pub conn_budget_bytes: usize,
+    /// Ceiling of a read's `max_wait_ms`; longer waits are clamped to it.
+    pub max_wait_ms: u32,
 }
 
 /// How a front reaches one shard.
@@ -150,6 +156,13 @@ struct Conn {
     in_flight: Cell<usize>,
     /// Encoded responses not yet handed to the socket.
     out: RefCell<Vec<u8>>,
+    /// The shards' read-memory charges of the read responses in `out`, returned once written.
+    out_memory: RefCell<Vec<ReadMemory>>,
+    /// Some read of this connection went to a shard: its end must cancel the ones still waiting.
+    sent_reads: Cell<bool>,
+    /// The client closed its sending side (or the reader stopped): the shards were told to end
+    /// this connection's long-polls, and reads sent after it do not wait.
+    hung_up: Cell<bool>,
     /// Budget to return once `out` is written.
     out_release: Cell<usize>,
     writer_wake: Notify,
@@ -314,6 +327,9 @@ impl Front {
             budget: Semaphore::new(budget as u64),
             in_flight: Cell::new(0),
             out: RefCell::new(Vec::new()),
+            out_memory: RefCell::new(Vec::new()),
+            sent_reads: Cell::new(false),
+            hung_up: Cell::new(false),
             out_release: Cell::new(0),
             writer_wake: Notify::default(),
             reader_wake: Notify::default(),
@@ -374,20 +390,53 @@ impl Front {
                 None => frames.filled(0),
             }
         }
+        // No request comes after this one, so nothing may wait for the client any more: a
+        // long-poll would otherwise keep the connection (its slot, its budget, the shard's
+        // attention) until its deadline, long after its client left.
+        self.hang_up(&conn).await;
         conn.reading.set(false);
         conn.writer_wake.notify();
+    }
+
+    /// The client closed its sending side (it may or may not still read), or the reader stopped:
+    /// tells every shard this connection sent reads to to answer its long-polls now. Requests
+    /// already received are still answered.
+    async fn hang_up(&self, conn: &Conn) {
+        if conn.hung_up.replace(true) || !conn.sent_reads.get() {
+            return;
+        }
+        for shard in 0..self.shard_count {
+            // A shard that is gone has no read of this connection left either.
+            let _ = self.send_raw(shard, ToShard::Cancel { conn: conn.id }).await;
+        }
     }
 
     /// Reserves budget for a request and counts it in flight. A reservation larger than the
     /// whole budget takes the whole budget, so one maximal frame can always proceed.
     async fn reserve(&self, conn: &Conn, bytes: usize) -> usize {
         let units = bytes.min(self.cfg.conn_budget_bytes);
+        let mut acquire = std::pin::pin!(conn.budget.acquire(units as u64));
+        let mut acquired = None;
+        if !conn.hung_up.get() {
+            // While it waits for budget the reader does not read the socket, so it would not see
+            // the end of the stream; if the budget is held by this connection's own long-polls it
+            // would wait for their deadlines. Watch for the client's close meanwhile.
+            acquired = future::or(async { Some(acquire.as_mut().await) }, async {
+                client_hung_up(&conn.stream).await;
+                None
+            })
+            .await;
+            if acquired.is_none() {
+                self.hang_up(conn).await;
+            }
+        }
+        let acquired = match acquired {
+            Some(done) => done,
+            None => acquire.await,
+        };
         // The semaphore is only closed by dropping the connection, which cannot happen while its
         // reader runs.
-        conn.budget
-            .acquire(units as u64)
-            .await
-            .expect("connection budget semaphore is never closed");
+        acquired.expect("connection budget semaphore is never closed");
         conn.in_flight.set(conn.in_flight.get() + 1);
         units
     }
@@ -455,13 +504,21 @@ impl Front {
                 // A read may not ask for more than half the budget, so it can always be served
                 // while other requests of the connection are in flight.
                 let max_bytes = (read.max_bytes() as usize).clamp(1, self.cfg.conn_budget_bytes / 2);
+                let reserved = self.reserve(conn, frame_bytes + max_bytes + SMALL_RESPONSE_BYTES).await;
+                // After `reserve`: the client may have closed its side meanwhile, and the shards
+                // have then been told to end this connection's waits already.
+                let max_wait_ms = if conn.hung_up.get() {
+                    0
+                } else {
+                    read.max_wait_ms().min(self.cfg.max_wait_ms)
+                };
                 let args = ReadArgs {
                     from_lsn: read.from_lsn(),
                     max_bytes,
-                    max_wait_ms: read.max_wait_ms(),
+                    max_wait_ms,
                     stream: read.has_stream().then(|| read.stream()),
                 };
-                let reserved = self.reserve(conn, frame_bytes + max_bytes + SMALL_RESPONSE_BYTES).await;
+                conn.sent_reads.set(true);
                 let msg = ToShard::Read {
                     conn: conn.id,
                     id,
@@ -536,7 +593,7 @@ impl Front {
     async fn send(&self, conn: &Rc<Conn>, shard: u16, msg: ToShard) {
         let (id, reserved) = match &msg {
             ToShard::Append { id, reserved, .. } | ToShard::Read { id, reserved, .. } => (*id, *reserved),
-            ToShard::Stats { .. } => unreachable!("stats go through send_raw"),
+            ToShard::Stats { .. } | ToShard::Cancel { .. } => unreachable!("these go through send_raw"),
         };
         if !self.send_raw(shard, msg).await {
             let reply = Reply::Error {
@@ -648,6 +705,14 @@ impl Front {
                     out.extend_from_slice(&frame);
                 }
             }
+            Reply::Read { frame, memory } => {
+                if out.is_empty() {
+                    *out = frame;
+                } else {
+                    out.extend_from_slice(&frame);
+                }
+                conn.out_memory.borrow_mut().push(memory);
+            }
             Reply::Error { code, message } => self.encoder.borrow_mut().error(id, code, &message, &mut out),
             Reply::Truncated {
                 first_available_lsn,
@@ -686,6 +751,7 @@ impl Front {
             // Everything completed since the last write goes out in one write.
             std::mem::swap(&mut buf, &mut *conn.out.borrow_mut());
             let release = conn.out_release.replace(0);
+            let read_memory = std::mem::take(&mut *conn.out_memory.borrow_mut());
             if !conn.broken.get() {
                 let wrote = future::or(async { Some(write_all(&conn.stream, &buf).await) }, async {
                     conn.abort.wait().await;
@@ -705,6 +771,8 @@ impl Front {
             if buf.capacity() > IDLE_BUFFER_BYTES {
                 buf = Vec::new();
             }
+            // The bytes are in the kernel (or dropped): the shards may use the memory again.
+            drop(read_memory);
             conn.budget.signal(release as u64);
         }
         assert_eq!(conn.in_flight.get(), 0);
@@ -734,6 +802,29 @@ async fn write_all(stream: &RefCell<TcpStream>, mut buf: &[u8]) -> std::io::Resu
         buf = &buf[n..];
     }
     Ok(())
+}
+
+/// Resolves once the client has closed its sending side or the connection failed, without
+/// reading what the client sent. glommio has no readiness wait for sockets, so this asks
+/// poll(2) every [`HANGUP_CHECK_INTERVAL`]; it runs only while a reader waits for budget.
+async fn client_hung_up(stream: &RefCell<TcpStream>) {
+    let fd = stream.borrow().as_raw_fd();
+    loop {
+        glommio::timer::sleep(HANGUP_CHECK_INTERVAL).await;
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, zero timeout; the fd stays open while the stream lives, and
+        // the stream outlives this future.
+        let n = unsafe { libc::poll(&mut p, 1, 0) };
+        // POLLRDHUP is set once the client's FIN has arrived, even with data still queued before
+        // it; POLLHUP/POLLERR after a reset.
+        if n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+            return;
+        }
+    }
 }
 
 /// Sends FIN, then reads and drops what the client still sends for a short while, so closing

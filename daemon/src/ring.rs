@@ -29,6 +29,7 @@ use std::task::{Poll, Waker};
 
 use crossbeam_queue::ArrayQueue;
 use proto::wire::{ErrorCode, ShardStatsT};
+use shards::ReadMemory;
 
 /// A front-local connection number; 0 is never used.
 pub type ConnId = u64;
@@ -52,6 +53,12 @@ pub enum ToShard {
     },
     Stats {
         token: u64,
+    },
+    /// Connection `conn` of this front ended, or its client closed its sending side: its reads
+    /// still waiting for records (long-polls) answer now with what they have. Sent after the
+    /// connection's last request, so it follows all of them on the ring.
+    Cancel {
+        conn: ConnId,
     },
 }
 
@@ -97,8 +104,14 @@ pub enum Reply {
     },
     /// A successful append with `AckLevel::None`: nothing is sent, only the budget returns.
     Silent,
-    /// A complete response frame, encoded on the shard core (reads).
+    /// A complete response frame.
     Frame(Vec<u8>),
+    /// A read's `Records` response, encoded on the shard core, with its charge against the
+    /// shard's read memory: the front keeps `memory` until the frame is written or dropped.
+    Read {
+        frame: Vec<u8>,
+        memory: ReadMemory,
+    },
     Error {
         code: ErrorCode,
         message: String,

@@ -81,6 +81,7 @@ struct ShardPart {
     dir: PathBuf,
     opts: shards::ShardOptions,
     faults: Vec<FaultSpec>,
+    read_memory_bytes: usize,
     /// One (requests in, completions out) pair per front on another executor.
     rings: Vec<(RingReceiver<ToShard>, RingSender<FromShard>)>,
     ready: mpsc::Sender<Ready>,
@@ -252,6 +253,7 @@ fn make_bundles(
         max_frame_bytes: args.max_frame_bytes,
         max_connections: args.max_connections,
         conn_budget_bytes: args.conn_budget_bytes,
+        max_wait_ms: args.max_wait_ms,
     };
     let mut bundles: Vec<Bundle> = plan
         .executors
@@ -273,6 +275,7 @@ fn make_bundles(
                 dir: checks::shard_dir(data_dir, id),
                 opts: args.shard_options(id),
                 faults: faults.iter().copied().filter(|f| f.shard == id).collect(),
+                read_memory_bytes: args.read_memory_bytes,
                 rings: Vec::new(),
                 ready: ready.clone(),
             }),
@@ -354,7 +357,7 @@ async fn executor_main(bundle: Bundle) -> Result<(), String> {
             );
             let _ = part.ready.send(Ready::Opened { shard: part.id });
             shard_rings = part.rings;
-            Some(ShardServer::new(part.id, part.shard_count, shard))
+            Some(ShardServer::new(part.id, part.shard_count, shard, part.read_memory_bytes))
         }
     };
 

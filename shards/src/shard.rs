@@ -319,7 +319,8 @@ impl Shard {
             .await
     }
 
-    /// [`Shard::read`], charging what it allocates to `memory` before allocating it (see
+    /// [`Shard::read`], charging what it allocates to `memory`, which must hold nothing yet,
+    /// before allocating it (see
     /// [`crate::read_pool`]): each chunk it reads from disk, and the records it collects. When it
     /// returns, `memory` holds the batch's charge ([`READ_BATCH_OVERHEAD_BYTES`], and per record
     /// [`READ_RECORD_OVERHEAD_BYTES`] plus the payload), which also covers the batch's encoded
@@ -907,6 +908,9 @@ impl Inner {
         stream: Option<u64>,
         memory: &mut ReadMemory,
     ) -> Result<ReadBatch, ShardError> {
+        assert_eq!(memory.held(), 0, "a read starts holding nothing");
+        // Even an empty batch has a response; a read that holds nothing may wait for room.
+        memory.acquire(READ_BATCH_OVERHEAD_BYTES).await;
         let requested = from.0.max(1);
         let (segments, first_available) = {
             let st = self.st.borrow();
