@@ -21,6 +21,9 @@ pub const READ_MEMORY_BYTES_DEFAULT: usize = shards::READ_MEMORY_BYTES_DEFAULT;
 /// The smallest read memory accepted: what one read may need at once (a response of half the
 /// largest budget, plus the largest commit read twice while it is copied out of the DMA buffer).
 pub const READ_MEMORY_BYTES_MIN: usize = 8 << 20;
+/// Default bound, per front executor, of the request frames larger than one socket read (64 KiB)
+/// that connections are receiving: eight maximal frames.
+pub const FRAME_MEMORY_BYTES_DEFAULT: usize = 32 << 20;
 /// Default capacity (messages) of each cross-executor ring, each direction.
 pub const RING_CAPACITY_DEFAULT: usize = 1024;
 
@@ -44,6 +47,8 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+// Parsed once at startup: the size of the larger variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Run the daemon (the default when no command is given).
     Serve(ServeArgs),
@@ -131,6 +136,12 @@ pub struct ServeArgs {
     #[arg(long, env = "SHARDLOG_READ_MEMORY_BYTES", default_value_t = READ_MEMORY_BYTES_DEFAULT,
           value_parser = read_memory_bytes)]
     pub read_memory_bytes: usize,
+
+    /// Per front executor: memory for request frames larger than 64 KiB while they are received.
+    /// A connection takes a large frame's whole length before buffering it, and waits (reading
+    /// nothing more) while there is no room; at least one maximal frame.
+    #[arg(long, env = "SHARDLOG_FRAME_MEMORY_BYTES", default_value_t = FRAME_MEMORY_BYTES_DEFAULT)]
+    pub frame_memory_bytes: usize,
 
     /// How a commit is made durable.
     #[arg(long, env = "SHARDLOG_DURABILITY", value_enum, default_value_t = DurabilityArg::Dsync)]

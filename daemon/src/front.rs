@@ -27,7 +27,6 @@ use proto::codec::{self, Encoder};
 use proto::frame::{FrameReader, FRAME_HEADER_BYTES, READ_CHUNK_BYTES};
 use proto::wire::{self, ErrorCode, RequestBody};
 use proto::DecodeError;
-use shards::ReadMemory;
 
 use crate::notify::Notify;
 use crate::ring::{Completion, ConnId, FromShard, Latch, ReadArgs, Reply, RingSender, ToShard};
@@ -110,6 +109,9 @@ pub struct FrontConfig {
     pub conn_budget_bytes: usize,
     /// Ceiling of a read's `max_wait_ms`; longer waits are clamped to it.
     pub max_wait_ms: u32,
+    /// Bound of the request frames larger than one socket read that this front's connections
+    /// buffer together (see [`Front::charge_frame`]).
+    pub frame_memory_bytes: usize,
 }
 
 /// How a front reaches one shard.
@@ -143,6 +145,8 @@ pub struct Front {
     stop_accept: Notify,
     /// Request frame buffers to reuse.
     frame_pool: RefCell<Vec<Vec<u8>>>,
+    /// Room for large request frames being received, `cfg.frame_memory_bytes` in all.
+    frame_memory: Semaphore,
     /// This front's index at the shard on its own executor, if there is one.
     local_index: Cell<usize>,
     me: Weak<Front>,
@@ -156,8 +160,6 @@ struct Conn {
     in_flight: Cell<usize>,
     /// Encoded responses not yet handed to the socket.
     out: RefCell<Vec<u8>>,
-    /// The shards' read-memory charges of the read responses in `out`, returned once written.
-    out_memory: RefCell<Vec<ReadMemory>>,
     /// Some read of this connection went to a shard: its end must cancel the ones still waiting.
     sent_reads: Cell<bool>,
     /// The client closed its sending side (or the reader stopped): the shards were told to end
@@ -188,6 +190,7 @@ impl Front {
     ) -> Rc<Front> {
         assert_eq!(links.len(), shard_count as usize);
         assert!(cfg.conn_budget_bytes >= SMALL_RESPONSE_BYTES + FRAME_HEADER_BYTES);
+        assert!(cfg.frame_memory_bytes >= cfg.max_frame_bytes + FRAME_HEADER_BYTES);
         let front = Rc::new_cyclic(|me| Front {
             index,
             shard_count,
@@ -201,6 +204,7 @@ impl Front {
             encoder: RefCell::new(Encoder::new()),
             stop_accept: Notify::default(),
             frame_pool: RefCell::new(Vec::new()),
+            frame_memory: Semaphore::new(cfg.frame_memory_bytes as u64),
             local_index: Cell::new(usize::MAX),
             me: me.clone(),
         });
@@ -327,7 +331,6 @@ impl Front {
             budget: Semaphore::new(budget as u64),
             in_flight: Cell::new(0),
             out: RefCell::new(Vec::new()),
-            out_memory: RefCell::new(Vec::new()),
             sent_reads: Cell::new(false),
             hung_up: Cell::new(false),
             out_release: Cell::new(0),
@@ -346,6 +349,8 @@ impl Front {
 
     async fn reader(self: Rc<Self>, conn: Rc<Conn>) {
         let mut frames = FrameReader::new(self.cfg.max_frame_bytes);
+        // What this connection holds of the front's frame memory (for the frame being received).
+        let mut frame_charge = 0;
         'read: loop {
             // Requests already received are served even when stopping: shutdown answers
             // everything it has read.
@@ -369,6 +374,29 @@ impl Front {
             if conn.stop.get() {
                 break;
             }
+            // A frame longer than one socket read grows the buffer to its length. It takes that
+            // much of the front's frame memory first, all at once, so that the partial frames of
+            // many slow or stalled clients together stay within the bound, and no connection
+            // holds part of the room while it waits for the rest.
+            let large = frames
+                .pending_frame_bytes()
+                .map(|rest| frames.buffered() + rest)
+                .filter(|&len| len > READ_CHUNK_BYTES)
+                .unwrap_or(0);
+            if large != frame_charge {
+                // The previous large frame was taken: let the buffer shrink before its room goes
+                // back (`spare` compacts it).
+                frames.spare(0);
+                frames.filled(0);
+                self.frame_memory.signal(frame_charge as u64);
+                frame_charge = 0;
+                if large > 0 {
+                    match self.charge_frame(&conn, large).await {
+                        Some(units) => frame_charge = units,
+                        None => break,
+                    }
+                }
+            }
             let spare = frames.spare(READ_CHUNK_BYTES);
             let read = future::or(
                 async { Some(poll_fn(|cx| Pin::new(&mut *conn.stream.borrow_mut()).poll_read(cx, spare)).await) },
@@ -390,12 +418,53 @@ impl Front {
                 None => frames.filled(0),
             }
         }
+        drop(frames);
+        self.frame_memory.signal(frame_charge as u64);
         // No request comes after this one, so nothing may wait for the client any more: a
         // long-poll would otherwise keep the connection (its slot, its budget, the shard's
         // attention) until its deadline, long after its client left.
         self.hang_up(&conn).await;
         conn.reading.set(false);
         conn.writer_wake.notify();
+    }
+
+    /// Takes `bytes` of the front's frame memory for a frame being received; `None` if the
+    /// connection stops first. A client that closes meanwhile may have sent the whole frame
+    /// before its close, so the wait goes on (its long-polls are ended), until room frees up as
+    /// other connections' large frames complete or their clients leave.
+    async fn charge_frame(&self, conn: &Conn, bytes: usize) -> Option<usize> {
+        let units = bytes.min(self.cfg.frame_memory_bytes);
+        let mut acquire = std::pin::pin!(self.frame_memory.acquire(units as u64));
+        loop {
+            let done = future::or(async { Ok(acquire.as_mut().await) }, async {
+                if conn.hung_up.get() {
+                    conn.reader_wake.wait().await;
+                    Err(false)
+                } else {
+                    future::or(
+                        async {
+                            conn.reader_wake.wait().await;
+                            Err(false)
+                        },
+                        async {
+                            client_hung_up(&conn.stream).await;
+                            Err(true)
+                        },
+                    )
+                    .await
+                }
+            })
+            .await;
+            match done {
+                Ok(acquired) => {
+                    acquired.expect("the frame memory semaphore is never closed");
+                    return Some(units);
+                }
+                Err(_) if conn.stop.get() => return None,
+                Err(true) => self.hang_up(conn).await,
+                Err(false) => {}
+            }
+        }
     }
 
     /// The client closed its sending side (it may or may not still read), or the reader stopped:
@@ -705,14 +774,6 @@ impl Front {
                     out.extend_from_slice(&frame);
                 }
             }
-            Reply::Read { frame, memory } => {
-                if out.is_empty() {
-                    *out = frame;
-                } else {
-                    out.extend_from_slice(&frame);
-                }
-                conn.out_memory.borrow_mut().push(memory);
-            }
             Reply::Error { code, message } => self.encoder.borrow_mut().error(id, code, &message, &mut out),
             Reply::Truncated {
                 first_available_lsn,
@@ -751,7 +812,6 @@ impl Front {
             // Everything completed since the last write goes out in one write.
             std::mem::swap(&mut buf, &mut *conn.out.borrow_mut());
             let release = conn.out_release.replace(0);
-            let read_memory = std::mem::take(&mut *conn.out_memory.borrow_mut());
             if !conn.broken.get() {
                 let wrote = future::or(async { Some(write_all(&conn.stream, &buf).await) }, async {
                     conn.abort.wait().await;
@@ -771,8 +831,6 @@ impl Front {
             if buf.capacity() > IDLE_BUFFER_BYTES {
                 buf = Vec::new();
             }
-            // The bytes are in the kernel (or dropped): the shards may use the memory again.
-            drop(read_memory);
             conn.budget.signal(release as u64);
         }
         assert_eq!(conn.in_flight.get(), 0);

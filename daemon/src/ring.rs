@@ -29,7 +29,6 @@ use std::task::{Poll, Waker};
 
 use crossbeam_queue::ArrayQueue;
 use proto::wire::{ErrorCode, ShardStatsT};
-use shards::ReadMemory;
 
 /// A front-local connection number; 0 is never used.
 pub type ConnId = u64;
@@ -104,14 +103,8 @@ pub enum Reply {
     },
     /// A successful append with `AckLevel::None`: nothing is sent, only the budget returns.
     Silent,
-    /// A complete response frame.
+    /// A complete response frame, encoded on the shard core (reads).
     Frame(Vec<u8>),
-    /// A read's `Records` response, encoded on the shard core, with its charge against the
-    /// shard's read memory: the front keeps `memory` until the frame is written or dropped.
-    Read {
-        frame: Vec<u8>,
-        memory: ReadMemory,
-    },
     Error {
         code: ErrorCode,
         message: String,

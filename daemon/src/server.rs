@@ -254,6 +254,10 @@ fn make_bundles(
         max_connections: args.max_connections,
         conn_budget_bytes: args.conn_budget_bytes,
         max_wait_ms: args.max_wait_ms,
+        // Room for at least one maximal frame.
+        frame_memory_bytes: args
+            .frame_memory_bytes
+            .max(args.max_frame_bytes + proto::frame::FRAME_HEADER_BYTES),
     };
     let mut bundles: Vec<Bundle> = plan
         .executors
@@ -357,7 +361,12 @@ async fn executor_main(bundle: Bundle) -> Result<(), String> {
             );
             let _ = part.ready.send(Ready::Opened { shard: part.id });
             shard_rings = part.rings;
-            Some(ShardServer::new(part.id, part.shard_count, shard, part.read_memory_bytes))
+            Some(ShardServer::new(
+                part.id,
+                part.shard_count,
+                shard,
+                part.read_memory_bytes,
+            ))
         }
     };
 

@@ -122,7 +122,8 @@ pub struct ShardServer {
     acker_waker: Cell<Option<Waker>>,
     /// No more requests will come: the acker exits once nothing is waiting.
     acker_stop: Cell<bool>,
-    /// Bounds the memory all reads of this shard hold together, from the disk to the socket.
+    /// Bounds the memory all reads of this shard hold together, until their responses are handed
+    /// to the front.
     read_pool: ReadPool,
     /// By (front index, connection): connections with reads running here.
     conn_reads: RefCell<HashMap<(usize, ConnId), Rc<ConnReads>>>,
@@ -239,13 +240,15 @@ impl ShardServer {
                     let mut memory = this.read_pool.memory();
                     let reply = match this.read(read, &mut memory, &reads).await {
                         Ok(batch) => {
+                            // The batch's charge covers its response (see `shards::read_pool`),
+                            // so encoding it stays within what the read holds.
                             let frame = this.encode_records(id, &batch);
-                            drop(batch);
-                            // The batch's charge covers its response (see `shards::read_pool`);
-                            // the response keeps what it needs until the front has written it.
                             debug_assert!(frame.len() <= memory.held(), "a response outgrew its read's charge");
-                            memory.shrink_to(frame.len());
-                            Reply::Read { frame, memory }
+                            drop(batch);
+                            // The read is done here. The response now counts against its
+                            // connection's budget until it is written (see `front.rs`).
+                            drop(memory);
+                            Reply::Frame(frame)
                         }
                         Err(e) => error_reply(&e),
                     };
