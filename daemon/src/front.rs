@@ -44,9 +44,10 @@ const LINGER_BYTES_MAX: usize = 1 << 20;
 /// How long shutdown waits for connections to drain before dropping those whose clients do not
 /// read their responses.
 pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(10);
-/// How often a reader waiting for budget asks the kernel whether its client has closed its
-/// sending side (see [`client_hung_up`]).
-const HANGUP_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+/// How often a reader waiting for budget or frame memory asks the kernel whether its client has
+/// closed its sending side (see [`client_hung_up`]): the delay before an abandoned long-poll is
+/// noticed, against a timer per waiting connection.
+const HANGUP_CHECK_INTERVAL: Duration = Duration::from_millis(250);
 /// A writer keeps at most this much buffer capacity while idle.
 const IDLE_BUFFER_BYTES: usize = 64 << 10;
 /// Request frame buffers kept for reuse (they come back from the shards with the answers).
@@ -864,7 +865,8 @@ async fn write_all(stream: &RefCell<TcpStream>, mut buf: &[u8]) -> std::io::Resu
 
 /// Resolves once the client has closed its sending side or the connection failed, without
 /// reading what the client sent. glommio has no readiness wait for sockets, so this asks
-/// poll(2) every [`HANGUP_CHECK_INTERVAL`]; it runs only while a reader waits for budget.
+/// poll(2) every [`HANGUP_CHECK_INTERVAL`]; it runs only while a reader waits for budget or frame
+/// memory.
 async fn client_hung_up(stream: &RefCell<TcpStream>) {
     let fd = stream.borrow().as_raw_fd();
     loop {
