@@ -491,15 +491,27 @@ fn a_thousand_mixed_connections_stay_bounded_and_are_all_answered() {
         }
         expect_pong(&mut s, 100);
     }
-    // The stalled clients finish their frames: too large for a commit, so a typed error.
-    for (mut s, sent) in stalled_conns {
-        s.write_all(&big[sent..]).expect("the rest of the frame");
-        let r = wait_for(&mut s, 1);
-        let ResponseBodyT::Error(e) = &r.body else {
-            panic!("expected TooLarge, got {r:?}");
-        };
-        assert_eq!(e.code, ErrorCode::TooLarge);
-        expect_pong(&mut s, 2);
+    // The stalled clients finish their frames: too large for a commit, so a typed error. All at
+    // once: the front's frame memory holds eight maximal frames, taken in the order their
+    // clients came, so finishing them one by one could wait on one that has no room yet.
+    let big = std::sync::Arc::new(big);
+    let stalled: Vec<_> = stalled_conns
+        .into_iter()
+        .map(|(mut s, sent)| {
+            let big = big.clone();
+            std::thread::spawn(move || {
+                s.write_all(&big[sent..]).expect("the rest of the frame");
+                let r = wait_for(&mut s, 1);
+                let ResponseBodyT::Error(e) = &r.body else {
+                    panic!("expected TooLarge, got {r:?}");
+                };
+                assert_eq!(e.code, ErrorCode::TooLarge);
+                expect_pong(&mut s, 2);
+            })
+        })
+        .collect();
+    for t in stalled {
+        t.join().expect("stalled client");
     }
     for mut s in active {
         expect_pong(&mut s, 2_000_000);
