@@ -34,6 +34,10 @@ use crate::shard_server::{ReplyTo, ShardServer};
 
 /// Budget reserved for a small response (Appended, Pong, HelloOk, Error).
 const SMALL_RESPONSE_BYTES: usize = 128;
+/// Budget a read reserves besides its frame and response: its task on the shard and the state of
+/// its future, which live while it waits (for records or for read memory). Without it a
+/// connection could have tens of thousands of one-byte reads waiting at once.
+const READ_TASK_BYTES: usize = 4 << 10;
 /// Budget reserved per shard for a stats response.
 const STATS_RESPONSE_BYTES_PER_SHARD: usize = 256;
 /// How long a connection closed by the server keeps reading (and dropping) what the client still
@@ -574,7 +578,9 @@ impl Front {
                 // A read may not ask for more than half the budget, so it can always be served
                 // while other requests of the connection are in flight.
                 let max_bytes = (read.max_bytes() as usize).clamp(1, self.cfg.conn_budget_bytes / 2);
-                let reserved = self.reserve(conn, frame_bytes + max_bytes + SMALL_RESPONSE_BYTES).await;
+                let reserved = self
+                    .reserve(conn, frame_bytes + max_bytes + SMALL_RESPONSE_BYTES + READ_TASK_BYTES)
+                    .await;
                 // After `reserve`: the client may have closed its side meanwhile, and the shards
                 // have then been told to end this connection's waits already.
                 let max_wait_ms = if conn.hung_up.get() {
