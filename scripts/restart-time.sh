@@ -11,8 +11,9 @@
 #   2. clean restart: after SIGTERM (clean shutdown, which writes the checkpoint): must scan nothing;
 #   3. crash restart: after kill -9 (the active segment is full, and the checkpoint was consumed by the
 #      previous open): recovery scans the whole active segment. Its rate (bytes of segment bodies read
-#      over the engine's own recovery time) is reported next to fio's sequential O_DIRECT read of a file
-#      of the same size, 4 MiB blocks, 4 in flight (the recovery scan's own shape), in the same run.
+#      over the time recovery spent reading and checking them, `scan_us`) is reported next to fio's
+#      sequential O_DIRECT read of a file of the same size, 4 MiB blocks, 4 in flight (the recovery
+#      scan's own shape), in the same run.
 # Recovery figures (segments trusted and scanned, bytes read, microseconds) come from the daemon's
 # "recovered" log line. Prints a table; writes raw rows (restart.tsv) and a Markdown section
 # (restart.md) to the output directory; with --doc, puts that section into the given file in place of
@@ -151,10 +152,10 @@ start_daemon() { # label
     STARTUP_US=$(($(now_us) - t0))
 }
 
-# The recovery report from the daemon's "recovered" log line: "trusted scanned bytes_read elapsed_us".
+# The recovery report from the daemon's "recovered" log line: "trusted scanned bytes_read elapsed_us scan_us".
 recovery_of() { # label
     sed 's/\x1b\[[0-9;]*m//g' "$OUT/daemon-$1.log" | grep 'report=RecoveryReport' | tail -1 |
-        sed -E 's/.*trusted: ([0-9]+), scanned: ([0-9]+), bytes_read: ([0-9]+).*elapsed_us: ([0-9]+).*/\1 \2 \3 \4/'
+        sed -E 's/.*trusted: ([0-9]+), scanned: ([0-9]+), bytes_read: ([0-9]+).*elapsed_us: ([0-9]+), scan_us: ([0-9]+).*/\1 \2 \3 \4 \5/'
 }
 
 stop_daemon() { # signal: TERM (clean) or KILL
@@ -168,7 +169,7 @@ stop_daemon() { # signal: TERM (clean) or KILL
 
 # ------------------------------------------------------------------ the runs
 TSV=$OUT/restart.tsv
-printf 'segments\tsegment_bytes\tfirst_us\tfirst_recovery_us\tclean_us\tclean_recovery_us\tclean_trusted\tclean_scanned\tclean_bytes_read\tcrash_us\tcrash_recovery_us\tcrash_scanned\tcrash_bytes_read\tfio_bps\n' >"$TSV"
+printf 'segments\tsegment_bytes\tfirst_us\tfirst_recovery_us\tclean_us\tclean_recovery_us\tclean_trusted\tclean_scanned\tclean_bytes_read\tcrash_us\tcrash_recovery_us\tcrash_scanned\tcrash_bytes_read\tcrash_scan_us\tfio_bps\n' >"$TSV"
 for n in $SEGMENTS; do
     rm -rf "$WORK/data"
     log "$n segments of $SEGMENT_BYTES bytes: building the log"
@@ -177,29 +178,29 @@ for n in $SEGMENTS; do
     drop_caches
     start_daemon "n$n-first"
     first_us=$STARTUP_US
-    read -r _ _ _ first_rec_us <<<"$(recovery_of "n$n-first")"
+    read -r _ _ _ first_rec_us _ <<<"$(recovery_of "n$n-first")"
     stop_daemon TERM
     [[ -f $WORK/data/shard-000/checkpoint ]] || die "no checkpoint after a clean shutdown ($n segments)"
 
     drop_caches
     start_daemon "n$n-clean"
     clean_us=$STARTUP_US
-    read -r clean_trusted clean_scanned clean_bytes clean_rec_us <<<"$(recovery_of "n$n-clean")"
+    read -r clean_trusted clean_scanned clean_bytes clean_rec_us _ <<<"$(recovery_of "n$n-clean")"
     ((clean_scanned == 0)) || log "warning: the clean restart of $n segments scanned $clean_scanned"
     stop_daemon KILL
 
     drop_caches
     start_daemon "n$n-crash"
     crash_us=$STARTUP_US
-    read -r _ crash_scanned crash_bytes crash_rec_us <<<"$(recovery_of "n$n-crash")"
+    read -r _ crash_scanned crash_bytes crash_rec_us crash_scan_us <<<"$(recovery_of "n$n-crash")"
     stop_daemon TERM
     fio_bps=$(fio_read_bps)
 
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$n" "$SEGMENT_BYTES" "$first_us" \
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$n" "$SEGMENT_BYTES" "$first_us" \
         "$first_rec_us" "$clean_us" "$clean_rec_us" "$clean_trusted" "$clean_scanned" "$clean_bytes" "$crash_us" \
-        "$crash_rec_us" "$crash_scanned" "$crash_bytes" "$fio_bps" >>"$TSV"
+        "$crash_rec_us" "$crash_scanned" "$crash_bytes" "$crash_scan_us" "$fio_bps" >>"$TSV"
     log "$n segments: clean restart $((clean_us / 1000)) ms (scanned $clean_scanned), crash restart" \
-        "$((crash_us / 1000)) ms ($crash_bytes bytes scanned in $((crash_rec_us / 1000)) ms)"
+        "$((crash_us / 1000)) ms ($crash_bytes bytes scanned in $((crash_scan_us / 1000)) ms)"
     rm -rf "$WORK/data"
 done
 
@@ -235,24 +236,25 @@ w("real 1 MiB commits. Times run from exec of the release `shardlogd` to its lis
 w("dropped before each start" + (f" (**{drop_note}**)" if drop_note else "") + "; `recovery` is the engine's own")
 w("recovery time from the daemon's log. Clean restart: after SIGTERM (the shutdown writes the checkpoint). Crash")
 w("restart: after kill -9 with a full active segment, which recovery scans; its rate is the bytes of segment")
-w(f"bodies read over that recovery time, against fio's sequential O_DIRECT read of a file of the same size (4 MiB")
-w(f"blocks, 4 in flight, `{engine}`), run right after it.")
+w("bodies read over the time recovery spent reading and checking them (`scan`), against fio's sequential O_DIRECT")
+w(f"read of a file of the same size (4 MiB blocks, 4 in flight, `{engine}`), run right after it.")
 w("")
-w("| segments | log | first open | clean restart | recovery | trusted / scanned | body bytes read | crash restart | recovery | bytes scanned | GB/s | fio GB/s | x fio |")
-w("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+w("| segments | log | first open | clean restart | recovery | trusted / scanned | body bytes read | crash restart | recovery | bytes scanned | scan | GB/s | fio GB/s | x fio |")
+w("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for r in rows:
     n, seg = int(r["segments"]), int(r["segment_bytes"])
-    rate = gbs(r["crash_bytes_read"], r["crash_recovery_us"])
+    rate = gbs(r["crash_bytes_read"], r["crash_scan_us"])
     fio = int(r["fio_bps"]) / 1e9
     w(f"| {n} | {size(n * seg)} | {ms(r['first_us'])} | {ms(r['clean_us'])} | {ms(r['clean_recovery_us'])} | "
       f"{r['clean_trusted']} / {r['clean_scanned']} | {int(r['clean_bytes_read']) / 1024:.0f} KiB | {ms(r['crash_us'])} | "
-      f"{ms(r['crash_recovery_us'])} | {size(r['crash_bytes_read'])} | {rate:.2f} | {fio:.2f} | {rate / fio:.2f}x |")
+      f"{ms(r['crash_recovery_us'])} | {size(r['crash_bytes_read'])} | {ms(r['crash_scan_us'])} | {rate:.2f} | {fio:.2f} | "
+      f"{rate / fio:.2f}x |")
 w("")
 if rows:
     clean = [int(r["clean_us"]) for r in rows]
     big = max(rows, key=lambda r: int(r["segments"]) * int(r["segment_bytes"]))
     big_bytes = int(big["segments"]) * int(big["segment_bytes"])
-    rates = [gbs(r["crash_bytes_read"], r["crash_recovery_us"]) for r in rows]
+    rates = [gbs(r["crash_bytes_read"], r["crash_scan_us"]) for r in rows]
     fios = [int(r["fio_bps"]) / 1e9 for r in rows]
     scanned = sum(int(r["clean_scanned"]) for r in rows)
     w(f"- Clean restart from {rows[0]['segments']} to {rows[-1]['segments']} segments: {ms(min(clean))} to "

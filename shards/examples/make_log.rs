@@ -2,7 +2,8 @@
 //! (`scripts/restart-time.sh`).
 //!
 //! ```sh
-//! cargo run --release -p shards --example make_log -- DIR SEGMENTS [--segment-bytes N] [--full-active] [--shard ID]
+//! cargo run --release -p shards --example make_log -- DIR SEGMENTS [--segment-bytes N]
+//!     [--full-active | --active-bytes N] [--shard ID]
 //! ```
 //!
 //! Every segment but the last is *sealed*, crafted with the crate's own `format` module exactly as
@@ -11,7 +12,7 @@
 //! extended with `set_len`, so the zeros are a hole: 1,600 segments of 64 MiB ("100 GB worth")
 //! take about 20 MB of disk. The last segment is the *active* one and has no summary: one commit,
 //! or with `--full-active` real commits of 1 MiB (records of 1 KiB) up to its end, as a crash
-//! leaves a full active segment. No checkpoint is written, so the first open of the directory is
+//! leaves a full active segment (`--active-bytes N`: about N bytes of them). No checkpoint is written, so the first open of the directory is
 //! a crash recovery that scans the active segment.
 //!
 //! DIR is one shard's directory (for shardlogd, `<data-dir>/shard-000`); it must not hold
@@ -42,12 +43,13 @@ struct Args {
     dir: PathBuf,
     segments: u64,
     segment_bytes: u64,
-    full_active: bool,
+    /// Bytes of commits in the active segment; `None`: one small commit.
+    active_bytes: Option<u64>,
     shard_id: u16,
 }
 
 fn usage() -> ! {
-    eprintln!("usage: make_log DIR SEGMENTS [--segment-bytes N] [--full-active] [--shard ID]");
+    eprintln!("usage: make_log DIR SEGMENTS [--segment-bytes N] [--full-active | --active-bytes N] [--shard ID]");
     std::process::exit(2);
 }
 
@@ -58,7 +60,7 @@ fn parse_args() -> Args {
         dir: PathBuf::new(),
         segments: 0,
         segment_bytes: shards::SEGMENT_BYTES_DEFAULT,
-        full_active: false,
+        active_bytes: None,
         shard_id: 0,
     };
     while let Some(a) = rest.next() {
@@ -66,7 +68,8 @@ fn parse_args() -> Args {
         match a.as_str() {
             "--segment-bytes" => args.segment_bytes = value(&a).parse().expect("--segment-bytes: a number"),
             "--shard" => args.shard_id = value(&a).parse().expect("--shard: a number"),
-            "--full-active" => args.full_active = true,
+            "--full-active" => args.active_bytes = Some(u64::MAX),
+            "--active-bytes" => args.active_bytes = Some(value(&a).parse().expect("--active-bytes: a number")),
             "-h" | "--help" => usage(),
             _ if a.starts_with("--") => usage(),
             _ => positional.push(a),
@@ -163,12 +166,13 @@ fn write_summary(dir: &Path, summary: &SegmentSummary) -> Result<()> {
     Ok(())
 }
 
-/// Commits of 1 MiB (records of 1 KiB) from `first_lsn` until the next would not fit in the segment.
-fn full_commits(segment_bytes: u64, sequence: u64, first_lsn: u64) -> Vec<Vec<u8>> {
+/// Commits of 1 MiB (records of 1 KiB) from `first_lsn` until the next would not fit in
+/// `bytes` or in the segment.
+fn active_commits(segment_bytes: u64, bytes: u64, sequence: u64, first_lsn: u64) -> Vec<Vec<u8>> {
     let per_commit = (ACTIVE_COMMIT_BYTES_MAX - COMMIT_HEADER_BYTES) / record_bytes(ACTIVE_PAYLOAD_BYTES);
     let mut commits = Vec::new();
     let mut lsn = first_lsn;
-    let mut room = segment_bytes - SEGMENT_DATA_OFFSET;
+    let mut room = (segment_bytes - SEGMENT_DATA_OFFSET).min(bytes);
     loop {
         let fits = (room as usize).saturating_sub(COMMIT_HEADER_BYTES) / record_bytes(ACTIVE_PAYLOAD_BYTES);
         let n = per_commit.min(fits);
@@ -204,9 +208,9 @@ fn main() -> Result<()> {
         base_lsn = summary.end_lsn;
     }
     let sequence = args.segments;
-    let commits = match args.full_active {
-        true => full_commits(args.segment_bytes, sequence, base_lsn),
-        false => vec![commit(sequence, base_lsn, &[payload(base_lsn, SEALED_PAYLOAD_BYTES)])],
+    let commits = match args.active_bytes {
+        Some(bytes) => active_commits(args.segment_bytes, bytes, sequence, base_lsn),
+        None => vec![commit(sequence, base_lsn, &[payload(base_lsn, SEALED_PAYLOAD_BYTES)])],
     };
     let active = write_segment(&args, sequence, base_lsn, &commits)?;
     println!(
