@@ -158,6 +158,11 @@ recovery_of() { # label
         sed -E 's/.*trusted: ([0-9]+), scanned: ([0-9]+), bytes_read: ([0-9]+).*elapsed_us: ([0-9]+), scan_us: ([0-9]+).*/\1 \2 \3 \4 \5/'
 }
 
+# The log's next lsn after recovery, from the daemon's "shard recovered" log line.
+next_lsn_of() { # label
+    sed 's/\x1b\[[0-9;]*m//g' "$OUT/daemon-$1.log" | sed -n 's/.*shard recovered.* next_lsn=\([0-9]*\).*/\1/p' | tail -1
+}
+
 stop_daemon() { # signal: TERM (clean) or KILL
     kill -"$1" "$DAEMON_PID"
     local rc=0
@@ -193,6 +198,12 @@ for n in $SEGMENTS; do
     start_daemon "n$n-crash"
     crash_us=$STARTUP_US
     read -r _ crash_scanned crash_bytes crash_rec_us crash_scan_us <<<"$(recovery_of "n$n-crash")"
+    # Every start must recover the same log (nothing was appended in between).
+    for label in clean crash; do
+        [[ $(next_lsn_of "n$n-$label") == "$(next_lsn_of "n$n-first")" && -n $(next_lsn_of "n$n-first") ]] ||
+            die "the $label restart of $n segments recovered up to lsn $(next_lsn_of "n$n-$label"), the first" \
+                "open up to $(next_lsn_of "n$n-first")"
+    done
     stop_daemon TERM
     fio_bps=$(fio_read_bps)
 
