@@ -13,6 +13,8 @@
 #   - a cluster on this one machine: aggregate records/s and CPU per record for 1 daemon and for 3 daemons
 #     (own data directories, loopback), shardlog-bench with --addr repeated; on a 2-vCPU machine this measures
 #     the overhead of running more daemons, not scaling;
+#   - restart: shardlogd's clean and crash restart times as the log grows to 100 GB worth of segments, and
+#     its crash recovery rate next to fio's sequential read (scripts/restart-time.sh);
 # then writes docs/BENCHMARKS.md (tables with ratios against fio and Redis) and docs/benchmarks.svg.
 #
 # Usage: scripts/bench.sh [--quick | --cluster-only] [--work-dir DIR] [--no-install]
@@ -470,6 +472,16 @@ for bench in "proto codec" "shards commit"; do
         log "cargo bench -p $pkg --bench $name failed (see $RESULTS/criterion.err)"
 done
 
+# ------------------------------------------------- restart
+# Clean and crash restart as the log grows (1,600 sparse 64 MiB segments = "100 GB worth"), page cache
+# dropped before each start; its own script, so it can be run alone.
+if [[ $MODE == quick ]]; then RESTART_SEGMENTS="1 1000 1600"; else RESTART_SEGMENTS="1 10 100 1000 1600"; fi
+log "restart times: $RESTART_SEGMENTS segments (scripts/restart-time.sh)"
+if ! "$ROOT/scripts/restart-time.sh" --no-install --segments "$RESTART_SEGMENTS" --work-dir "$WORK/restart" \
+    --out "$RESULTS/restart" >/dev/null 2>"$RESULTS/restart.err"; then
+    log "scripts/restart-time.sh failed (see $RESULTS/restart.err)"
+fi
+
 log "writing docs/BENCHMARKS.md and docs/benchmarks.svg"
 mkdir -p "$ROOT/docs"
 "$BENCH" chart --title "shardlogd on $(nproc) vCPUs ($MODE run)" --out "$ROOT/docs/benchmarks.svg" \
@@ -684,6 +696,21 @@ bw = max([r["mb_per_s"] * 1e6 for k, r in runs.items()
 fbw = fio1m and fio1m["bw_bytes"]
 target("64 x 1 KiB per frame, durable: MB/s vs fio 1 MiB write+fdatasync (best point)", bw and bw / 1e6,
        fbw and fbw / 1e6, ">= 0.6x", None if bw is None or not fbw else bw >= 0.6 * fbw, lambda x: "n/a" if x is None else f"{x:.0f} MB/s")
+restart_rows = []
+try:
+    restart_rows = list(csv.DictReader(open(os.path.join(results, "restart", "restart.tsv")), delimiter="\t"))
+except OSError:
+    pass
+if restart_rows:
+    big = max(restart_rows, key=lambda r: int(r["segments"]) * int(r["segment_bytes"]))
+    v = int(big["clean_us"])
+    target(f"clean restart to listening, {int(big['segments']) * int(big['segment_bytes']) / 1e9:.0f} GB worth of segments "
+           f"({big['segments']})", v, None, "< 1 s", v < 1_000_000)
+    worst = min(restart_rows, key=lambda r: int(r["crash_bytes_read"]) / max(int(r["crash_scan_us"]), 1))
+    v = int(worst["crash_bytes_read"]) / max(int(worst["crash_scan_us"]), 1) / 1e3
+    base = int(worst["fio_bps"]) / 1e9
+    target("crash recovery of the active segment, GB/s (worst row) vs fio sequential read, same size", v, base,
+           ">= 1 GB/s", v >= 1.0, lambda x: "n/a" if x is None else f"{x:.2f} GB/s")
 none_runs = [(k, r) for k, r in runs.items()
              if k.startswith(f"shardlog-{D}-none-") and k.endswith("-S100-B1") and not failed(r)]
 if none_runs:
@@ -857,6 +884,17 @@ if crows:
 else:
     w("(not measured in this run)")
 w("")
+
+restart_md = os.path.join(results, "restart", "restart.md")
+if os.path.exists(restart_md) and os.path.getsize(restart_md) > 0:
+    # The section as scripts/restart-time.sh wrote it, heading included.
+    for line in open(restart_md):
+        w(line.rstrip("\n"))
+else:
+    w("## Restart")
+    w("")
+    w("(not measured in this run)")
+    w("")
 
 w("## Chart")
 w("")

@@ -14,6 +14,16 @@ pub const MAX_CONNECTIONS_DEFAULT: usize = 1024;
 /// Default in-flight budget of one connection, in bytes: request frames not yet answered plus
 /// responses not yet written. Equal to the default frame limit, so one maximal frame fits.
 pub const CONN_BUDGET_BYTES_DEFAULT: usize = proto::frame::FRAME_BYTES_MAX_DEFAULT;
+/// Default ceiling of a read's `max_wait_ms`: a long-poll asking for longer waits this long.
+pub const MAX_WAIT_MS_DEFAULT: u32 = 60_000;
+/// Default bound of the memory one shard's reads hold together.
+pub const READ_MEMORY_BYTES_DEFAULT: usize = shards::READ_MEMORY_BYTES_DEFAULT;
+/// The smallest read memory accepted: what one read may need at once (a response of half the
+/// largest budget, plus the largest commit read twice while it is copied out of the DMA buffer).
+pub const READ_MEMORY_BYTES_MIN: usize = 8 << 20;
+/// Default bound, per front executor, of the request frames larger than one socket read (64 KiB)
+/// that connections are receiving: eight maximal frames.
+pub const FRAME_MEMORY_BYTES_DEFAULT: usize = 32 << 20;
 /// Default capacity (messages) of each cross-executor ring, each direction.
 pub const RING_CAPACITY_DEFAULT: usize = 1024;
 
@@ -190,6 +200,23 @@ pub struct ServeArgs {
     #[arg(long, env = "SHARDLOG_CONN_BUDGET_BYTES", default_value_t = CONN_BUDGET_BYTES_DEFAULT)]
     pub conn_budget_bytes: usize,
 
+    /// Longest a read may wait for records (`max_wait_ms`, a long-poll); a request asking for
+    /// longer waits this long and is then answered with what there is.
+    #[arg(long, env = "SHARDLOG_MAX_WAIT_MS", default_value_t = MAX_WAIT_MS_DEFAULT)]
+    pub max_wait_ms: u32,
+
+    /// Per shard: memory all reads hold together, from the disk buffers to the responses not yet
+    /// written to their sockets. A read waits for room; at least 8 MiB [default: 32 MiB].
+    #[arg(long, env = "SHARDLOG_READ_MEMORY_BYTES", default_value_t = READ_MEMORY_BYTES_DEFAULT,
+          value_parser = read_memory_bytes)]
+    pub read_memory_bytes: usize,
+
+    /// Per front executor: memory for request frames larger than 64 KiB while they are received.
+    /// A connection takes a large frame's whole length before buffering it, and waits (reading
+    /// nothing more) while there is no room; at least one maximal frame.
+    #[arg(long, env = "SHARDLOG_FRAME_MEMORY_BYTES", default_value_t = FRAME_MEMORY_BYTES_DEFAULT)]
+    pub frame_memory_bytes: usize,
+
     /// How a commit is made durable.
     #[arg(long, env = "SHARDLOG_DURABILITY", value_enum, default_value_t = DurabilityArg::Dsync)]
     pub durability: DurabilityArg,
@@ -249,6 +276,16 @@ pub struct ServeArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464). Off by default.
     #[arg(long, env = "SHARDLOG_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+}
+
+fn read_memory_bytes(s: &str) -> Result<usize, String> {
+    let bytes: usize = s.parse().map_err(|e| format!("{e}"))?;
+    if bytes < READ_MEMORY_BYTES_MIN {
+        return Err(format!(
+            "{bytes} is below {READ_MEMORY_BYTES_MIN}, what one read may need at once"
+        ));
+    }
+    Ok(bytes)
 }
 
 impl ServeArgs {

@@ -20,7 +20,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::future::poll_fn;
-use std::os::unix::io::FromRawFd;
+use std::os::unix::io::{AsRawFd, FromRawFd};
 use std::pin::Pin;
 use std::rc::{Rc, Weak};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -42,6 +42,10 @@ use crate::shard_server::{ReplyTo, ShardServer};
 
 /// Budget reserved for a small response (Appended, Pong, HelloOk, Error).
 const SMALL_RESPONSE_BYTES: usize = 128;
+/// Budget a read reserves besides its frame and response: its task on the shard and the state of
+/// its future, which live while it waits (for records or for read memory). Without it a
+/// connection could have tens of thousands of one-byte reads waiting at once.
+const READ_TASK_BYTES: usize = 4 << 10;
 /// Budget reserved per shard for a stats response.
 const STATS_RESPONSE_BYTES_PER_SHARD: usize = 256;
 /// How long a connection closed by the server keeps reading (and dropping) what the client still
@@ -52,6 +56,10 @@ const LINGER_BYTES_MAX: usize = 1 << 20;
 /// How long shutdown waits for connections to drain before dropping those whose clients do not
 /// read their responses.
 pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(10);
+/// How often a reader waiting for budget or frame memory asks the kernel whether its client has
+/// closed its sending side (see [`client_hung_up`]): the delay before an abandoned long-poll is
+/// noticed, against a timer per waiting connection.
+const HANGUP_CHECK_INTERVAL: Duration = Duration::from_millis(250);
 /// A writer keeps at most this much buffer capacity while idle.
 const IDLE_BUFFER_BYTES: usize = 64 << 10;
 /// Request frame buffers kept for reuse (they come back from the shards with the answers).
@@ -138,6 +146,11 @@ pub struct FrontConfig {
     pub max_frame_bytes: usize,
     pub max_connections: usize,
     pub conn_budget_bytes: usize,
+    /// Ceiling of a read's `max_wait_ms`; longer waits are clamped to it.
+    pub max_wait_ms: u32,
+    /// Bound of the request frames larger than one socket read that this front's connections
+    /// buffer together (see [`Front::charge_frame`]).
+    pub frame_memory_bytes: usize,
 }
 
 /// How a front reaches one shard.
@@ -170,6 +183,8 @@ pub struct Front {
     encoder: RefCell<Encoder>,
     /// Request frame buffers to reuse.
     frame_pool: RefCell<Vec<Vec<u8>>>,
+    /// Room for large request frames being received, `cfg.frame_memory_bytes` in all.
+    frame_memory: Semaphore,
     /// This front's index at the shard on its own executor, if there is one.
     local_index: Cell<usize>,
     /// Shards whose ring got requests that have not woken it yet (see [`Front::flusher`]).
@@ -187,6 +202,11 @@ struct Conn {
     in_flight: Cell<usize>,
     /// Encoded responses not yet handed to the socket.
     out: RefCell<Vec<u8>>,
+    /// Some read of this connection went to a shard: its end must cancel the ones still waiting.
+    sent_reads: Cell<bool>,
+    /// The client closed its sending side (or the reader stopped): the shards were told to end
+    /// this connection's long-polls, and reads sent after it do not wait.
+    hung_up: Cell<bool>,
     /// Budget to return once `out` is written.
     out_release: Cell<usize>,
     writer_wake: Notify,
@@ -212,6 +232,7 @@ impl Front {
     ) -> Rc<Front> {
         assert_eq!(links.len(), shard_count as usize);
         assert!(cfg.conn_budget_bytes >= SMALL_RESPONSE_BYTES + FRAME_HEADER_BYTES);
+        assert!(cfg.frame_memory_bytes >= cfg.max_frame_bytes + FRAME_HEADER_BYTES);
         let front = Rc::new_cyclic(|me| Front {
             index,
             shard_count,
@@ -224,6 +245,7 @@ impl Front {
             gathers: RefCell::new(HashMap::new()),
             encoder: RefCell::new(Encoder::new()),
             frame_pool: RefCell::new(Vec::new()),
+            frame_memory: Semaphore::new(cfg.frame_memory_bytes as u64),
             local_index: Cell::new(usize::MAX),
             unflushed: RefCell::new(Vec::new()),
             flusher_wake: Notify::default(),
@@ -384,6 +406,8 @@ impl Front {
             budget: Semaphore::new(budget as u64),
             in_flight: Cell::new(0),
             out: RefCell::new(Vec::new()),
+            sent_reads: Cell::new(false),
+            hung_up: Cell::new(false),
             out_release: Cell::new(0),
             writer_wake: Notify::default(),
             reader_wake: Notify::default(),
@@ -400,6 +424,8 @@ impl Front {
 
     async fn reader(self: Rc<Self>, conn: Rc<Conn>) {
         let mut frames = FrameReader::new(self.cfg.max_frame_bytes);
+        // What this connection holds of the front's frame memory (for the frame being received).
+        let mut frame_charge = 0;
         'read: loop {
             // Requests already received are served even when stopping: shutdown answers
             // everything it has read.
@@ -423,6 +449,29 @@ impl Front {
             if conn.stop.get() {
                 break;
             }
+            // A frame longer than one socket read grows the buffer to its length. It takes that
+            // much of the front's frame memory first, all at once, so that the partial frames of
+            // many slow or stalled clients together stay within the bound, and no connection
+            // holds part of the room while it waits for the rest.
+            let large = frames
+                .pending_frame_bytes()
+                .map(|rest| frames.buffered() + rest)
+                .filter(|&len| len > READ_CHUNK_BYTES)
+                .unwrap_or(0);
+            if large != frame_charge {
+                // The previous large frame was taken: let the buffer shrink before its room goes
+                // back (`spare` compacts it).
+                frames.spare(0);
+                frames.filled(0);
+                self.frame_memory.signal(frame_charge as u64);
+                frame_charge = 0;
+                if large > 0 {
+                    match self.charge_frame(&conn, large).await {
+                        Some(units) => frame_charge = units,
+                        None => break,
+                    }
+                }
+            }
             let spare = frames.spare(READ_CHUNK_BYTES);
             let read = future::or(
                 async { Some(poll_fn(|cx| Pin::new(&mut *conn.stream.borrow_mut()).poll_read(cx, spare)).await) },
@@ -444,20 +493,94 @@ impl Front {
                 None => frames.filled(0),
             }
         }
+        drop(frames);
+        self.frame_memory.signal(frame_charge as u64);
+        // No request comes after this one, so nothing may wait for the client any more: a
+        // long-poll would otherwise keep the connection (its slot, its budget, the shard's
+        // attention) until its deadline, long after its client left.
+        self.hang_up(&conn).await;
         conn.reading.set(false);
         conn.writer_wake.notify();
+    }
+
+    /// Takes `bytes` of the front's frame memory for a frame being received; `None` if the
+    /// connection stops first. A client that closes meanwhile may have sent the whole frame
+    /// before its close, so the wait goes on (its long-polls are ended), until room frees up as
+    /// other connections' large frames complete or their clients leave.
+    async fn charge_frame(&self, conn: &Conn, bytes: usize) -> Option<usize> {
+        let units = bytes.min(self.cfg.frame_memory_bytes);
+        let mut acquire = std::pin::pin!(self.frame_memory.acquire(units as u64));
+        loop {
+            let done = future::or(async { Ok(acquire.as_mut().await) }, async {
+                if conn.hung_up.get() {
+                    conn.reader_wake.wait().await;
+                    Err(false)
+                } else {
+                    future::or(
+                        async {
+                            conn.reader_wake.wait().await;
+                            Err(false)
+                        },
+                        async {
+                            client_hung_up(&conn.stream).await;
+                            Err(true)
+                        },
+                    )
+                    .await
+                }
+            })
+            .await;
+            match done {
+                Ok(acquired) => {
+                    acquired.expect("the frame memory semaphore is never closed");
+                    return Some(units);
+                }
+                Err(_) if conn.stop.get() => return None,
+                Err(true) => self.hang_up(conn).await,
+                Err(false) => {}
+            }
+        }
+    }
+
+    /// The client closed its sending side (it may or may not still read), or the reader stopped:
+    /// tells every shard this connection sent reads to to answer its long-polls now. Requests
+    /// already received are still answered.
+    async fn hang_up(&self, conn: &Conn) {
+        if conn.hung_up.replace(true) || !conn.sent_reads.get() {
+            return;
+        }
+        for shard in 0..self.shard_count {
+            // A shard that is gone has no read of this connection left either.
+            let _ = self.send_raw(shard, ToShard::Cancel { conn: conn.id }).await;
+        }
     }
 
     /// Reserves budget for a request and counts it in flight. A reservation larger than the
     /// whole budget takes the whole budget, so one maximal frame can always proceed.
     async fn reserve(&self, conn: &Conn, bytes: usize) -> usize {
         let units = bytes.min(self.cfg.conn_budget_bytes);
+        let mut acquire = std::pin::pin!(conn.budget.acquire(units as u64));
+        let mut acquired = None;
+        if !conn.hung_up.get() {
+            // While it waits for budget the reader does not read the socket, so it would not see
+            // the end of the stream; if the budget is held by this connection's own long-polls it
+            // would wait for their deadlines. Watch for the client's close meanwhile.
+            acquired = future::or(async { Some(acquire.as_mut().await) }, async {
+                client_hung_up(&conn.stream).await;
+                None
+            })
+            .await;
+            if acquired.is_none() {
+                self.hang_up(conn).await;
+            }
+        }
+        let acquired = match acquired {
+            Some(done) => done,
+            None => acquire.await,
+        };
         // The semaphore is only closed by dropping the connection, which cannot happen while its
         // reader runs.
-        conn.budget
-            .acquire(units as u64)
-            .await
-            .expect("connection budget semaphore is never closed");
+        acquired.expect("connection budget semaphore is never closed");
         conn.in_flight.set(conn.in_flight.get() + 1);
         units
     }
@@ -525,13 +648,23 @@ impl Front {
                 // A read may not ask for more than half the budget, so it can always be served
                 // while other requests of the connection are in flight.
                 let max_bytes = (read.max_bytes() as usize).clamp(1, self.cfg.conn_budget_bytes / 2);
+                let reserved = self
+                    .reserve(conn, frame_bytes + max_bytes + SMALL_RESPONSE_BYTES + READ_TASK_BYTES)
+                    .await;
+                // After `reserve`: the client may have closed its side meanwhile, and the shards
+                // have then been told to end this connection's waits already.
+                let max_wait_ms = if conn.hung_up.get() {
+                    0
+                } else {
+                    read.max_wait_ms().min(self.cfg.max_wait_ms)
+                };
                 let args = ReadArgs {
                     from_lsn: read.from_lsn(),
                     max_bytes,
-                    max_wait_ms: read.max_wait_ms(),
+                    max_wait_ms,
                     stream: read.has_stream().then(|| read.stream()),
                 };
-                let reserved = self.reserve(conn, frame_bytes + max_bytes + SMALL_RESPONSE_BYTES).await;
+                conn.sent_reads.set(true);
                 let msg = ToShard::Read {
                     conn: conn.id,
                     id,
@@ -622,7 +755,7 @@ impl Front {
     async fn send(&self, conn: &Rc<Conn>, shard: u16, msg: ToShard) {
         let (id, reserved) = match &msg {
             ToShard::Append { id, reserved, .. } | ToShard::Read { id, reserved, .. } => (*id, *reserved),
-            ToShard::Stats { .. } => unreachable!("stats go through send_raw"),
+            ToShard::Stats { .. } | ToShard::Cancel { .. } => unreachable!("these go through send_raw"),
         };
         if !self.send_raw(shard, msg).await {
             let reply = Reply::Error {
@@ -843,6 +976,30 @@ async fn write_all(stream: &RefCell<TcpStream>, mut buf: &[u8]) -> std::io::Resu
         buf = &buf[n..];
     }
     Ok(())
+}
+
+/// Resolves once the client has closed its sending side or the connection failed, without
+/// reading what the client sent. glommio has no readiness wait for sockets, so this asks
+/// poll(2) every [`HANGUP_CHECK_INTERVAL`]; it runs only while a reader waits for budget or frame
+/// memory.
+async fn client_hung_up(stream: &RefCell<TcpStream>) {
+    let fd = stream.borrow().as_raw_fd();
+    loop {
+        glommio::timer::sleep(HANGUP_CHECK_INTERVAL).await;
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, zero timeout; the fd stays open while the stream lives, and
+        // the stream outlives this future.
+        let n = unsafe { libc::poll(&mut p, 1, 0) };
+        // POLLRDHUP is set once the client's FIN has arrived, even with data still queued before
+        // it; POLLHUP/POLLERR after a reset.
+        if n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+            return;
+        }
+    }
 }
 
 /// Sends FIN, then reads and drops what the client still sends for a short while, so closing

@@ -58,6 +58,12 @@ pub enum ToShard {
     Stats {
         token: u64,
     },
+    /// Connection `conn` of this front ended, or its client closed its sending side: its reads
+    /// still waiting for records (long-polls) answer now with what they have. Sent after the
+    /// connection's last request, so it follows all of them on the ring.
+    Cancel {
+        conn: ConnId,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]

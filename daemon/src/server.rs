@@ -92,6 +92,7 @@ struct ShardPart {
     dir: PathBuf,
     opts: shards::ShardOptions,
     faults: Vec<FaultSpec>,
+    read_memory_bytes: usize,
     /// One (requests in, completions out) pair per front on another executor (including the
     /// fronts of other shard executors, which forward what they do not own).
     rings: Vec<(RingReceiver<ToShard>, RingSender<FromShard>)>,
@@ -318,6 +319,11 @@ fn make_bundles(
         max_frame_bytes: args.max_frame_bytes,
         max_connections: args.max_connections,
         conn_budget_bytes: args.conn_budget_bytes,
+        max_wait_ms: args.max_wait_ms,
+        // Room for at least one maximal frame.
+        frame_memory_bytes: args
+            .frame_memory_bytes
+            .max(args.max_frame_bytes + proto::frame::FRAME_HEADER_BYTES),
     };
     let fronts = front_executors(plan, !listeners.shards.is_empty());
     let mut bundles: Vec<Bundle> = plan
@@ -346,6 +352,7 @@ fn make_bundles(
                     dir: checks::shard_dir(data_dir, id),
                     opts: args.shard_options(id),
                     faults: faults.iter().copied().filter(|f| f.shard == id).collect(),
+                    read_memory_bytes: args.read_memory_bytes,
                     rings: Vec::new(),
                     ready: ready.clone(),
                 }),
@@ -431,7 +438,12 @@ async fn executor_main(bundle: Bundle) -> Result<(), String> {
             );
             let _ = part.ready.send(Ready::Opened { shard: part.id });
             shard_rings = part.rings;
-            Some(ShardServer::new(part.id, part.shard_count, shard))
+            Some(ShardServer::new(
+                part.id,
+                part.shard_count,
+                shard,
+                part.read_memory_bytes,
+            ))
         }
     };
 

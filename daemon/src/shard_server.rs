@@ -8,7 +8,7 @@
 //! front as one ring message, together with the request frames the shard has finished with.
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::rc::{Rc, Weak};
@@ -17,10 +17,11 @@ use std::time::{Duration, Instant};
 
 use flatbuffers::FlatBufferBuilder;
 use futures_lite::future;
+use glommio::sync::Semaphore;
 use proto::wire::{self, ErrorCode};
-use shards::{AckLevel, Lsn, ReadBatch, RecordRef, Shard, ShardError, ShardStats, Ticket};
+use shards::{AckLevel, Lsn, ReadBatch, ReadMemory, ReadPool, RecordRef, Shard, ShardError, ShardStats, Ticket};
 
-use crate::ring::{Completion, FromShard, FrontInbox, ReadArgs, Reply, RingSender, ToShard};
+use crate::ring::{Completion, ConnId, FromShard, FrontInbox, ReadArgs, Reply, RingSender, ToShard};
 
 /// How often a long-polling read looks at the shutdown flag while it waits.
 const LONG_POLL_SLICE: Duration = Duration::from_millis(50);
@@ -29,6 +30,31 @@ const FILTERED_SCANS_MAX: u32 = 64;
 /// Spent request frames kept for one front until they can go back with its next answers; beyond
 /// this the shard frees them itself.
 const SPENT_FRAMES_MAX: usize = 256;
+
+/// The reads of one connection running on this shard, so that the connection's end can stop
+/// their long-polls ([`ToShard::Cancel`]).
+struct ConnReads {
+    running: Cell<usize>,
+    has_ended: Cell<bool>,
+    /// Never has permits: closed when the connection ends, which wakes every waiting read.
+    ended: Semaphore,
+}
+
+impl ConnReads {
+    fn end(&self) {
+        self.has_ended.set(true);
+        self.ended.close();
+    }
+
+    fn has_ended(&self) -> bool {
+        self.has_ended.get()
+    }
+
+    async fn ended(&self) {
+        // Err once closed; nothing ever signals a permit.
+        let _ = self.ended.acquire(1).await;
+    }
+}
 
 /// Where completions go: through a ring to another executor, or straight to a front on this one.
 #[derive(Clone)]
@@ -95,10 +121,16 @@ pub struct ShardServer {
     acker_waker: Cell<Option<Waker>>,
     /// No more requests will come: the acker exits once nothing is waiting.
     acker_stop: Cell<bool>,
+    /// Bounds the memory all reads of this shard hold together, until their responses are handed
+    /// to the front.
+    read_pool: ReadPool,
+    /// By (front index, connection): connections with reads running here.
+    conn_reads: RefCell<HashMap<(usize, ConnId), Rc<ConnReads>>>,
 }
 
 impl ShardServer {
-    pub fn new(id: u16, shard_count: u16, shard: Shard) -> Rc<ShardServer> {
+    /// `read_memory_bytes` bounds what the shard's reads hold together ([`ReadPool`]).
+    pub fn new(id: u16, shard_count: u16, shard: Shard, read_memory_bytes: usize) -> Rc<ShardServer> {
         assert!(id < shard_count);
         Rc::new(ShardServer {
             id,
@@ -111,6 +143,8 @@ impl ShardServer {
             outboxes: RefCell::new(Vec::new()),
             acker_waker: Cell::new(None),
             acker_stop: Cell::new(false),
+            read_pool: ReadPool::new(read_memory_bytes),
+            conn_reads: RefCell::new(HashMap::new()),
         })
     }
 
@@ -124,6 +158,10 @@ impl ShardServer {
 
     pub fn shard(&self) -> &Shard {
         &self.shard
+    }
+
+    pub fn read_pool(&self) -> &ReadPool {
+        &self.read_pool
     }
 
     pub fn begin_stop(&self) {
@@ -182,11 +220,41 @@ impl ShardServer {
             } => {
                 let this = self.clone();
                 let reply_to = self.fronts.borrow()[front].clone();
+                // Registered before the task runs: a `Cancel` handled right after this message
+                // must find it.
+                let reads = self
+                    .conn_reads
+                    .borrow_mut()
+                    .entry((front, conn))
+                    .or_insert_with(|| {
+                        Rc::new(ConnReads {
+                            running: Cell::new(0),
+                            has_ended: Cell::new(false),
+                            ended: Semaphore::new(0),
+                        })
+                    })
+                    .clone();
+                reads.running.set(reads.running.get() + 1);
                 glommio::spawn_local(async move {
-                    let reply = match this.read(read).await {
-                        Ok(batch) => Reply::Frame(this.encode_records(id, &batch)),
+                    let mut memory = this.read_pool.memory();
+                    let reply = match this.read(read, &mut memory, &reads).await {
+                        Ok(batch) => {
+                            // The batch's charge covers its response (see `shards::read_pool`),
+                            // so encoding it stays within what the read holds.
+                            let frame = this.encode_records(id, &batch);
+                            debug_assert!(frame.len() <= memory.held(), "a response outgrew its read's charge");
+                            drop(batch);
+                            // The read is done here. The response now counts against its
+                            // connection's budget until it is written (see `front.rs`).
+                            drop(memory);
+                            Reply::Frame(frame)
+                        }
                         Err(e) => error_reply(&e),
                     };
+                    reads.running.set(reads.running.get() - 1);
+                    if reads.running.get() == 0 {
+                        this.conn_reads.borrow_mut().remove(&(front, conn));
+                    }
                     let replies = vec![Completion {
                         conn,
                         id,
@@ -201,6 +269,11 @@ impl ShardServer {
                         .await;
                 })
                 .detach();
+            }
+            ToShard::Cancel { conn } => {
+                if let Some(reads) = self.conn_reads.borrow().get(&(front, conn)) {
+                    reads.end();
+                }
             }
             ToShard::Stats { token } => {
                 let stats = Box::new(wire_stats(self.id, &self.shard.stats()));
@@ -349,13 +422,23 @@ impl ShardServer {
         (silent, ack, self.shard.enqueue_iter(stream, records, ack))
     }
 
-    /// Reads durable records; with `max_wait_ms`, waits for one to become durable.
-    async fn read(&self, args: ReadArgs) -> Result<ReadBatch, ShardError> {
+    /// Reads durable records; with `max_wait_ms`, waits for one to become durable, unless the
+    /// connection ends first. What the read holds is charged to `memory`; while it waits it holds
+    /// nothing.
+    async fn read(&self, args: ReadArgs, memory: &mut ReadMemory, conn: &ConnReads) -> Result<ReadBatch, ShardError> {
         let deadline = Instant::now() + Duration::from_millis(u64::from(args.max_wait_ms));
+        // One read's records, plus the largest commit read twice, must fit in the pool (its
+        // minimum is sized for that), or the read could not get the room it needs.
+        let args = ReadArgs {
+            max_bytes: args.max_bytes.min(self.read_pool.capacity() / 4),
+            ..args
+        };
         let mut from = Lsn(args.from_lsn.max(1));
         let mut scans = 0;
         loop {
-            let batch = self.shard.read(from, args.max_bytes, args.stream).await?;
+            // The previous round's batch is gone.
+            memory.shrink_to(0);
+            let batch = self.shard.read_in(from, args.max_bytes, args.stream, memory).await?;
             // With a stream filter one read scans a bounded stretch and may find nothing in it;
             // keep scanning durable records (a bounded number of times per request) before
             // answering empty or waiting.
@@ -369,26 +452,36 @@ impl ShardServer {
                 continue;
             }
             let now = Instant::now();
-            if !batch.records.is_empty() || now >= deadline || self.stopping.get() {
+            if !batch.records.is_empty() || now >= deadline || self.stopping.get() || conn.has_ended() {
                 return Ok(batch);
             }
             // Nothing durable at or after `from` (or nothing of the wanted stream): wait for the
-            // durable lsn to pass what was just scanned, in slices so shutdown is noticed.
+            // durable lsn to pass what was just scanned, in slices so shutdown is noticed, and
+            // not a moment longer than the connection lasts.
             from = from.max(batch.next_lsn);
+            drop(batch);
+            // Nothing is held while waiting.
+            memory.shrink_to(0);
             let slice = (deadline - now).min(LONG_POLL_SLICE);
             let woke = future::or(
-                async {
-                    self.shard.wait_durable(from).await.map(|_| ())?;
-                    Ok::<bool, ShardError>(true)
-                },
+                future::or(
+                    async {
+                        self.shard.wait_durable(from).await.map(|_| ())?;
+                        Ok::<bool, ShardError>(true)
+                    },
+                    async {
+                        conn.ended().await;
+                        Ok(true)
+                    },
+                ),
                 async {
                     glommio::timer::sleep(slice).await;
                     Ok(false)
                 },
             )
             .await?;
-            if !woke && Instant::now() >= deadline {
-                return self.shard.read(from, args.max_bytes, args.stream).await;
+            if conn.has_ended() || (!woke && Instant::now() >= deadline) {
+                return self.shard.read_in(from, args.max_bytes, args.stream, memory).await;
             }
         }
     }

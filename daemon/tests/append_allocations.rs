@@ -185,7 +185,7 @@ fn shard_server_appends_allocate_a_small_constant() {
             ..ShardOptions::default()
         };
         let shard = Shard::open(dir.path(), opts).await.expect("open shard");
-        let server = ShardServer::new(0, 1, shard.clone());
+        let server = ShardServer::new(0, 1, shard.clone(), shards::READ_MEMORY_BYTES_DEFAULT);
         let (tx, rx) = ring::channel::<FromShard>(1024);
         let front = server.add_front(ReplyTo::Ring(Rc::new(tx)));
         let acker = glommio::spawn_local(server.clone().acker());

@@ -70,6 +70,7 @@ mod background;
 mod error;
 pub mod executor;
 pub mod format;
+pub mod read_pool;
 mod recovery;
 mod segments;
 mod shard;
@@ -83,6 +84,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 pub use error::ShardError;
+pub use read_pool::{ReadMemory, ReadPool, READ_MEMORY_BYTES_DEFAULT};
 pub use recovery::RecoveryReport;
 pub use shard::{Shard, ShardStats, Ticket};
 

@@ -40,11 +40,15 @@
 //! outlives the log it describes.
 //!
 //! Scans read with several large aligned reads in flight ([`RECOVERY_READS_IN_FLIGHT`] of
-//! [`RECOVERY_READ_BYTES`]).
+//! [`RECOVERY_READ_BYTES`]). Segment headers and summaries are read [`RECOVERY_FILES_IN_FLIGHT`]
+//! files at a time, so that a clean restart of thousands of segments costs a few device round
+//! trips, not one per file (`scripts/restart-time.sh` measures it).
 //!
 //! With `repair`, a `Corruption` becomes a cut at that offset; later segments are removed.
 
 use std::collections::{BTreeSet, VecDeque};
+use std::future::Future;
+use std::io;
 use std::rc::Rc;
 use std::time::{Instant, SystemTime};
 
@@ -57,13 +61,17 @@ use crate::segments::{
     segment_name, summary_name, Active, Segment, Segments, SummaryState, CHECKPOINT_NAME, INDEX_INTERVAL_BYTES,
 };
 use crate::shard::PIPELINE_DEPTH;
-use crate::storage::{SegmentFile, Storage};
+use crate::storage::{LocalBoxFuture, SegmentFile, Storage};
 use crate::ShardOptions;
 
 /// Recovery reads a segment in pieces of this size ...
 pub(crate) const RECOVERY_READ_BYTES: u64 = 4 << 20;
 /// ... with this many reads in flight at once.
 pub(crate) const RECOVERY_READS_IN_FLIGHT: usize = 4;
+/// Segment headers and summaries are read with this many files in flight: each costs a device
+/// round trip when the page cache is cold, and a long log has thousands of them, so one at a
+/// time would make a clean restart grow with the log.
+pub(crate) const RECOVERY_FILES_IN_FLIGHT: usize = 32;
 
 /// How the last open recovered the log.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -80,6 +88,8 @@ pub struct RecoveryReport {
     pub checkpoint_used: bool,
     /// Wall time of recovery, microseconds.
     pub elapsed_us: u64,
+    /// Of which spent reading and checking segment bodies (the `bytes_read`), microseconds.
+    pub scan_us: u64,
 }
 
 pub(crate) struct Recovered {
@@ -122,53 +132,230 @@ struct Scan {
     stop: Option<String>,
 }
 
-/// Scans commits in `data` (segment bytes from offset `base`) from `offset` at `lsn` on.
-fn scan_from(data: &[u8], base: u64, sequence: u64, mut offset: u64, mut lsn: u64) -> Scan {
-    assert!(offset >= base);
-    let mut index: Vec<(u64, u64)> = Vec::new();
-    let mut commits = 0;
-    let mut commits_crc = 0;
-    let mut stop = None;
-    while ((offset - base) as usize) < data.len() {
-        let at = (offset - base) as usize;
-        match parse_commit(&data[at..], sequence) {
-            Ok(view) if view.first_lsn == lsn => {
-                if index.last().is_none_or(|&(_, o)| offset - o >= INDEX_INTERVAL_BYTES) {
-                    index.push((lsn, offset));
+/// A scan of a segment's commits, fed its bytes piece by piece as they are read (so that no
+/// copy of the whole segment is made): commit by commit (magic, segment sequence, checksum,
+/// record framing, lsn continuity), stopping at the first that fails, at zeros, or at the end.
+struct Scanner {
+    sequence: u64,
+    offset: u64,
+    lsn: u64,
+    index: Vec<(u64, u64)>,
+    commits: u64,
+    commits_crc: u32,
+    stop: Option<String>,
+    done: bool,
+}
+
+impl Scanner {
+    fn new(sequence: u64, offset: u64, lsn: u64) -> Scanner {
+        Scanner {
+            sequence,
+            offset,
+            lsn,
+            index: Vec::new(),
+            commits: 0,
+            commits_crc: 0,
+            stop: None,
+            done: false,
+        }
+    }
+
+    /// Scans the commits in `data` (segment bytes from offset `base`, reaching back at least to
+    /// where the scan stands). Without `eof` it stops before a commit that `data` does not hold
+    /// whole, to go on when fed more; with `eof`, `data` runs to the end of the file, and the
+    /// scan ends: fed the whole segment at once, it finds what a single pass would.
+    fn feed(&mut self, data: &[u8], base: u64, eof: bool) {
+        assert!(!self.done);
+        assert!(base <= self.offset);
+        while !self.done {
+            let at = (self.offset - base) as usize;
+            if at >= data.len() {
+                self.done = eof;
+                return;
+            }
+            // Parse only whole headers before the end, so a header split between two reads is
+            // not taken for zeros or garbage.
+            if !eof && data.len() - at < COMMIT_HEADER_BYTES {
+                return;
+            }
+            match parse_commit(&data[at..], self.sequence) {
+                Ok(view) if view.first_lsn == self.lsn => {
+                    if self
+                        .index
+                        .last()
+                        .is_none_or(|&(_, o)| self.offset - o >= INDEX_INTERVAL_BYTES)
+                    {
+                        self.index.push((self.lsn, self.offset));
+                    }
+                    self.commits += 1;
+                    self.commits_crc = chain_commit_crc(self.commits_crc, &data[at..at + COMMIT_HEADER_BYTES]);
+                    self.lsn = view.end_lsn();
+                    self.offset += view.total_bytes as u64;
                 }
-                commits += 1;
-                commits_crc = chain_commit_crc(commits_crc, &data[at..at + COMMIT_HEADER_BYTES]);
-                lsn = view.end_lsn();
-                offset += view.total_bytes as u64;
-            }
-            Ok(view) => {
-                stop = Some(format!("commit starts at lsn {}, expected {lsn}", view.first_lsn));
-                break;
-            }
-            Err(ParseError::Zero) => break,
-            Err(ParseError::Short { needed }) => {
-                stop = Some(format!("commit of {needed} bytes runs past the end of the file"));
-                break;
-            }
-            Err(ParseError::Invalid(reason)) => {
-                stop = Some(reason);
-                break;
+                Ok(view) => {
+                    self.stop = Some(format!(
+                        "commit starts at lsn {}, expected {}",
+                        view.first_lsn, self.lsn
+                    ));
+                    self.done = true;
+                }
+                Err(ParseError::Zero) => self.done = true,
+                Err(ParseError::Short { .. }) if !eof => return,
+                Err(ParseError::Short { needed }) => {
+                    self.stop = Some(format!("commit of {needed} bytes runs past the end of the file"));
+                    self.done = true;
+                }
+                Err(ParseError::Invalid(reason)) => {
+                    self.stop = Some(reason);
+                    self.done = true;
+                }
             }
         }
     }
-    Scan {
-        end_offset: offset,
-        end_lsn: lsn,
-        index,
-        commits,
-        commits_crc,
-        stop,
+
+    fn finish(self) -> Scan {
+        assert!(self.done);
+        Scan {
+            end_offset: self.offset,
+            end_lsn: self.lsn,
+            index: self.index,
+            commits: self.commits,
+            commits_crc: self.commits_crc,
+            stop: self.stop,
+        }
     }
+}
+
+/// Scans commits in `data` (segment bytes from offset `base`, to the end of what is read) from
+/// `offset` at `lsn` on.
+fn scan_from(data: &[u8], base: u64, sequence: u64, offset: u64, lsn: u64) -> Scan {
+    let mut scanner = Scanner::new(sequence, offset, lsn);
+    scanner.feed(data, base, true);
+    scanner.finish()
 }
 
 fn io_err(storage: &dyn Storage, op: &'static str, name: &str) -> impl FnOnce(std::io::Error) -> ShardError {
     let path = storage.path_of(name);
     move |e| ShardError::io(op, path, e)
+}
+
+/// Runs `jobs` with up to `in_flight` of them under way at once; their outputs, in order.
+async fn bounded<T: 'static>(in_flight: usize, jobs: impl IntoIterator<Item = LocalBoxFuture<T>>) -> Vec<T> {
+    assert!(in_flight > 0);
+    let mut jobs = jobs.into_iter();
+    let mut queue = VecDeque::new();
+    let mut out = Vec::new();
+    loop {
+        while queue.len() < in_flight {
+            let Some(job) = jobs.next() else { break };
+            // A task per job, so that they are all submitted before the first is awaited.
+            queue.push_back(glommio::spawn_local(job));
+        }
+        let Some(task) = queue.pop_front() else {
+            return out;
+        };
+        out.push(task.await);
+    }
+}
+
+/// Reads `[from, to)` of a segment (block aligned) in order, with up to
+/// [`RECOVERY_READS_IN_FLIGHT`] reads of [`RECOVERY_READ_BYTES`] in flight ahead of the one
+/// handed out. Stops early at the end of the file.
+struct ChunkReader {
+    file: Rc<dyn SegmentFile>,
+    queue: VecDeque<(usize, glommio::task::JoinHandle<io::Result<Vec<u8>>>)>,
+    next: u64,
+    to: u64,
+}
+
+impl ChunkReader {
+    fn new(f: &Found, from: u64, to: u64) -> ChunkReader {
+        assert_eq!(from % BLOCK_BYTES, 0);
+        ChunkReader {
+            file: f.file.clone(),
+            queue: VecDeque::new(),
+            next: from,
+            to,
+        }
+    }
+
+    async fn next(&mut self, storage: &dyn Storage, f: &Found) -> Result<Option<Vec<u8>>, ShardError> {
+        while self.queue.len() < RECOVERY_READS_IN_FLIGHT && self.next < self.to {
+            let len = RECOVERY_READ_BYTES.min(self.to - self.next) as usize;
+            // A task per read, so that they are all submitted before the first is awaited.
+            let task = glommio::spawn_local(self.file.read(self.next, len)).detach();
+            self.queue.push_back((len, task));
+            self.next += len as u64;
+        }
+        let Some((len, task)) = self.queue.pop_front() else {
+            return Ok(None);
+        };
+        let chunk =
+            task.await
+                .expect("a read task is never cancelled")
+                .map_err(io_err(storage, "read segment", &f.name))?;
+        if chunk.len() < len {
+            // The end of the file: nothing after it.
+            self.queue.clear();
+            self.next = self.to;
+        }
+        Ok(Some(chunk))
+    }
+}
+
+/// Scans a segment from its data offset while it is read. Returns the scan and the segment's
+/// bytes from the block holding the scan's end on (`(base, bytes)`): up to the end of the file
+/// with `read_rest`, else what had been read when the scan ended.
+async fn scan_segment(
+    storage: &dyn Storage,
+    f: &Found,
+    read_rest: bool,
+    report: &mut RecoveryReport,
+) -> Result<(Scan, u64, Vec<u8>), ShardError> {
+    let mut reader = ChunkReader::new(f, 0, f.capacity());
+    let mut scanner = Scanner::new(f.header.sequence, SEGMENT_DATA_OFFSET, f.header.base_lsn);
+    let mut window = Window::default();
+    while !scanner.done {
+        let chunk = reader.next(storage, f).await?;
+        if let Some(chunk) = &chunk {
+            report.bytes_read += chunk.len() as u64;
+            window.push(chunk, scanner.offset);
+        }
+        scanner.feed(&window.bytes, window.base, chunk.is_none());
+    }
+    let scan = scanner.finish();
+    window.keep_from(scan.end_offset);
+    if read_rest {
+        while let Some(chunk) = reader.next(storage, f).await? {
+            report.bytes_read += chunk.len() as u64;
+            window.push(&chunk, scan.end_offset);
+        }
+    }
+    Ok((scan, window.base, window.bytes))
+}
+
+/// The bytes of a segment a [`Scanner`] still needs, from `base` on: those not scanned yet and
+/// the block holding the scan's position (for the tail of the last segment). Its memory is
+/// reused from read to read, so a scan touches no fresh page per byte read.
+#[derive(Default)]
+struct Window {
+    base: u64,
+    bytes: Vec<u8>,
+}
+
+impl Window {
+    /// Drops the bytes before the block holding `offset` (none if not read that far yet).
+    fn keep_from(&mut self, offset: u64) {
+        let from = align_down(offset).clamp(self.base, self.base + self.bytes.len() as u64);
+        self.bytes.drain(..(from - self.base) as usize);
+        self.base = from;
+    }
+
+    /// Appends the next bytes read, dropping what the scan at `offset` no longer needs.
+    fn push(&mut self, chunk: &[u8], offset: u64) {
+        self.keep_from(offset);
+        self.bytes.extend_from_slice(chunk);
+    }
 }
 
 /// Reads `[from, to)` of a segment (block aligned), with up to [`RECOVERY_READS_IN_FLIGHT`]
@@ -198,16 +385,28 @@ async fn read_range(storage: &dyn Storage, f: &Found, from: u64, to: u64) -> Res
 }
 
 /// Zeroes `[end, zero_to)` (rounded out to blocks, keeping the bytes before `end`) and syncs.
-/// `data` holds the segment from offset 0.
-async fn zero_after(storage: &dyn Storage, f: &Found, data: &[u8], end: u64, zero_to: u64) -> Result<(), ShardError> {
-    let zero_to = zero_to.min(data.len() as u64);
-    if end >= zero_to || data[end as usize..zero_to as usize].iter().all(|&b| b == 0) {
+/// `data` holds the segment from offset `base`, at most `align_down(end)`, to the end of the file.
+async fn zero_after(
+    storage: &dyn Storage,
+    f: &Found,
+    data: &[u8],
+    base: u64,
+    end: u64,
+    zero_to: u64,
+) -> Result<(), ShardError> {
+    assert!(base <= align_down(end));
+    let zero_to = zero_to.min(base + data.len() as u64);
+    if end >= zero_to
+        || data[(end - base) as usize..(zero_to - base) as usize]
+            .iter()
+            .all(|&b| b == 0)
+    {
         return Ok(());
     }
     let start = align_down(end);
     let stop = align_up(zero_to);
     let mut buf = storage.alloc((stop - start) as usize);
-    buf.as_mut_slice()[..(end - start) as usize].copy_from_slice(&data[start as usize..end as usize]);
+    buf.as_mut_slice()[..(end - start) as usize].copy_from_slice(&data[(start - base) as usize..(end - base) as usize]);
     f.file
         .write(start, buf)
         .await
@@ -219,22 +418,26 @@ async fn zero_after(storage: &dyn Storage, f: &Found, data: &[u8], end: u64, zer
     Ok(())
 }
 
-/// Reads a summary or checkpoint file. Anything that is not a valid one is reported and
-/// ignored: recovery then scans, so an unreadable summary costs time, never data.
-async fn read_summary(
-    storage: &dyn Storage,
-    opts: &ShardOptions,
-    name: &str,
-    kind: SummaryKind,
-) -> Option<SegmentSummary> {
-    let read = async {
-        let file = storage.open(name, false, opts.durability).await?;
+/// Reads the whole of a summary or checkpoint file.
+fn read_whole(storage: &dyn Storage, opts: &ShardOptions, name: &str) -> impl Future<Output = io::Result<Vec<u8>>> {
+    let open = storage.open(name, false, opts.durability);
+    async move {
+        let file = open.await?;
         let size = file.size().await?;
         let data = file.read(0, align_down(size) as usize).await;
         let _ = file.close().await;
         data
     }
-    .await;
+}
+
+/// Decodes a summary or checkpoint file read by [`read_whole`]. Anything that is not a valid one
+/// is reported and ignored: recovery then scans, so an unreadable summary costs time, never data.
+fn decode_summary(
+    opts: &ShardOptions,
+    name: &str,
+    kind: SummaryKind,
+    read: io::Result<Vec<u8>>,
+) -> Option<SegmentSummary> {
     match read {
         Ok(data) => match SegmentSummary::decode(kind, &data) {
             Ok(s) => Some(s),
@@ -248,6 +451,33 @@ async fn read_summary(
             None
         }
     }
+}
+
+/// The sealed summary of each found segment that has one, read [`RECOVERY_FILES_IN_FLIGHT`] at
+/// a time; `None` where there is none or it is not valid.
+async fn read_summaries(
+    storage: &dyn Storage,
+    opts: &ShardOptions,
+    found: &[Found],
+    summary_names: &BTreeSet<String>,
+) -> Vec<Option<SegmentSummary>> {
+    let names: Vec<Option<String>> = found
+        .iter()
+        .map(|f| Some(summary_name(f.header.base_lsn)).filter(|n| summary_names.contains(n)))
+        .collect();
+    let jobs = names
+        .iter()
+        .flatten()
+        .map(|name| -> LocalBoxFuture<io::Result<Vec<u8>>> { Box::pin(read_whole(storage, opts, name)) });
+    let mut reads = bounded(RECOVERY_FILES_IN_FLIGHT, jobs).await.into_iter();
+    names
+        .iter()
+        .map(|name| {
+            let name = name.as_ref()?;
+            let read = reads.next().expect("one read per summary name");
+            decode_summary(opts, name, SummaryKind::Sealed, read)
+        })
+        .collect()
 }
 
 /// How the last segment was recovered.
@@ -316,7 +546,10 @@ async fn recover_last(
     let sealed = summary.is_some();
     let trusted = summary.or_else(|| checkpoint.filter(|c| f.matches(c)).cloned());
     if let Some(t) = &trusted {
-        if let Some(mut last) = verify_end(storage, opts, f, t, report).await? {
+        let started = Instant::now();
+        let verified = verify_end(storage, opts, f, t, report).await?;
+        report.scan_us += started.elapsed().as_micros() as u64;
+        if let Some(mut last) = verified {
             last.sealed = sealed;
             report.trusted += 1;
             report.checkpoint_used |= !sealed;
@@ -329,9 +562,8 @@ async fn recover_last(
         );
     }
     report.scanned += 1;
-    let data = read_range(storage, f, 0, f.capacity()).await?;
-    report.bytes_read += data.len() as u64;
-    let s = scan_from(&data[..], 0, f.header.sequence, SEGMENT_DATA_OFFSET, f.header.base_lsn);
+    let started = Instant::now();
+    let (s, base, data) = scan_segment(storage, f, true, report).await?;
     if let Some(t) = &trusted {
         if s.end_lsn < t.end_lsn {
             let reason = format!(
@@ -351,7 +583,7 @@ async fn recover_last(
             tracing::warn!(shard, segment = f.header.sequence, %reason, "repair: keeping what the scan found");
         }
     }
-    let behind = find_valid_commits(&data[s.end_offset as usize..], s.end_offset, f.header.sequence);
+    let behind = find_valid_commits(&data[(s.end_offset - base) as usize..], s.end_offset, f.header.sequence);
     if behind.len() >= PIPELINE_DEPTH && !opts.repair {
         return Err(ShardError::Corruption {
             shard,
@@ -370,8 +602,9 @@ async fn recover_last(
     let zero_to = behind
         .last()
         .map_or(align_up(s.end_offset), |&(_, end)| end.max(align_up(s.end_offset)));
-    zero_after(storage, f, &data, s.end_offset, zero_to).await?;
-    let tail = data[align_down(s.end_offset) as usize..s.end_offset as usize].to_vec();
+    zero_after(storage, f, &data, base, s.end_offset, zero_to).await?;
+    let tail = data[(align_down(s.end_offset) - base) as usize..(s.end_offset - base) as usize].to_vec();
+    report.scan_us += started.elapsed().as_micros() as u64;
     Ok(Last {
         scan: s,
         tail,
@@ -410,23 +643,29 @@ async fn find_segments(
     let shard = opts.shard_id;
     let mut found = Vec::new();
     let mut spares = Vec::new();
-    for name in names {
+    let candidates: Vec<&String> = names
+        .iter()
+        .filter(|n| n.ends_with(".wal") || n.ends_with(".prep"))
+        .collect();
+    let jobs = candidates.iter().map(|name| -> LocalBoxFuture<_> {
+        let open = storage.open(name, false, opts.durability);
+        Box::pin(async move {
+            let file = open.await.map_err(|e| ("open segment", e))?;
+            let size = file.size().await.map_err(|e| ("stat segment", e))?;
+            let block = match size >= BLOCK_BYTES {
+                true => file
+                    .read(0, BLOCK_BYTES as usize)
+                    .await
+                    .map_err(|e| ("read segment header", e))?,
+                false => Vec::new(),
+            };
+            Ok::<_, (&'static str, io::Error)>((file, size, block))
+        })
+    });
+    let opened = bounded(RECOVERY_FILES_IN_FLIGHT, jobs).await;
+    for (name, opened) in candidates.into_iter().zip(opened) {
         let is_wal = name.ends_with(".wal");
-        if !is_wal && !name.ends_with(".prep") {
-            continue;
-        }
-        let file = storage
-            .open(name, false, opts.durability)
-            .await
-            .map_err(io_err(storage, "open segment", name))?;
-        let size = file.size().await.map_err(io_err(storage, "stat segment", name))?;
-        let block = if size >= BLOCK_BYTES {
-            file.read(0, BLOCK_BYTES as usize)
-                .await
-                .map_err(io_err(storage, "read segment header", name))?
-        } else {
-            Vec::new()
-        };
+        let (file, size, block) = opened.map_err(|(op, e)| ShardError::io(op, storage.path_of(name), e))?;
         match SegmentHeader::decode(&block) {
             HeaderBlock::Valid(header) => {
                 if header.shard_id != shard {
@@ -475,7 +714,10 @@ pub(crate) async fn recover(storage: &dyn Storage, opts: &ShardOptions) -> Resul
     let has_checkpoint = names.iter().any(|n| n == CHECKPOINT_NAME);
     let (found, spares) = find_segments(storage, opts, &names).await?;
     let checkpoint = match has_checkpoint {
-        true => read_summary(storage, opts, CHECKPOINT_NAME, SummaryKind::Checkpoint).await,
+        true => {
+            let read = read_whole(storage, opts, CHECKPOINT_NAME).await;
+            decode_summary(opts, CHECKPOINT_NAME, SummaryKind::Checkpoint, read)
+        }
         false => None,
     };
 
@@ -486,14 +728,11 @@ pub(crate) async fn recover(storage: &dyn Storage, opts: &ShardOptions) -> Resul
     let mut active = None;
     let mut next_lsn = first_available;
     let mut keep = found.len();
+    let mut summaries = read_summaries(storage, opts, &found, &summary_names).await;
+    assert_eq!(summaries.len(), found.len());
     for i in 0..found.len() {
         let f = &found[i];
-        let summary = match summary_names.contains(&summary_name(f.header.base_lsn)) {
-            true => read_summary(storage, opts, &summary_name(f.header.base_lsn), SummaryKind::Sealed)
-                .await
-                .filter(|s| f.matches(s)),
-            false => None,
-        };
+        let summary = summaries[i].take().filter(|s| f.matches(s));
         let Some(next) = found.get(i + 1) else {
             let last = recover_last(storage, opts, f, summary, checkpoint.as_ref(), &mut report).await?;
             let seg = Rc::new(segment_from(f, &last.scan));
@@ -532,9 +771,9 @@ pub(crate) async fn recover(storage: &dyn Storage, opts: &ShardOptions) -> Resul
             }
             summary => {
                 report.scanned += 1;
-                let data = read_range(storage, f, 0, f.capacity()).await?;
-                report.bytes_read += data.len() as u64;
-                let s = scan_from(&data, 0, f.header.sequence, SEGMENT_DATA_OFFSET, f.header.base_lsn);
+                let started = Instant::now();
+                let (s, _, _) = scan_segment(storage, f, false, &mut report).await?;
+                report.scan_us += started.elapsed().as_micros() as u64;
                 if !continues(s.end_lsn) {
                     let reason = s.stop.clone().unwrap_or_else(|| {
                         format!(
@@ -654,4 +893,98 @@ async fn tidy_directory(
             .map_err(io_err(storage, "sync shard directory", ""))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::{encode_record, seal_commit};
+
+    /// A segment image from offset 0: a header block's worth of zeros, then `commits` commits of
+    /// varied sizes of segment `sequence` from lsn 1, then `zeros` zero bytes.
+    fn segment(commits: u64, sequence: u64, zeros: usize) -> Vec<u8> {
+        let mut data = vec![0u8; SEGMENT_DATA_OFFSET as usize];
+        let mut lsn = 1;
+        for i in 0..commits {
+            let mut commit = vec![0u8; COMMIT_HEADER_BYTES];
+            let records = 1 + i % 3;
+            for r in 0..records {
+                let payload = vec![(i + r) as u8 | 1; ((i * 37 + r * 11) % 3000) as usize];
+                encode_record(&mut commit, 9, None, &payload);
+            }
+            let body = commit.len() - COMMIT_HEADER_BYTES;
+            seal_commit(&mut commit, sequence, lsn, records as u32, body);
+            data.extend_from_slice(&commit);
+            lsn += records;
+        }
+        data.extend(std::iter::repeat_n(0u8, zeros));
+        data
+    }
+
+    /// Scans `data` fed in pieces of `piece` bytes, through a [`Window`] as recovery does.
+    fn scan_in_pieces(data: &[u8], piece: usize) -> Scan {
+        let mut scanner = Scanner::new(3, SEGMENT_DATA_OFFSET, 1);
+        let mut window = Window::default();
+        let mut pieces = data.chunks(piece);
+        while !scanner.done {
+            let next = pieces.next();
+            if let Some(p) = next {
+                window.push(p, scanner.offset);
+            }
+            scanner.feed(&window.bytes, window.base, next.is_none());
+            assert!(
+                window.bytes.len() <= piece + 64 * 1024,
+                "the window holds one piece and one commit"
+            );
+        }
+        scanner.finish()
+    }
+
+    #[test]
+    fn a_scan_fed_in_pieces_finds_what_one_pass_over_the_segment_finds() {
+        let whole = segment(60, 3, 10_000);
+        let end = whole.len() - 10_000;
+        let mut flipped = whole.clone();
+        flipped[end / 2] ^= 0x40;
+        let mut other_sequence = whole.clone();
+        other_sequence.truncate(end);
+        other_sequence.extend_from_slice(&segment(3, 4, 0)[SEGMENT_DATA_OFFSET as usize..]);
+        // A header that starts with zeros is garbage, not the end of the log, once read whole.
+        let mut garbage = whole.clone();
+        garbage[end + 5..end + 40].fill(0xab);
+        let cases = [
+            ("zeros after the end", whole.clone()),
+            ("garbage after a few zero bytes", garbage),
+            ("cut short in the last commit", whole[..end - 5].to_vec()),
+            ("a flipped bit in the middle", flipped),
+            ("commits of another segment after the end", other_sequence),
+        ];
+        for (name, data) in &cases {
+            let want = scan_from(data, 0, 3, SEGMENT_DATA_OFFSET, 1);
+            for piece in [1, 7, 31, 32, 33, 4096, 5000, 65536, data.len()] {
+                let got = scan_in_pieces(data, piece);
+                let same = (
+                    got.end_offset,
+                    got.end_lsn,
+                    &got.index,
+                    got.commits,
+                    got.commits_crc,
+                    &got.stop,
+                ) == (
+                    want.end_offset,
+                    want.end_lsn,
+                    &want.index,
+                    want.commits,
+                    want.commits_crc,
+                    &want.stop,
+                );
+                assert!(
+                    same,
+                    "{name}, pieces of {piece}: got end {} lsn {} stop {:?}, want end {} lsn {} stop {:?}",
+                    got.end_offset, got.end_lsn, got.stop, want.end_offset, want.end_lsn, want.stop
+                );
+            }
+            assert!(want.commits > 0, "{name}: the segment has commits");
+        }
+    }
 }

@@ -29,10 +29,11 @@ use hdrhistogram::Histogram;
 use crate::error::ShardError;
 use crate::format::{
     self, align_down, align_up, CommitView, ParseError, SegmentHeader, BLOCK_BYTES, COMMIT_HEADER_BYTES,
-    SEGMENT_DATA_OFFSET,
+    RECORD_HEADER_BYTES, SEGMENT_DATA_OFFSET,
 };
+use crate::read_pool::{ReadMemory, READ_BATCH_OVERHEAD_BYTES, READ_RECORD_OVERHEAD_BYTES};
 use crate::recovery::RecoveryReport;
-use crate::segments::{Active, Segment, Segments, Spare};
+use crate::segments::{Active, Segment, Segments, Spare, INDEX_INTERVAL_BYTES};
 use crate::storage::dma::DmaStorage;
 use crate::storage::{BufPool, IoBuf, PooledBuf, SegmentFile, Storage};
 use crate::sync::{LsnWaiters, Notify};
@@ -44,11 +45,22 @@ use crate::{AckLevel, Lsn, ReadBatch, ReadRecord, Receipt, RecordRef, ShardOptio
 pub(crate) const PIPELINE_DEPTH: usize = 2;
 /// Batch slots kept for reuse (see [`BatchSlot`]); beyond this a batch gets a fresh one.
 const SLOTS_POOLED_MAX: usize = 64;
-/// Reads fetch at least this much per I/O.
+/// A read fetches at most this much per I/O, unless one commit is larger.
 const READ_CHUNK_BYTES: u64 = 256 << 10;
 /// A filtered read stops after scanning this many times `max_bytes` (at least 1 MiB) of log, and
 /// returns what it has, so a read for a rare stream cannot run unbounded.
 const READ_SCAN_FACTOR: usize = 8;
+/// How much one disk read fetches for a read that still wants `remaining` payload bytes: those
+/// and their framing, rounded up to blocks plus one block for a commit that starts mid-block,
+/// and at most [`READ_CHUNK_BYTES`]. A filtered read scans far ahead for its stream and reads
+/// whole chunks.
+fn chunk_bytes(remaining: usize, filtered: bool) -> u64 {
+    if filtered {
+        return READ_CHUNK_BYTES;
+    }
+    let framing = (COMMIT_HEADER_BYTES + RECORD_HEADER_BYTES) as u64;
+    (align_up(remaining as u64 + framing) + BLOCK_BYTES).min(READ_CHUNK_BYTES)
+}
 
 #[cfg(test)]
 mod tests;
@@ -507,7 +519,26 @@ impl Shard {
     /// about `max_bytes` of payload (at least one record if a durable record `>= from` exists and
     /// no stream filter skips it).
     pub async fn read(&self, from: Lsn, max_bytes: usize, stream: Option<u64>) -> Result<ReadBatch, ShardError> {
-        self.inner.read(from, max_bytes, stream).await
+        self.inner
+            .read(from, max_bytes, stream, &mut ReadMemory::unbounded())
+            .await
+    }
+
+    /// [`Shard::read`], charging what it allocates to `memory`, which must hold nothing yet,
+    /// before allocating it (see
+    /// [`crate::read_pool`]): each chunk it reads from disk, and the records it collects. When it
+    /// returns, `memory` holds the batch's charge ([`READ_BATCH_OVERHEAD_BYTES`], and per record
+    /// [`READ_RECORD_OVERHEAD_BYTES`] plus the payload), which also covers the batch's encoded
+    /// response. A read that finds no room for its next chunk while it already holds records
+    /// returns those (fewer than `max_bytes`); one that holds none waits for room, holding nothing.
+    pub async fn read_in(
+        &self,
+        from: Lsn,
+        max_bytes: usize,
+        stream: Option<u64>,
+        memory: &mut ReadMemory,
+    ) -> Result<ReadBatch, ShardError> {
+        self.inner.read(from, max_bytes, stream, memory).await
     }
 
     /// Resolves once every record up to `lsn` is durable, with the durable lsn at that time.
@@ -1141,7 +1172,16 @@ impl Inner {
         self.bg_wake.notify();
     }
 
-    async fn read(&self, from: Lsn, max_bytes: usize, stream: Option<u64>) -> Result<ReadBatch, ShardError> {
+    async fn read(
+        &self,
+        from: Lsn,
+        max_bytes: usize,
+        stream: Option<u64>,
+        memory: &mut ReadMemory,
+    ) -> Result<ReadBatch, ShardError> {
+        assert_eq!(memory.held(), 0, "a read starts holding nothing");
+        // Even an empty batch has a response; a read that holds nothing may wait for room.
+        memory.acquire(READ_BATCH_OVERHEAD_BYTES).await;
         let requested = from.0.max(1);
         let (segments, first_available) = {
             let st = self.st.borrow();
@@ -1168,6 +1208,9 @@ impl Inner {
         let mut cursor = requested;
         let mut bytes = 0usize;
         let mut scanned = 0usize;
+        // What the batch costs so far (see `read_pool`): `memory` holds this plus the chunk being
+        // parsed.
+        let mut held = READ_BATCH_OVERHEAD_BYTES;
         let start = segments.iter().rposition(|s| s.base_lsn <= cursor).unwrap_or(0);
         'segments: for seg in &segments[start..] {
             let (seg_end_lsn, seg_end_offset) = seg.durable_end.get();
@@ -1175,19 +1218,30 @@ impl Inner {
             if cursor >= limit_lsn {
                 continue;
             }
-            let mut offset = {
+            let (mut offset, skip) = {
                 let index = seg.index.borrow();
                 let i = index.partition_point(|&(lsn, _)| lsn <= cursor);
-                if i == 0 {
-                    SEGMENT_DATA_OFFSET
+                let (lsn, offset) = if i == 0 {
+                    (seg.base_lsn, SEGMENT_DATA_OFFSET)
                 } else {
-                    index[i - 1].1
-                }
+                    index[i - 1]
+                };
+                // Commits between the index entry and `cursor` are read and skipped.
+                (offset, if lsn < cursor { INDEX_INTERVAL_BYTES } else { 0 })
             };
-            let mut want = READ_CHUNK_BYTES;
+            let mut want = skip + chunk_bytes(max_bytes, stream.is_some());
             while offset < seg_end_offset {
                 let read_from = align_down(offset);
                 let read_to = align_up((offset + want).min(seg_end_offset));
+                // The storage seam holds the chunk twice while it copies it out of the DMA buffer.
+                let need = held + 2 * (read_to - read_from) as usize;
+                if !memory.try_grow_to(need) {
+                    if !batch.records.is_empty() {
+                        break 'segments;
+                    }
+                    memory.shrink_to(0);
+                    memory.acquire(need).await;
+                }
                 let data = match seg.file.read(read_from, (read_to - read_from) as usize).await {
                     Ok(d) => d,
                     Err(_) if seg.retired.get() => return Err(truncated()),
@@ -1201,11 +1255,13 @@ impl Inner {
                 };
                 let avail = ((read_from + data.len() as u64).min(seg_end_offset) - read_from) as usize;
                 let mut pos = (offset - read_from) as usize;
+                // A commit longer than what was read: the next read takes all of it.
+                let mut short = 0;
                 while offset < seg_end_offset {
                     let view: CommitView<'_> = match format::parse_commit(&data[pos..avail], seg.sequence) {
                         Ok(v) => v,
                         Err(ParseError::Short { needed }) if offset + needed as u64 <= seg_end_offset => {
-                            want = want.max(needed as u64 + BLOCK_BYTES);
+                            short = needed as u64 + BLOCK_BYTES;
                             break;
                         }
                         Err(e) => {
@@ -1235,6 +1291,7 @@ impl Inner {
                                 break 'segments;
                             }
                             bytes += record.payload.len();
+                            held += READ_RECORD_OVERHEAD_BYTES + record.payload.len();
                             batch.records.push(ReadRecord {
                                 lsn: Lsn(lsn),
                                 stream: record.stream,
@@ -1250,8 +1307,12 @@ impl Inner {
                         break 'segments;
                     }
                 }
+                drop(data);
+                memory.shrink_to(held);
+                want = chunk_bytes(max_bytes.saturating_sub(bytes), stream.is_some()).max(short);
             }
         }
+        memory.shrink_to(held);
         batch.next_lsn = Lsn(cursor);
         Ok(batch)
     }

@@ -1,0 +1,213 @@
+//! A clean restart costs the same whatever the length of the log: it scans no segment and reads,
+//! per sealed segment, only its header block and its summary. Pinned by counting the bytes that
+//! cross the storage seam while the shard opens, for a short log and a long one; no timing.
+//! (`scripts/restart-time.sh` measures the time this buys on real files.)
+
+mod common;
+
+use std::cell::Cell;
+use std::io;
+use std::rc::Rc;
+use std::time::SystemTime;
+
+use common::{payload, rec, run};
+use shards::format::BLOCK_BYTES;
+use shards::storage::mem::MemStorage;
+use shards::storage::{IoBuf, LocalBoxFuture, OnWritten, SegmentFile, Storage};
+use shards::{AckLevel, Durability, RecoveryReport, Shard, ShardOptions};
+
+/// Counts the bytes read through the seam; everything else passes through.
+#[derive(Clone)]
+struct Counting {
+    inner: MemStorage,
+    bytes_read: Rc<Cell<u64>>,
+}
+
+struct CountingFile {
+    inner: Rc<dyn SegmentFile>,
+    bytes_read: Rc<Cell<u64>>,
+}
+
+impl Storage for Counting {
+    fn list(&self) -> LocalBoxFuture<io::Result<Vec<String>>> {
+        self.inner.list()
+    }
+
+    fn open(
+        &self,
+        name: &str,
+        create: bool,
+        durability: Durability,
+    ) -> LocalBoxFuture<io::Result<Rc<dyn SegmentFile>>> {
+        let opened = self.inner.open(name, create, durability);
+        let bytes_read = self.bytes_read.clone();
+        Box::pin(async move {
+            let inner = opened.await?;
+            Ok(Rc::new(CountingFile { inner, bytes_read }) as Rc<dyn SegmentFile>)
+        })
+    }
+
+    fn rename(&self, from: &str, to: &str) -> LocalBoxFuture<io::Result<()>> {
+        self.inner.rename(from, to)
+    }
+
+    fn remove(&self, name: &str) -> LocalBoxFuture<io::Result<()>> {
+        self.inner.remove(name)
+    }
+
+    fn sync_dir(&self) -> LocalBoxFuture<io::Result<()>> {
+        self.inner.sync_dir()
+    }
+
+    fn alloc(&self, len: usize) -> IoBuf {
+        self.inner.alloc(len)
+    }
+
+    fn modified(&self, name: &str) -> Option<SystemTime> {
+        self.inner.modified(name)
+    }
+
+    fn path_of(&self, name: &str) -> std::path::PathBuf {
+        self.inner.path_of(name)
+    }
+}
+
+impl SegmentFile for CountingFile {
+    fn read(&self, offset: u64, len: usize) -> LocalBoxFuture<io::Result<Vec<u8>>> {
+        let read = self.inner.read(offset, len);
+        let bytes_read = self.bytes_read.clone();
+        Box::pin(async move {
+            let data = read.await?;
+            bytes_read.set(bytes_read.get() + data.len() as u64);
+            Ok(data)
+        })
+    }
+
+    fn write(&self, offset: u64, buf: IoBuf) -> LocalBoxFuture<io::Result<()>> {
+        self.inner.write(offset, buf)
+    }
+
+    fn sync(&self) -> LocalBoxFuture<io::Result<()>> {
+        self.inner.sync()
+    }
+
+    fn commit(&self, offset: u64, buf: IoBuf, on_written: OnWritten) -> LocalBoxFuture<io::Result<()>> {
+        self.inner.commit(offset, buf, on_written)
+    }
+
+    fn size(&self) -> LocalBoxFuture<io::Result<u64>> {
+        self.inner.size()
+    }
+
+    fn close(&self) -> LocalBoxFuture<io::Result<()>> {
+        self.inner.close()
+    }
+}
+
+/// Tiny segments (a header block and three blocks of commits), so a long log builds fast; no
+/// scrub, so that nothing but recovery reads while the shard opens.
+fn opts() -> ShardOptions {
+    ShardOptions {
+        segment_bytes: 4 * BLOCK_BYTES,
+        commit_bytes_max: BLOCK_BYTES as usize,
+        scrub_bytes_per_sec: 0,
+        durability: Durability::Dsync,
+        ..ShardOptions::default()
+    }
+}
+
+/// Bound on waiting for the background task to write the summaries: far above what it takes.
+const SUMMARY_WAIT_ROUNDS: usize = 6000;
+
+/// What one clean restart of a log of at least `segments` segments read.
+struct Restart {
+    segments: u64,
+    report: RecoveryReport,
+    /// Bytes read through the storage seam while the shard opened.
+    seam_bytes: u64,
+}
+
+/// Builds a log through the engine until it has `segments` segments, waits until every sealed
+/// one has its summary, closes the shard cleanly, opens it again and counts what that read.
+async fn clean_restart(segments: usize) -> Restart {
+    let mem = MemStorage::new();
+    let shard = Shard::open_with_storage(Rc::new(mem.clone()), opts())
+        .await
+        .expect("open a new shard");
+    let mut i = 0u64;
+    while shard.stats().segment_count < segments {
+        let p = payload(i, 3000);
+        shard
+            .append(1, &[rec(&p)], AckLevel::Durable)
+            .await
+            .expect("durable append");
+        i += 1;
+    }
+    let written_to = shard.durable_lsn();
+    let sealed = shard.stats().segment_count - 1;
+    let mut rounds = 0;
+    while mem.file_names().iter().filter(|n| n.ends_with(".sum")).count() < sealed {
+        rounds += 1;
+        assert!(
+            rounds < SUMMARY_WAIT_ROUNDS,
+            "the background task wrote no summary for some of {sealed} sealed segments within 30 s: {:?}",
+            mem.file_names()
+        );
+        glommio::timer::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    shard.close().await.expect("clean close");
+    assert!(
+        mem.file_names().iter().any(|n| n == "checkpoint"),
+        "a clean close leaves a checkpoint"
+    );
+
+    let counting = Counting {
+        inner: mem,
+        bytes_read: Rc::new(Cell::new(0)),
+    };
+    let shard = Shard::open_with_storage(Rc::new(counting.clone()), opts())
+        .await
+        .expect("reopen");
+    let seam_bytes = counting.bytes_read.get();
+    let stats = shard.stats();
+    assert_eq!(shard.durable_lsn(), written_to, "the whole log is back");
+    shard.close().await.expect("close");
+    Restart {
+        segments: stats.segment_count as u64,
+        report: stats.recovery,
+        seam_bytes,
+    }
+}
+
+#[test]
+fn clean_restart_reads_the_same_whatever_the_number_of_sealed_segments() {
+    run(|| async {
+        let short = clean_restart(2).await;
+        let long = clean_restart(300).await;
+        for r in [&short, &long] {
+            assert_eq!(r.report.scanned, 0, "a clean restart scans no segment: {:?}", r.report);
+            assert_eq!(r.report.trusted, r.segments, "every segment is trusted: {:?}", r.report);
+            assert!(r.report.checkpoint_used, "{:?}", r.report);
+        }
+        // Segment bodies read: only the end of the active segment, however long the log.
+        assert_eq!(
+            short.report.bytes_read, long.report.bytes_read,
+            "segment body bytes read by a clean restart grow with the log: {} segments read {}, {} \
+             segments read {}",
+            short.segments, short.report.bytes_read, long.segments, long.report.bytes_read
+        );
+        // Everything else: one header block and one summary block per segment.
+        let extra = long.seam_bytes - short.seam_bytes;
+        let per_segment = extra / (long.segments - short.segments);
+        assert!(
+            per_segment <= 2 * BLOCK_BYTES,
+            "a clean restart read {per_segment} bytes per sealed segment (header block + summary is \
+             {}): {} segments read {} bytes, {} segments read {}",
+            2 * BLOCK_BYTES,
+            short.segments,
+            short.seam_bytes,
+            long.segments,
+            long.seam_bytes
+        );
+    });
+}
