@@ -784,6 +784,9 @@ impl Front {
                 Err(msg) => tx.send(msg).await.is_ok(),
             },
             ShardLink::Local(server) => {
+                if matches!(msg, ToShard::Append { .. }) {
+                    server.wait_for_queue_room().await;
+                }
                 server.handle(msg, self.local_index.get());
                 true
             }

@@ -454,6 +454,9 @@ async fn executor_main(bundle: Bundle) -> Result<(), String> {
         let front = server.add_front(ReplyTo::Ring(Rc::new(tx)));
         receivers.push(glommio::spawn_local(async move {
             while let Some(msg) = rx.recv().await {
+                if matches!(msg, ToShard::Append { .. }) {
+                    server.wait_for_queue_room().await;
+                }
                 server.handle(msg, front);
             }
         }));

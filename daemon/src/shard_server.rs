@@ -23,6 +23,9 @@ use shards::{AckLevel, Lsn, ReadBatch, ReadMemory, ReadPool, RecordRef, Shard, S
 
 use crate::ring::{Completion, ConnId, FromShard, FrontInbox, ReadArgs, Reply, RingSender, ToShard};
 
+/// How often an append waiting for room in a half-full shard queue looks again: a 1 MiB commit
+/// takes about a millisecond on NVMe, so this is well below a commit.
+const QUEUE_ROOM_POLL: Duration = Duration::from_micros(200);
 /// How often a long-polling read looks at the shutdown flag while it waits.
 const LONG_POLL_SLICE: Duration = Duration::from_millis(50);
 /// Stretches a filtered read scans before it answers with an empty batch and a later `next_lsn`.
@@ -162,6 +165,21 @@ impl ShardServer {
 
     pub fn read_pool(&self) -> &ReadPool {
         &self.read_pool
+    }
+
+    /// Waits while the shard's append queue is half full. The request paths (a ring's receiver,
+    /// a shard-aware connection's reader) await this before handing the shard an append, so under
+    /// overload appends wait in the ring or the socket and TCP pushes back on the clients, the way
+    /// a durable ack already holds a connection's budget; the shard refuses with `Busy` only an
+    /// append that would overflow a full queue. This matters for `AckLevel::None`, whose clients
+    /// never wait for answers: without it, many of them together outrun the disk and most of what
+    /// they send is refused. The queue drains on its own (commits, or failing them when poisoned
+    /// or out of space), so the wait ends; it polls because the shard has no room waiters, and it
+    /// only ever runs while the disk is the bottleneck.
+    pub async fn wait_for_queue_room(&self) {
+        while self.shard.queue_half_full() && !self.stopping.get() {
+            glommio::timer::sleep(QUEUE_ROOM_POLL).await;
+        }
     }
 
     pub fn begin_stop(&self) {

@@ -45,6 +45,9 @@ use crate::{AckLevel, Lsn, ReadBatch, ReadRecord, Receipt, RecordRef, ShardOptio
 pub(crate) const PIPELINE_DEPTH: usize = 2;
 /// Batch slots kept for reuse (see [`BatchSlot`]); beyond this a batch gets a fresh one.
 const SLOTS_POOLED_MAX: usize = 64;
+/// The largest value the shard's histograms hold exactly (an hour in microseconds; more than any
+/// record count or byte count of one commit); larger ones are recorded as this.
+const HISTOGRAM_VALUE_MAX: u64 = 3_600_000_000;
 /// A read fetches at most this much per I/O, unless one commit is larger.
 const READ_CHUNK_BYTES: u64 = 256 << 10;
 /// A filtered read stops after scanning this many times `max_bytes` (at least 1 MiB) of log, and
@@ -411,7 +414,10 @@ impl Shard {
         opts.validate()?;
         let rec = crate::recovery::recover(&*storage, &opts).await?;
         let durable = rec.next_lsn - 1;
-        let hist = || Histogram::<u64>::new(3).expect("3 significant figures is valid");
+        // Sized once for any value a commit can produce (counts, bytes, microseconds up to an
+        // hour): an auto-resizing histogram reallocates its counts (hundreds of KiB) on the commit
+        // path whenever a larger value than any before comes along.
+        let hist = || Histogram::<u64>::new_with_bounds(1, HISTOGRAM_VALUE_MAX, 3).expect("valid bounds");
         let inner = Rc::new(Inner {
             storage,
             pool: commit_pool(&opts),
@@ -568,6 +574,14 @@ impl Shard {
 
     pub fn durable_lsn(&self) -> Lsn {
         Lsn(self.inner.durable_lsn.get())
+    }
+
+    /// Whether the queue holds at least half of `queue_bytes_max`. A caller that can wait (the
+    /// daemon's request path) waits while this holds, so appends queue up in its rings and TCP
+    /// pushes back on clients; appends fail with `Busy` only when the queue is full, which then
+    /// takes a caller that does not wait.
+    pub fn queue_half_full(&self) -> bool {
+        self.inner.st.borrow().pending_bytes >= self.inner.opts.queue_bytes_max / 2
     }
 
     /// The lsn the next appended record will get.
@@ -1136,9 +1150,10 @@ impl Inner {
             self.durable_lsn.set(f.end_lsn - 1);
             f.seg.durable_end.set((f.end_lsn, f.end_offset));
             c.commits += 1;
-            let _ = c.records_per_commit.record(f.records);
-            let _ = c.bytes_per_commit.record(f.bytes);
-            let _ = c.fsync_latency_us.record(f.started.elapsed().as_micros() as u64);
+            c.records_per_commit.saturating_record(f.records);
+            c.bytes_per_commit.saturating_record(f.bytes);
+            c.fsync_latency_us
+                .saturating_record(f.started.elapsed().as_micros() as u64);
             if let Some(slot) = f.slot {
                 slot.set(SlotState::Durable);
             }

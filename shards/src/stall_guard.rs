@@ -442,7 +442,16 @@ mod tests {
     /// only says that it ran. (Whether the guard *counted* a stall is not asserted: the count is a
     /// lower bound, and a park just after the anchor's first poll is ended by a routine wake
     /// without being seen.)
+    ///
+    /// Not in the default run: at a 5 us timer an executor on a machine whose other threads keep
+    /// both CPUs busy (the rest of this crate's tests in parallel) can find the timer due on
+    /// *every* pass of its loop, so it never runs a task however often it is woken, which is
+    /// glommio's limit, not the guard's (no shardlog executor runs below 100 us; the daemon's use
+    /// 100 ms and 1 ms). It failed 1 of 5 runs of `cargo test -p shards --lib` that way. Run it on
+    /// its own, under load: `scripts/stress-test.sh an_executor_parked_at_its_first_instant 200 -p
+    /// shards --lib -- --ignored` (docs/RELIABILITY.md, problem 11).
     #[test]
+    #[ignore = "stress test of glommio's first-instant park; run through scripts/stress-test.sh"]
     fn an_executor_parked_at_its_first_instant_is_woken() {
         const EXECUTORS: usize = 4;
         let (done_tx, done_rx) = mpsc::channel();
