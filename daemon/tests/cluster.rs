@@ -181,3 +181,59 @@ fn a_killed_daemon_fails_only_its_streams() {
         assert_eq!(got, [&b"before"[..], b"after 0", b"after 1"], "stream {stream}");
     }
 }
+
+/// The pipelined cluster client: many appends in flight from one glommio task set, each on its
+/// stream's home, in order per stream.
+#[test]
+fn the_pipelined_cluster_client_appends_to_every_home() {
+    let cluster = start_cluster();
+    let addrs: Vec<std::net::SocketAddr> = cluster.addrs.iter().map(|a| a.parse().expect("addr")).collect();
+    shards::executor::run(
+        shards::executor::ExecutorOptions::new("async-cluster"),
+        move || async move {
+            let c = proto::client::AsyncClusterClient::new(addrs).expect("a cluster of three");
+            let mut tasks = Vec::new();
+            for stream in 0..STREAMS {
+                let c = c.clone();
+                tasks.push(glommio::spawn_local(async move {
+                    for i in 0..RECORDS_PER_STREAM {
+                        let body = payload(stream, i);
+                        let rec = [proto::codec::AppendRecord::new(&body)];
+                        let ack = c
+                            .append(stream, &rec, AckLevel::Durable)
+                            .await
+                            .expect("append")
+                            .expect("a durable ack");
+                        assert_eq!(ack.shard, shard_for(stream, SHARDS[c.daemon_for(stream) as usize]));
+                    }
+                }));
+            }
+            for t in tasks {
+                t.await;
+            }
+            c.close();
+        },
+    )
+    .expect("executor ran");
+
+    let mut streams_seen = 0;
+    for (d, daemon) in cluster.daemons.iter().enumerate() {
+        let daemon = daemon.as_ref().expect("running");
+        let mut per_stream: BTreeMap<u64, Vec<Vec<u8>>> = BTreeMap::new();
+        for (stream, shard, body) in read_all(daemon, SHARDS[d]) {
+            assert_eq!(
+                daemon_for(stream, DAEMONS as u32),
+                d as u32,
+                "stream {stream} off its home"
+            );
+            assert_eq!(shard_for(stream, SHARDS[d]), shard);
+            per_stream.entry(stream).or_default().push(body);
+        }
+        for (stream, bodies) in per_stream {
+            let want: Vec<Vec<u8>> = (0..RECORDS_PER_STREAM).map(|i| payload(stream, i)).collect();
+            assert_eq!(bodies, want, "stream {stream}'s records, in order");
+            streams_seen += 1;
+        }
+    }
+    assert_eq!(streams_seen, STREAMS, "every stream landed on one daemon");
+}

@@ -10,12 +10,17 @@
 //!
 //! Ordering and lsns are per shard, as on one daemon; there is no order across daemons.
 //!
-//! It holds one blocking [`Client`] per daemon and sends every request on the daemon's routed
-//! address (shard-aware connections come with the shard-aware mode of the single-daemon clients).
+//! It holds one [`ShardAwareClient`] per daemon: where a daemon offers shard addresses, each of
+//! its shards has its own connection, served on that shard's core. [`AsyncClusterClient`] is the
+//! pipelined counterpart for glommio executors, over [`AsyncShardAwareClient`]s.
 
 use std::time::Duration;
 
-use super::{Client, ReadParams, ShardAwareClient};
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::rc::Rc;
+
+use super::{AsyncShardAwareClient, Client, ReadParams, ShardAwareClient};
 use crate::codec::AppendRecord;
 use crate::error::{ClientError, ServerError};
 use crate::placement::{daemon_for, shard_for};
@@ -260,6 +265,121 @@ fn connect(addr: &str, timeout: Option<Duration>, name: &str) -> Result<ShardAwa
         client.hello(name)?;
         Ok(client)
     })
+}
+
+/// A pipelined client of a cluster, for glommio executors: one [`AsyncShardAwareClient`] per
+/// daemon, connected when a request first needs it, each append sent to its stream's home (see
+/// the module documentation). Cheap to clone; clones share the connections, so many tasks can
+/// keep appends in flight at once. A daemon whose connection failed is connected again by the
+/// next request for it.
+#[derive(Clone)]
+pub struct AsyncClusterClient {
+    members: Rc<[AsyncMember]>,
+}
+
+struct AsyncMember {
+    addr: SocketAddr,
+    conn: RefCell<Option<AsyncShardAwareClient>>,
+}
+
+impl AsyncClusterClient {
+    /// A client of the cluster whose daemons are `addrs`, in the cluster's order. Connects nothing.
+    pub fn new(addrs: impl IntoIterator<Item = SocketAddr>) -> Result<AsyncClusterClient, ClusterError> {
+        let members: Vec<AsyncMember> = addrs
+            .into_iter()
+            .map(|addr| AsyncMember {
+                addr,
+                conn: RefCell::new(None),
+            })
+            .collect();
+        if members.is_empty() {
+            return Err(ClusterError::Empty);
+        }
+        if u32::try_from(members.len()).is_err() {
+            return Err(ClusterError::TooMany { given: members.len() });
+        }
+        Ok(AsyncClusterClient {
+            members: Rc::from(members),
+        })
+    }
+
+    /// The number of daemons.
+    pub fn daemon_count(&self) -> u32 {
+        self.members.len() as u32
+    }
+
+    /// The daemon that is home to `stream`.
+    pub fn daemon_for(&self, stream: u64) -> u32 {
+        daemon_for(stream, self.daemon_count())
+    }
+
+    /// Daemon `daemon`'s connections, opened if needed.
+    pub async fn daemon(&self, daemon: u32) -> Result<AsyncShardAwareClient, ClusterError> {
+        let member = &self.members[daemon as usize];
+        let open = member.conn.borrow().clone().filter(|c| c.closed().is_none());
+        if let Some(conn) = open {
+            return Ok(conn);
+        }
+        // No borrow is held across the connect: another task may connect too, and the last one
+        // to finish is kept; both work.
+        let conn = AsyncShardAwareClient::connect(member.addr)
+            .await
+            .map_err(|source| self.failed(daemon, source))?;
+        *member.conn.borrow_mut() = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Appends records to `stream` on its home daemon and shard. Returns `None` for
+    /// `AckLevel::None`.
+    pub async fn append(
+        &self,
+        stream: u64,
+        records: &[AppendRecord<'_>],
+        ack: AckLevel,
+    ) -> Result<Option<AppendedT>, ClusterError> {
+        let daemon = self.daemon_for(stream);
+        let conn = self.daemon(daemon).await?;
+        conn.append(stream, records, ack)
+            .await
+            .map_err(|source| self.failed(daemon, source))
+    }
+
+    /// Reads records of `stream` from its home (the shard in `params` is replaced by the home's).
+    pub async fn read_stream(&self, stream: u64, params: ReadParams) -> Result<RecordsT, ClusterError> {
+        let daemon = self.daemon_for(stream);
+        let conn = self.daemon(daemon).await?;
+        let params = ReadParams {
+            shard: shard_for(stream, conn.shard_count()),
+            stream: Some(stream),
+            ..params
+        };
+        conn.read(params).await.map_err(|source| self.failed(daemon, source))
+    }
+
+    /// Closes every open connection.
+    pub fn close(&self) {
+        for m in self.members.iter() {
+            if let Some(c) = m.conn.borrow_mut().take() {
+                c.close();
+            }
+        }
+    }
+
+    /// Wraps a daemon's failure; a connection that failed (not an `Error` answer) is dropped, so
+    /// the next request connects again.
+    fn failed(&self, daemon: u32, source: ClientError) -> ClusterError {
+        let member = &self.members[daemon as usize];
+        if !matches!(source, ClientError::Server(_)) {
+            if let Some(c) = member.conn.borrow_mut().take() {
+                c.close();
+            }
+        }
+        ClusterError::Daemon {
+            daemon,
+            addr: member.addr.to_string(),
+            source,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ mod cluster;
 mod pipelined;
 
 pub use blocking::{Client, ShardAwareClient, Tail};
-pub use cluster::{ClusterClient, ClusterError, CLUSTER_CLIENT_NAME_DEFAULT};
+pub use cluster::{AsyncClusterClient, ClusterClient, ClusterError, CLUSTER_CLIENT_NAME_DEFAULT};
 pub use pipelined::{AsyncClient, AsyncShardAwareClient};
 
 use crate::codec::response_kind;
