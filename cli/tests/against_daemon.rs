@@ -7,109 +7,23 @@
 //! `cargo test --workspace` has built it), or built once into a separate target directory.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use proto::client::Client;
 use proto::wire::AckLevel;
 use serde_json::Value;
 
+mod common;
+
+use common::{Daemon, RUN_LIMIT};
+
 const CLI: &str = env!("CARGO_BIN_EXE_shardlog");
 
-/// A guard against hangs, not a performance bound.
-const RUN_LIMIT: Duration = Duration::from_secs(120);
-
-fn shardlogd() -> &'static Path {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        if let Ok(p) = std::env::var("SHARDLOGD") {
-            return PathBuf::from(p);
-        }
-        // .../target/<profile>/deps/<this test> -> .../target/<profile>/shardlogd
-        let exe = std::env::current_exe().expect("current_exe");
-        let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps");
-        let beside = profile_dir.join("shardlogd");
-        if beside.exists() {
-            return beside;
-        }
-        let target = profile_dir.parent().expect("target dir").join("cli-test-daemon");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "daemon", "--bin", "shardlogd", "--target-dir"])
-            .arg(&target)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("run cargo build -p daemon");
-        assert!(status.success(), "cargo build -p daemon failed");
-        target.join("debug").join("shardlogd")
-    })
-}
-
-/// A daemon on a fresh data directory under the target dir (not /tmp, which may be tmpfs
-/// without O_DIRECT), killed on drop.
-struct Daemon {
-    child: Child,
-    addr: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
 impl Daemon {
-    fn start(shards: u16, options: &[&str]) -> Daemon {
-        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("data dir");
-        let mut child = Command::new(shardlogd())
-            .args(["--listen", "127.0.0.1:0", "--pin", "none", "--log", "warn"])
-            .args(["--segment-bytes", "2097152", "--shards"])
-            .arg(shards.to_string())
-            .arg("--data-dir")
-            .arg(dir.path())
-            .args(options)
-            .env_remove("SHARDLOG_FAULTS")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn shardlogd");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            let _ = tx.send(lines.next());
-            for _ in lines {}
-        });
-        let line = match rx.recv_timeout(RUN_LIMIT) {
-            Ok(Some(Ok(line))) => line,
-            other => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("shardlogd did not print its address: {other:?}");
-            }
-        };
-        let addr = line
-            .strip_prefix("shardlogd listening on ")
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected first line from shardlogd: {line:?}"));
-        Daemon { child, addr, _dir: dir }
-    }
-
-    fn client(&self) -> Client {
-        let c = Client::connect(self.addr).expect("connect");
-        c.set_read_timeout(Some(RUN_LIMIT)).unwrap();
-        c
-    }
-
     /// `shardlog` aimed at this daemon, with no SHARDLOG_* variable from the caller's shell.
     fn cli(&self, args: &[&str]) -> Command {
         cli_at(&self.addr.to_string(), args)
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

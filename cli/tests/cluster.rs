@@ -4,94 +4,24 @@
 //! same as the flag, and a daemon killed with SIGKILL fails only its streams, with an error
 //! naming it.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
+use std::io::{Read, Write};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use proto::client::{Client, ReadParams};
 use proto::{daemon_for, shard_for};
 use serde_json::Value;
 
+mod common;
+
+use common::{Daemon, RUN_LIMIT};
+
 const CLI: &str = env!("CARGO_BIN_EXE_shardlog");
-/// A guard against hangs, not a performance bound.
-const RUN_LIMIT: Duration = Duration::from_secs(120);
 /// Shards of daemons 0, 1, 2: different on purpose.
 const SHARDS: [u16; 3] = [2, 1, 3];
 const STREAMS: u64 = 24;
 
-/// The daemon binary: `SHARDLOGD`, or beside this test's profile directory, or built once (as
-/// in against_daemon.rs).
-fn shardlogd() -> &'static Path {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        if let Ok(p) = std::env::var("SHARDLOGD") {
-            return PathBuf::from(p);
-        }
-        let exe = std::env::current_exe().expect("current_exe");
-        let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps");
-        let beside = profile_dir.join("shardlogd");
-        if beside.exists() {
-            return beside;
-        }
-        let target = profile_dir.parent().expect("target dir").join("cli-test-daemon");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "daemon", "--bin", "shardlogd", "--target-dir"])
-            .arg(&target)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("run cargo build -p daemon");
-        assert!(status.success(), "cargo build -p daemon failed");
-        target.join("debug").join("shardlogd")
-    })
-}
-
-/// A daemon on its own data directory under the target dir, killed on drop.
-struct Daemon {
-    child: Child,
-    addr: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
 impl Daemon {
-    fn start(shards: u16) -> Daemon {
-        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("data dir");
-        let mut child = Command::new(shardlogd())
-            .args(["--listen", "127.0.0.1:0", "--pin", "none", "--log", "warn"])
-            .args(["--segment-bytes", "2097152", "--shards"])
-            .arg(shards.to_string())
-            .arg("--data-dir")
-            .arg(dir.path())
-            .env_remove("SHARDLOG_FAULTS")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn shardlogd");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            let _ = tx.send(lines.next());
-            for _ in lines {}
-        });
-        let line = match rx.recv_timeout(RUN_LIMIT) {
-            Ok(Some(Ok(line))) => line,
-            other => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("shardlogd did not print its address: {other:?}");
-            }
-        };
-        let addr = line
-            .strip_prefix("shardlogd listening on ")
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected first line from shardlogd: {line:?}"));
-        Daemon { child, addr, _dir: dir }
-    }
-
     /// Every (stream, shard, payload) this daemon holds, read directly from it.
     fn read_all(&self, shards: u16) -> Vec<(u64, u16, String)> {
         let mut client = Client::connect(self.addr).expect("connect");
@@ -113,13 +43,6 @@ impl Daemon {
             }
         }
         out
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -198,7 +121,7 @@ fn json_lines(out: &Output) -> Vec<Value> {
 }
 
 fn start_cluster() -> (Vec<Daemon>, String) {
-    let daemons: Vec<Daemon> = SHARDS.iter().map(|&s| Daemon::start(s)).collect();
+    let daemons: Vec<Daemon> = SHARDS.iter().map(|&s| Daemon::start(s, &[])).collect();
     let list = daemons.iter().map(|d| d.addr.to_string()).collect::<Vec<_>>().join(",");
     (daemons, list)
 }
