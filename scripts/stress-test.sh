@@ -2,7 +2,8 @@
 # Runs one test many times while every CPU is kept busy, to catch what fails only under load.
 #
 #   scripts/stress-test.sh NAME N [CARGO TEST ARGS...]
-#   scripts/stress-test.sh an_executor_parked_at_its_first_instant_is_woken 200 -p shards --release --lib
+#   scripts/stress-test.sh executors_with_a_short_preempt_timer_keep_running 200 -p shards --release --lib
+#   TEST_ARGS=--include-ignored scripts/stress-test.sh an_executor_parked_at_its_first_instant 200 -p shards --release --lib
 #
 # Builds the test binaries once (`cargo test --no-run ARGS`), starts one busy loop per CPU (stopped
 # on exit, whatever the exit), then runs NAME (a test-name filter, as `cargo test NAME` takes it)
@@ -10,7 +11,8 @@
 # (default 300) and at least one test ran; the output of a failed run is kept under
 # target/stress/. Prints passes and failures, and exits 1 on any failure (2 if no test matched).
 #
-# Environment: HOGS (busy loops; default one per CPU), RUN_TIMEOUT_SECS.
+# Environment: HOGS (busy loops; default one per CPU), RUN_TIMEOUT_SECS, TEST_ARGS (flags for each
+# test binary, e.g. TEST_ARGS=--include-ignored to run an #[ignore]d test).
 set -euo pipefail
 
 if [[ $# -lt 2 ]]; then
@@ -52,7 +54,8 @@ for i in $(seq "$runs"); do
     ok=1
     ran=0
     for bin in "${bins[@]}"; do
-        if ! timeout "${RUN_TIMEOUT_SECS:-300}" "$bin" "$name" >>"$out" 2>&1; then
+        # shellcheck disable=SC2086 # TEST_ARGS is a list of harness flags, e.g. --include-ignored
+        if ! timeout "${RUN_TIMEOUT_SECS:-300}" "$bin" "$name" ${TEST_ARGS:-} >>"$out" 2>&1; then
             ok=0
         fi
     done

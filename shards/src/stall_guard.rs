@@ -448,8 +448,9 @@ mod tests {
     /// *every* pass of its loop, so it never runs a task however often it is woken, which is
     /// glommio's limit, not the guard's (no shardlog executor runs below 100 us; the daemon's use
     /// 100 ms and 1 ms). It failed 1 of 5 runs of `cargo test -p shards --lib` that way. Run it on
-    /// its own, under load: `scripts/stress-test.sh an_executor_parked_at_its_first_instant 200 -p
-    /// shards --lib -- --ignored` (docs/RELIABILITY.md, problem 11).
+    /// its own, under load: `TEST_ARGS=--include-ignored scripts/stress-test.sh
+    /// an_executor_parked_at_its_first_instant 200 -p shards --release --lib` (docs/RELIABILITY.md,
+    /// problem 11).
     #[test]
     #[ignore = "stress test of glommio's first-instant park; run through scripts/stress-test.sh"]
     fn an_executor_parked_at_its_first_instant_is_woken() {
