@@ -6,8 +6,8 @@
 //! is taken from `SHARDLOGD`, or next to this test's profile directory (where
 //! `cargo test --workspace` has built it), or built once into a separate target directory.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Child, Command, Output, Stdio};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -16,7 +16,7 @@ use serde_json::Value;
 
 mod common;
 
-use common::{Daemon, RUN_LIMIT};
+use common::{json_lines, ok, run, wait_limited, Daemon, RUN_LIMIT};
 
 const CLI: &str = env!("CARGO_BIN_EXE_shardlog");
 
@@ -36,79 +36,6 @@ fn cli_at(addr: &str, args: &[&str]) -> Command {
     }
     cmd.env("SHARDLOG_ADDR", addr).args(args);
     cmd
-}
-
-/// Runs `cmd` with `stdin` as its input, killing it (and failing) if it outlives `RUN_LIMIT`.
-fn run(mut cmd: Command, stdin: &[u8]) -> Output {
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn shardlog");
-    let mut input = child.stdin.take().expect("stdin");
-    let data = stdin.to_vec();
-    let writer = std::thread::spawn(move || {
-        let _ = input.write_all(&data);
-    });
-    let out = wait_limited(child, "shardlog");
-    writer.join().expect("stdin writer");
-    out
-}
-
-fn wait_limited(mut child: Child, what: &str) -> Output {
-    // Drain stdout and stderr while waiting, so a chatty child never blocks on a full pipe.
-    let stdout = child.stdout.take();
-    let stderr = child.stderr.take();
-    let out_thread = std::thread::spawn(move || {
-        let mut b = Vec::new();
-        if let Some(mut s) = stdout {
-            let _ = s.read_to_end(&mut b);
-        }
-        b
-    });
-    let err_thread = std::thread::spawn(move || {
-        let mut b = Vec::new();
-        if let Some(mut s) = stderr {
-            let _ = s.read_to_end(&mut b);
-        }
-        b
-    });
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
-        }
-        if started.elapsed() > RUN_LIMIT {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{what} still running after {RUN_LIMIT:?}; killed");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Output {
-        status,
-        stdout: out_thread.join().expect("stdout reader"),
-        stderr: err_thread.join().expect("stderr reader"),
-    }
-}
-
-fn ok(out: Output) -> Output {
-    assert!(
-        out.status.success(),
-        "shardlog failed: {:?}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn json_lines(out: &Output) -> Vec<Value> {
-    String::from_utf8(out.stdout.clone())
-        .expect("JSON output is UTF-8")
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
-        .collect()
 }
 
 /// The payload of a `consume --json` line, whichever key carries it.

@@ -4,17 +4,15 @@
 //! same as the flag, and a daemon killed with SIGKILL fails only its streams, with an error
 //! naming it.
 
-use std::io::{Read, Write};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::io::Read;
+use std::process::Command;
 
 use proto::client::{Client, ReadParams};
 use proto::{daemon_for, shard_for};
-use serde_json::Value;
 
 mod common;
 
-use common::{Daemon, RUN_LIMIT};
+use common::{json_lines, ok, run, Daemon, RUN_LIMIT};
 
 const CLI: &str = env!("CARGO_BIN_EXE_shardlog");
 /// Shards of daemons 0, 1, 2: different on purpose.
@@ -57,67 +55,6 @@ fn cli(args: &[&str]) -> Command {
     // Nothing listens on port 1: a test that forgot the cluster fails loudly.
     cmd.env("SHARDLOG_ADDR", "127.0.0.1:1").args(args);
     cmd
-}
-
-fn run(mut cmd: Command, stdin: &[u8]) -> Output {
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn shardlog");
-    let mut input = child.stdin.take().expect("stdin");
-    let data = stdin.to_vec();
-    let writer = std::thread::spawn(move || {
-        let _ = input.write_all(&data);
-    });
-    let (mut stdout, mut stderr) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
-    let out_thread = std::thread::spawn(move || {
-        let mut b = Vec::new();
-        let _ = stdout.read_to_end(&mut b);
-        b
-    });
-    let err_thread = std::thread::spawn(move || {
-        let mut b = Vec::new();
-        let _ = stderr.read_to_end(&mut b);
-        b
-    });
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
-        }
-        if started.elapsed() > RUN_LIMIT {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("shardlog still running after {RUN_LIMIT:?}; killed");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    writer.join().expect("stdin writer");
-    Output {
-        status,
-        stdout: out_thread.join().expect("stdout reader"),
-        stderr: err_thread.join().expect("stderr reader"),
-    }
-}
-
-fn ok(out: Output) -> Output {
-    assert!(
-        out.status.success(),
-        "shardlog failed: {:?}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn json_lines(out: &Output) -> Vec<Value> {
-    String::from_utf8(out.stdout.clone())
-        .expect("UTF-8")
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
-        .collect()
 }
 
 fn start_cluster() -> (Vec<Daemon>, String) {
