@@ -4,7 +4,6 @@
 //! same as the flag, and a daemon killed with SIGKILL fails only its streams, with an error
 //! naming it.
 
-use std::io::Read;
 use std::process::Command;
 
 use proto::client::{Client, ReadParams};
