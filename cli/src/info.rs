@@ -2,7 +2,6 @@
 //! ask every daemon in turn: one that fails is reported on stderr, the others still answer, and
 //! the run then exits with the first failure.
 
-use std::fmt::Write;
 use std::time::{Duration, Instant};
 
 use proto::shard_for;
@@ -39,7 +38,7 @@ pub fn stats(mut cluster: Cluster, json: bool) -> Result<(), Failure> {
             if cluster.is_cluster() {
                 out.line(&format!("daemon {daemon} ({addr}):"))?;
             }
-            out.bytes(render(&stats).as_bytes())?;
+            out.bytes(proto::report::render_stats(&stats).as_bytes())?;
         }
         out.flush()?;
     }
@@ -109,89 +108,6 @@ fn stats_json(s: &StatsReplyT) -> Value {
         "executors": executors,
         "process_cpu_us": s.process_cpu_us,
     })
-}
-
-fn pct(p: &Option<PercentilesT>) -> String {
-    match p {
-        Some(p) => format!("{}/{}/{}/{}", p.p50, p.p99, p.p999, p.max),
-        None => "-".to_string(),
-    }
-}
-
-/// A readable report: the front's counters, one row per shard, one per executor when the daemon
-/// reports them.
-fn render(stats: &StatsReplyT) -> String {
-    let mut s = String::new();
-    if let Some(f) = &stats.front {
-        let _ = writeln!(
-            s,
-            "front: connections {} (total {}), frames in {} out {}, protocol errors {}, bytes in {} out {}",
-            f.connections, f.connections_total, f.frames_in, f.frames_out, f.protocol_errors, f.bytes_in, f.bytes_out
-        );
-    }
-    let _ = writeln!(
-        s,
-        "{:>5} {:>10} {:>10} {:>12} {:>9} {:>16} {:>22} {:>20} {:>6} {:>11} {:>5}  state",
-        "shard",
-        "appends",
-        "records",
-        "bytes",
-        "commits",
-        "rec/commit",
-        "bytes/commit",
-        "fsync us",
-        "queue",
-        "durable lsn",
-        "segs"
-    );
-    for sh in stats.shards.iter().flatten() {
-        let state = match &sh.poisoned {
-            Some(cause) => format!("POISONED: {cause}"),
-            None => "ok".to_string(),
-        };
-        let _ = writeln!(
-            s,
-            "{:>5} {:>10} {:>10} {:>12} {:>9} {:>16} {:>22} {:>20} {:>6} {:>11} {:>5}  {}",
-            sh.shard,
-            sh.appends,
-            sh.records,
-            sh.bytes,
-            sh.commits,
-            pct(&sh.records_per_commit),
-            pct(&sh.bytes_per_commit),
-            pct(&sh.fsync_latency_us),
-            sh.queue_depth,
-            sh.durable_lsn,
-            sh.segment_count,
-            state
-        );
-    }
-    let _ = writeln!(s, "(percentiles are p50/p99/p999/max)");
-    let executors = stats.executors.as_deref().unwrap_or_default();
-    if !executors.is_empty() {
-        let _ = writeln!(
-            s,
-            "{:<16} {:>4} {:>10} {:>12} {:>8} {:>12}",
-            "executor", "cpu", "parks", "ring wakeups", "stalls", "cpu us"
-        );
-        for e in executors {
-            let cpu = if e.cpu < 0 { "-".to_string() } else { e.cpu.to_string() };
-            let _ = writeln!(
-                s,
-                "{:<16} {:>4} {:>10} {:>12} {:>8} {:>12}",
-                e.name.as_deref().unwrap_or("?"),
-                cpu,
-                e.parks,
-                e.ring_wakeups,
-                e.stalls_broken,
-                e.cpu_us
-            );
-        }
-    }
-    if stats.process_cpu_us > 0 {
-        let _ = writeln!(s, "process cpu us: {}", stats.process_cpu_us);
-    }
-    s
 }
 
 pub fn ping(mut cluster: Cluster, args: &PingArgs, json: bool) -> Result<(), Failure> {

@@ -6,8 +6,9 @@
 //!
 //! Only the executor thread's allocations inside the measured window are counted.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
+#[path = "../../shards/tests/support/counting_alloc.rs"]
+mod counting_alloc;
+
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -18,64 +19,12 @@ use proto::frame::FRAME_HEADER_BYTES;
 use proto::wire::AckLevel;
 use shards::{Shard, ShardOptions};
 
-struct Counting;
-
-thread_local! {
-    static COUNTING: Cell<bool> = const { Cell::new(false) };
-    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
-    static ALLOCATED_BYTES: Cell<u64> = const { Cell::new(0) };
-    static LARGE: Cell<u64> = const { Cell::new(0) };
-}
-
 /// An allocation at least this large is "large": a commit buffer of these loads (a quarter to a
 /// whole MiB) would be one; the acker's per-batch vectors of answers stay below it.
 const LARGE_BYTES: usize = 128 << 10;
 /// Large allocations allowed in a measured window (the shard's histograms are sized up front and no
 /// segment rotates in one, so none are expected; a few are the acker's vectors growing once).
 const LARGE_MAX: u64 = 4;
-
-fn note(bytes: usize) {
-    // `try_with`: the allocator also runs while thread-locals are torn down.
-    let _ = COUNTING.try_with(|on| {
-        if on.get() {
-            ALLOCATIONS.with(|n| n.set(n.get() + 1));
-            ALLOCATED_BYTES.with(|b| b.set(b.get() + bytes as u64));
-            if bytes >= LARGE_BYTES {
-                LARGE.with(|n| n.set(n.get() + 1));
-            }
-        }
-    });
-}
-
-// SAFETY: forwards to the system allocator; the counters are const-initialised thread-locals
-// without destructors, so touching them never allocates.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        note(layout.size());
-        // SAFETY: the caller's contract is passed on unchanged.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        note(layout.size());
-        // SAFETY: as above.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        note(new_size);
-        // SAFETY: as above.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: as above.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
 
 /// Large enough that no measured window rotates a segment (the measured appends total about
 /// 23 MiB): preparing the next spare is background work, not a cost of the appends.
@@ -162,16 +111,13 @@ impl Rig {
         for _ in 0..rounds {
             let batch = frames(self.next_id, frames_per_burst, records_per_frame);
             self.next_id += frames_per_burst as u64;
-            ALLOCATIONS.with(|n| n.set(0));
-            ALLOCATED_BYTES.with(|b| b.set(0));
-            LARGE.with(|n| n.set(0));
-            COUNTING.with(|on| on.set(true));
+            counting_alloc::start(LARGE_BYTES);
             counts.records += burst(&self.server, self.front, &self.rx, batch).await;
-            COUNTING.with(|on| on.set(false));
+            let window = counting_alloc::stop();
             counts.frames += frames_per_burst as u64;
-            counts.allocations += ALLOCATIONS.with(Cell::get);
-            counts.bytes += ALLOCATED_BYTES.with(Cell::get);
-            counts.large += LARGE.with(Cell::get);
+            counts.allocations += window.allocations;
+            counts.bytes += window.bytes;
+            counts.large += window.large;
         }
         assert_eq!(counts.records, counts.frames * records_per_frame as u64);
         counts

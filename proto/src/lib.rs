@@ -7,6 +7,7 @@
 //! - [`codec`]: verified decoding (views and owned values) and encoding.
 //! - [`placement`]: `shard_for(stream, shard_count)`, which stream lives where.
 //! - [`client`]: a blocking client and a pipelined glommio client.
+//! - [`report`]: the readable form of a stats reply.
 //!
 //! The codec does no I/O. A round trip:
 //!
@@ -33,6 +34,7 @@ pub mod codec;
 pub mod error;
 pub mod frame;
 pub mod placement;
+pub mod report;
 
 #[allow(clippy::all, unsafe_op_in_unsafe_fn, mismatched_lifetime_syntaxes, unused_imports, deprecated)]
 #[rustfmt::skip]

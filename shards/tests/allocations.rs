@@ -8,90 +8,22 @@
 //! the counts.
 
 mod common;
+#[path = "support/counting_alloc.rs"]
+mod counting_alloc;
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::time::{Duration, Instant};
 
+use counting_alloc::Counts;
 use shards::{AckLevel, Durability, RecordRef, Shard, ShardOptions, Ticket};
-
-struct Counting;
-
-thread_local! {
-    static COUNTING: Cell<bool> = const { Cell::new(false) };
-    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
-    static ALLOCATED_BYTES: Cell<u64> = const { Cell::new(0) };
-    static LARGE: Cell<u64> = const { Cell::new(0) };
-}
 
 /// An allocation at least this large is "large": a commit buffer would be one.
 const LARGE_BYTES: usize = 4096;
 
-fn note(bytes: usize) {
-    // `try_with`: the allocator also runs while thread-locals are torn down.
-    let _ = COUNTING.try_with(|on| {
-        if on.get() {
-            ALLOCATIONS.with(|n| n.set(n.get() + 1));
-            ALLOCATED_BYTES.with(|b| b.set(b.get() + bytes as u64));
-            if bytes >= LARGE_BYTES {
-                LARGE.with(|n| n.set(n.get() + 1));
-            }
-        }
-    });
-}
-
-// SAFETY: forwards to the system allocator; the counters are const-initialised thread-locals
-// without destructors, so touching them never allocates.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        note(layout.size());
-        // SAFETY: the caller's contract is passed on unchanged.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        note(layout.size());
-        // SAFETY: as above.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        note(new_size);
-        // SAFETY: as above.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: as above.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
-
-/// What this thread allocated while a future ran.
-#[derive(Debug)]
-struct Counts {
-    allocations: u64,
-    bytes: u64,
-    /// Allocations of at least [`LARGE_BYTES`].
-    large: u64,
-}
-
 /// Counts this thread's allocations while `f` runs.
 async fn count<F: std::future::Future<Output = ()>>(f: F) -> Counts {
-    ALLOCATIONS.with(|n| n.set(0));
-    ALLOCATED_BYTES.with(|b| b.set(0));
-    LARGE.with(|n| n.set(0));
-    COUNTING.with(|on| on.set(true));
+    counting_alloc::start(LARGE_BYTES);
     f.await;
-    COUNTING.with(|on| on.set(false));
-    Counts {
-        allocations: ALLOCATIONS.with(Cell::get),
-        bytes: ALLOCATED_BYTES.with(Cell::get),
-        large: LARGE.with(Cell::get),
-    }
+    counting_alloc::stop()
 }
 
 /// Large allocations allowed in a measured window: the shard's latency histograms grow when they
