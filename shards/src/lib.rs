@@ -75,6 +75,7 @@ mod recovery;
 mod segments;
 mod shard;
 mod stall_guard;
+mod stream_index;
 pub mod storage;
 mod sync;
 pub mod uring;

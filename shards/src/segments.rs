@@ -25,6 +25,7 @@ use std::time::Instant;
 
 use crate::format::{chain_commit_crc, SegmentSummary, BLOCK_BYTES, SEGMENT_DATA_OFFSET};
 use crate::storage::SegmentFile;
+use crate::stream_index::{StreamIndex, SEGMENT_BYTES_INDEXED_MAX};
 
 /// One sparse index entry per this many bytes of a segment, so a read starts close to its lsn.
 pub(crate) const INDEX_INTERVAL_BYTES: u64 = 64 << 10;
@@ -74,6 +75,9 @@ pub(crate) struct Segment {
     pub retired: Cell<bool>,
     /// What the scrub found wrong with it, if anything.
     pub corrupt: RefCell<Option<String>>,
+    /// Stream -> the commits holding it ([`crate::stream_index`]). `None`: filtered reads of
+    /// this segment scan it (a segment too large for one, or whose index was not trusted).
+    pub streams: RefCell<Option<StreamIndex>>,
 }
 
 impl Segment {
@@ -106,7 +110,21 @@ impl Segment {
             summary: Cell::new(SummaryState::Open),
             retired: Cell::new(false),
             corrupt: RefCell::new(None),
+            streams: RefCell::new(None),
         }
+    }
+
+    /// Books the streams of one commit handed to the device at `offset`, whose records are
+    /// `body`, in the stream index.
+    pub(crate) fn note_streams(&self, first_lsn: u64, offset: u64, body: &[u8]) {
+        if let Some(index) = self.streams.borrow_mut().as_mut() {
+            index.note_commit(first_lsn - self.base_lsn, offset, body);
+        }
+    }
+
+    /// Heap bytes of the segment's stream index.
+    pub(crate) fn stream_index_bytes(&self) -> usize {
+        self.streams.borrow().as_ref().map_or(0, StreamIndex::memory_bytes)
     }
 
     /// Books one commit handed to the device at `offset`: the sparse index and the checksum
@@ -211,6 +229,11 @@ impl Segments {
         &self.spare
     }
 
+    /// Heap bytes of the stream indexes of all segments.
+    pub(crate) fn stream_index_bytes(&self) -> u64 {
+        self.list.iter().map(|s| s.stream_index_bytes() as u64).sum()
+    }
+
     /// Bytes of all segment files (not the spare).
     pub(crate) fn file_bytes(&self) -> u64 {
         self.list.iter().map(|s| s.capacity).sum()
@@ -257,6 +280,9 @@ impl Segments {
             0,
             0,
         ));
+        if capacity < SEGMENT_BYTES_INDEXED_MAX {
+            *seg.streams.borrow_mut() = Some(StreamIndex::open());
+        }
         if self.list.is_empty() {
             // The first segment of an empty shard: its lsns start where the shard's do.
             self.first_available = base_lsn;

@@ -34,6 +34,7 @@ use crate::format::{
 use crate::read_pool::{ReadMemory, READ_BATCH_OVERHEAD_BYTES, READ_RECORD_OVERHEAD_BYTES};
 use crate::recovery::RecoveryReport;
 use crate::segments::{Active, Segment, Segments, Spare, INDEX_INTERVAL_BYTES};
+use crate::stream_index::{ReadProgress, SegmentRead};
 use crate::storage::dma::DmaStorage;
 use crate::storage::{BufPool, IoBuf, PooledBuf, SegmentFile, Storage};
 use crate::sync::{LsnWaiters, Notify};
@@ -49,9 +50,12 @@ const SLOTS_POOLED_MAX: usize = 64;
 /// record count or byte count of one commit); larger ones are recorded as this.
 const HISTOGRAM_VALUE_MAX: u64 = 3_600_000_000;
 /// A read fetches at most this much per I/O, unless one commit is larger.
-const READ_CHUNK_BYTES: u64 = 256 << 10;
+pub(crate) const READ_CHUNK_BYTES: u64 = 256 << 10;
 /// A filtered read stops after scanning this many times `max_bytes` (at least 1 MiB) of log, and
-/// returns what it has, so a read for a rare stream cannot run unbounded.
+/// returns what it has, so a read for a rare stream cannot run unbounded. With a stream index
+/// (`stream_index.rs`) only the commits holding the stream count: the ones in between are
+/// skipped unread, and a read that finds none before the durable end returns an empty batch
+/// whose `next_lsn` is that end.
 const READ_SCAN_FACTOR: usize = 8;
 /// How much one disk read fetches for a read that still wants `remaining` payload bytes: those
 /// and their framing, rounded up to blocks plus one block for a commit that starts mid-block,
@@ -381,6 +385,9 @@ pub struct ShardStats {
     pub scrub_passes: u64,
     /// How the last open recovered the log.
     pub recovery: RecoveryReport,
+    /// Heap bytes of the stream indexes of all segments (filtered reads read only the commits
+    /// holding their stream).
+    pub stream_index_bytes: u64,
 }
 
 /// One shard of the log. Cloning gives another handle to the same shard; it is `!Send` and lives
@@ -621,6 +628,7 @@ impl Shard {
             scrub_bytes: health.scrub_bytes,
             scrub_passes: health.scrub_passes,
             recovery: health.recovery.clone(),
+            stream_index_bytes: st.segs.stream_index_bytes(),
         }
     }
 
@@ -1073,6 +1081,10 @@ impl Inner {
             commit_offset,
             &buf.as_slice()[prefix..prefix + COMMIT_HEADER_BYTES],
         );
+        // [stream_index] The streams the commit holds, for filtered reads.
+        active
+            .seg
+            .note_streams(first_lsn, commit_offset, &buf.as_slice()[body_at..body_at + body_bytes]);
         let seg = active.seg.clone();
         let id = st.next_commit_id;
         st.next_commit_id += 1;
@@ -1232,6 +1244,27 @@ impl Inner {
             let limit_lsn = seg_end_lsn.min(durable_end);
             if cursor >= limit_lsn {
                 continue;
+            }
+            if let Some(stream) = stream.filter(|_| seg.streams.borrow().is_some()) {
+                // [stream_index] Only the commits that hold the stream.
+                let mut progress = ReadProgress {
+                    batch: &mut batch,
+                    cursor: &mut cursor,
+                    bytes: &mut bytes,
+                    scanned: &mut scanned,
+                    held: &mut held,
+                    max_bytes,
+                    scan_max,
+                    memory,
+                };
+                let read = self
+                    .read_indexed(seg, stream, limit_lsn, seg_end_offset, &mut progress, &truncated)
+                    .await?;
+                memory.shrink_to(held);
+                match read {
+                    SegmentRead::Next => continue,
+                    SegmentRead::Done => break 'segments,
+                }
             }
             let (mut offset, skip) = {
                 let index = seg.index.borrow();

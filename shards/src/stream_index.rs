@@ -1,0 +1,719 @@
+//! The stream index of a segment: for each stream, the commits of the segment that hold at least
+//! one of its records, so that a read filtered to one stream reads only those commits instead of
+//! scanning every commit in between (issue #13).
+//!
+//! Two forms:
+//!
+//! - [`OpenIndex`], for the active segment (and a sealed one recovery scanned, until the
+//!   background task seals it). The committer books each commit with [`StreamIndex::note_commit`]:
+//!   one walk over the record headers it has just written, and per *distinct* stream of the
+//!   commit one amortised push onto a flat vector (no allocation per record or per commit; a new
+//!   stream grows a hash map, amortised too). A stream's commits are chained through that vector.
+//! - [`SealedIndex`], built from the open form when the segment is sealed (by the background
+//!   task, before it writes the summary): streams sorted, each stream's commits contiguous and
+//!   ascending, so a read finds its place with two binary searches. This form is what is
+//!   persisted as `<base_lsn:020>.six` (format below and in the README).
+//!
+//! An entry is a commit's first lsn relative to the segment's base lsn and its offset, both u32:
+//! a segment holds fewer than 2^32 bytes when it has an index ([`SEGMENT_BYTES_INDEXED_MAX`]), so
+//! fewer than 2^32 records. A segment without an index (`None` on [`crate::segments::Segment`]:
+//! a larger segment, or a sealed one whose index file was missing or untrusted at recovery) is
+//! read by scanning, as before the index existed; never with a wrong answer.
+//!
+//! ```text
+//! <base_lsn:020>.six, little-endian, zero-padded to a whole block:
+//!   [0, 8)    magic "SHLGSIX\x01"
+//!   [8, 10)   version (1)
+//!   [10, 12)  shard id
+//!   [12, 16)  stream count S
+//!   [16, 24)  segment sequence
+//!   [24, 32)  segment base lsn
+//!   [32, 40)  end lsn (one past the last lsn indexed)
+//!   [40, 48)  commit count
+//!   [48, 56)  end offset (one past the last commit)
+//!   [56, 60)  commits crc (the summary's checksum chained over every commit header)
+//!   [60, 64)  entry count E
+//!   [64, 68)  crc32c of bytes [0, 64) then [72, 72 + 16 S + 8 E)
+//!   [68, 72)  zero
+//!   S times:  stream u64, entry count of the stream u32, zero u32 (streams strictly ascending)
+//!   E times:  first lsn of the commit - base lsn u32, commit offset u32 (per stream, ascending)
+//! ```
+//!
+//! Bytes [16, 60) repeat the segment's summary (or the checkpoint); recovery trusts an index file
+//! only if its checksum holds, its entries are in order and inside the segment, and those fields
+//! equal the summary it accepted: the commits crc covers every commit header, and each header
+//! the checksum of its body, so an index that matches describes exactly the commits on disk.
+
+use std::collections::HashMap;
+
+use crate::error::ShardError;
+use crate::format::{
+    self, align_down, align_up, ParseError, SegmentSummary, BLOCK_BYTES, COMMIT_HEADER_BYTES, RECORD_HEADER_BYTES,
+    SEGMENT_DATA_OFFSET,
+};
+use crate::read_pool::{ReadMemory, READ_RECORD_OVERHEAD_BYTES};
+use crate::segments::Segment;
+use crate::shard::{Inner, READ_CHUNK_BYTES};
+use crate::{Lsn, ReadBatch, ReadRecord};
+
+/// Segments at least this large get no stream index: their offsets do not fit in an entry.
+pub(crate) const SEGMENT_BYTES_INDEXED_MAX: u64 = 1 << 32;
+pub(crate) const STREAM_INDEX_MAGIC: [u8; 8] = *b"SHLGSIX\x01";
+pub(crate) const STREAM_INDEX_VERSION: u16 = 1;
+pub(crate) const STREAM_INDEX_FIXED_BYTES: usize = 72;
+/// stream 8 + entry count 4 + zero 4.
+pub(crate) const STREAM_INDEX_STREAM_BYTES: usize = 16;
+/// lsn delta 4 + offset 4.
+pub(crate) const STREAM_INDEX_ENTRY_BYTES: usize = 8;
+
+/// Name of the stream index file of the segment that starts at `base_lsn`.
+pub(crate) fn stream_index_name(base_lsn: u64) -> String {
+    format!("{base_lsn:020}.six")
+}
+
+/// One commit holding a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Entry {
+    /// The commit's first lsn minus the segment's base lsn.
+    pub lsn_delta: u32,
+    /// The commit's offset in the segment.
+    pub offset: u32,
+}
+
+/// Where a stream's chain of entries starts and ends in an [`OpenIndex`].
+#[derive(Debug, Clone, Copy)]
+struct Chain {
+    first: u32,
+    last: u32,
+    count: u32,
+}
+
+/// No next entry in a chain.
+const CHAIN_END: u32 = u32::MAX;
+
+/// The index of a segment still being written: entries in commit order, chained per stream.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct OpenIndex {
+    chains: HashMap<u64, Chain>,
+    entries: Vec<Entry>,
+    /// For each entry, the next entry of its stream ([`CHAIN_END`] for the last).
+    next: Vec<u32>,
+}
+
+/// The index of a sealed segment: streams ascending, each with its entries contiguous and
+/// ascending in `entries`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct SealedIndex {
+    /// (stream, index of its first entry in `entries`), streams ascending.
+    streams: Vec<(u64, u32)>,
+    entries: Vec<Entry>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum StreamIndex {
+    Open(OpenIndex),
+    Sealed(SealedIndex),
+}
+
+impl StreamIndex {
+    pub(crate) fn open() -> StreamIndex {
+        StreamIndex::Open(OpenIndex::default())
+    }
+
+    /// Books the commit whose first lsn is `base_lsn + lsn_delta`, at `offset`, with records
+    /// `body` (the commit's body, already framed and valid).
+    pub(crate) fn note_commit(&mut self, lsn_delta: u64, offset: u64, body: &[u8]) {
+        let StreamIndex::Open(open) = self else {
+            panic!("a sealed segment's index takes no more commits");
+        };
+        let lsn_delta = u32::try_from(lsn_delta).expect("a segment with an index holds fewer than 2^32 records");
+        let offset = u32::try_from(offset).expect("a segment with an index is smaller than 4 GiB");
+        let mut previous = None;
+        let mut at = 0;
+        while at < body.len() {
+            assert!(body.len() - at >= RECORD_HEADER_BYTES, "record framing checked");
+            let len = u32::from_le_bytes(body[at..at + 4].try_into().expect("4 bytes")) as usize;
+            let stream = u64::from_le_bytes(body[at + 8..at + 16].try_into().expect("8 bytes"));
+            at += RECORD_HEADER_BYTES + len;
+            // Appends put runs of one stream in a commit: look it up once per run.
+            if previous == Some(stream) {
+                continue;
+            }
+            previous = Some(stream);
+            open.push(stream, Entry { lsn_delta, offset });
+        }
+        assert_eq!(at, body.len(), "record framing checked");
+    }
+
+    /// Makes the index of a sealed segment out of an open one (no-op when already sealed).
+    pub(crate) fn seal(&mut self) {
+        if let StreamIndex::Open(open) = self {
+            *self = StreamIndex::Sealed(open.to_sealed());
+        }
+    }
+
+    /// The open form, to take more commits (recovery resumes an active segment from a sealed
+    /// form read from its checkpoint's index file).
+    pub(crate) fn reopen(&mut self) {
+        if let StreamIndex::Sealed(sealed) = self {
+            *self = StreamIndex::Open(sealed.to_open());
+        }
+    }
+
+    pub(crate) fn sealed(&self) -> SealedIndex {
+        match self {
+            StreamIndex::Open(open) => open.to_sealed(),
+            StreamIndex::Sealed(sealed) => sealed.clone(),
+        }
+    }
+
+    /// Up to `max` commits holding `stream`, ascending, from the one that may hold `from_delta`
+    /// (the last starting at or before it) on, and before `to_delta`.
+    pub(crate) fn commits_of(&self, stream: u64, from_delta: u64, to_delta: u64, max: usize, out: &mut Vec<Entry>) {
+        out.clear();
+        let keep = |e: &Entry| u64::from(e.lsn_delta) < to_delta;
+        match self {
+            StreamIndex::Sealed(sealed) => {
+                let entries = sealed.entries_of(stream);
+                let i = entries.partition_point(|e| u64::from(e.lsn_delta) <= from_delta);
+                out.extend(entries[i.saturating_sub(1)..].iter().take_while(|e| keep(e)).take(max));
+            }
+            StreamIndex::Open(open) => {
+                let Some(chain) = open.chains.get(&stream) else {
+                    return;
+                };
+                // The chain is walked from its start: the active segment's index is the only
+                // open one a read meets, and a stream's commits in one segment are few enough.
+                let mut i = chain.first;
+                let mut before: Option<Entry> = None;
+                while i != CHAIN_END && out.len() < max {
+                    let e = open.entries[i as usize];
+                    if !keep(&e) {
+                        break;
+                    }
+                    if u64::from(e.lsn_delta) <= from_delta {
+                        before = Some(e);
+                    } else {
+                        if out.is_empty() {
+                            out.extend(before.take());
+                        }
+                        if out.len() < max {
+                            out.push(e);
+                        }
+                    }
+                    i = open.next[i as usize];
+                }
+                if out.is_empty() {
+                    out.extend(before);
+                }
+            }
+        }
+    }
+
+    /// Heap bytes the index holds.
+    pub(crate) fn memory_bytes(&self) -> usize {
+        match self {
+            StreamIndex::Open(open) => {
+                // A hashbrown slot per bucket plus one control byte.
+                open.chains.capacity() * (std::mem::size_of::<(u64, Chain)>() + 1)
+                    + open.entries.capacity() * std::mem::size_of::<Entry>()
+                    + open.next.capacity() * std::mem::size_of::<u32>()
+            }
+            StreamIndex::Sealed(sealed) => {
+                sealed.streams.capacity() * std::mem::size_of::<(u64, u32)>()
+                    + sealed.entries.capacity() * std::mem::size_of::<Entry>()
+            }
+        }
+    }
+}
+
+impl OpenIndex {
+    fn push(&mut self, stream: u64, entry: Entry) {
+        let index = u32::try_from(self.entries.len()).expect("fewer entries than records");
+        assert!(index != CHAIN_END);
+        match self.chains.get_mut(&stream) {
+            Some(chain) => {
+                let last = self.entries[chain.last as usize];
+                if last.offset == entry.offset {
+                    // The stream already has a run earlier in this commit.
+                    return;
+                }
+                assert!(last.offset < entry.offset && last.lsn_delta < entry.lsn_delta);
+                self.next[chain.last as usize] = index;
+                chain.last = index;
+                chain.count += 1;
+            }
+            None => {
+                self.chains.insert(
+                    stream,
+                    Chain {
+                        first: index,
+                        last: index,
+                        count: 1,
+                    },
+                );
+            }
+        }
+        self.entries.push(entry);
+        self.next.push(CHAIN_END);
+    }
+
+    fn to_sealed(&self) -> SealedIndex {
+        let mut streams: Vec<(u64, Chain)> = self.chains.iter().map(|(&s, &c)| (s, c)).collect();
+        streams.sort_unstable_by_key(|&(s, _)| s);
+        let mut sealed = SealedIndex {
+            streams: Vec::with_capacity(streams.len()),
+            entries: Vec::with_capacity(self.entries.len()),
+        };
+        for (stream, chain) in streams {
+            sealed.streams.push((stream, sealed.entries.len() as u32));
+            let mut i = chain.first;
+            while i != CHAIN_END {
+                sealed.entries.push(self.entries[i as usize]);
+                i = self.next[i as usize];
+            }
+            assert_eq!(
+                sealed.entries.len() - sealed.streams.last().expect("pushed").1 as usize,
+                chain.count as usize
+            );
+        }
+        assert_eq!(sealed.entries.len(), self.entries.len());
+        sealed
+    }
+}
+
+impl SealedIndex {
+    fn entries_of(&self, stream: u64) -> &[Entry] {
+        let Ok(i) = self.streams.binary_search_by_key(&stream, |&(s, _)| s) else {
+            return &[];
+        };
+        let from = self.streams[i].1 as usize;
+        let to = self.streams.get(i + 1).map_or(self.entries.len(), |&(_, at)| at as usize);
+        &self.entries[from..to]
+    }
+
+    /// The open form of the same commits, in commit order.
+    fn to_open(&self) -> OpenIndex {
+        let mut all: Vec<(Entry, u64)> = Vec::with_capacity(self.entries.len());
+        for (i, &(stream, _)) in self.streams.iter().enumerate() {
+            let from = self.streams[i].1 as usize;
+            let to = self.streams.get(i + 1).map_or(self.entries.len(), |&(_, at)| at as usize);
+            all.extend(self.entries[from..to].iter().map(|&e| (e, stream)));
+        }
+        // Commit order; within a commit, any order of its streams will do.
+        all.sort_unstable_by_key(|&(e, stream)| (e.offset, stream));
+        let mut open = OpenIndex::default();
+        for (e, stream) in all {
+            open.push(stream, e);
+        }
+        open
+    }
+
+    pub(crate) fn encoded_bytes(&self) -> usize {
+        align_up(
+            (STREAM_INDEX_FIXED_BYTES
+                + self.streams.len() * STREAM_INDEX_STREAM_BYTES
+                + self.entries.len() * STREAM_INDEX_ENTRY_BYTES) as u64,
+        ) as usize
+    }
+
+    /// Encodes the index of the segment `summary` describes (see the module's format).
+    pub(crate) fn encode(&self, summary: &SegmentSummary, out: &mut [u8]) {
+        assert!(out.len() >= self.encoded_bytes());
+        let (s, e) = (self.streams.len(), self.entries.len());
+        out[..STREAM_INDEX_FIXED_BYTES].fill(0);
+        out[0..8].copy_from_slice(&STREAM_INDEX_MAGIC);
+        out[8..10].copy_from_slice(&STREAM_INDEX_VERSION.to_le_bytes());
+        out[10..12].copy_from_slice(&summary.shard_id.to_le_bytes());
+        out[12..16].copy_from_slice(&(s as u32).to_le_bytes());
+        out[16..24].copy_from_slice(&summary.sequence.to_le_bytes());
+        out[24..32].copy_from_slice(&summary.base_lsn.to_le_bytes());
+        out[32..40].copy_from_slice(&summary.end_lsn.to_le_bytes());
+        out[40..48].copy_from_slice(&summary.commits.to_le_bytes());
+        out[48..56].copy_from_slice(&summary.end_offset.to_le_bytes());
+        out[56..60].copy_from_slice(&summary.commits_crc.to_le_bytes());
+        out[60..64].copy_from_slice(&(e as u32).to_le_bytes());
+        let mut at = STREAM_INDEX_FIXED_BYTES;
+        for (i, &(stream, from)) in self.streams.iter().enumerate() {
+            let to = self.streams.get(i + 1).map_or(e as u32, |&(_, at)| at);
+            out[at..at + 8].copy_from_slice(&stream.to_le_bytes());
+            out[at + 8..at + 12].copy_from_slice(&(to - from).to_le_bytes());
+            out[at + 12..at + 16].fill(0);
+            at += STREAM_INDEX_STREAM_BYTES;
+        }
+        for entry in &self.entries {
+            out[at..at + 4].copy_from_slice(&entry.lsn_delta.to_le_bytes());
+            out[at + 4..at + 8].copy_from_slice(&entry.offset.to_le_bytes());
+            at += STREAM_INDEX_ENTRY_BYTES;
+        }
+        out[at..self.encoded_bytes()].fill(0);
+        let crc = index_crc(&out[..at]);
+        out[64..68].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    /// Decodes an index file and checks it against `summary`, the segment's accepted summary or
+    /// checkpoint: `Err` says why it is not trusted.
+    pub(crate) fn decode(buf: &[u8], summary: &SegmentSummary) -> Result<SealedIndex, String> {
+        if buf.len() < STREAM_INDEX_FIXED_BYTES {
+            return Err(format!("stream index is {} bytes", buf.len()));
+        }
+        if buf[0..8] != STREAM_INDEX_MAGIC {
+            return Err("bad stream index magic".into());
+        }
+        let version = u16::from_le_bytes([buf[8], buf[9]]);
+        if version != STREAM_INDEX_VERSION {
+            return Err(format!(
+                "stream index version {version}, this build reads {STREAM_INDEX_VERSION}"
+            ));
+        }
+        let u32_at = |at: usize| u32::from_le_bytes(buf[at..at + 4].try_into().expect("4 bytes"));
+        let u64_at = |at: usize| u64::from_le_bytes(buf[at..at + 8].try_into().expect("8 bytes"));
+        let (s, e) = (u32_at(12) as usize, u32_at(60) as usize);
+        let end = STREAM_INDEX_FIXED_BYTES as u64
+            + s as u64 * STREAM_INDEX_STREAM_BYTES as u64
+            + e as u64 * STREAM_INDEX_ENTRY_BYTES as u64;
+        if end > buf.len() as u64 {
+            return Err(format!(
+                "stream index of {s} streams and {e} entries does not fit in {} bytes",
+                buf.len()
+            ));
+        }
+        let end = end as usize;
+        if index_crc(&buf[..end]) != u32_at(64) {
+            return Err("stream index checksum mismatch".into());
+        }
+        if u32_at(68) != 0 {
+            return Err("stream index reserved bytes are not zero".into());
+        }
+        let identity = (
+            u16::from_le_bytes([buf[10], buf[11]]),
+            u64_at(16),
+            u64_at(24),
+            u64_at(32),
+            u64_at(40),
+            u64_at(48),
+            u32_at(56),
+        );
+        let want = (
+            summary.shard_id,
+            summary.sequence,
+            summary.base_lsn,
+            summary.end_lsn,
+            summary.commits,
+            summary.end_offset,
+            summary.commits_crc,
+        );
+        if identity != want {
+            return Err(format!(
+                "stream index describes {identity:?}, the segment is {want:?}"
+            ));
+        }
+        let records = summary.end_lsn - summary.base_lsn;
+        let mut sealed = SealedIndex {
+            streams: Vec::with_capacity(s),
+            entries: Vec::with_capacity(e),
+        };
+        let mut at = STREAM_INDEX_FIXED_BYTES;
+        let mut counts = Vec::with_capacity(s);
+        let mut total = 0u64;
+        for _ in 0..s {
+            let stream = u64_at(at);
+            let count = u32_at(at + 8);
+            if sealed.streams.last().is_some_and(|&(prev, _)| prev >= stream) || count == 0 {
+                return Err(format!("stream index entry for stream {stream} out of place"));
+            }
+            sealed.streams.push((stream, total as u32));
+            counts.push(count);
+            total += u64::from(count);
+            at += STREAM_INDEX_STREAM_BYTES;
+        }
+        if total != e as u64 {
+            return Err(format!("stream index streams hold {total} entries, header says {e}"));
+        }
+        for count in counts {
+            let mut prev: Option<Entry> = None;
+            for _ in 0..count {
+                let entry = Entry {
+                    lsn_delta: u32_at(at),
+                    offset: u32_at(at + 4),
+                };
+                let inside = u64::from(entry.lsn_delta) < records
+                    && u64::from(entry.offset) >= SEGMENT_DATA_OFFSET
+                    && u64::from(entry.offset) + COMMIT_HEADER_BYTES as u64 <= summary.end_offset;
+                let ascending = prev.is_none_or(|p| p.lsn_delta < entry.lsn_delta && p.offset < entry.offset);
+                if !inside || !ascending {
+                    return Err(format!("stream index entry {entry:?} out of place"));
+                }
+                sealed.entries.push(entry);
+                prev = Some(entry);
+                at += STREAM_INDEX_ENTRY_BYTES;
+            }
+        }
+        Ok(sealed)
+    }
+}
+
+/// A filtered read looks up this many of its stream's commits at a time.
+const COMMITS_PER_LOOKUP: usize = 64;
+
+/// Where a read stands, shared by its segments: the batch so far, the next lsn to look at, its
+/// payload bytes, the commit bytes it has parsed, and what it holds in its [`ReadMemory`].
+pub(crate) struct ReadProgress<'a> {
+    pub batch: &'a mut ReadBatch,
+    pub cursor: &'a mut u64,
+    pub bytes: &'a mut usize,
+    pub scanned: &'a mut usize,
+    pub held: &'a mut usize,
+    pub max_bytes: usize,
+    pub scan_max: usize,
+    pub memory: &'a mut ReadMemory,
+}
+
+/// Why a filtered read of one segment returned.
+pub(crate) enum SegmentRead {
+    /// Every lsn of the segment below the limit was looked at: go on with the next segment.
+    Next,
+    /// The batch is full, the scan bound is reached, or there is no room for more.
+    Done,
+}
+
+impl Inner {
+    /// The part of a read filtered to `stream` that falls in `seg`, which has a stream index:
+    /// only the commits holding the stream are read, each once (neighbours that are close
+    /// together in one read), and the cursor skips the commits in between. Reads lsns below
+    /// `limit_lsn` and commits below `end_offset` (the durable end); `truncated` makes the error
+    /// of a segment that retention removed under the read.
+    pub(crate) async fn read_indexed(
+        &self,
+        seg: &Segment,
+        stream: u64,
+        limit_lsn: u64,
+        end_offset: u64,
+        p: &mut ReadProgress<'_>,
+        truncated: &dyn Fn() -> ShardError,
+    ) -> Result<SegmentRead, ShardError> {
+        let mut targets = Vec::with_capacity(COMMITS_PER_LOOKUP);
+        // Segment bytes [data_from, data_from + data.len()) as last read.
+        let mut data: Vec<u8> = Vec::new();
+        let mut data_from = 0u64;
+        let corruption = |offset: u64, reason: String| ShardError::Corruption {
+            shard: self.opts.shard_id,
+            segment: seg.sequence,
+            offset,
+            reason,
+        };
+        loop {
+            {
+                let streams = seg.streams.borrow();
+                let index = streams.as_ref().expect("checked by the caller");
+                let from = p.cursor.saturating_sub(seg.base_lsn);
+                index.commits_of(stream, from, limit_lsn - seg.base_lsn, COMMITS_PER_LOOKUP, &mut targets);
+            }
+            for (k, target) in targets.iter().enumerate() {
+                let offset = u64::from(target.offset);
+                let first_lsn = seg.base_lsn + u64::from(target.lsn_delta);
+                assert!(offset < end_offset && first_lsn < limit_lsn, "looked up below the limit");
+                // The commits in between hold none of the stream's records.
+                *p.cursor = (*p.cursor).max(first_lsn);
+                let mut needed = 0u64;
+                let view = loop {
+                    let data_to = data_from + data.len() as u64;
+                    if offset >= data_from && offset < data_to {
+                        let pos = (offset - data_from) as usize;
+                        match format::parse_commit(&data[pos..], seg.sequence) {
+                            Ok(view) => break view,
+                            Err(ParseError::Short { needed: n }) if offset + n as u64 <= end_offset => {
+                                needed = n as u64;
+                            }
+                            Err(_) if seg.retired.get() => return Err(truncated()),
+                            Err(e) => return Err(corruption(offset, format!("reading durable data: {e:?}"))),
+                        }
+                    }
+                    // Read this commit, and the next ones of the stream if they are close enough
+                    // to come in the same read. A commit's length is known only once its header
+                    // is read: guess what the read still wants, and read again if it is longer.
+                    let guess = (p.max_bytes.saturating_sub(*p.bytes) + COMMIT_HEADER_BYTES + RECORD_HEADER_BYTES)
+                        as u64;
+                    let guess = guess.clamp(BLOCK_BYTES, READ_CHUNK_BYTES).max(needed);
+                    let read_from = align_down(offset);
+                    let mut read_to = offset + guess;
+                    for next in &targets[k + 1..] {
+                        let next_to = u64::from(next.offset) + guess;
+                        if next_to - read_from > READ_CHUNK_BYTES {
+                            break;
+                        }
+                        read_to = next_to;
+                    }
+                    let read_to = align_up(read_to.min(end_offset));
+                    drop(std::mem::take(&mut data));
+                    p.memory.shrink_to(*p.held);
+                    // The storage seam holds the chunk twice while it copies it out of the DMA buffer.
+                    let need = *p.held + 2 * (read_to - read_from) as usize;
+                    if !p.memory.try_grow_to(need) {
+                        if !p.batch.records.is_empty() {
+                            return Ok(SegmentRead::Done);
+                        }
+                        p.memory.shrink_to(0);
+                        p.memory.acquire(need).await;
+                    }
+                    data = match seg.file.read(read_from, (read_to - read_from) as usize).await {
+                        Ok(d) => d,
+                        Err(_) if seg.retired.get() => return Err(truncated()),
+                        Err(e) => {
+                            return Err(ShardError::io(
+                                "read segment",
+                                self.storage.path_of(&seg.name.borrow()),
+                                e,
+                            ))
+                        }
+                    };
+                    let avail = (read_from + data.len() as u64).min(end_offset) - read_from;
+                    data.truncate(avail as usize);
+                    data_from = read_from;
+                    if data_from + data.len() as u64 <= offset {
+                        return Err(corruption(offset, "segment file ends before its durable end".into()));
+                    }
+                };
+                if view.first_lsn != first_lsn {
+                    if seg.retired.get() {
+                        return Err(truncated());
+                    }
+                    return Err(corruption(
+                        offset,
+                        format!(
+                            "the stream index says the commit here starts at lsn {first_lsn}, it starts at {}",
+                            view.first_lsn
+                        ),
+                    ));
+                }
+                *p.scanned += view.total_bytes;
+                for (i, record) in view.records().enumerate() {
+                    let lsn = view.first_lsn + i as u64;
+                    if lsn < *p.cursor {
+                        continue;
+                    }
+                    if lsn >= limit_lsn {
+                        return Ok(SegmentRead::Done);
+                    }
+                    let record = record.expect("framing validated by parse_commit");
+                    if record.stream == stream {
+                        if !p.batch.records.is_empty() && *p.bytes + record.payload.len() > p.max_bytes {
+                            return Ok(SegmentRead::Done);
+                        }
+                        *p.bytes += record.payload.len();
+                        *p.held += READ_RECORD_OVERHEAD_BYTES + record.payload.len();
+                        p.batch.records.push(ReadRecord {
+                            lsn: Lsn(lsn),
+                            stream: record.stream,
+                            timestamp: record.timestamp,
+                            payload: record.payload.to_vec(),
+                        });
+                    }
+                    *p.cursor = lsn + 1;
+                }
+                if *p.bytes >= p.max_bytes || *p.scanned >= p.scan_max {
+                    return Ok(SegmentRead::Done);
+                }
+            }
+            if targets.len() < COMMITS_PER_LOOKUP {
+                // No more commits of the stream below the limit: every lsn below it was looked at.
+                *p.cursor = (*p.cursor).max(limit_lsn);
+                return Ok(SegmentRead::Next);
+            }
+        }
+    }
+}
+
+fn index_crc(encoded: &[u8]) -> u32 {
+    let crc = crc32c::crc32c(&encoded[..64]);
+    crc32c::crc32c_append(crc, &encoded[STREAM_INDEX_FIXED_BYTES..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::encode_record;
+
+    fn body(streams: &[u64]) -> Vec<u8> {
+        let mut b = Vec::new();
+        for &s in streams {
+            encode_record(&mut b, s, None, &[s as u8; 5]);
+        }
+        b
+    }
+
+    /// Commits (offset, lsn delta, streams of their records) of a small segment.
+    fn index() -> StreamIndex {
+        let mut index = StreamIndex::open();
+        let commits: [(u64, u64, &[u64]); 4] = [
+            (4096, 0, &[7, 7, 9]),
+            (4200, 3, &[9]),
+            (4300, 4, &[7, 9, 7]),
+            (5000, 7, &[11]),
+        ];
+        for (offset, lsn, streams) in commits {
+            index.note_commit(lsn, offset, &body(streams));
+        }
+        index
+    }
+
+    fn summary() -> SegmentSummary {
+        SegmentSummary {
+            shard_id: 2,
+            sequence: 5,
+            base_lsn: 100,
+            end_lsn: 108,
+            commits: 4,
+            end_offset: 5200,
+            commits_crc: 0xfeed,
+            index: vec![(100, 4096)],
+        }
+    }
+
+    fn deltas(index: &StreamIndex, stream: u64, from: u64, to: u64, max: usize) -> Vec<u32> {
+        let mut out = Vec::new();
+        index.commits_of(stream, from, to, max, &mut out);
+        out.iter().map(|e| e.lsn_delta).collect()
+    }
+
+    #[test]
+    fn open_and_sealed_forms_answer_alike() {
+        let open = index();
+        let mut sealed = open.clone();
+        sealed.seal();
+        let mut reopened = sealed.clone();
+        reopened.reopen();
+        for form in [&open, &sealed, &reopened] {
+            assert_eq!(deltas(form, 7, 0, 8, 10), vec![0, 4]);
+            assert_eq!(deltas(form, 9, 0, 8, 10), vec![0, 3, 4]);
+            // From lsn delta 2 the commit at 0 may still hold it.
+            assert_eq!(deltas(form, 9, 2, 8, 10), vec![0, 3, 4]);
+            assert_eq!(deltas(form, 9, 3, 8, 10), vec![3, 4]);
+            assert_eq!(deltas(form, 9, 3, 4, 10), vec![3]);
+            assert_eq!(deltas(form, 9, 0, 8, 2), vec![0, 3]);
+            assert_eq!(deltas(form, 11, 0, 8, 10), vec![7]);
+            assert!(deltas(form, 12, 0, 8, 10).is_empty());
+            assert!(form.memory_bytes() > 0);
+        }
+        assert_eq!(open.sealed(), reopened.sealed());
+    }
+
+    #[test]
+    fn index_file_round_trips_and_rejects_flips_and_other_segments() {
+        let sealed = index().sealed();
+        let s = summary();
+        let mut buf = vec![0u8; sealed.encoded_bytes()];
+        sealed.encode(&s, &mut buf);
+        assert_eq!(SealedIndex::decode(&buf, &s), Ok(sealed.clone()));
+        let used = STREAM_INDEX_FIXED_BYTES + 3 * STREAM_INDEX_STREAM_BYTES + 6 * STREAM_INDEX_ENTRY_BYTES;
+        for byte in 0..used {
+            let mut flipped = buf.clone();
+            flipped[byte] ^= 0x08;
+            assert!(SealedIndex::decode(&flipped, &s).is_err(), "flip at {byte}");
+        }
+        let mut other = s.clone();
+        other.commits_crc ^= 1;
+        assert!(SealedIndex::decode(&buf, &other).is_err(), "another segment's index");
+        assert!(SealedIndex::decode(&buf[..used - 1], &s).is_err(), "cut short");
+    }
+}
