@@ -35,6 +35,7 @@ use crate::format::{
 use crate::segments::{segment_name, summary_name, Segment, Spare, SummaryState, CHECKPOINT_NAME};
 use crate::shard::Inner;
 use crate::storage::{SegmentFile, Storage};
+use crate::stream_index::stream_index_name;
 use crate::Durability;
 
 /// After a failure to prepare a segment (e.g. no space), try again after this long.
@@ -144,6 +145,7 @@ async fn apply_retention(inner: &Inner, spare_id: &mut u64) {
                     });
                     inner.committer_wake.notify();
                     remove_summary(inner, &summary).await;
+                    remove_summary(inner, &stream_index_name(victim.base_lsn)).await;
                     continue;
                 }
                 Err(e) => {
@@ -157,6 +159,7 @@ async fn apply_retention(inner: &Inner, spare_id: &mut u64) {
             tracing::warn!(%name, error = %e, "removing retired segment failed");
         }
         remove_summary(inner, &summary).await;
+        remove_summary(inner, &stream_index_name(victim.base_lsn)).await;
     }
 }
 
@@ -268,6 +271,40 @@ pub(crate) async fn write_summary_file(
     storage.sync_dir().await
 }
 
+/// Writes the stream index of `seg` (sealing it first when `seal`: the segment takes no more
+/// commits) as `<base_lsn:020>.six`, for the segment `summary` describes, and makes it durable.
+/// A segment without an index writes none. Like a summary, a crash part way leaves a file that
+/// recovery does not trust (checksum, or a segment description that is not the summary's).
+async fn write_stream_index(inner: &Inner, seg: &Segment, summary: &SegmentSummary, seal: bool) -> io::Result<()> {
+    let storage = &*inner.storage;
+    let buf = {
+        let mut streams = seg.streams.borrow_mut();
+        let Some(index) = streams.as_mut() else {
+            return Ok(());
+        };
+        if seal {
+            index.seal();
+        }
+        index.with_sealed(|sealed| {
+            let mut buf = storage.alloc(sealed.encoded_bytes());
+            sealed.encode(summary, buf.as_mut_slice());
+            buf
+        })
+    };
+    let file = storage
+        .open(&stream_index_name(seg.base_lsn), true, inner.opts.durability)
+        .await?;
+    let written = async {
+        file.write(0, buf).await?;
+        file.sync().await
+    }
+    .await;
+    let closed = file.close().await;
+    written?;
+    closed?;
+    storage.sync_dir().await
+}
+
 /// Makes the summaries of sealed segments durable. Returns whether one failed (it is retried).
 async fn write_summaries(inner: &Inner) -> bool {
     let pending = inner.st.borrow().segs.summaries_pending();
@@ -279,10 +316,19 @@ async fn write_summaries(inner: &Inner) -> bool {
         let summary = seg.summary(inner.opts.shard_id);
         let name = summary_name(seg.base_lsn);
         let storage = &*inner.storage;
+        // [stream_index] The index first: a durable summary then normally has its index.
+        if let Err(e) = write_stream_index(inner, &seg, &summary, true).await {
+            tracing::warn!(%name, error = %e, "writing a sealed segment's stream index failed; will retry");
+            failed = true;
+            continue;
+        }
         match write_summary_file(storage, inner.opts.durability, &name, &summary, SummaryKind::Sealed).await {
             Ok(()) if !seg.retired.get() => inner.st.borrow().segs.summary_written(&seg),
             // Retired while its summary was being written: the summary goes with it.
-            Ok(()) => remove_summary(inner, &name).await,
+            Ok(()) => {
+                remove_summary(inner, &name).await;
+                remove_summary(inner, &stream_index_name(seg.base_lsn)).await;
+            }
             Err(e) => {
                 tracing::warn!(%name, error = %e, "writing a sealed segment's summary failed; will retry");
                 failed = true;
@@ -296,7 +342,7 @@ async fn write_summaries(inner: &Inner) -> bool {
 /// `Shard::close` once nothing is in flight or queued. A failure only costs the next open a scan
 /// of the active segment, so it is reported, not returned.
 pub(crate) async fn write_checkpoint(inner: &Inner) -> Result<(), ShardError> {
-    let summary = {
+    let active = {
         let st = inner.st.borrow();
         match &st.segs.active {
             Some(active) if !active.header_pending => {
@@ -305,14 +351,19 @@ pub(crate) async fn write_checkpoint(inner: &Inner) -> Result<(), ShardError> {
                     active.seg.durable_end.get().1,
                     "everything is durable at close"
                 );
-                Some(active.seg.summary(inner.opts.shard_id))
+                Some((active.seg.clone(), active.seg.summary(inner.opts.shard_id)))
             }
             _ => None,
         }
     };
-    let Some(summary) = summary else {
+    let Some((seg, summary)) = active else {
         return Ok(());
     };
+    // [stream_index] The active segment's index, so that the next open need not scan it to
+    // rebuild it. Without it the next open scans the segment: reported, not returned.
+    if let Err(e) = write_stream_index(inner, &seg, &summary, false).await {
+        tracing::warn!(error = %e, "writing the active segment's stream index failed; the next open scans it");
+    }
     let storage = &*inner.storage;
     if let Err(e) = write_summary_file(
         storage,

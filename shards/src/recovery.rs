@@ -62,6 +62,7 @@ use crate::segments::{
 };
 use crate::shard::PIPELINE_DEPTH;
 use crate::storage::{LocalBoxFuture, SegmentFile, Storage};
+use crate::stream_index::{stream_index_name, SealedIndex, StreamIndex, SEGMENT_BYTES_INDEXED_MAX};
 use crate::ShardOptions;
 
 /// Recovery reads a segment in pieces of this size ...
@@ -130,6 +131,8 @@ struct Scan {
     commits_crc: u32,
     /// Why the scan stopped, if not at zeros or the end of the data.
     stop: Option<String>,
+    /// The stream index of the commits scanned, for a scan from the segment's start.
+    streams: Option<StreamIndex>,
 }
 
 /// A scan of a segment's commits, fed its bytes piece by piece as they are read (so that no
@@ -144,6 +147,9 @@ struct Scanner {
     commits_crc: u32,
     stop: Option<String>,
     done: bool,
+    /// (the segment's base lsn, the index being built), when the scan starts at the segment's
+    /// first commit and the segment can have an index.
+    streams: Option<(u64, StreamIndex)>,
 }
 
 impl Scanner {
@@ -157,6 +163,7 @@ impl Scanner {
             commits_crc: 0,
             stop: None,
             done: false,
+            streams: None,
         }
     }
 
@@ -186,6 +193,11 @@ impl Scanner {
                         .is_none_or(|&(_, o)| self.offset - o >= INDEX_INTERVAL_BYTES)
                     {
                         self.index.push((self.lsn, self.offset));
+                    }
+                    if let Some((base_lsn, streams)) = &mut self.streams {
+                        // [stream_index] Rebuilt from the scan.
+                        let body = &data[at + COMMIT_HEADER_BYTES..at + view.total_bytes];
+                        streams.note_commit(self.lsn - *base_lsn, self.offset, body);
                     }
                     self.commits += 1;
                     self.commits_crc = chain_commit_crc(self.commits_crc, &data[at..at + COMMIT_HEADER_BYTES]);
@@ -222,6 +234,7 @@ impl Scanner {
             commits: self.commits,
             commits_crc: self.commits_crc,
             stop: self.stop,
+            streams: self.streams.map(|(_, streams)| streams),
         }
     }
 }
@@ -314,6 +327,9 @@ async fn scan_segment(
 ) -> Result<(Scan, u64, Vec<u8>), ShardError> {
     let mut reader = ChunkReader::new(f, 0, f.capacity());
     let mut scanner = Scanner::new(f.header.sequence, SEGMENT_DATA_OFFSET, f.header.base_lsn);
+    if f.capacity() < SEGMENT_BYTES_INDEXED_MAX {
+        scanner.streams = Some((f.header.base_lsn, StreamIndex::open()));
+    }
     let mut window = Window::default();
     while !scanner.done {
         let chunk = reader.next(storage, f).await?;
@@ -480,6 +496,49 @@ async fn read_summaries(
         .collect()
 }
 
+/// The stream index files of each found segment that has one, read [`RECOVERY_FILES_IN_FLIGHT`]
+/// at a time; checked against the segment's summary later ([`trusted_index`]).
+async fn read_stream_indexes(
+    storage: &dyn Storage,
+    opts: &ShardOptions,
+    found: &[Found],
+    names: &BTreeSet<String>,
+) -> Vec<Option<io::Result<Vec<u8>>>> {
+    let wanted: Vec<Option<String>> = found
+        .iter()
+        .map(|f| Some(stream_index_name(f.header.base_lsn)).filter(|n| names.contains(n)))
+        .collect();
+    let jobs = wanted
+        .iter()
+        .flatten()
+        .map(|name| -> LocalBoxFuture<io::Result<Vec<u8>>> { Box::pin(read_whole(storage, opts, name)) });
+    let mut reads = bounded(RECOVERY_FILES_IN_FLIGHT, jobs).await.into_iter();
+    wanted
+        .iter()
+        .map(|name| name.as_ref().map(|_| reads.next().expect("one read per index name")))
+        .collect()
+}
+
+/// The stream index read for segment `f`, if it is valid and describes the segment `summary`
+/// (which recovery trusts) describes. Anything else is reported and ignored.
+fn trusted_index(
+    opts: &ShardOptions,
+    f: &Found,
+    summary: &SegmentSummary,
+    read: Option<io::Result<Vec<u8>>>,
+) -> Option<SealedIndex> {
+    let name = stream_index_name(f.header.base_lsn);
+    let reason = match read? {
+        Ok(data) => match SealedIndex::decode(&data, summary) {
+            Ok(index) => return Some(index),
+            Err(reason) => reason,
+        },
+        Err(e) => e.to_string(),
+    };
+    tracing::warn!(shard = opts.shard_id, %name, %reason, "ignoring a stream index that is not trusted");
+    None
+}
+
 /// How the last segment was recovered.
 struct Last {
     scan: Scan,
@@ -524,6 +583,7 @@ async fn verify_end(
         commits: s.commits,
         commits_crc: s.commits_crc,
         stop: None,
+        streams: None,
     };
     Ok(Some(Last {
         scan,
@@ -540,6 +600,7 @@ async fn recover_last(
     f: &Found,
     summary: Option<SegmentSummary>,
     checkpoint: Option<&SegmentSummary>,
+    six: Option<io::Result<Vec<u8>>>,
     report: &mut RecoveryReport,
 ) -> Result<Last, ShardError> {
     let shard = opts.shard_id;
@@ -547,8 +608,24 @@ async fn recover_last(
     let trusted = summary.or_else(|| checkpoint.filter(|c| f.matches(c)).cloned());
     if let Some(t) = &trusted {
         let started = Instant::now();
-        let verified = verify_end(storage, opts, f, t, report).await?;
+        let mut verified = verify_end(storage, opts, f, t, report).await?;
         report.scan_us += started.elapsed().as_micros() as u64;
+        if let Some(last) = &mut verified {
+            // [stream_index] The index written with the summary or checkpoint, or a scan
+            // rebuilds it: the segment may take more commits, and they go into its index.
+            if f.capacity() < SEGMENT_BYTES_INDEXED_MAX {
+                last.scan.streams = trusted_index(opts, f, t, six).map(|sealed_index| {
+                    let mut index = StreamIndex::Sealed(sealed_index);
+                    if !sealed {
+                        index.reopen();
+                    }
+                    index
+                });
+                if last.scan.streams.is_none() {
+                    verified = None;
+                }
+            }
+        }
         if let Some(mut last) = verified {
             last.sealed = sealed;
             report.trusted += 1;
@@ -620,8 +697,8 @@ fn sealed_at(storage: &dyn Storage, name: &str) -> Instant {
         .unwrap_or_else(Instant::now)
 }
 
-fn segment_from(f: &Found, s: &Scan) -> Segment {
-    Segment::new(
+fn segment_from(f: &Found, s: &mut Scan) -> Segment {
+    let seg = Segment::new(
         f.header.sequence,
         f.header.base_lsn,
         f.capacity(),
@@ -631,7 +708,9 @@ fn segment_from(f: &Found, s: &Scan) -> Segment {
         s.index.clone(),
         s.commits,
         s.commits_crc,
-    )
+    );
+    *seg.streams.borrow_mut() = s.streams.take();
+    seg
 }
 
 /// Opens every `.wal` and `.prep` file and sorts them into segments (by sequence) and spares.
@@ -710,7 +789,12 @@ pub(crate) async fn recover(storage: &dyn Storage, opts: &ShardOptions) -> Resul
         .await
         .map_err(io_err(storage, "list shard directory", ""))?;
     names.sort();
-    let summary_names: BTreeSet<String> = names.iter().filter(|n| n.ends_with(".sum")).cloned().collect();
+    // Summaries and stream indexes: read for the segments that have them, removed for the others.
+    let summary_names: BTreeSet<String> = names
+        .iter()
+        .filter(|n| n.ends_with(".sum") || n.ends_with(".six"))
+        .cloned()
+        .collect();
     let has_checkpoint = names.iter().any(|n| n == CHECKPOINT_NAME);
     let (found, spares) = find_segments(storage, opts, &names).await?;
     let checkpoint = match has_checkpoint {
@@ -730,12 +814,15 @@ pub(crate) async fn recover(storage: &dyn Storage, opts: &ShardOptions) -> Resul
     let mut keep = found.len();
     let mut summaries = read_summaries(storage, opts, &found, &summary_names).await;
     assert_eq!(summaries.len(), found.len());
+    let mut indexes = read_stream_indexes(storage, opts, &found, &summary_names).await;
+    assert_eq!(indexes.len(), found.len());
     for i in 0..found.len() {
         let f = &found[i];
         let summary = summaries[i].take().filter(|s| f.matches(s));
         let Some(next) = found.get(i + 1) else {
-            let last = recover_last(storage, opts, f, summary, checkpoint.as_ref(), &mut report).await?;
-            let seg = Rc::new(segment_from(f, &last.scan));
+            let six = indexes[i].take();
+            let mut last = recover_last(storage, opts, f, summary, checkpoint.as_ref(), six, &mut report).await?;
+            let seg = Rc::new(segment_from(f, &mut last.scan));
             if last.sealed {
                 seg.sealed_at.set(Some(sealed_at(storage, &f.name)));
                 seg.summary.set(SummaryState::Durable);
@@ -755,6 +842,8 @@ pub(crate) async fn recover(storage: &dyn Storage, opts: &ShardOptions) -> Resul
         let seg = match summary {
             Some(s) if continues(s.end_lsn) => {
                 report.trusted += 1;
+                // [stream_index] Without a trusted index file, filtered reads scan it.
+                let streams = trusted_index(opts, f, &s, indexes[i].take()).map(StreamIndex::Sealed);
                 let seg = Segment::new(
                     f.header.sequence,
                     f.header.base_lsn,
@@ -767,12 +856,13 @@ pub(crate) async fn recover(storage: &dyn Storage, opts: &ShardOptions) -> Resul
                     s.commits_crc,
                 );
                 seg.summary.set(SummaryState::Durable);
+                *seg.streams.borrow_mut() = streams;
                 seg
             }
             summary => {
                 report.scanned += 1;
                 let started = Instant::now();
-                let (s, _, _) = scan_segment(storage, f, false, &mut report).await?;
+                let (mut s, _, _) = scan_segment(storage, f, false, &mut report).await?;
                 report.scan_us += started.elapsed().as_micros() as u64;
                 if !continues(s.end_lsn) {
                     let reason = s.stop.clone().unwrap_or_else(|| {
@@ -793,8 +883,8 @@ pub(crate) async fn recover(storage: &dyn Storage, opts: &ShardOptions) -> Resul
                         "repair: truncating the log");
                     keep = i + 1;
                     // The cut segment becomes the last one: its end is cut like a torn tail.
-                    let last = recover_last(storage, opts, f, None, None, &mut report).await?;
-                    let seg = Rc::new(segment_from(f, &last.scan));
+                    let mut last = recover_last(storage, opts, f, None, None, None, &mut report).await?;
+                    let seg = Rc::new(segment_from(f, &mut last.scan));
                     active = Some(Active {
                         seg: seg.clone(),
                         offset: last.scan.end_offset,
@@ -814,7 +904,7 @@ pub(crate) async fn recover(storage: &dyn Storage, opts: &ShardOptions) -> Resul
                     tracing::error!(shard, segment = f.header.sequence, %finding, "summary disagrees with the log");
                     findings.push(finding);
                 }
-                let seg = segment_from(f, &s);
+                let seg = segment_from(f, &mut s);
                 // The background task writes (or rewrites) its summary.
                 seg.summary.set(SummaryState::Pending);
                 seg
@@ -859,7 +949,10 @@ async fn tidy_directory(
 ) -> Result<(), ShardError> {
     let mut remove: Vec<String> = cut.iter().map(|f| f.name.clone()).collect();
     remove.extend(spares.iter().cloned());
-    let kept: BTreeSet<String> = segments.iter().map(|s| summary_name(s.base_lsn)).collect();
+    let kept: BTreeSet<String> = segments
+        .iter()
+        .flat_map(|s| [summary_name(s.base_lsn), stream_index_name(s.base_lsn)])
+        .collect();
     remove.extend(summary_names.iter().filter(|n| !kept.contains(*n)).cloned());
     if has_checkpoint {
         // The checkpoint describes the log as it was at the shutdown; it must be gone before the

@@ -160,11 +160,17 @@ impl StreamIndex {
         }
     }
 
-    pub(crate) fn sealed(&self) -> SealedIndex {
+    /// The sealed form, to encode it (an open index is sealed into a copy).
+    pub(crate) fn with_sealed<R>(&self, f: impl FnOnce(&SealedIndex) -> R) -> R {
         match self {
-            StreamIndex::Open(open) => open.to_sealed(),
-            StreamIndex::Sealed(sealed) => sealed.clone(),
+            StreamIndex::Open(open) => f(&open.to_sealed()),
+            StreamIndex::Sealed(sealed) => f(sealed),
         }
+    }
+
+    #[cfg(test)]
+    fn sealed(&self) -> SealedIndex {
+        self.with_sealed(SealedIndex::clone)
     }
 
     /// Up to `max` commits holding `stream`, ascending, from the one that may hold `from_delta`
