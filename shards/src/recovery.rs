@@ -496,29 +496,6 @@ async fn read_summaries(
         .collect()
 }
 
-/// The stream index files of each found segment that has one, read [`RECOVERY_FILES_IN_FLIGHT`]
-/// at a time; checked against the segment's summary later ([`trusted_index`]).
-async fn read_stream_indexes(
-    storage: &dyn Storage,
-    opts: &ShardOptions,
-    found: &[Found],
-    names: &BTreeSet<String>,
-) -> Vec<Option<io::Result<Vec<u8>>>> {
-    let wanted: Vec<Option<String>> = found
-        .iter()
-        .map(|f| Some(stream_index_name(f.header.base_lsn)).filter(|n| names.contains(n)))
-        .collect();
-    let jobs = wanted
-        .iter()
-        .flatten()
-        .map(|name| -> LocalBoxFuture<io::Result<Vec<u8>>> { Box::pin(read_whole(storage, opts, name)) });
-    let mut reads = bounded(RECOVERY_FILES_IN_FLIGHT, jobs).await.into_iter();
-    wanted
-        .iter()
-        .map(|name| name.as_ref().map(|_| reads.next().expect("one read per index name")))
-        .collect()
-}
-
 /// The stream index read for segment `f`, if it is valid and describes the segment `summary`
 /// (which recovery trusts) describes. Anything else is reported and ignored.
 fn trusted_index(
@@ -814,13 +791,16 @@ pub(crate) async fn recover(storage: &dyn Storage, opts: &ShardOptions) -> Resul
     let mut keep = found.len();
     let mut summaries = read_summaries(storage, opts, &found, &summary_names).await;
     assert_eq!(summaries.len(), found.len());
-    let mut indexes = read_stream_indexes(storage, opts, &found, &summary_names).await;
-    assert_eq!(indexes.len(), found.len());
     for i in 0..found.len() {
         let f = &found[i];
         let summary = summaries[i].take().filter(|s| f.matches(s));
         let Some(next) = found.get(i + 1) else {
-            let six = indexes[i].take();
+            // [stream_index] The last segment's index, if written with its summary or the checkpoint.
+            let six_name = stream_index_name(f.header.base_lsn);
+            let six = match summary_names.contains(&six_name) {
+                true => Some(read_whole(storage, opts, &six_name).await),
+                false => None,
+            };
             let mut last = recover_last(storage, opts, f, summary, checkpoint.as_ref(), six, &mut report).await?;
             let seg = Rc::new(segment_from(f, &mut last.scan));
             if last.sealed {
@@ -842,8 +822,6 @@ pub(crate) async fn recover(storage: &dyn Storage, opts: &ShardOptions) -> Resul
         let seg = match summary {
             Some(s) if continues(s.end_lsn) => {
                 report.trusted += 1;
-                // [stream_index] Without a trusted index file, filtered reads scan it.
-                let streams = trusted_index(opts, f, &s, indexes[i].take()).map(StreamIndex::Sealed);
                 let seg = Segment::new(
                     f.header.sequence,
                     f.header.base_lsn,
@@ -856,7 +834,8 @@ pub(crate) async fn recover(storage: &dyn Storage, opts: &ShardOptions) -> Resul
                     s.commits_crc,
                 );
                 seg.summary.set(SummaryState::Durable);
-                *seg.streams.borrow_mut() = streams;
+                // [stream_index] Loaded by the first filtered read of the segment.
+                seg.streams_on_disk.set(f.capacity() < SEGMENT_BYTES_INDEXED_MAX);
                 seg
             }
             summary => {

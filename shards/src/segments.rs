@@ -78,6 +78,10 @@ pub(crate) struct Segment {
     /// Stream -> the commits holding it ([`crate::stream_index`]). `None`: filtered reads of
     /// this segment scan it (a segment too large for one, or whose index was not trusted).
     pub streams: RefCell<Option<StreamIndex>>,
+    /// The stream index is in this segment's `.six` file, not loaded yet: the first filtered
+    /// read loads it (a sealed segment recovery accepted from its summary; loading it then would
+    /// cost every restart a file per segment).
+    pub streams_on_disk: Cell<bool>,
 }
 
 impl Segment {
@@ -111,6 +115,7 @@ impl Segment {
             retired: Cell::new(false),
             corrupt: RefCell::new(None),
             streams: RefCell::new(None),
+            streams_on_disk: Cell::new(false),
         }
     }
 

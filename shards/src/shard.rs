@@ -1245,6 +1245,9 @@ impl Inner {
             if cursor >= limit_lsn {
                 continue;
             }
+            if stream.is_some() && seg.streams_on_disk.get() {
+                self.load_stream_index(seg).await;
+            }
             if let Some(stream) = stream.filter(|_| seg.streams.borrow().is_some()) {
                 // [stream_index] Only the commits that hold the stream.
                 let mut progress = ReadProgress {

@@ -484,6 +484,35 @@ pub(crate) enum SegmentRead {
 }
 
 impl Inner {
+    /// Loads the stream index of a sealed segment from its `.six` file, which recovery left on
+    /// disk, if it is valid and describes the segment's summary; otherwise the segment keeps no
+    /// index and filtered reads scan it. Tried once per segment.
+    pub(crate) async fn load_stream_index(&self, seg: &Segment) {
+        if !seg.streams_on_disk.replace(false) {
+            return;
+        }
+        let name = stream_index_name(seg.base_lsn);
+        let summary = seg.summary(self.opts.shard_id);
+        let read = async {
+            let file = self.storage.open(&name, false, self.opts.durability).await?;
+            let size = file.size().await?;
+            let data = file.read(0, align_down(size) as usize).await;
+            let _ = file.close().await;
+            data
+        };
+        let loaded = match read.await {
+            Ok(data) => SealedIndex::decode(&data, &summary),
+            Err(e) => Err(e.to_string()),
+        };
+        match loaded {
+            Ok(index) if !seg.retired.get() => *seg.streams.borrow_mut() = Some(StreamIndex::Sealed(index)),
+            Ok(_) => {}
+            Err(reason) => {
+                tracing::warn!(shard = self.opts.shard_id, %name, %reason, "no trusted stream index; filtered reads scan the segment")
+            }
+        }
+    }
+
     /// The part of a read filtered to `stream` that falls in `seg`, which has a stream index:
     /// only the commits holding the stream are read, each once (neighbours that are close
     /// together in one read), and the cursor skips the commits in between. Reads lsns below
