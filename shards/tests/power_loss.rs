@@ -552,6 +552,31 @@ async fn read_all(shard: &Shard, from: Lsn) -> Result<Vec<shards::ReadRecord>, S
     }
 }
 
+/// The records of `stream` from `from` on, read with the stream filter (through the segments'
+/// stream indexes) in pages of `max_bytes`, up to the durable end.
+async fn read_stream(
+    shard: &Shard,
+    stream: u64,
+    from: Lsn,
+    max_bytes: usize,
+) -> Result<Vec<shards::ReadRecord>, String> {
+    let end = shard.durable_lsn().0;
+    let mut out = Vec::new();
+    let mut from = from;
+    while from.0 <= end {
+        let batch = shard
+            .read(from, max_bytes, Some(stream))
+            .await
+            .map_err(|e| format!("{}filtered read from {from}: {e}", corruption_mark(&e)))?;
+        if batch.next_lsn <= from && batch.records.is_empty() {
+            return Err(format!("a filtered read of stream {stream} from {from} made no progress"));
+        }
+        from = batch.next_lsn;
+        out.extend(batch.records);
+    }
+    Ok(out)
+}
+
 /// Errors that are a typed `Corruption` start with this, so that a seed that tampered with the
 /// recovery metadata can tell a reported lie from a silent loss.
 const CORRUPTION: &str = "CORRUPTION: ";
@@ -569,7 +594,7 @@ async fn tamper(image: &MemStorage, how: Tamper, rng: &mut StdRng, saved_checkpo
     let meta: Vec<String> = image
         .file_names()
         .into_iter()
-        .filter(|n| n.ends_with(".sum") || n == "checkpoint")
+        .filter(|n| n.ends_with(".sum") || n == "checkpoint" || (how == Tamper::FlipBit && n.ends_with(".six")))
         .collect();
     let pick = |rng: &mut StdRng| (!meta.is_empty()).then(|| meta[rng.gen_range(0..meta.len())].clone());
     match how {
@@ -577,9 +602,17 @@ async fn tamper(image: &MemStorage, how: Tamper, rng: &mut StdRng, saved_checkpo
         Tamper::FlipBit => {
             let Some(name) = pick(rng) else { return false };
             let bytes = image.live_image(&name).expect("listed");
-            // Within the encoded part: the fixed fields and the index entries it counts.
-            let entries = u32::from_le_bytes(bytes[12..16].try_into().expect("4 bytes")) as usize;
-            let used = (SUMMARY_FIXED_BYTES + entries * 16).min(bytes.len());
+            let count = |at: usize| match bytes.get(at..at + 4) {
+                Some(b) => u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize,
+                None => 0,
+            };
+            // Within the encoded part: the fixed fields and the index entries it counts (for a
+            // stream index: 72 fixed bytes, 16 per stream, 8 per entry).
+            let used = match name.ends_with(".six") {
+                true => 72 + count(12) * 16 + count(60) * 8,
+                false => SUMMARY_FIXED_BYTES + count(12) * 16,
+            };
+            let used = used.min(bytes.len()).max(1);
             image.flip_bit(&name, rng.gen_range(0..used as u64), rng.gen_range(0..8));
             trace(format_args!("flipped a bit of {name}"));
             true
@@ -712,6 +745,22 @@ async fn check_recovered(
                     want.payload.len()
                 ));
             }
+        }
+    }
+    // Reads filtered to each stream (through the stream indexes, loaded, rebuilt or ignored as
+    // recovery found them) return exactly the records of that stream.
+    for stream in 0..4 {
+        let got = read_stream(shard, stream, Lsn(first), 3000).await?;
+        let want: Vec<&shards::ReadRecord> = records.iter().filter(|r| r.stream == stream).collect();
+        if got.iter().collect::<Vec<_>>() != want {
+            return Err(format!(
+                "a read filtered to stream {stream} returned {} records (lsns {:?}..), the log holds {} \
+                 (lsns {:?}..)",
+                got.len(),
+                got.first().map(|r| r.lsn),
+                want.len(),
+                want.first().map(|r| r.lsn)
+            ));
         }
     }
     let beyond = shard
