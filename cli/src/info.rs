@@ -83,6 +83,7 @@ fn stats_json(s: &StatsReplyT) -> Value {
                 "durable_lsn": sh.durable_lsn,
                 "segment_count": sh.segment_count,
                 "segment_bytes": sh.segment_bytes,
+                "stream_index_bytes": sh.stream_index_bytes,
                 "poisoned": sh.poisoned,
             })
         })

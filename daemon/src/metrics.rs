@@ -259,6 +259,13 @@ impl Collector for Snapshot {
         )?;
         family(
             e,
+            "stream_index_bytes",
+            "Heap bytes of the stream indexes of the shard's segments.",
+            Gauge,
+            by_shard(|s| s.stream_index_bytes),
+        )?;
+        family(
+            e,
             "poisoned",
             "1 while the shard refuses writes after a failed write or fdatasync (shardlog_poisoned_info says why).",
             Gauge,

@@ -619,6 +619,7 @@ pub fn wire_stats(shard: u16, s: &ShardStats) -> wire::ShardStatsT {
         recovery_trusted_segments: s.recovery.trusted,
         recovery_scanned_segments: s.recovery.scanned,
         recovery_us: s.recovery.elapsed_us,
+        stream_index_bytes: s.stream_index_bytes,
     }
 }
 

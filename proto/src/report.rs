@@ -24,7 +24,7 @@ pub fn render_stats(stats: &StatsReplyT) -> String {
     }
     let _ = writeln!(
         s,
-        "{:>5} {:>10} {:>10} {:>12} {:>9} {:>16} {:>22} {:>20} {:>6} {:>11} {:>5} {:>12}  state",
+        "{:>5} {:>10} {:>10} {:>12} {:>9} {:>16} {:>22} {:>20} {:>6} {:>11} {:>5} {:>12} {:>11}  state",
         "shard",
         "appends",
         "records",
@@ -36,7 +36,8 @@ pub fn render_stats(stats: &StatsReplyT) -> String {
         "queue",
         "durable lsn",
         "segs",
-        "seg bytes"
+        "seg bytes",
+        "index bytes"
     );
     for sh in stats.shards.iter().flatten() {
         let state = match &sh.poisoned {
@@ -45,7 +46,7 @@ pub fn render_stats(stats: &StatsReplyT) -> String {
         };
         let _ = writeln!(
             s,
-            "{:>5} {:>10} {:>10} {:>12} {:>9} {:>16} {:>22} {:>20} {:>6} {:>11} {:>5} {:>12}  {}",
+            "{:>5} {:>10} {:>10} {:>12} {:>9} {:>16} {:>22} {:>20} {:>6} {:>11} {:>5} {:>12} {:>11}  {}",
             sh.shard,
             sh.appends,
             sh.records,
@@ -58,6 +59,7 @@ pub fn render_stats(stats: &StatsReplyT) -> String {
             sh.durable_lsn,
             sh.segment_count,
             sh.segment_bytes,
+            sh.stream_index_bytes,
             state
         );
     }
@@ -121,7 +123,7 @@ mod tests {
         let text = render_stats(&stats);
         let rows: Vec<&str> = text.lines().collect();
         assert!(
-            rows[0].contains("durable lsn") && rows[0].contains("seg bytes"),
+            rows[0].contains("durable lsn") && rows[0].contains("seg bytes") && rows[0].contains("index bytes"),
             "{text}"
         );
         assert!(rows[1].trim_start().starts_with('0') && rows[1].contains("41") && rows[1].ends_with("ok"));

@@ -3302,6 +3302,7 @@ impl<'a> ShardStats<'a> {
   pub const VT_RECOVERY_TRUSTED_SEGMENTS: ::flatbuffers::VOffsetT = 42;
   pub const VT_RECOVERY_SCANNED_SEGMENTS: ::flatbuffers::VOffsetT = 44;
   pub const VT_RECOVERY_US: ::flatbuffers::VOffsetT = 46;
+  pub const VT_STREAM_INDEX_BYTES: ::flatbuffers::VOffsetT = 48;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -3313,6 +3314,7 @@ impl<'a> ShardStats<'a> {
     args: &'args ShardStatsArgs<'args>
   ) -> ::flatbuffers::WIPOffset<ShardStats<'bldr>> {
     let mut builder = ShardStatsBuilder::new(_fbb);
+    builder.add_stream_index_bytes(args.stream_index_bytes);
     builder.add_recovery_us(args.recovery_us);
     builder.add_recovery_scanned_segments(args.recovery_scanned_segments);
     builder.add_recovery_trusted_segments(args.recovery_trusted_segments);
@@ -3375,6 +3377,7 @@ impl<'a> ShardStats<'a> {
     let recovery_trusted_segments = self.recovery_trusted_segments();
     let recovery_scanned_segments = self.recovery_scanned_segments();
     let recovery_us = self.recovery_us();
+    let stream_index_bytes = self.stream_index_bytes();
     ShardStatsT {
       shard,
       appends,
@@ -3398,6 +3401,7 @@ impl<'a> ShardStats<'a> {
       recovery_trusted_segments,
       recovery_scanned_segments,
       recovery_us,
+      stream_index_bytes,
     }
   }
 
@@ -3565,6 +3569,16 @@ impl<'a> ShardStats<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u64>(ShardStats::VT_RECOVERY_US, Some(0)).unwrap()}
   }
+  /// Heap bytes of the stream indexes of the shard's segments (a read
+  /// filtered to a stream reads only the commits that hold it). Absent (0)
+  /// from older servers.
+  #[inline]
+  pub fn stream_index_bytes(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ShardStats::VT_STREAM_INDEX_BYTES, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for ShardStats<'_> {
@@ -3595,6 +3609,7 @@ impl ::flatbuffers::Verifiable for ShardStats<'_> {
      .visit_field::<u64>("recovery_trusted_segments", Self::VT_RECOVERY_TRUSTED_SEGMENTS, false)?
      .visit_field::<u64>("recovery_scanned_segments", Self::VT_RECOVERY_SCANNED_SEGMENTS, false)?
      .visit_field::<u64>("recovery_us", Self::VT_RECOVERY_US, false)?
+     .visit_field::<u64>("stream_index_bytes", Self::VT_STREAM_INDEX_BYTES, false)?
      .finish();
     Ok(())
   }
@@ -3622,6 +3637,7 @@ pub struct ShardStatsArgs<'a> {
     pub recovery_trusted_segments: u64,
     pub recovery_scanned_segments: u64,
     pub recovery_us: u64,
+    pub stream_index_bytes: u64,
 }
 impl<'a> Default for ShardStatsArgs<'a> {
   #[inline]
@@ -3649,6 +3665,7 @@ impl<'a> Default for ShardStatsArgs<'a> {
       recovery_trusted_segments: 0,
       recovery_scanned_segments: 0,
       recovery_us: 0,
+      stream_index_bytes: 0,
     }
   }
 }
@@ -3747,6 +3764,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ShardStatsBuilder<'a, 'b, A> 
     self.fbb_.push_slot::<u64>(ShardStats::VT_RECOVERY_US, recovery_us, 0);
   }
   #[inline]
+  pub fn add_stream_index_bytes(&mut self, stream_index_bytes: u64) {
+    self.fbb_.push_slot::<u64>(ShardStats::VT_STREAM_INDEX_BYTES, stream_index_bytes, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ShardStatsBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     ShardStatsBuilder {
@@ -3786,6 +3807,7 @@ impl ::core::fmt::Debug for ShardStats<'_> {
       ds.field("recovery_trusted_segments", &self.recovery_trusted_segments());
       ds.field("recovery_scanned_segments", &self.recovery_scanned_segments());
       ds.field("recovery_us", &self.recovery_us());
+      ds.field("stream_index_bytes", &self.stream_index_bytes());
       ds.finish()
   }
 }
@@ -3813,6 +3835,7 @@ pub struct ShardStatsT {
   pub recovery_trusted_segments: u64,
   pub recovery_scanned_segments: u64,
   pub recovery_us: u64,
+  pub stream_index_bytes: u64,
 }
 impl Default for ShardStatsT {
   fn default() -> Self {
@@ -3839,6 +3862,7 @@ impl Default for ShardStatsT {
       recovery_trusted_segments: 0,
       recovery_scanned_segments: 0,
       recovery_us: 0,
+      stream_index_bytes: 0,
     }
   }
 }
@@ -3880,6 +3904,7 @@ impl ShardStatsT {
     let recovery_trusted_segments = self.recovery_trusted_segments;
     let recovery_scanned_segments = self.recovery_scanned_segments;
     let recovery_us = self.recovery_us;
+    let stream_index_bytes = self.stream_index_bytes;
     ShardStats::create(_fbb, &ShardStatsArgs{
       shard,
       appends,
@@ -3903,6 +3928,7 @@ impl ShardStatsT {
       recovery_trusted_segments,
       recovery_scanned_segments,
       recovery_us,
+      stream_index_bytes,
     })
   }
 }

@@ -208,8 +208,18 @@ class ShardStats(object):
             return self._tab.Get(flatbuffers.number_types.Uint64Flags, o + self._tab.Pos)
         return 0
 
+    # Heap bytes of the stream indexes of the shard's segments (a read
+    # filtered to a stream reads only the commits that hold it). Absent (0)
+    # from older servers.
+    # ShardStats
+    def StreamIndexBytes(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(48))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Uint64Flags, o + self._tab.Pos)
+        return 0
+
 def ShardStatsStart(builder):
-    builder.StartObject(22)
+    builder.StartObject(23)
 
 def Start(builder):
     ShardStatsStart(builder)
@@ -346,6 +356,12 @@ def ShardStatsAddRecoveryUs(builder, recoveryUs):
 def AddRecoveryUs(builder, recoveryUs):
     ShardStatsAddRecoveryUs(builder, recoveryUs)
 
+def ShardStatsAddStreamIndexBytes(builder, streamIndexBytes):
+    builder.PrependUint64Slot(22, streamIndexBytes, 0)
+
+def AddStreamIndexBytes(builder, streamIndexBytes):
+    ShardStatsAddStreamIndexBytes(builder, streamIndexBytes)
+
 def ShardStatsEnd(builder):
     return builder.EndObject()
 
@@ -386,6 +402,7 @@ class ShardStatsT(object):
         recoveryTrustedSegments = 0,
         recoveryScannedSegments = 0,
         recoveryUs = 0,
+        streamIndexBytes = 0,
     ):
         self.shard = shard  # type: int
         self.appends = appends  # type: int
@@ -409,6 +426,7 @@ class ShardStatsT(object):
         self.recoveryTrustedSegments = recoveryTrustedSegments  # type: int
         self.recoveryScannedSegments = recoveryScannedSegments  # type: int
         self.recoveryUs = recoveryUs  # type: int
+        self.streamIndexBytes = streamIndexBytes  # type: int
 
     @classmethod
     def InitFromBuf(cls, buf, pos):
@@ -458,6 +476,7 @@ class ShardStatsT(object):
         self.recoveryTrustedSegments = shardStats.RecoveryTrustedSegments()
         self.recoveryScannedSegments = shardStats.RecoveryScannedSegments()
         self.recoveryUs = shardStats.RecoveryUs()
+        self.streamIndexBytes = shardStats.StreamIndexBytes()
 
     # ShardStatsT
     def Pack(self, builder):
@@ -502,5 +521,6 @@ class ShardStatsT(object):
         ShardStatsAddRecoveryTrustedSegments(builder, self.recoveryTrustedSegments)
         ShardStatsAddRecoveryScannedSegments(builder, self.recoveryScannedSegments)
         ShardStatsAddRecoveryUs(builder, self.recoveryUs)
+        ShardStatsAddStreamIndexBytes(builder, self.streamIndexBytes)
         shardStats = ShardStatsEnd(builder)
         return shardStats
