@@ -70,6 +70,10 @@ fn metrics_are_served_over_http_in_the_prometheus_format() {
     assert_eq!(sample_sum(&scrape, "shardlog_records_total"), 30.0, "{body}");
     assert_eq!(sample_sum(&scrape, "shardlog_appends_total"), 10.0, "{body}");
     assert_eq!(sample_sum(&scrape, "shardlog_poisoned"), 0.0, "{body}");
+    assert!(
+        sample_sum(&scrape, "shardlog_stream_index_bytes") > 0.0,
+        "the stream indexes' memory is reported:\n{body}"
+    );
     assert!(sample_sum(&scrape, "shardlog_connections") >= 1.0, "{body}");
     let fsyncs: f64 = scrape
         .samples
