@@ -1261,7 +1261,7 @@ impl Inner {
                     memory,
                 };
                 let read = self
-                    .read_indexed(seg, stream, limit_lsn, seg_end_offset, &mut progress, &truncated)
+                    .read_indexed(seg, stream, limit_lsn, &mut progress, &truncated)
                     .await?;
                 memory.shrink_to(held);
                 match read {

@@ -14,7 +14,8 @@
 //!   ascending, so a read finds its place with two binary searches. This form is what is
 //!   persisted as `<base_lsn:020>.six` (format below and in the README).
 //!
-//! An entry is a commit's first lsn relative to the segment's base lsn and its offset, both u32:
+//! An entry is a commit's first lsn relative to the segment's base lsn, its offset and its length,
+//! all u32 (so a read fetches exactly the commits it needs, several close ones in one I/O):
 //! a segment holds fewer than 2^32 bytes when it has an index ([`SEGMENT_BYTES_INDEXED_MAX`]), so
 //! fewer than 2^32 records. A segment without an index (`None` on [`crate::segments::Segment`]:
 //! a larger segment, or a sealed one whose index file was missing or untrusted at recovery) is
@@ -33,10 +34,11 @@
 //!   [48, 56)  end offset (one past the last commit)
 //!   [56, 60)  commits crc (the summary's checksum chained over every commit header)
 //!   [60, 64)  entry count E
-//!   [64, 68)  crc32c of bytes [0, 64) then [72, 72 + 16 S + 8 E)
+//!   [64, 68)  crc32c of bytes [0, 64) then [72, 72 + 16 S + 12 E)
 //!   [68, 72)  zero
 //!   S times:  stream u64, entry count of the stream u32, zero u32 (streams strictly ascending)
-//!   E times:  first lsn of the commit - base lsn u32, commit offset u32 (per stream, ascending)
+//!   E times:  first lsn of the commit - base lsn u32, commit offset u32, commit bytes u32
+//!             (per stream, ascending)
 //! ```
 //!
 //! Bytes [16, 60) repeat the segment's summary (or the checkpoint); recovery trusts an index file
@@ -44,12 +46,11 @@
 //! equal the summary it accepted: the commits crc covers every commit header, and each header
 //! the checksum of its body, so an index that matches describes exactly the commits on disk.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use crate::error::ShardError;
 use crate::format::{
-    self, align_down, align_up, ParseError, SegmentSummary, BLOCK_BYTES, COMMIT_HEADER_BYTES, RECORD_HEADER_BYTES,
-    SEGMENT_DATA_OFFSET,
+    self, align_down, align_up, SegmentSummary, COMMIT_HEADER_BYTES, RECORD_HEADER_BYTES, SEGMENT_DATA_OFFSET,
 };
 use crate::read_pool::{ReadMemory, READ_RECORD_OVERHEAD_BYTES};
 use crate::segments::Segment;
@@ -63,8 +64,8 @@ pub(crate) const STREAM_INDEX_VERSION: u16 = 1;
 pub(crate) const STREAM_INDEX_FIXED_BYTES: usize = 72;
 /// stream 8 + entry count 4 + zero 4.
 pub(crate) const STREAM_INDEX_STREAM_BYTES: usize = 16;
-/// lsn delta 4 + offset 4.
-pub(crate) const STREAM_INDEX_ENTRY_BYTES: usize = 8;
+/// lsn delta 4 + offset 4 + length 4.
+pub(crate) const STREAM_INDEX_ENTRY_BYTES: usize = 12;
 
 /// Name of the stream index file of the segment that starts at `base_lsn`.
 pub(crate) fn stream_index_name(base_lsn: u64) -> String {
@@ -78,6 +79,8 @@ pub(crate) struct Entry {
     pub lsn_delta: u32,
     /// The commit's offset in the segment.
     pub offset: u32,
+    /// The commit's bytes, header included: a read fetches exactly the commits it needs.
+    pub len: u32,
 }
 
 /// Where a stream's chain of entries starts and ends in an [`OpenIndex`].
@@ -128,6 +131,7 @@ impl StreamIndex {
         };
         let lsn_delta = u32::try_from(lsn_delta).expect("a segment with an index holds fewer than 2^32 records");
         let offset = u32::try_from(offset).expect("a segment with an index is smaller than 4 GiB");
+        let commit_len = u32::try_from(COMMIT_HEADER_BYTES + body.len()).expect("commit_bytes_max fits in 32 bits");
         let mut previous = None;
         let mut at = 0;
         while at < body.len() {
@@ -140,7 +144,14 @@ impl StreamIndex {
                 continue;
             }
             previous = Some(stream);
-            open.push(stream, Entry { lsn_delta, offset });
+            open.push(
+                stream,
+                Entry {
+                    lsn_delta,
+                    offset,
+                    len: commit_len,
+                },
+            );
         }
         assert_eq!(at, body.len(), "record framing checked");
     }
@@ -244,7 +255,7 @@ impl OpenIndex {
                     // The stream already has a run earlier in this commit.
                     return;
                 }
-                assert!(last.offset < entry.offset && last.lsn_delta < entry.lsn_delta);
+                assert!(last.offset + last.len <= entry.offset && last.lsn_delta < entry.lsn_delta);
                 self.next[chain.last as usize] = index;
                 chain.last = index;
                 chain.count += 1;
@@ -350,6 +361,7 @@ impl SealedIndex {
         for entry in &self.entries {
             out[at..at + 4].copy_from_slice(&entry.lsn_delta.to_le_bytes());
             out[at + 4..at + 8].copy_from_slice(&entry.offset.to_le_bytes());
+            out[at + 8..at + 12].copy_from_slice(&entry.len.to_le_bytes());
             at += STREAM_INDEX_ENTRY_BYTES;
         }
         out[at..self.encoded_bytes()].fill(0);
@@ -442,11 +454,15 @@ impl SealedIndex {
                 let entry = Entry {
                     lsn_delta: u32_at(at),
                     offset: u32_at(at + 4),
+                    len: u32_at(at + 8),
                 };
                 let inside = u64::from(entry.lsn_delta) < records
                     && u64::from(entry.offset) >= SEGMENT_DATA_OFFSET
-                    && u64::from(entry.offset) + COMMIT_HEADER_BYTES as u64 <= summary.end_offset;
-                let ascending = prev.is_none_or(|p| p.lsn_delta < entry.lsn_delta && p.offset < entry.offset);
+                    && entry.len as usize >= COMMIT_HEADER_BYTES + RECORD_HEADER_BYTES
+                    && u64::from(entry.offset) + u64::from(entry.len) <= summary.end_offset;
+                let ascending = prev.is_none_or(|p| {
+                    p.lsn_delta < entry.lsn_delta && u64::from(p.offset) + u64::from(p.len) <= u64::from(entry.offset)
+                });
                 if !inside || !ascending {
                     return Err(format!("stream index entry {entry:?} out of place"));
                 }
@@ -514,29 +530,20 @@ impl Inner {
     }
 
     /// The part of a read filtered to `stream` that falls in `seg`, which has a stream index:
-    /// only the commits holding the stream are read, each once (neighbours that are close
-    /// together in one read), and the cursor skips the commits in between. Reads lsns below
-    /// `limit_lsn` and commits below `end_offset` (the durable end); `truncated` makes the error
-    /// of a segment that retention removed under the read.
+    /// only the commits holding the stream are read (neighbours close together in one I/O, up
+    /// to [`READS_AHEAD`] I/Os in flight), and the cursor skips the commits in between. Reads
+    /// lsns below `limit_lsn` (the durable end); `truncated` makes the error of a segment that
+    /// retention removed under the read.
     pub(crate) async fn read_indexed(
         &self,
         seg: &Segment,
         stream: u64,
         limit_lsn: u64,
-        end_offset: u64,
         p: &mut ReadProgress<'_>,
         truncated: &dyn Fn() -> ShardError,
     ) -> Result<SegmentRead, ShardError> {
         let mut targets = Vec::with_capacity(COMMITS_PER_LOOKUP);
-        // Segment bytes [data_from, data_from + data.len()) as last read.
-        let mut data: Vec<u8> = Vec::new();
-        let mut data_from = 0u64;
-        let corruption = |offset: u64, reason: String| ShardError::Corruption {
-            shard: self.opts.shard_id,
-            segment: seg.sequence,
-            offset,
-            reason,
-        };
+        let mut reads = Reads::default();
         loop {
             {
                 let streams = seg.streams.borrow();
@@ -544,117 +551,207 @@ impl Inner {
                 let from = p.cursor.saturating_sub(seg.base_lsn);
                 index.commits_of(stream, from, limit_lsn - seg.base_lsn, COMMITS_PER_LOOKUP, &mut targets);
             }
-            for (k, target) in targets.iter().enumerate() {
-                let offset = u64::from(target.offset);
-                let first_lsn = seg.base_lsn + u64::from(target.lsn_delta);
-                assert!(offset < end_offset && first_lsn < limit_lsn, "looked up below the limit");
-                // The commits in between hold none of the stream's records.
-                *p.cursor = (*p.cursor).max(first_lsn);
-                let mut needed = 0u64;
-                let view = loop {
-                    let data_to = data_from + data.len() as u64;
-                    if offset >= data_from && offset < data_to {
-                        let pos = (offset - data_from) as usize;
-                        match format::parse_commit(&data[pos..], seg.sequence) {
-                            Ok(view) => break view,
-                            Err(ParseError::Short { needed: n }) if offset + n as u64 <= end_offset => {
-                                needed = n as u64;
-                            }
-                            Err(_) if seg.retired.get() => return Err(truncated()),
-                            Err(e) => return Err(corruption(offset, format!("reading durable data: {e:?}"))),
-                        }
-                    }
-                    // Read this commit, and the next ones of the stream if they are close enough
-                    // to come in the same read. A commit's length is known only once its header
-                    // is read: guess what the read still wants, and read again if it is longer.
-                    let guess = (p.max_bytes.saturating_sub(*p.bytes) + COMMIT_HEADER_BYTES + RECORD_HEADER_BYTES)
-                        as u64;
-                    let guess = guess.clamp(BLOCK_BYTES, READ_CHUNK_BYTES).max(needed);
-                    let read_from = align_down(offset);
-                    let mut read_to = offset + guess;
-                    for next in &targets[k + 1..] {
-                        let next_to = u64::from(next.offset) + guess;
-                        if next_to - read_from > READ_CHUNK_BYTES {
+            reads.plan(&targets);
+            let read = self.read_targets(seg, stream, limit_lsn, &targets, &mut reads, p, truncated).await;
+            // No read outlives the request: the ones still in flight are awaited (their buffers
+            // are the storage's until then) and dropped.
+            reads.drain().await;
+            p.memory.shrink_to(*p.held);
+            match read? {
+                Some(done) => return Ok(done),
+                None if targets.len() < COMMITS_PER_LOOKUP => {
+                    // No more commits of the stream below the limit: every lsn below it was seen.
+                    *p.cursor = (*p.cursor).max(limit_lsn);
+                    return Ok(SegmentRead::Next);
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// Reads the commits `targets` (planned in `reads`) and takes the stream's records from them.
+    /// `Some` when the read is done, `None` when every target was read.
+    #[allow(clippy::too_many_arguments)]
+    async fn read_targets(
+        &self,
+        seg: &Segment,
+        stream: u64,
+        limit_lsn: u64,
+        targets: &[Entry],
+        reads: &mut Reads,
+        p: &mut ReadProgress<'_>,
+        truncated: &dyn Fn() -> ShardError,
+    ) -> Result<Option<SegmentRead>, ShardError> {
+        let corruption = |offset: u64, reason: String| ShardError::Corruption {
+            shard: self.opts.shard_id,
+            segment: seg.sequence,
+            offset,
+            reason,
+        };
+        let io_error = |e: std::io::Error| {
+            if seg.retired.get() {
+                return truncated();
+            }
+            ShardError::io("read segment", self.storage.path_of(&seg.name.borrow()), e)
+        };
+        // Segment bytes [data_from, data_from + data.len()): the read holding the current target.
+        let mut data: Vec<u8> = Vec::new();
+        let mut data_from = 0u64;
+        for (k, target) in targets.iter().enumerate() {
+            let offset = u64::from(target.offset);
+            let len = u64::from(target.len);
+            let first_lsn = seg.base_lsn + u64::from(target.lsn_delta);
+            assert!(first_lsn < limit_lsn, "looked up below the limit");
+            if offset < data_from || offset + len > data_from + data.len() as u64 {
+                drop(std::mem::take(&mut data));
+                // What the batch holds plus, twice (the storage seam copies each chunk out of
+                // its DMA buffer), the reads in flight and the one about to be issued.
+                while reads.can_issue() {
+                    let need = *p.held + 2 * (reads.in_flight_bytes() + reads.next_len());
+                    if !p.memory.try_grow_to(need) {
+                        if reads.in_flight() > 0 {
                             break;
                         }
-                        read_to = next_to;
-                    }
-                    let read_to = align_up(read_to.min(end_offset));
-                    drop(std::mem::take(&mut data));
-                    p.memory.shrink_to(*p.held);
-                    // The storage seam holds the chunk twice while it copies it out of the DMA buffer.
-                    let need = *p.held + 2 * (read_to - read_from) as usize;
-                    if !p.memory.try_grow_to(need) {
                         if !p.batch.records.is_empty() {
-                            return Ok(SegmentRead::Done);
+                            return Ok(Some(SegmentRead::Done));
                         }
                         p.memory.shrink_to(0);
                         p.memory.acquire(need).await;
                     }
-                    data = match seg.file.read(read_from, (read_to - read_from) as usize).await {
-                        Ok(d) => d,
-                        Err(_) if seg.retired.get() => return Err(truncated()),
-                        Err(e) => {
-                            return Err(ShardError::io(
-                                "read segment",
-                                self.storage.path_of(&seg.name.borrow()),
-                                e,
-                            ))
-                        }
-                    };
-                    let avail = (read_from + data.len() as u64).min(end_offset) - read_from;
-                    data.truncate(avail as usize);
-                    data_from = read_from;
-                    if data_from + data.len() as u64 <= offset {
-                        return Err(corruption(offset, "segment file ends before its durable end".into()));
-                    }
-                };
-                if view.first_lsn != first_lsn {
-                    if seg.retired.get() {
-                        return Err(truncated());
-                    }
+                    reads.issue(seg);
+                }
+                let (from, chunk) = reads.next(k).await;
+                data = chunk.map_err(io_error)?;
+                data_from = from;
+                p.memory.shrink_to(*p.held + 2 * reads.in_flight_bytes() + data.len());
+                if offset + len > data_from + data.len() as u64 {
+                    return Err(corruption(offset, "segment file ends before its durable end".into()));
+                }
+            }
+            let pos = (offset - data_from) as usize;
+            let view = match format::parse_commit(&data[pos..pos + len as usize], seg.sequence) {
+                Ok(view) if view.first_lsn == first_lsn && view.total_bytes as u64 == len => view,
+                _ if seg.retired.get() => return Err(truncated()),
+                Ok(view) => {
                     return Err(corruption(
                         offset,
                         format!(
-                            "the stream index says the commit here starts at lsn {first_lsn}, it starts at {}",
-                            view.first_lsn
+                            "the stream index says a commit of {len} bytes from lsn {first_lsn} is here, \
+                             the commit here has {} bytes from lsn {}",
+                            view.total_bytes, view.first_lsn
                         ),
-                    ));
+                    ))
                 }
-                *p.scanned += view.total_bytes;
-                for (i, record) in view.records().enumerate() {
-                    let lsn = view.first_lsn + i as u64;
-                    if lsn < *p.cursor {
-                        continue;
-                    }
-                    if lsn >= limit_lsn {
-                        return Ok(SegmentRead::Done);
-                    }
-                    let record = record.expect("framing validated by parse_commit");
-                    if record.stream == stream {
-                        if !p.batch.records.is_empty() && *p.bytes + record.payload.len() > p.max_bytes {
-                            return Ok(SegmentRead::Done);
-                        }
-                        *p.bytes += record.payload.len();
-                        *p.held += READ_RECORD_OVERHEAD_BYTES + record.payload.len();
-                        p.batch.records.push(ReadRecord {
-                            lsn: Lsn(lsn),
-                            stream: record.stream,
-                            timestamp: record.timestamp,
-                            payload: record.payload.to_vec(),
-                        });
-                    }
-                    *p.cursor = lsn + 1;
+                Err(e) => return Err(corruption(offset, format!("reading durable data: {e:?}"))),
+            };
+            // The commits in between hold none of the stream's records.
+            *p.cursor = (*p.cursor).max(first_lsn);
+            *p.scanned += view.total_bytes;
+            for (i, record) in view.records().enumerate() {
+                let lsn = view.first_lsn + i as u64;
+                if lsn < *p.cursor {
+                    continue;
                 }
-                if *p.bytes >= p.max_bytes || *p.scanned >= p.scan_max {
-                    return Ok(SegmentRead::Done);
+                if lsn >= limit_lsn {
+                    return Ok(Some(SegmentRead::Done));
+                }
+                let record = record.expect("framing validated by parse_commit");
+                if record.stream == stream {
+                    if !p.batch.records.is_empty() && *p.bytes + record.payload.len() > p.max_bytes {
+                        return Ok(Some(SegmentRead::Done));
+                    }
+                    *p.bytes += record.payload.len();
+                    *p.held += READ_RECORD_OVERHEAD_BYTES + record.payload.len();
+                    p.batch.records.push(ReadRecord {
+                        lsn: Lsn(lsn),
+                        stream: record.stream,
+                        timestamp: record.timestamp,
+                        payload: record.payload.to_vec(),
+                    });
+                }
+                *p.cursor = lsn + 1;
+            }
+            if *p.bytes >= p.max_bytes || *p.scanned >= p.scan_max {
+                return Ok(Some(SegmentRead::Done));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Reads in flight at once for a filtered read: each costs a device round trip, and the commits
+/// of a rare stream are far apart, so one at a time would make a read latency-bound.
+const READS_AHEAD: usize = 4;
+/// Two commits of the stream whose gap is at most this are fetched in one read: reading the gap
+/// costs less than another round trip.
+const READ_GAP_BYTES: u64 = 64 << 10;
+
+/// The I/Os of a filtered read of one segment: each covers one or more consecutive target commits
+/// (block aligned, at most [`READ_CHUNK_BYTES`] unless one commit is larger).
+#[derive(Default)]
+struct Reads {
+    /// (from, to, index of the first target after it), in target order.
+    planned: Vec<(u64, u64, usize)>,
+    issued: usize,
+    in_flight: VecDeque<(u64, u64, glommio::task::JoinHandle<std::io::Result<Vec<u8>>>)>,
+}
+
+impl Reads {
+    fn plan(&mut self, targets: &[Entry]) {
+        assert!(self.in_flight.is_empty());
+        self.planned.clear();
+        self.issued = 0;
+        for (k, t) in targets.iter().enumerate() {
+            let from = align_down(u64::from(t.offset));
+            let to = align_up(u64::from(t.offset) + u64::from(t.len));
+            if let Some(last) = self.planned.last_mut() {
+                if from <= last.1 + READ_GAP_BYTES && to - last.0 <= READ_CHUNK_BYTES {
+                    last.1 = last.1.max(to);
+                    last.2 = k + 1;
+                    continue;
                 }
             }
-            if targets.len() < COMMITS_PER_LOOKUP {
-                // No more commits of the stream below the limit: every lsn below it was looked at.
-                *p.cursor = (*p.cursor).max(limit_lsn);
-                return Ok(SegmentRead::Next);
-            }
+            self.planned.push((from, to, k + 1));
+        }
+    }
+
+    fn can_issue(&self) -> bool {
+        self.issued < self.planned.len() && self.in_flight.len() < READS_AHEAD
+    }
+
+    fn next_len(&self) -> usize {
+        let (from, to, _) = self.planned[self.issued];
+        (to - from) as usize
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    fn in_flight_bytes(&self) -> usize {
+        self.in_flight.iter().map(|&(from, to, _)| (to - from) as usize).sum()
+    }
+
+    fn issue(&mut self, seg: &Segment) {
+        let (from, to, _) = self.planned[self.issued];
+        self.issued += 1;
+        // A task per read, so that they are all submitted before the first is awaited.
+        let read = glommio::spawn_local(seg.file.read(from, (to - from) as usize)).detach();
+        self.in_flight.push_back((from, to, read));
+    }
+
+    /// The read that holds target `k`: the oldest in flight (reads are consumed in order).
+    async fn next(&mut self, k: usize) -> (u64, std::io::Result<Vec<u8>>) {
+        let (from, _, read) = self.in_flight.pop_front().expect("the read of the target was issued");
+        let i = self.issued - self.in_flight.len() - 1;
+        assert!(k < self.planned[i].2 && (i == 0 || k >= self.planned[i - 1].2), "reads are consumed in order");
+        let data = read.await.expect("a read task is never cancelled");
+        (from, data)
+    }
+
+    async fn drain(&mut self) {
+        while let Some((_, _, read)) = self.in_flight.pop_front() {
+            let _ = read.await;
         }
     }
 }
@@ -682,7 +779,7 @@ mod tests {
         let mut index = StreamIndex::open();
         let commits: [(u64, u64, &[u64]); 4] = [
             (4096, 0, &[7, 7, 9]),
-            (4200, 3, &[9]),
+            (4215, 3, &[9]),
             (4300, 4, &[7, 9, 7]),
             (5000, 7, &[11]),
         ];
@@ -741,6 +838,7 @@ mod tests {
         sealed.encode(&s, &mut buf);
         assert_eq!(SealedIndex::decode(&buf, &s), Ok(sealed.clone()));
         let used = STREAM_INDEX_FIXED_BYTES + 3 * STREAM_INDEX_STREAM_BYTES + 6 * STREAM_INDEX_ENTRY_BYTES;
+        assert!(used <= buf.len());
         for byte in 0..used {
             let mut flipped = buf.clone();
             flipped[byte] ^= 0x08;

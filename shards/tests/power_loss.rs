@@ -607,9 +607,9 @@ async fn tamper(image: &MemStorage, how: Tamper, rng: &mut StdRng, saved_checkpo
                 None => 0,
             };
             // Within the encoded part: the fixed fields and the index entries it counts (for a
-            // stream index: 72 fixed bytes, 16 per stream, 8 per entry).
+            // stream index: 72 fixed bytes, 16 per stream, 12 per entry).
             let used = match name.ends_with(".six") {
-                true => 72 + count(12) * 16 + count(60) * 8,
+                true => 72 + count(12) * 16 + count(60) * 12,
                 false => SUMMARY_FIXED_BYTES + count(12) * 16,
             };
             let used = used.min(bytes.len()).max(1);
