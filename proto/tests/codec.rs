@@ -158,6 +158,7 @@ fn every_response_round_trips() {
                 recovery_trusted_segments: 14,
                 recovery_scanned_segments: 15,
                 recovery_us: 16,
+                stream_index_bytes: 17,
             }]),
             executors: Some(vec![ExecutorStatsT {
                 name: Some("shard-0".into()),

@@ -147,7 +147,10 @@ async fn read_all(shard: &Shard, stream: Option<u64>) -> Result<(u64, u64, u64),
         let batch = shard.read(Lsn(from), READ_MAX_BYTES, stream).await?;
         records += batch.records.len() as u64;
         bytes += batch.records.iter().map(|r| r.payload.len() as u64).sum::<u64>();
-        assert!(batch.next_lsn.0 > from || !batch.records.is_empty(), "reads make progress");
+        assert!(
+            batch.next_lsn.0 > from || !batch.records.is_empty(),
+            "reads make progress"
+        );
         from = batch.next_lsn.0;
     }
     Ok((records, bytes, started.elapsed().as_micros() as u64))
@@ -206,17 +209,20 @@ async fn measure(args: &Args, shape: Shape) -> Result<String, ShardError> {
 
 fn main() {
     let args = parse_args();
-    let out = shards::executor::run(shards::executor::ExecutorOptions::new("stream-read"), move || async move {
-        for shape in args.shapes.clone() {
-            match measure(&args, shape).await {
-                Ok(line) => println!("{line}"),
-                Err(e) => {
-                    eprintln!("stream_read: {}: {e}", shape.name());
-                    std::process::exit(1);
+    let out = shards::executor::run(
+        shards::executor::ExecutorOptions::new("stream-read"),
+        move || async move {
+            for shape in args.shapes.clone() {
+                match measure(&args, shape).await {
+                    Ok(line) => println!("{line}"),
+                    Err(e) => {
+                        eprintln!("stream_read: {}: {e}", shape.name());
+                        std::process::exit(1);
+                    }
                 }
             }
-        }
-    });
+        },
+    );
     if let Err(e) = out {
         eprintln!("stream_read: executor: {e:?}");
         std::process::exit(1);

@@ -75,8 +75,8 @@ mod recovery;
 mod segments;
 mod shard;
 mod stall_guard;
-mod stream_index;
 pub mod storage;
+mod stream_index;
 mod sync;
 pub mod uring;
 

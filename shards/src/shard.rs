@@ -34,9 +34,9 @@ use crate::format::{
 use crate::read_pool::{ReadMemory, READ_BATCH_OVERHEAD_BYTES, READ_RECORD_OVERHEAD_BYTES};
 use crate::recovery::RecoveryReport;
 use crate::segments::{Active, Segment, Segments, Spare, INDEX_INTERVAL_BYTES};
-use crate::stream_index::{ReadProgress, SegmentRead};
 use crate::storage::dma::DmaStorage;
 use crate::storage::{BufPool, IoBuf, PooledBuf, SegmentFile, Storage};
+use crate::stream_index::{ReadProgress, SegmentRead};
 use crate::sync::{LsnWaiters, Notify};
 use crate::{AckLevel, Lsn, ReadBatch, ReadRecord, Receipt, RecordRef, ShardOptions};
 

@@ -305,7 +305,10 @@ impl SealedIndex {
             return &[];
         };
         let from = self.streams[i].1 as usize;
-        let to = self.streams.get(i + 1).map_or(self.entries.len(), |&(_, at)| at as usize);
+        let to = self
+            .streams
+            .get(i + 1)
+            .map_or(self.entries.len(), |&(_, at)| at as usize);
         &self.entries[from..to]
     }
 
@@ -314,7 +317,10 @@ impl SealedIndex {
         let mut all: Vec<(Entry, u64)> = Vec::with_capacity(self.entries.len());
         for (i, &(stream, _)) in self.streams.iter().enumerate() {
             let from = self.streams[i].1 as usize;
-            let to = self.streams.get(i + 1).map_or(self.entries.len(), |&(_, at)| at as usize);
+            let to = self
+                .streams
+                .get(i + 1)
+                .map_or(self.entries.len(), |&(_, at)| at as usize);
             all.extend(self.entries[from..to].iter().map(|&e| (e, stream)));
         }
         // Commit order; within a commit, any order of its streams will do.
@@ -422,9 +428,7 @@ impl SealedIndex {
             summary.commits_crc,
         );
         if identity != want {
-            return Err(format!(
-                "stream index describes {identity:?}, the segment is {want:?}"
-            ));
+            return Err(format!("stream index describes {identity:?}, the segment is {want:?}"));
         }
         let records = summary.end_lsn - summary.base_lsn;
         let mut sealed = SealedIndex {
@@ -552,7 +556,9 @@ impl Inner {
                 index.commits_of(stream, from, limit_lsn - seg.base_lsn, COMMITS_PER_LOOKUP, &mut targets);
             }
             reads.plan(&targets);
-            let read = self.read_targets(seg, stream, limit_lsn, &targets, &mut reads, p, truncated).await;
+            let read = self
+                .read_targets(seg, stream, limit_lsn, &targets, &mut reads, p, truncated)
+                .await;
             // No read outlives the request: the ones still in flight are awaited (their buffers
             // are the storage's until then) and dropped.
             reads.drain().await;
@@ -686,6 +692,9 @@ const READS_AHEAD: usize = 4;
 /// costs less than another round trip.
 const READ_GAP_BYTES: u64 = 64 << 10;
 
+/// A segment read under way.
+type ReadTask = glommio::task::JoinHandle<std::io::Result<Vec<u8>>>;
+
 /// The I/Os of a filtered read of one segment: each covers one or more consecutive target commits
 /// (block aligned, at most [`READ_CHUNK_BYTES`] unless one commit is larger).
 #[derive(Default)]
@@ -693,7 +702,7 @@ struct Reads {
     /// (from, to, index of the first target after it), in target order.
     planned: Vec<(u64, u64, usize)>,
     issued: usize,
-    in_flight: VecDeque<(u64, u64, glommio::task::JoinHandle<std::io::Result<Vec<u8>>>)>,
+    in_flight: VecDeque<(u64, u64, ReadTask)>,
 }
 
 impl Reads {
@@ -744,7 +753,10 @@ impl Reads {
     async fn next(&mut self, k: usize) -> (u64, std::io::Result<Vec<u8>>) {
         let (from, _, read) = self.in_flight.pop_front().expect("the read of the target was issued");
         let i = self.issued - self.in_flight.len() - 1;
-        assert!(k < self.planned[i].2 && (i == 0 || k >= self.planned[i - 1].2), "reads are consumed in order");
+        assert!(
+            k < self.planned[i].2 && (i == 0 || k >= self.planned[i - 1].2),
+            "reads are consumed in order"
+        );
         let data = read.await.expect("a read task is never cancelled");
         (from, data)
     }

@@ -569,7 +569,9 @@ async fn read_stream(
             .await
             .map_err(|e| format!("{}filtered read from {from}: {e}", corruption_mark(&e)))?;
         if batch.next_lsn <= from && batch.records.is_empty() {
-            return Err(format!("a filtered read of stream {stream} from {from} made no progress"));
+            return Err(format!(
+                "a filtered read of stream {stream} from {from} made no progress"
+            ));
         }
         from = batch.next_lsn;
         out.extend(batch.records);

@@ -40,7 +40,10 @@ async fn read_unfiltered(shard: &Shard, from: u64, max_bytes: usize) -> Vec<Read
     let mut at = from;
     while at <= end {
         let batch = shard.read(Lsn(at), max_bytes, None).await.expect("unfiltered read");
-        assert!(!batch.records.is_empty(), "an unfiltered read below the durable end returns a record");
+        assert!(
+            !batch.records.is_empty(),
+            "an unfiltered read below the durable end returns a record"
+        );
         at = batch.next_lsn.0;
         out.extend(batch.records);
     }
@@ -84,10 +87,7 @@ async fn check_reads(shard: &Shard, streams: u64, mid: u64, max_bytes: usize, wh
     let all = read_unfiltered(shard, first, 1 << 20).await;
     for stream in 1..=streams + 1 {
         for from in [first, mid.max(first)] {
-            let want: Vec<&ReadRecord> = all
-                .iter()
-                .filter(|r| r.stream == stream && r.lsn.0 >= from)
-                .collect();
+            let want: Vec<&ReadRecord> = all.iter().filter(|r| r.stream == stream && r.lsn.0 >= from).collect();
             let got = read_filtered(shard, stream, from, max_bytes).await;
             let got: Vec<&ReadRecord> = got.iter().collect();
             assert_eq!(
@@ -184,23 +184,41 @@ fn a_rare_stream_is_found_past_the_scan_bound_in_one_read() {
         for _ in 0..200 {
             shard.append(1, &records, AckLevel::Durable).await.expect("append");
         }
-        let rare = shard.append(2, &[rec(b"rare")], AckLevel::Durable).await.expect("append");
+        let rare = shard
+            .append(2, &[rec(b"rare")], AckLevel::Durable)
+            .await
+            .expect("append");
         let batch = shard.read(Lsn(1), 4096, Some(2)).await.expect("read");
-        tx.send((batch.records.len(), batch.records.first().map(|r| r.lsn), rare.first_lsn))
-            .unwrap();
+        tx.send((
+            batch.records.len(),
+            batch.records.first().map(|r| r.lsn),
+            rare.first_lsn,
+        ))
+        .unwrap();
         shard.close().await.expect("close");
         // And once more from the index files after a clean reopen.
         let shard = open_mem(&mem, opts).await;
         let batch = shard.read(Lsn(1), 4096, Some(2)).await.expect("read");
-        tx.send((batch.records.len(), batch.records.first().map(|r| r.lsn), rare.first_lsn))
-            .unwrap();
+        tx.send((
+            batch.records.len(),
+            batch.records.first().map(|r| r.lsn),
+            rare.first_lsn,
+        ))
+        .unwrap();
         // Nothing of the stream after it: an empty batch that ends at the durable end.
-        let after = shard.read(Lsn(rare.first_lsn.0 + 1), 4096, Some(2)).await.expect("read");
+        let after = shard
+            .read(Lsn(rare.first_lsn.0 + 1), 4096, Some(2))
+            .await
+            .expect("read");
         assert!(after.records.is_empty());
         assert_eq!(after.next_lsn.0, shard.durable_lsn().0 + 1);
         let empty = shard.read(Lsn(1), 4096, Some(3)).await.expect("read");
         assert!(empty.records.is_empty());
-        assert_eq!(empty.next_lsn.0, shard.durable_lsn().0 + 1, "a stream with no records skips to the end");
+        assert_eq!(
+            empty.next_lsn.0,
+            shard.durable_lsn().0 + 1,
+            "a stream with no records skips to the end"
+        );
         shard.close().await.expect("close");
     });
     for _ in 0..2 {
