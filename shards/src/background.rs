@@ -55,6 +55,7 @@ pub(crate) async fn background(inner: Rc<Inner>) {
         if inner.bg_stop.get() {
             break;
         }
+        rebuild_stream_indexes(&inner).await;
         apply_retention(&inner, &mut spare_id).await;
         ensure_spare(&inner, &mut spare_id, &mut retry_at).await;
         let summary_retry_at = summaries_failed.then(|| Instant::now() + PREPARE_RETRY_INTERVAL);
@@ -303,6 +304,41 @@ async fn write_stream_index(inner: &Inner, seg: &Segment, summary: &SegmentSumma
     written?;
     closed?;
     storage.sync_dir().await
+}
+
+/// Rebuilds the stream indexes whose files a filtered read found missing or untrusted, and
+/// writes them again. A failure is logged; filtered reads of that segment go on scanning it.
+async fn rebuild_stream_indexes(inner: &Inner) {
+    let todo: Vec<Rc<Segment>> = inner
+        .st
+        .borrow()
+        .segs
+        .iter()
+        .filter(|s| s.streams_rebuild.get())
+        .cloned()
+        .collect();
+    for seg in todo {
+        seg.streams_rebuild.set(false);
+        let name = stream_index_name(seg.base_lsn);
+        let rebuilt = match inner.rebuild_stream_index(&seg).await {
+            Ok(Some(summary)) => write_stream_index(inner, &seg, &summary, true).await,
+            Ok(None) => {
+                tracing::warn!(%name, "the segment disagrees with its summary; no stream index rebuilt");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = rebuilt {
+            tracing::warn!(%name, error = %e, "rebuilding a stream index failed");
+        }
+        if seg.retired.get() {
+            // Retired meanwhile: its index file goes with it.
+            remove_summary(inner, &name).await;
+        }
+        if inner.bg_stop.get() {
+            return;
+        }
+    }
 }
 
 /// Makes the summaries of sealed segments durable. Returns whether one failed (it is retried).

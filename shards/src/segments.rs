@@ -82,6 +82,9 @@ pub(crate) struct Segment {
     /// read loads it (a sealed segment recovery accepted from its summary; loading it then would
     /// cost every restart a file per segment).
     pub streams_on_disk: Cell<bool>,
+    /// The stream index file was missing or not trusted: the background task rebuilds the index
+    /// by reading the segment, and writes the file again.
+    pub streams_rebuild: Cell<bool>,
 }
 
 impl Segment {
@@ -116,6 +119,7 @@ impl Segment {
             corrupt: RefCell::new(None),
             streams: RefCell::new(None),
             streams_on_disk: Cell::new(false),
+            streams_rebuild: Cell::new(false),
         }
     }
 

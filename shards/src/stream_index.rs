@@ -479,6 +479,8 @@ impl SealedIndex {
     }
 }
 
+/// A stream index rebuild reads its segment this much at a time.
+const REBUILD_CHUNK_BYTES: u64 = 1 << 20;
 /// A filtered read looks up this many of its stream's commits at a time.
 const COMMITS_PER_LOOKUP: usize = 64;
 
@@ -505,8 +507,9 @@ pub(crate) enum SegmentRead {
 
 impl Inner {
     /// Loads the stream index of a sealed segment from its `.six` file, which recovery left on
-    /// disk, if it is valid and describes the segment's summary; otherwise the segment keeps no
-    /// index and filtered reads scan it. Tried once per segment.
+    /// disk, if it is valid and describes the segment's summary; otherwise filtered reads scan the
+    /// segment until the background task has rebuilt its index ([`Inner::rebuild_stream_index`]).
+    /// Tried once per segment.
     pub(crate) async fn load_stream_index(&self, seg: &Segment) {
         if !seg.streams_on_disk.replace(false) {
             return;
@@ -528,9 +531,64 @@ impl Inner {
             Ok(index) if !seg.retired.get() => *seg.streams.borrow_mut() = Some(StreamIndex::Sealed(index)),
             Ok(_) => {}
             Err(reason) => {
-                tracing::warn!(shard = self.opts.shard_id, %name, %reason, "no trusted stream index; filtered reads scan the segment")
+                tracing::warn!(shard = self.opts.shard_id, %name, %reason, "no trusted stream index; rebuilding it");
+                seg.streams_rebuild.set(true);
+                self.bg_wake.notify();
             }
         }
+    }
+
+    /// Rebuilds the stream index of a sealed segment by reading it, [`REBUILD_CHUNK_BYTES`] at a
+    /// time, and installs it if the segment's commits agree with its summary (end lsn, end
+    /// offset, commit count, commits checksum); `Ok(None)` if they do not (the scrub reports
+    /// that), or if the segment was retired meanwhile. Returns the summary the index describes.
+    pub(crate) async fn rebuild_stream_index(&self, seg: &Segment) -> std::io::Result<Option<SegmentSummary>> {
+        let summary = seg.summary(self.opts.shard_id);
+        let read_end = align_up(summary.end_offset).min(seg.capacity);
+        let mut index = StreamIndex::open();
+        let mut buf: Vec<u8> = Vec::new();
+        // Segment offset of buf[0], and where the next read starts (block aligned).
+        let (mut buf_start, mut read_at, mut offset) = (SEGMENT_DATA_OFFSET, SEGMENT_DATA_OFFSET, SEGMENT_DATA_OFFSET);
+        let (mut lsn, mut commits, mut crc) = (seg.base_lsn, 0u64, 0u32);
+        while offset < summary.end_offset {
+            let at = (offset - buf_start) as usize;
+            match format::parse_commit(&buf[at..], seg.sequence) {
+                Ok(view) if view.first_lsn == lsn => {
+                    index.note_commit(lsn - seg.base_lsn, offset, view.body);
+                    commits += 1;
+                    crc = format::chain_commit_crc(crc, &buf[at..at + COMMIT_HEADER_BYTES]);
+                    lsn = view.end_lsn();
+                    offset += view.total_bytes as u64;
+                }
+                Err(format::ParseError::Short { .. }) if read_at < read_end && !seg.retired.get() => {
+                    buf.drain(..at);
+                    buf_start = offset;
+                    let len = REBUILD_CHUNK_BYTES.min(read_end - read_at);
+                    let chunk = seg.file.read(read_at, len as usize).await?;
+                    if chunk.is_empty() {
+                        return Ok(None);
+                    }
+                    read_at += chunk.len() as u64;
+                    buf.extend_from_slice(&chunk);
+                }
+                _ => return Ok(None),
+            }
+        }
+        let found = (lsn, offset, commits, crc);
+        if found
+            != (
+                summary.end_lsn,
+                summary.end_offset,
+                summary.commits,
+                summary.commits_crc,
+            )
+            || seg.retired.get()
+        {
+            return Ok(None);
+        }
+        index.seal();
+        *seg.streams.borrow_mut() = Some(index);
+        Ok(Some(summary))
     }
 
     /// The part of a read filtered to `stream` that falls in `seg`, which has a stream index:

@@ -2,7 +2,8 @@
 //! return exactly what filtering the unfiltered read gives, page by page, on random logs that
 //! span several sealed segments and the active one, after a clean reopen (index files from the
 //! seal and the checkpoint), after a crash (the active segment's index rebuilt by its scan), and
-//! with an index file that is torn or has a flipped bit (not trusted: scanned or rebuilt). A read
+//! with an index file that is torn or has a flipped bit (not trusted: scanned or rebuilt); a
+//! missing index file is rebuilt by the background task after the first filtered read. A read
 //! for a rare stream skips the commits that do not hold it, so it reaches the end of a log
 //! far longer than the scan bound in one call.
 
@@ -225,4 +226,55 @@ fn a_rare_stream_is_found_past_the_scan_bound_in_one_read() {
         let (count, lsn, rare) = rx.recv().unwrap();
         assert_eq!((count, lsn), (1, Some(rare)), "the rare record in one read");
     }
+}
+
+/// Polls `done` every 5 ms for up to 30 s (generous for a loaded machine).
+async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    for _ in 0..6000 {
+        if done() {
+            return;
+        }
+        glommio::timer::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    panic!("{what} did not happen within 30 s");
+}
+
+#[test]
+fn a_missing_stream_index_is_rebuilt_after_the_first_filtered_read() {
+    run(|| async {
+        let mem = MemStorage::new();
+        let shard = open_mem(&mem, opts()).await;
+        let appends: Vec<Append> = (0..200).map(|i| (1 + i % 3, 2, 700)).collect();
+        append_all(&shard, &appends, 9).await;
+        check_reads(&shard, 3, 100, 1 << 20, "before").await;
+        shard.close().await.expect("close");
+        let six: Vec<String> = mem.file_names().into_iter().filter(|n| n.ends_with(".six")).collect();
+        assert!(
+            six.len() >= 3,
+            "sealed segments and the active one have index files: {six:?}"
+        );
+        // The oldest sealed segment's index is gone (as after an upgrade from a build without one).
+        let victim = six[0].clone();
+        shards::storage::Storage::remove(&mem, &victim).await.expect("remove");
+
+        let shard = open_mem(&mem, opts()).await;
+        let before = shard.stats().stream_index_bytes;
+        // Right while it is missing: the segment is scanned.
+        check_reads(&shard, 3, 100, 1 << 20, "index file missing").await;
+        wait_until("the rebuild of the missing index file", || {
+            mem.file_names().contains(&victim)
+        })
+        .await;
+        assert!(
+            shard.stats().stream_index_bytes > before,
+            "the rebuilt index is in memory"
+        );
+        check_reads(&shard, 3, 100, 1 << 20, "index rebuilt").await;
+        shard.close().await.expect("close");
+
+        // And the rewritten file is trusted by the next open.
+        let shard = open_mem(&mem, opts()).await;
+        check_reads(&shard, 3, 100, 1 << 20, "after reopening with the rebuilt file").await;
+        shard.close().await.expect("close");
+    });
 }
