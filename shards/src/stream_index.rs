@@ -901,6 +901,36 @@ mod tests {
     }
 
     #[test]
+    fn close_commits_share_a_read_and_far_ones_do_not() {
+        let entry = |offset: u32, len: u32| Entry {
+            lsn_delta: offset,
+            offset,
+            len,
+        };
+        let mut reads = Reads::default();
+        let chunk = READ_CHUNK_BYTES as u32;
+        reads.plan(&[
+            entry(4096, 100),
+            // In the same block, and a gap below READ_GAP_BYTES: one read.
+            entry(4196, 100),
+            entry(40_000, 5000),
+            // Too far behind the previous one: a read of its own.
+            entry(40_000 + 5000 + READ_GAP_BYTES as u32 + 8192, 100),
+            // Close, but the read would exceed READ_CHUNK_BYTES: a read of its own.
+            entry(40_000 + 5000 + READ_GAP_BYTES as u32 + 8192 + 200, chunk),
+        ]);
+        let planned: Vec<(u64, u64, usize)> = reads.planned.clone();
+        assert_eq!(planned.len(), 3, "{planned:?}");
+        assert_eq!(planned[0], (4096, align_up(45_000), 3));
+        assert_eq!(planned[1].2, 4);
+        assert_eq!(planned[2].2, 5);
+        assert!(planned[2].1 - planned[2].0 >= READ_CHUNK_BYTES, "a large commit is read whole");
+        for &(from, to, _) in &planned {
+            assert!(from % 4096 == 0 && to % 4096 == 0, "reads are block aligned");
+        }
+    }
+
+    #[test]
     fn index_file_round_trips_and_rejects_flips_and_other_segments() {
         let sealed = index().sealed();
         let s = summary();
