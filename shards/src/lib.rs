@@ -38,6 +38,10 @@
 //!    active segment from the clean-shutdown checkpoint, and scans (checking every commit, and
 //!    cutting a torn tail) only what neither covers: after a crash, normally the active segment.
 //!
+//! Reads filtered to one stream go through each segment's stream index (`stream_index.rs`):
+//! stream -> the commits that hold it, booked by the committer with each commit, written with the
+//! summary when the segment is sealed, so such a read reads only those commits.
+//!
 //! # Executors
 //!
 //! The background task runs in its own task queue with small shares and a latency requirement of
