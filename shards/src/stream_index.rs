@@ -924,7 +924,10 @@ mod tests {
         assert_eq!(planned[0], (4096, align_up(45_000), 3));
         assert_eq!(planned[1].2, 4);
         assert_eq!(planned[2].2, 5);
-        assert!(planned[2].1 - planned[2].0 >= READ_CHUNK_BYTES, "a large commit is read whole");
+        assert!(
+            planned[2].1 - planned[2].0 >= READ_CHUNK_BYTES,
+            "a large commit is read whole"
+        );
         for &(from, to, _) in &planned {
             assert!(from % 4096 == 0 && to % 4096 == 0, "reads are block aligned");
         }
