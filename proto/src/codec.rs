@@ -53,7 +53,13 @@ fn check_ack(ack: AckLevel) -> Result<(), DecodeError> {
 
 /// Verifies a request payload and returns a zero-copy view of it.
 pub fn view_request(payload: &[u8]) -> Result<Request<'_>, DecodeError> {
-    let req = verify::<Request>(payload)?;
+    let req = if crate::append_verify::is_verified_append(payload) {
+        // SAFETY: `is_verified_append` is true only for a payload the generic verifier below
+        // accepts (see its module documentation).
+        unsafe { flatbuffers::root_unchecked::<Request>(payload) }
+    } else {
+        verify::<Request>(payload)?
+    };
     let tag = req.body_type();
     if tag == RequestBody::NONE {
         return Err(DecodeError::MissingBody);
