@@ -244,6 +244,8 @@ struct Batch {
     records: u32,
     appends: usize,
     body_bytes: usize,
+    /// [`format::body_crc_append`] over the body so far.
+    body_crc: u32,
     /// Shared by the batch's acknowledged appends; `None` while it has none.
     slot: Option<Rc<BatchSlot>>,
 }
@@ -845,6 +847,7 @@ impl Inner {
                 records: 0,
                 appends: 0,
                 body_bytes: 0,
+                body_crc: 0,
                 slot: None,
             });
         }
@@ -864,6 +867,8 @@ impl Inner {
             at += format::encode_record_at(&mut out[at..], stream, r.timestamp, r.payload);
         }
         assert_eq!(at, body_bytes, "the records iterator yielded the same records twice");
+        // Checksummed now, while the bytes just written are in the cache; the seal only combines.
+        batch.body_crc = format::body_crc_append(batch.body_crc, out);
         batch.body_bytes += body_bytes;
         batch.records += count;
         batch.appends += 1;
@@ -1007,6 +1012,7 @@ impl Inner {
             first_lsn,
             records: count,
             body_bytes,
+            body_crc,
             slot,
             ..
         } = batch;
@@ -1053,7 +1059,14 @@ impl Inner {
             assert_eq!(active.tail.len(), prefix);
             b[..prefix].copy_from_slice(&active.tail);
         }
-        format::seal_commit(&mut b[prefix..], active.seg.sequence, first_lsn, count, body_bytes);
+        format::seal_commit_with_body_crc(
+            &mut b[prefix..],
+            active.seg.sequence,
+            first_lsn,
+            count,
+            body_bytes,
+            body_crc,
+        );
         // Only the padding is cleared: everything before it was written above or by the appends.
         b[commit_end..buf_len].fill(0);
         buf.set_len(buf_len);
