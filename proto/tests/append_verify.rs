@@ -24,16 +24,15 @@ fn append_payload(id: u64, stream: u64, records: &[(Vec<u8>, Option<u64>)], ack:
 }
 
 fn ack_level() -> impl Strategy<Value = AckLevel> {
-    prop_oneof![
-        Just(AckLevel::Durable),
-        Just(AckLevel::Written),
-        Just(AckLevel::None)
-    ]
+    prop_oneof![Just(AckLevel::Durable), Just(AckLevel::Written), Just(AckLevel::None)]
 }
 
 fn records() -> impl Strategy<Value = Vec<(Vec<u8>, Option<u64>)>> {
     prop::collection::vec(
-        (prop::collection::vec(any::<u8>(), 0..300), prop::option::of(any::<u64>())),
+        (
+            prop::collection::vec(any::<u8>(), 0..300),
+            prop::option::of(any::<u64>()),
+        ),
         0..24,
     )
 }
@@ -99,7 +98,10 @@ fn shared_record_offsets_that_blow_up_the_apparent_size_are_refused() {
         let offset = u32::try_from(start + first - at).expect("records lie after the vector");
         payload[at..at + 4].copy_from_slice(&offset.to_le_bytes());
     }
-    assert!(!generic_accepts(&payload), "the test must build a payload the verifier refuses");
+    assert!(
+        !generic_accepts(&payload),
+        "the test must build a payload the verifier refuses"
+    );
     assert!(!is_verified_append(&payload));
     // The same payload through `view_request` is refused with a typed error.
     assert!(codec::view_request(&payload).is_err());

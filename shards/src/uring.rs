@@ -753,7 +753,12 @@ impl LinkedRing {
         // SAFETY: the allocation stays valid while registered: `FixableBuf`'s Drop removes it
         // from the table before the memory is freed (or leaks the memory), and a ring that is
         // dropped first takes its table with it.
-        match unsafe { inner.ring.submitter().register_buffers_update(u32::from(index), &[iov], None) } {
+        match unsafe {
+            inner
+                .ring
+                .submitter()
+                .register_buffers_update(u32::from(index), &[iov], None)
+        } {
             Ok(()) => {
                 *buf.fixed.borrow_mut() = Some((Rc::downgrade(self), index));
                 Some(index)
@@ -779,7 +784,12 @@ impl LinkedRing {
             iov_len: 0,
         };
         // SAFETY: an empty entry refers to no memory.
-        match unsafe { inner.ring.submitter().register_buffers_update(u32::from(index), &[empty], None) } {
+        match unsafe {
+            inner
+                .ring
+                .submitter()
+                .register_buffers_update(u32::from(index), &[empty], None)
+        } {
             Ok(()) => {
                 inner.fixed_free.push(index);
                 true
@@ -1438,7 +1448,10 @@ mod tests {
         // 0x44, the last fill before the second ring's write), and block 7 from the new buffer.
         let block = |n: usize| &bytes[n * BLOCK..(n + 1) * BLOCK];
         assert!(block(0).iter().all(|&b| b == 0x11));
-        assert!(block(1).iter().all(|&b| b == 0x44), "the second ring wrote the buffer's bytes");
+        assert!(
+            block(1).iter().all(|&b| b == 0x44),
+            "the second ring wrote the buffer's bytes"
+        );
         assert!(block(2).iter().all(|&b| b == 0x22));
         assert!(block(3).iter().all(|&b| b == 0));
         assert!(block(4).iter().all(|&b| b == 0x33));

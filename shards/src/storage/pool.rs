@@ -134,7 +134,11 @@ impl PooledBuf {
     }
 
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        self.buf.as_mut().expect("present until dropped").buf_mut().as_mut_slice()
+        self.buf
+            .as_mut()
+            .expect("present until dropped")
+            .buf_mut()
+            .as_mut_slice()
     }
 }
 
