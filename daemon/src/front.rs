@@ -918,10 +918,15 @@ impl Front {
             // budget after its next write, which may never come, and the reader would then wait
             // for budget forever. Return it now.
             conn.budget.signal(reserved as u64);
+            // The writer has nothing to write: wake it only if it may now finish (see `writer`),
+            // not once per silent append.
+            if conn.in_flight.get() == 0 && !conn.reading.get() {
+                conn.writer_wake.notify();
+            }
         } else {
             conn.out_release.set(conn.out_release.get() + reserved);
+            conn.writer_wake.notify();
         }
-        conn.writer_wake.notify();
     }
 
     async fn writer(self: Rc<Self>, conn: Rc<Conn>) {
