@@ -436,9 +436,9 @@ impl ShardServer {
             .records()
             .expect("verification requires records")
             .iter()
-            .map(|r| RecordRef {
-                payload: r.payload().map(|p| p.bytes()).unwrap_or(&[]),
-                timestamp: r.has_timestamp().then(|| r.timestamp()),
+            .map(|r| {
+                let (payload, timestamp) = proto::codec::record_fields(&r);
+                RecordRef { payload, timestamp }
             });
         let (silent, ack) = match append.ack() {
             // `AckLevel::None` still waits for the write inside the daemon: the connection keeps

@@ -50,6 +50,21 @@ proptest! {
     }
 
     #[test]
+    fn record_fields_reads_what_the_generated_accessors_read(
+        records in records(), ack in ack_level(),
+    ) {
+        let payload = append_payload(1, 2, &records, ack);
+        let request = codec::view_request(&payload);
+        prop_assume!(request.is_ok()); // no records: refused
+        let append = request.unwrap().body_as_append().expect("an append");
+        for (r, (bytes, timestamp)) in append.records().expect("records").iter().zip(&records) {
+            let generated = (r.payload().map(|p| p.bytes()).unwrap_or(&[]), r.has_timestamp().then(|| r.timestamp()));
+            prop_assert_eq!(codec::record_fields(&r), generated);
+            prop_assert_eq!(codec::record_fields(&r), (&bytes[..], *timestamp));
+        }
+    }
+
+    #[test]
     fn a_damaged_append_is_accepted_only_if_the_generic_verifier_accepts_it(
         records in records(),
         ack in ack_level(),
