@@ -42,7 +42,7 @@ impl<'a> Walk<'a> {
     /// `in_buffer::<T>`: aligned to `T` (relative to the buffer's start) and inside it.
     #[inline(always)]
     fn scalar<T>(&mut self, pos: usize) -> Option<()> {
-        if !pos.is_multiple_of(std::mem::align_of::<T>()) {
+        if pos % std::mem::align_of::<T>() != 0 {
             return None;
         }
         self.range(pos, std::mem::size_of::<T>())
@@ -81,7 +81,7 @@ impl<'a> Walk<'a> {
             return None;
         }
         let vtable_len = self.u16_at(vtable)?;
-        if !vtable.saturating_add(vtable_len).is_multiple_of(2) {
+        if vtable.saturating_add(vtable_len) % 2 != 0 {
             return None;
         }
         self.range(vtable, vtable_len)?;
@@ -118,7 +118,7 @@ impl<'a> Walk<'a> {
     fn vector<T>(&mut self, pos: usize) -> Option<(usize, usize)> {
         let len = self.u32_at(pos)? as usize;
         let start = pos.saturating_add(UOFFSET_BYTES);
-        if !start.is_multiple_of(std::mem::align_of::<T>()) {
+        if start % std::mem::align_of::<T>() != 0 {
             return None;
         }
         self.range(start, len.saturating_mul(std::mem::size_of::<T>()))?;
