@@ -181,7 +181,7 @@ pub struct Front {
     next_token: Cell<u64>,
     gathers: RefCell<HashMap<u64, Gather>>,
     encoder: RefCell<Encoder>,
-    /// Request frame buffers to reuse.
+    /// Buffers to reuse for request frames that cross a ring to another executor's shard.
     frame_pool: RefCell<Vec<Vec<u8>>>,
     /// Room for large request frames being received, `cfg.frame_memory_bytes` in all.
     frame_memory: Semaphore,
@@ -430,12 +430,11 @@ impl Front {
             // Requests already received are served even when stopping: shutdown answers
             // everything it has read.
             loop {
+                // Borrowed from the receive buffer, which is not touched again until the request
+                // is handled: an append for this executor's own shard is committed from it, and
+                // only a request that crosses a ring is copied out (see `dispatch`).
                 let payload = match frames.next_frame() {
-                    Ok(Some(p)) => {
-                        let mut buf = self.frame_pool.borrow_mut().pop().unwrap_or_default();
-                        buf.extend_from_slice(p);
-                        buf
-                    }
+                    Ok(Some(p)) => p,
                     Ok(None) => break,
                     Err(e) => {
                         self.protocol_error(&conn, 0, &e).await;
@@ -604,14 +603,14 @@ impl Front {
         self.complete(conn, id, reserved, reply);
     }
 
-    async fn dispatch(&self, conn: &Rc<Conn>, payload: Vec<u8>) {
+    async fn dispatch(&self, conn: &Rc<Conn>, payload: &[u8]) {
         let frame_bytes = payload.len() + FRAME_HEADER_BYTES;
-        let request = match codec::view_request(&payload) {
+        let request = match codec::view_request(payload) {
             Ok(r) => r,
             Err(e) => {
                 // The frame boundary is intact, so the stream goes on. Name the request if its
                 // id can be read, so the client can match the error.
-                let id = readable_id(&payload).unwrap_or(0);
+                let id = readable_id(payload).unwrap_or(0);
                 self.protocol_error(conn, id, &e).await;
                 return;
             }
@@ -622,13 +621,26 @@ impl Front {
                 let stream = request.body_as_append().expect("tag checked").stream();
                 let shard = proto::shard_for(stream, self.shard_count);
                 let reserved = self.reserve(conn, frame_bytes + SMALL_RESPONSE_BYTES).await;
-                let msg = ToShard::Append {
-                    conn: conn.id,
-                    id,
-                    reserved,
-                    frame: payload,
-                };
-                self.send(conn, shard, msg).await;
+                match &self.links[shard as usize] {
+                    // The shard of this executor: its records go from the receive buffer straight
+                    // into the commit buffer, with no copy of the frame in between.
+                    ShardLink::Local(server) => {
+                        server.wait_for_queue_room().await;
+                        server.append(self.local_index.get(), conn.id, id, reserved, payload);
+                    }
+                    // Another core's shard: the frame crosses the ring in a buffer of its own.
+                    ShardLink::Ring(_) => {
+                        let mut frame = self.frame_pool.borrow_mut().pop().unwrap_or_default();
+                        frame.extend_from_slice(payload);
+                        let msg = ToShard::Append {
+                            conn: conn.id,
+                            id,
+                            reserved,
+                            frame,
+                        };
+                        self.send(conn, shard, msg).await;
+                    }
+                }
             }
             RequestBody::Read => {
                 let read = request.body_as_read().expect("tag checked");
@@ -906,10 +918,15 @@ impl Front {
             // budget after its next write, which may never come, and the reader would then wait
             // for budget forever. Return it now.
             conn.budget.signal(reserved as u64);
+            // The writer has nothing to write: wake it only if it may now finish (see `writer`),
+            // not once per silent append.
+            if conn.in_flight.get() == 0 && !conn.reading.get() {
+                conn.writer_wake.notify();
+            }
         } else {
             conn.out_release.set(conn.out_release.get() + reserved);
+            conn.writer_wake.notify();
         }
-        conn.writer_wake.notify();
     }
 
     async fn writer(self: Rc<Self>, conn: Rc<Conn>) {

@@ -197,38 +197,8 @@ impl ShardServer {
                 reserved,
                 frame,
             } => {
-                let (silent, ack, queued) = self.enqueue_append(&frame);
+                self.append(front, conn, id, reserved, &frame);
                 self.spend_frame(front, frame);
-                match queued {
-                    Ok(ticket) => {
-                        let queue = if ack == AckLevel::Durable { DURABLE } else { WRITTEN };
-                        let mut waiting = self.waiting[queue].borrow_mut();
-                        waiting.push_back(Waiting {
-                            front,
-                            conn,
-                            id,
-                            reserved,
-                            silent,
-                            ticket,
-                        });
-                        // The acker polls only the oldest ticket of each queue: a new oldest one
-                        // needs a poll to register.
-                        if waiting.len() == 1 {
-                            drop(waiting);
-                            self.wake_acker();
-                        }
-                    }
-                    Err(e) => {
-                        let reply = error_reply(&e);
-                        self.outboxes.borrow_mut()[front].replies.push(Completion {
-                            conn,
-                            id,
-                            reserved,
-                            reply,
-                        });
-                        self.wake_acker();
-                    }
-                }
             }
             ToShard::Read {
                 conn,
@@ -297,6 +267,46 @@ impl ShardServer {
                 let stats = Box::new(wire_stats(self.id, &self.shard.stats()));
                 let reply_to = self.fronts.borrow()[front].clone();
                 glommio::spawn_local(async move { reply_to.send(FromShard::Stats { token, stats }).await }).detach();
+            }
+        }
+    }
+
+    /// Enqueues one verified append request of front `front` (an index from
+    /// [`ShardServer::add_front`]) and queues its ticket for the acker. `frame` is the request's
+    /// payload, which [`proto::codec::view_request`] verified and found to be an `Append`: a
+    /// frame that came through a ring, or, on a shard-aware connection, the front's receive
+    /// buffer itself, so the records are copied once, straight from the socket's bytes into the
+    /// commit buffer. The shard copies what it keeps before this returns.
+    pub fn append(&self, front: usize, conn: ConnId, id: u64, reserved: usize, frame: &[u8]) {
+        let (silent, ack, queued) = self.enqueue_append(frame);
+        match queued {
+            Ok(ticket) => {
+                let queue = if ack == AckLevel::Durable { DURABLE } else { WRITTEN };
+                let mut waiting = self.waiting[queue].borrow_mut();
+                waiting.push_back(Waiting {
+                    front,
+                    conn,
+                    id,
+                    reserved,
+                    silent,
+                    ticket,
+                });
+                // The acker polls only the oldest ticket of each queue: a new oldest one
+                // needs a poll to register.
+                if waiting.len() == 1 {
+                    drop(waiting);
+                    self.wake_acker();
+                }
+            }
+            Err(e) => {
+                let reply = error_reply(&e);
+                self.outboxes.borrow_mut()[front].replies.push(Completion {
+                    conn,
+                    id,
+                    reserved,
+                    reply,
+                });
+                self.wake_acker();
             }
         }
     }
@@ -407,8 +417,9 @@ impl ShardServer {
     /// gets no response (`AckLevel::None`), the level the shard acknowledges at, and the ticket.
     fn enqueue_append(&self, frame: &[u8]) -> (bool, AckLevel, Result<Ticket, ShardError>) {
         // SAFETY: the front ran `proto::codec::view_request` over exactly these bytes, which
-        // verified the whole buffer and found an `Append` body, and the Vec has not been changed
-        // since: it moved through the ring untouched.
+        // verified the whole buffer and found an `Append` body, and they have not been changed
+        // since: a frame moved through the ring untouched, and a receive buffer is not written
+        // while the front's reader waits for its request to be handled (see `Front::dispatch`).
         let request = unsafe { flatbuffers::root_unchecked::<wire::Request>(frame) };
         let append = request
             .body_as_append()
@@ -425,9 +436,9 @@ impl ShardServer {
             .records()
             .expect("verification requires records")
             .iter()
-            .map(|r| RecordRef {
-                payload: r.payload().map(|p| p.bytes()).unwrap_or(&[]),
-                timestamp: r.has_timestamp().then(|| r.timestamp()),
+            .map(|r| {
+                let (payload, timestamp) = proto::codec::record_fields(&r);
+                RecordRef { payload, timestamp }
             });
         let (silent, ack) = match append.ack() {
             // `AckLevel::None` still waits for the write inside the daemon: the connection keeps

@@ -53,7 +53,13 @@ fn check_ack(ack: AckLevel) -> Result<(), DecodeError> {
 
 /// Verifies a request payload and returns a zero-copy view of it.
 pub fn view_request(payload: &[u8]) -> Result<Request<'_>, DecodeError> {
-    let req = verify::<Request>(payload)?;
+    let req = if crate::append_verify::is_verified_append(payload) {
+        // SAFETY: `is_verified_append` is true only for a payload the generic verifier below
+        // accepts (see its module documentation).
+        unsafe { flatbuffers::root_unchecked::<Request>(payload) }
+    } else {
+        verify::<Request>(payload)?
+    };
     let tag = req.body_type();
     if tag == RequestBody::NONE {
         return Err(DecodeError::MissingBody);
@@ -75,6 +81,50 @@ pub fn view_request(payload: &[u8]) -> Result<Request<'_>, DecodeError> {
         }
     }
     Ok(req)
+}
+
+/// The payload and timestamp of a record of a verified request, as `payload()` and
+/// `has_timestamp().then(|| timestamp())` give them, with one vtable lookup instead of three:
+/// the daemon reads every record of every append this way (twice: to size it, then to copy it).
+pub fn record_fields<'a>(record: &Record<'a>) -> (&'a [u8], Option<u64>) {
+    let buf = record._tab.buf();
+    let loc = record._tab.loc();
+    // Every position below was checked by the verifier, so the slicing cannot fail; it is
+    // checked anyway, so a bug would be a panic, never a read out of bounds.
+    let u16_at = |p: usize| u16::from_le_bytes([buf[p], buf[p + 1]]) as usize;
+    let u32_at = |p: usize| u32::from_le_bytes([buf[p], buf[p + 1], buf[p + 2], buf[p + 3]]) as usize;
+    let soffset = i32::from_le_bytes([buf[loc], buf[loc + 1], buf[loc + 2], buf[loc + 3]]);
+    let vtable = (loc as i64 - i64::from(soffset)) as usize;
+    let vtable_len = u16_at(vtable);
+    let field = |voffset: u16| {
+        let voffset = voffset as usize;
+        if voffset < vtable_len {
+            u16_at(vtable + voffset)
+        } else {
+            0
+        }
+    };
+    let payload = match field(Record::VT_PAYLOAD) {
+        0 => &[][..],
+        offset => {
+            let at = loc + offset;
+            let vector = at + u32_at(at);
+            let len = u32_at(vector);
+            &buf[vector + 4..vector + 4 + len]
+        }
+    };
+    let has_timestamp = match field(Record::VT_HAS_TIMESTAMP) {
+        0 => false,
+        offset => buf[loc + offset] != 0,
+    };
+    let timestamp = has_timestamp.then(|| match field(Record::VT_TIMESTAMP) {
+        0 => 0,
+        offset => {
+            let at = loc + offset;
+            u64::from_le_bytes(buf[at..at + 8].try_into().expect("8 bytes"))
+        }
+    });
+    (payload, timestamp)
 }
 
 /// Verifies and decodes a request into an owned value.

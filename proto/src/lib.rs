@@ -29,6 +29,7 @@
 // The generated code names `alloc::` paths.
 extern crate alloc;
 
+pub mod append_verify;
 pub mod client;
 pub mod codec;
 pub mod error;

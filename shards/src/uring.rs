@@ -99,6 +99,11 @@ pub unsafe trait RingBuf: 'static {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// The buffer's allocation, if the ring may register it as a fixed buffer (see
+    /// [`FixableBuf`]); its bytes `as_ptr()..as_ptr() + len()` lie inside it.
+    fn fixable(&self) -> Option<&FixableBuf> {
+        None
+    }
 }
 
 // SAFETY: a DmaBuffer's bytes live in a heap or registered-memory allocation that the value
@@ -231,6 +236,95 @@ unsafe impl RingBuf for NoBuf {
     }
 }
 
+/// Slots in each ring's table of fixed buffers: more than a shard's pool of commit buffers holds
+/// with the default options (queue bytes / commit bytes, plus the pipeline). Buffers beyond it
+/// are written unregistered, which is correct, only dearer.
+pub const FIXED_BUFFERS_MAX: u32 = 256;
+
+/// An [`AlignedBuf`] that a [`LinkedRing`] registers as a fixed buffer
+/// (`IORING_REGISTER_BUFFERS_UPDATE`) the first time it writes from it, and writes from with
+/// `WRITE_FIXED` after that.
+///
+/// Why: an O_DIRECT write from ordinary memory makes the kernel look up and pin every page of
+/// the buffer for each write (`gup_fast_fallback`, 2-4 % of the daemon's CPU at 64 KiB frames);
+/// a registered buffer's pages are pinned once. The shard's pooled commit buffers live as long
+/// as the shard and are written over and over, so they are registered once each.
+///
+/// The registration belongs to the buffer: it names the one ring that registered it (a buffer
+/// written through another ring is written unregistered), and it is removed from that ring
+/// before the memory is freed, so a fixed slot never refers to freed memory. Registration is
+/// an optimisation only: if the kernel refuses it (an old kernel, `RLIMIT_MEMLOCK` for a user
+/// without `CAP_IPC_LOCK`), the ring stops trying and writes as before.
+pub struct FixableBuf {
+    /// The ring that registered this buffer, and the buffer's slot in its table.
+    fixed: RefCell<Option<(Weak<LinkedRing>, u16)>>,
+    buf: AlignedBuf,
+}
+
+impl FixableBuf {
+    pub fn new(buf: AlignedBuf) -> FixableBuf {
+        FixableBuf {
+            fixed: RefCell::new(None),
+            buf,
+        }
+    }
+
+    pub fn buf(&self) -> &AlignedBuf {
+        &self.buf
+    }
+
+    pub fn buf_mut(&mut self) -> &mut AlignedBuf {
+        &mut self.buf
+    }
+
+    /// The slot this buffer has in `ring`'s fixed table, if `ring` registered it.
+    fn slot_in(&self, ring: &Rc<LinkedRing>) -> Option<u16> {
+        match &*self.fixed.borrow() {
+            // A live `Weak` keeps its ring's allocation, so no other ring has this address.
+            Some((owner, slot)) if std::ptr::eq(owner.as_ptr(), Rc::as_ptr(ring)) => Some(*slot),
+            _ => None,
+        }
+    }
+
+    /// Whether some ring has registered this buffer (for tests and assertions).
+    pub fn is_registered(&self) -> bool {
+        self.fixed.borrow().is_some()
+    }
+}
+
+impl Drop for FixableBuf {
+    fn drop(&mut self) {
+        let Some((ring, slot)) = self.fixed.get_mut().take() else {
+            return;
+        };
+        // A ring that is gone took its table with it.
+        let Some(ring) = ring.upgrade() else {
+            return;
+        };
+        if !ring.unregister_fixed(slot) {
+            // The kernel still holds the pages under this slot: freeing the memory could hand it
+            // to another owner while the ring refers to it. Leaking it is the only safe choice
+            // (this never happened in testing; it needs the ring itself to have broken).
+            let buf = std::mem::replace(&mut self.buf, AlignedBuf::new(0));
+            std::mem::forget(buf);
+        }
+    }
+}
+
+// SAFETY: the bytes are the inner AlignedBuf's heap allocation; moving the value does not move
+// them.
+unsafe impl RingBuf for FixableBuf {
+    fn as_ptr(&self) -> *const u8 {
+        RingBuf::as_ptr(&self.buf)
+    }
+    fn len(&self) -> usize {
+        self.buf.len()
+    }
+    fn fixable(&self) -> Option<&FixableBuf> {
+        Some(self)
+    }
+}
+
 /// Which CQE of an operation a `user_data` names. The low bit of `user_data`; the slot index
 /// is the rest.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -291,6 +385,13 @@ struct Inner {
     reaper_waker: Option<Waker>,
     /// Ticks that found CQEs nobody had reaped: eventfd wake-ups that were lost.
     wakeups_lost: u64,
+    /// The kernel took the sparse fixed-buffer table and has not refused a registration since.
+    fixed_enabled: bool,
+    /// Free slots of the fixed-buffer table, the lowest last.
+    fixed_free: Vec<u16>,
+    /// Writes submitted from a registered buffer (`WRITE_FIXED`) and from an unregistered one.
+    writes_fixed: u64,
+    writes_unfixed: u64,
 }
 
 impl Inner {
@@ -505,6 +606,14 @@ impl LinkedRing {
         let eventfd = unsafe { OwnedFd::from_raw_fd(raw) };
         ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
         let wakeup = eventfd.try_clone()?;
+        // Empty slots for fixed buffers, filled as buffers are first written (`FixableBuf`).
+        // Without them (a kernel before 5.19) every write goes unregistered.
+        let fixed_enabled = ring.submitter().register_buffers_sparse(FIXED_BUFFERS_MAX).is_ok();
+        let fixed_free = if fixed_enabled {
+            (0..FIXED_BUFFERS_MAX as u16).rev().collect()
+        } else {
+            Vec::new()
+        };
 
         let this = Rc::new(LinkedRing {
             inner: RefCell::new(Inner {
@@ -516,6 +625,10 @@ impl LinkedRing {
                 reaper_failed: false,
                 reaper_waker: None,
                 wakeups_lost: 0,
+                fixed_enabled,
+                fixed_free,
+                writes_fixed: 0,
+                writes_unfixed: 0,
             }),
             eventfd,
             _not_send: PhantomData,
@@ -540,19 +653,13 @@ impl LinkedRing {
     /// and length and `offset` must be aligned to the device's block size; otherwise the
     /// write fails with EINVAL and both futures report it.
     pub fn write_then_sync<B: RingBuf>(self: &Rc<Self>, fd: RawFd, buf: B, offset: u64) -> LinkedCommit<B> {
-        let len = buf.len();
-        let len_u32 = u32::try_from(len).expect("write of at most 4 GiB");
-        // u64::MAX would mean "the file position" to io_uring.
-        assert!(offset <= i64::MAX as u64);
-        let ptr = buf.as_ptr();
+        let write = self.write_entry(fd, &buf, offset, 0);
         // SAFETY: `buf` moves into the handle, which gives it back only after both CQEs are
         // reaped, or parks it in the ring until then; RingBuf guarantees the bytes do not move.
         let slot = unsafe {
             self.submit_op(|slot| {
                 [
-                    opcode::Write::new(types::Fd(fd), ptr, len_u32)
-                        .offset(offset)
-                        .build()
+                    write
                         .flags(squeue::Flags::IO_LINK)
                         .user_data(user_data(slot, CqeKind::Write)),
                     opcode::Fsync::new(types::Fd(fd))
@@ -587,25 +694,115 @@ impl LinkedRing {
         offset: u64,
         rw_flags: i32,
     ) -> (io::Result<usize>, B) {
-        let len = buf.len();
-        let len_u32 = u32::try_from(len).expect("write of at most 4 GiB");
-        assert!(offset <= i64::MAX as u64);
-        let ptr = buf.as_ptr();
+        let write = self.write_entry(fd, &buf, offset, rw_flags);
         // SAFETY: as in `write_then_sync`; if this future is dropped, the handle's Drop parks
         // the buffer.
-        let slot = unsafe {
-            self.submit_op(|slot| {
-                [opcode::Write::new(types::Fd(fd), ptr, len_u32)
-                    .offset(offset)
-                    .rw_flags(rw_flags)
-                    .build()
-                    .user_data(user_data(slot, CqeKind::Write))]
-            })
-        };
+        let slot = unsafe { self.submit_op(|slot| [write.user_data(user_data(slot, CqeKind::Write))]) };
         let mut op = OpHandle::new(self, slot, buf, offset);
         poll_fn(|cx| op.poll_done(cx)).await;
         let result = op.write_result();
         (result, op.take_buf())
+    }
+
+    /// The SQE that writes `buf` at `offset`: `WRITE_FIXED` from a buffer registered with this
+    /// ring (registering it now if it can be), a plain `WRITE` otherwise.
+    fn write_entry<B: RingBuf>(self: &Rc<Self>, fd: RawFd, buf: &B, offset: u64, rw_flags: i32) -> squeue::Entry {
+        let ptr = buf.as_ptr();
+        let len_u32 = u32::try_from(buf.len()).expect("write of at most 4 GiB");
+        // u64::MAX would mean "the file position" to io_uring.
+        assert!(offset <= i64::MAX as u64);
+        match buf.fixable().and_then(|f| self.fixed_slot(f)) {
+            Some(index) => {
+                let fixable = buf.fixable().expect("checked above");
+                // The kernel checks this too (EFAULT), but a write outside its registered
+                // buffer is a bug here, not an I/O error.
+                let start = RingBuf::as_ptr(fixable.buf()) as usize;
+                assert!(ptr as usize >= start && ptr as usize + buf.len() <= start + fixable.buf().capacity());
+                self.inner.borrow_mut().writes_fixed += 1;
+                opcode::WriteFixed::new(types::Fd(fd), ptr, len_u32, index)
+                    .offset(offset)
+                    .rw_flags(rw_flags)
+                    .build()
+            }
+            None => {
+                self.inner.borrow_mut().writes_unfixed += 1;
+                opcode::Write::new(types::Fd(fd), ptr, len_u32)
+                    .offset(offset)
+                    .rw_flags(rw_flags)
+                    .build()
+            }
+        }
+    }
+
+    /// `buf`'s slot in this ring's fixed-buffer table, registering its whole allocation in a
+    /// free slot if it has none yet; `None` if it belongs to another ring or cannot be
+    /// registered.
+    fn fixed_slot(self: &Rc<Self>, buf: &FixableBuf) -> Option<u16> {
+        if buf.is_registered() {
+            return buf.slot_in(self);
+        }
+        let mut inner = self.inner.borrow_mut();
+        if !inner.fixed_enabled {
+            return None;
+        }
+        let index = inner.fixed_free.pop()?;
+        let iov = libc::iovec {
+            iov_base: RingBuf::as_ptr(buf.buf()).cast_mut().cast(),
+            iov_len: buf.buf().capacity(),
+        };
+        // SAFETY: the allocation stays valid while registered: `FixableBuf`'s Drop removes it
+        // from the table before the memory is freed (or leaks the memory), and a ring that is
+        // dropped first takes its table with it.
+        match unsafe {
+            inner
+                .ring
+                .submitter()
+                .register_buffers_update(u32::from(index), &[iov], None)
+        } {
+            Ok(()) => {
+                *buf.fixed.borrow_mut() = Some((Rc::downgrade(self), index));
+                Some(index)
+            }
+            Err(_) => {
+                // Most likely RLIMIT_MEMLOCK: the pages would be locked. Unregistered writes
+                // are correct, so stop trying.
+                inner.fixed_enabled = false;
+                inner.fixed_free.push(index);
+                None
+            }
+        }
+    }
+
+    /// Empties slot `index` of the fixed-buffer table (its buffer is being freed). Returns
+    /// false if the kernel refused, so the slot may still refer to the buffer.
+    fn unregister_fixed(&self, index: u16) -> bool {
+        let mut inner = self.inner.borrow_mut();
+        // A null, zero-length entry clears the slot. The kernel keeps a slot's old pages until
+        // operations already using them complete; a pooled buffer is only freed after that.
+        let empty = libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        };
+        // SAFETY: an empty entry refers to no memory.
+        match unsafe {
+            inner
+                .ring
+                .submitter()
+                .register_buffers_update(u32::from(index), &[empty], None)
+        } {
+            Ok(()) => {
+                inner.fixed_free.push(index);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Writes submitted so far from registered buffers (`WRITE_FIXED`) and from unregistered
+    /// ones.
+    pub fn writes_fixed_unfixed(&self) -> (u64, u64) {
+        let inner = self.inner.borrow();
+        (inner.writes_fixed, inner.writes_unfixed)
     }
 
     /// fdatasync of `fd`, awaited without blocking the executor.
@@ -1192,6 +1389,75 @@ mod tests {
         assert!(bytes[..BLOCK].iter().all(|&b| b == 0));
         assert!(bytes[BLOCK..2 * BLOCK].iter().all(|&b| b == 0xAB));
         assert!(bytes[2 * BLOCK..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn fixable_buffers_are_registered_once_and_written_in_both_modes() {
+        let dir = data_dir();
+        let path = dir.path().join("seg");
+        zeroed_file(&path, 8 * BLOCK);
+        let p = path.clone();
+        run_on_shard(move || async move {
+            let file = open_direct(&p);
+            let fd = file.as_raw_fd();
+            let ring = LinkedRing::new(8).expect("ring");
+            let mut buf = FixableBuf::new(AlignedBuf::new(2 * BLOCK));
+            // The first write registers the buffer; the same memory is then written again,
+            // changed, at another length, linked and as one RWF_DSYNC write.
+            for (i, byte) in [0x11u8, 0x22, 0x33, 0x44].into_iter().enumerate() {
+                let len = if i % 2 == 0 { 2 * BLOCK } else { BLOCK };
+                buf.buf_mut().set_len(len);
+                buf.buf_mut().as_mut_slice().fill(byte);
+                let offset = (2 * i * BLOCK) as u64;
+                buf = if i < 2 {
+                    let mut commit = ring.write_then_sync(fd, buf, offset);
+                    assert_eq!(commit.written().await.expect("written"), len);
+                    let (result, buf) = commit.synced().await;
+                    result.expect("synced");
+                    buf
+                } else {
+                    let (result, buf) = ring.write_dsync(fd, buf, offset).await;
+                    assert_eq!(result.expect("dsync write"), len);
+                    buf
+                };
+                assert!(buf.is_registered());
+            }
+            // Registration needs a kernel with sparse buffer tables (5.19) and room under
+            // RLIMIT_MEMLOCK, which the few pages here have on any machine shardlog supports.
+            assert!(ring.inner.borrow().fixed_enabled, "the kernel refused fixed buffers");
+            assert_eq!(ring.writes_fixed_unfixed(), (4, 0));
+            // Another ring does not use the first ring's registration.
+            let other = LinkedRing::new(8).expect("second ring");
+            buf.buf_mut().set_len(BLOCK);
+            let (result, mut buf) = other.write_dsync(fd, buf, BLOCK as u64).await;
+            assert_eq!(result.expect("write through another ring"), BLOCK);
+            assert_eq!(other.writes_fixed_unfixed(), (0, 1));
+            // A freed buffer gives its slot back, for the next buffer to take.
+            let free = ring.inner.borrow().fixed_free.len();
+            buf.buf_mut().as_mut_slice().fill(0x55);
+            drop(buf);
+            assert_eq!(ring.inner.borrow().fixed_free.len(), free + 1);
+            let next = FixableBuf::new(filled(BLOCK, 0x66));
+            let (result, next) = ring.write_dsync(fd, next, (7 * BLOCK) as u64).await;
+            result.expect("write from a new buffer");
+            assert!(next.is_registered());
+            assert_eq!(ring.writes_fixed_unfixed(), (5, 0));
+        });
+        let bytes = read_back(&path);
+        // Layout: write i at block 2i, of 2 or 1 blocks; then block 1 rewritten (BLOCK bytes of
+        // 0x44, the last fill before the second ring's write), and block 7 from the new buffer.
+        let block = |n: usize| &bytes[n * BLOCK..(n + 1) * BLOCK];
+        assert!(block(0).iter().all(|&b| b == 0x11));
+        assert!(
+            block(1).iter().all(|&b| b == 0x44),
+            "the second ring wrote the buffer's bytes"
+        );
+        assert!(block(2).iter().all(|&b| b == 0x22));
+        assert!(block(3).iter().all(|&b| b == 0));
+        assert!(block(4).iter().all(|&b| b == 0x33));
+        assert!(block(5).iter().all(|&b| b == 0x33));
+        assert!(block(6).iter().all(|&b| b == 0x44));
+        assert!(block(7).iter().all(|&b| b == 0x66));
     }
 
     #[test]

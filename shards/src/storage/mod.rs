@@ -148,4 +148,10 @@ unsafe impl RingBuf for IoBuf {
     fn len(&self) -> usize {
         IoBuf::len(self)
     }
+    fn fixable(&self) -> Option<&crate::uring::FixableBuf> {
+        match self {
+            IoBuf::Pooled(b) => RingBuf::fixable(b),
+            _ => None,
+        }
+    }
 }

@@ -15,16 +15,20 @@
 //! The pool is bounded: [`BufPool::take`] returns `None` once `buffers_max` buffers are out, and
 //! the engine answers the append with `Busy`. Buffers are allocated lazily, up to the bound, and
 //! kept; the free list is last-in first-out, so a light load keeps touching the same few buffers.
+//!
+//! Since the buffers live as long as the pool, the shard's io_uring ring registers each as a fixed
+//! buffer on its first write ([`FixableBuf`]), so later writes from it skip pinning its pages.
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 use crate::format::BLOCK_BYTES;
-use crate::uring::{AlignedBuf, RingBuf};
+use crate::uring::{AlignedBuf, FixableBuf, RingBuf};
 
 struct PoolInner {
-    /// Free buffers, most recently returned last.
-    free: RefCell<Vec<AlignedBuf>>,
+    /// Free buffers, most recently returned last. Each keeps its registration with the shard's
+    /// io_uring ring from one use to the next (see [`FixableBuf`]).
+    free: RefCell<Vec<FixableBuf>>,
     /// Bytes of each buffer, a multiple of [`BLOCK_BYTES`].
     buffer_bytes: usize,
     buffers_max: usize,
@@ -63,7 +67,7 @@ impl BufPool {
             Some(buf) => buf,
             None if p.allocated.get() < p.buffers_max => {
                 p.allocated.set(p.allocated.get() + 1);
-                AlignedBuf::new(p.buffer_bytes)
+                FixableBuf::new(AlignedBuf::new(p.buffer_bytes))
             }
             None => return None,
         };
@@ -97,13 +101,13 @@ impl BufPool {
 /// A buffer of a [`BufPool`]; it returns to the pool when dropped.
 pub struct PooledBuf {
     /// `Some` until dropped.
-    buf: Option<AlignedBuf>,
+    buf: Option<FixableBuf>,
     pool: Rc<PoolInner>,
 }
 
 impl PooledBuf {
     fn aligned(&self) -> &AlignedBuf {
-        self.buf.as_ref().expect("present until dropped")
+        self.buf.as_ref().expect("present until dropped").buf()
     }
 
     /// The whole buffer, whatever `len()` is.
@@ -114,7 +118,7 @@ impl PooledBuf {
     /// Sets how much of the buffer is used (written to the device), at most `capacity()`.
     pub fn set_len(&mut self, len: usize) {
         assert!(len <= self.pool.buffer_bytes);
-        self.buf.as_mut().expect("present until dropped").set_len(len);
+        self.buf.as_mut().expect("present until dropped").buf_mut().set_len(len);
     }
 
     pub fn len(&self) -> usize {
@@ -130,7 +134,11 @@ impl PooledBuf {
     }
 
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        self.buf.as_mut().expect("present until dropped").as_mut_slice()
+        self.buf
+            .as_mut()
+            .expect("present until dropped")
+            .buf_mut()
+            .as_mut_slice()
     }
 }
 
@@ -157,13 +165,16 @@ impl std::fmt::Debug for PooledBuf {
 }
 
 // SAFETY: the bytes are the heap allocation of the inner `AlignedBuf`, which the value owns until
-// it is dropped; moving the value does not move them.
+// it is dropped; moving the value does not move them. `fixable` is that same allocation.
 unsafe impl RingBuf for PooledBuf {
     fn as_ptr(&self) -> *const u8 {
         RingBuf::as_ptr(self.aligned())
     }
     fn len(&self) -> usize {
         self.aligned().len()
+    }
+    fn fixable(&self) -> Option<&FixableBuf> {
+        self.buf.as_ref()
     }
 }
 
