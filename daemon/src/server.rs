@@ -23,7 +23,7 @@ use std::time::Duration;
 use crate::checks;
 use crate::config::{ServeArgs, ShardPorts};
 use crate::faults::{self, FaultSpec};
-use crate::front::{Front, FrontConfig, FrontCounters, FrontShared, ShardLink};
+use crate::front::{Front, FrontConfig, FrontCounters, FrontShared, ResponseMemory, ShardLink};
 use crate::metrics::MetricsServer;
 use crate::plan::{self, Plan};
 use crate::ring::{self, FromShard, Latch, RingReceiver, RingSender, ToShard};
@@ -179,6 +179,7 @@ pub fn serve(args: ServeArgs) -> Result<(), ServeError> {
         shutdown: shutdown.clone(),
         shards_open: Latch::default(),
         shard_ports,
+        response_memory: ResponseMemory::new(args.response_memory_bytes),
     });
     let (ready_tx, ready_rx) = mpsc::channel();
     let listeners = Listeners {
