@@ -21,8 +21,8 @@ pub const READ_MEMORY_BYTES_DEFAULT: usize = shards::READ_MEMORY_BYTES_DEFAULT;
 /// The smallest read memory accepted: what one read may need at once (a response of half the
 /// largest budget, plus the largest commit read twice while it is copied out of the DMA buffer).
 pub const READ_MEMORY_BYTES_MIN: usize = 8 << 20;
-/// Default bound, per front executor, of the request frames larger than 16 KiB
-/// that connections are receiving: eight maximal frames.
+/// Default bound of the request frames larger than 16 KiB that the connections of all fronts are
+/// receiving or have sent on as appends not yet answered: eight maximal frames.
 pub const FRAME_MEMORY_BYTES_DEFAULT: usize = 32 << 20;
 /// Default bound of the responses the reads of all fronts hold until they are written.
 pub const RESPONSE_MEMORY_BYTES_DEFAULT: usize = 32 << 20;
@@ -213,9 +213,10 @@ pub struct ServeArgs {
           value_parser = read_memory_bytes)]
     pub read_memory_bytes: usize,
 
-    /// Per front executor: memory for request frames larger than 16 KiB while they are received.
-    /// A connection takes a large frame's whole length before buffering it, and waits (reading
-    /// nothing more) while there is no room; at least one maximal frame.
+    /// Memory for request frames larger than 16 KiB, across all connections: from their first
+    /// bytes until they are answered (appends) or handed on. A connection takes a large frame's
+    /// whole length before buffering it, and waits (reading nothing more) while there is no room;
+    /// at least one maximal frame.
     #[arg(long, env = "SHARDLOG_FRAME_MEMORY_BYTES", default_value_t = FRAME_MEMORY_BYTES_DEFAULT)]
     pub frame_memory_bytes: usize,
 

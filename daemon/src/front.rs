@@ -36,6 +36,7 @@ use proto::frame::{FrameReader, FRAME_HEADER_BYTES, READ_CHUNK_BYTES};
 use std::task::{ready, Poll};
 use proto::wire::{self, ErrorCode, RequestBody};
 use proto::DecodeError;
+use shards::{ReadMemory, ReadPool};
 
 use crate::notify::Notify;
 use crate::ring::{Completion, ConnId, FromShard, FrontInbox, Latch, ReadArgs, Reply, RingSender, ToShard};
@@ -68,7 +69,7 @@ const IDLE_BUFFER_BYTES: usize = 4 << 10;
 /// and keeps only the bytes of a frame it has not completed (see [`Front::recv`]), so a waiting
 /// connection holds no receive buffer. 16 KiB, as Redis reads.
 const RECV_CHUNK_BYTES: usize = 16 << 10;
-/// A request frame longer than this takes its whole length of the front's frame memory before it
+/// A request frame longer than this takes its whole length of the process's frame memory before it
 /// is buffered (see [`Front::charge_frame`]). So a connection holds at most this much of a partial
 /// frame plus one socket read outside that bound.
 const LARGE_FRAME_BYTES: usize = 16 << 10;
@@ -196,6 +197,11 @@ pub struct FrontShared {
     pub shard_ports: Vec<u16>,
     /// What reads of every front may hold in responses not yet written.
     pub response_memory: ResponseMemory,
+    /// Room for large request frames, from their first bytes until they are answered (appends)
+    /// or dispatched (anything else), across every front (`--frame-memory-bytes`): the same
+    /// first-come first-served byte pool the shards bound their reads with, whose charges may be
+    /// returned from any executor.
+    pub frame_memory: ReadPool,
 }
 
 impl FrontShared {
@@ -232,9 +238,6 @@ pub struct FrontConfig {
     pub conn_budget_bytes: usize,
     /// Ceiling of a read's `max_wait_ms`; longer waits are clamped to it.
     pub max_wait_ms: u32,
-    /// Bound of the request frames larger than one socket read that this front's connections
-    /// buffer together (see [`Front::charge_frame`]).
-    pub frame_memory_bytes: usize,
 }
 
 /// How a front reaches one shard.
@@ -269,8 +272,6 @@ pub struct Front {
     frame_pool: RefCell<Vec<Vec<u8>>>,
     /// The one buffer every connection's socket read goes into (see [`Front::recv`]).
     recv_buf: RefCell<Vec<u8>>,
-    /// Room for large request frames being received, `cfg.frame_memory_bytes` in all.
-    frame_memory: Semaphore,
     /// This front's index at the shard on its own executor, if there is one.
     local_index: Cell<usize>,
     /// Shards whose ring got requests that have not woken it yet (see [`Front::flusher`]).
@@ -301,12 +302,12 @@ struct Conn {
     out_floors: Cell<usize>,
     /// One unit: the floor read this connection may have outside the response memory.
     floor: Semaphore,
-    /// The frame memory the frame being dispatched holds (0 for a small frame). An append takes
+    /// The frame memory the frame being dispatched holds (none for a small frame). An append takes
     /// it over (see [`Front::hold_frame_charge`]); otherwise the reader returns it after dispatch.
-    frame_charge: Cell<usize>,
+    frame_charge: RefCell<Option<ReadMemory>>,
     /// Frame memory held by large appends until they are answered, by request id: the copy of
     /// the frame and the append it becomes live that long.
-    frame_charges: RefCell<Vec<(u64, usize)>>,
+    frame_charges: RefCell<Vec<(u64, ReadMemory)>>,
     writer_wake: Notify,
     reader_wake: Notify,
     /// The reader has not finished.
@@ -330,7 +331,7 @@ impl Front {
     ) -> Rc<Front> {
         assert_eq!(links.len(), shard_count as usize);
         assert!(cfg.conn_budget_bytes >= SMALL_RESPONSE_BYTES + FRAME_HEADER_BYTES);
-        assert!(cfg.frame_memory_bytes >= cfg.max_frame_bytes + FRAME_HEADER_BYTES);
+        assert!(shared.frame_memory.capacity() >= cfg.max_frame_bytes + FRAME_HEADER_BYTES);
         let front = Rc::new_cyclic(|me| Front {
             index,
             shard_count,
@@ -344,7 +345,6 @@ impl Front {
             encoder: RefCell::new(Encoder::new()),
             frame_pool: RefCell::new(Vec::new()),
             recv_buf: RefCell::new(vec![0; RECV_CHUNK_BYTES]),
-            frame_memory: Semaphore::new(cfg.frame_memory_bytes as u64),
             local_index: Cell::new(usize::MAX),
             unflushed: RefCell::new(Vec::new()),
             flusher_wake: Notify::default(),
@@ -511,7 +511,7 @@ impl Front {
             out_pooled: Cell::new(0),
             out_floors: Cell::new(0),
             floor: Semaphore::new(1),
-            frame_charge: Cell::new(0),
+            frame_charge: RefCell::new(None),
             frame_charges: RefCell::new(Vec::new()),
             writer_wake: Notify::default(),
             reader_wake: Notify::default(),
@@ -528,8 +528,8 @@ impl Front {
 
     async fn reader(self: Rc<Self>, conn: Rc<Conn>) {
         let mut frames = FrameReader::new(self.cfg.max_frame_bytes);
-        // What this connection holds of the front's frame memory (for the frame being received).
-        let mut frame_charge = 0;
+        // What this connection holds of the process's frame memory (for the frame being received).
+        let mut frame_charge = self.shared.frame_memory.memory();
         'read: loop {
             // Requests already received are served even when stopping: shutdown answers
             // everything it has read.
@@ -540,10 +540,16 @@ impl Front {
                             // The charged frame (only a frame that outgrew one socket read can be
                             // this long): its copy now holds the charge, until it is answered if
                             // it is an append.
-                            conn.frame_charge.set(std::mem::take(&mut frame_charge));
+                            let charge = std::mem::replace(&mut frame_charge, self.shared.frame_memory.memory());
+                            *conn.frame_charge.borrow_mut() = Some(charge);
                         }
                         let mut buf = self.frame_pool.borrow_mut().pop().unwrap_or_default();
                         buf.extend_from_slice(p);
+                        if conn.frame_charge.borrow().is_some() {
+                            // The charged frame was read up to its end, so nothing follows it:
+                            // free its buffer now rather than hold the frame twice.
+                            frames.release_if_empty();
+                        }
                         buf
                     }
                     Ok(None) => break,
@@ -555,13 +561,13 @@ impl Front {
                 };
                 bump(&self.counters().frames_in, 1);
                 self.dispatch(&conn, payload).await;
-                self.frame_memory.signal(conn.frame_charge.replace(0) as u64);
+                drop(conn.frame_charge.borrow_mut().take());
             }
             if conn.stop.get() {
                 break;
             }
             // A frame longer than one socket read grows the buffer to its length. It takes that
-            // much of the front's frame memory first, all at once, so that the partial frames of
+            // much of the process's frame memory first, all at once, so that the partial frames of
             // many slow or stalled clients together stay within the bound, and no connection
             // holds part of the room while it waits for the rest.
             let pending = frames.pending_frame_bytes();
@@ -569,14 +575,10 @@ impl Front {
                 .map(|rest| frames.buffered() + rest)
                 .filter(|&len| len > LARGE_FRAME_BYTES)
                 .unwrap_or(0);
-            if large != frame_charge {
-                self.frame_memory.signal(frame_charge as u64);
-                frame_charge = 0;
-                if large > 0 {
-                    match self.charge_frame(&conn, large).await {
-                        Some(units) => frame_charge = units,
-                        None => break,
-                    }
+            if large.min(self.shared.frame_memory.capacity()) != frame_charge.held() {
+                frame_charge.shrink_to(0);
+                if large > 0 && !self.charge_frame(&conn, &mut frame_charge, large).await {
+                    break;
                 }
             }
             // A charged frame is read straight into its buffer, up to its end; anything else goes
@@ -598,7 +600,7 @@ impl Front {
             }
         }
         drop(frames);
-        self.frame_memory.signal(frame_charge as u64);
+        drop(frame_charge);
         // No request comes after this one, so nothing may wait for the client any more: a
         // long-poll would otherwise keep the connection (its slot, its budget, the shard's
         // attention) until its deadline, long after its client left.
@@ -630,15 +632,19 @@ impl Front {
         .await
     }
 
-    /// Takes `bytes` of the front's frame memory for a frame being received; `None` if the
+    /// Takes `bytes` of the process's frame memory for a frame being received; `false` if the
     /// connection stops first. A client that closes meanwhile may have sent the whole frame
     /// before its close, so the wait goes on (its long-polls are ended), until room frees up as
     /// other connections' large frames complete or their clients leave.
-    async fn charge_frame(&self, conn: &Conn, bytes: usize) -> Option<usize> {
-        let units = bytes.min(self.cfg.frame_memory_bytes);
-        let mut acquire = std::pin::pin!(self.frame_memory.acquire(units as u64));
+    async fn charge_frame(&self, conn: &Conn, charge: &mut ReadMemory, bytes: usize) -> bool {
+        let mut acquire = std::pin::pin!(charge.acquire(bytes));
         loop {
-            let done = future::or(async { Ok(acquire.as_mut().await) }, async {
+            let done = future::or(
+                async {
+                    acquire.as_mut().await;
+                    Ok(())
+                },
+                async {
                 if conn.hung_up.get() {
                     conn.reader_wake.wait().await;
                     Err(false)
@@ -658,11 +664,8 @@ impl Front {
             })
             .await;
             match done {
-                Ok(acquired) => {
-                    acquired.expect("the frame memory semaphore is never closed");
-                    return Some(units);
-                }
-                Err(_) if conn.stop.get() => return None,
+                Ok(()) => return true,
+                Err(_) if conn.stop.get() => return false,
                 Err(true) => self.hang_up(conn).await,
                 Err(false) => {}
             }
@@ -750,10 +753,9 @@ impl Front {
     /// they are committed. Otherwise every stalled client could finish a maximal frame at once
     /// and hand it on while the freed room took the next.
     fn hold_frame_charge(&self, conn: &Conn, id: u64, reserved: usize) -> usize {
-        let charge = conn.frame_charge.replace(0);
-        if charge == 0 {
+        let Some(charge) = conn.frame_charge.borrow_mut().take() else {
             return reserved;
-        }
+        };
         conn.frame_charges.borrow_mut().push((id, charge));
         reserved | RESERVED_FRAME
     }
@@ -1044,8 +1046,8 @@ impl Front {
                 .iter()
                 .position(|&(charged, _)| charged == id)
                 .expect("a charged append is listed");
-            let (_, charge) = charges.swap_remove(at);
-            self.frame_memory.signal(charge as u64);
+            // Dropping the charge returns it.
+            charges.swap_remove(at);
         }
         let (pooled, floors) = match reserved & (RESERVED_POOLED | RESERVED_FLOOR) {
             RESERVED_POOLED => (reserved & RESERVED_UNITS, 0),

@@ -180,6 +180,11 @@ pub fn serve(args: ServeArgs) -> Result<(), ServeError> {
         shards_open: Latch::default(),
         shard_ports,
         response_memory: ResponseMemory::new(args.response_memory_bytes),
+        // Room for at least one maximal frame.
+        frame_memory: shards::ReadPool::new(
+            args.frame_memory_bytes
+                .max(args.max_frame_bytes + proto::frame::FRAME_HEADER_BYTES),
+        ),
     });
     let (ready_tx, ready_rx) = mpsc::channel();
     let listeners = Listeners {
@@ -321,10 +326,6 @@ fn make_bundles(
         max_connections: args.max_connections,
         conn_budget_bytes: args.conn_budget_bytes,
         max_wait_ms: args.max_wait_ms,
-        // Room for at least one maximal frame.
-        frame_memory_bytes: args
-            .frame_memory_bytes
-            .max(args.max_frame_bytes + proto::frame::FRAME_HEADER_BYTES),
     };
     let fronts = front_executors(plan, !listeners.shards.is_empty());
     let mut bundles: Vec<Bundle> = plan
