@@ -33,10 +33,10 @@ use glommio::net::{TcpListener, TcpStream};
 use glommio::sync::Semaphore;
 use proto::codec::{self, Encoder};
 use proto::frame::{FrameReader, FRAME_HEADER_BYTES, READ_CHUNK_BYTES};
-use std::task::{ready, Poll};
 use proto::wire::{self, ErrorCode, RequestBody};
 use proto::DecodeError;
 use shards::{ReadMemory, ReadPool};
+use std::task::{ready, Poll};
 
 use crate::notify::Notify;
 use crate::ring::{Completion, ConnId, FromShard, FrontInbox, Latch, ReadArgs, Reply, RingSender, ToShard};
@@ -645,23 +645,24 @@ impl Front {
                     Ok(())
                 },
                 async {
-                if conn.hung_up.get() {
-                    conn.reader_wake.wait().await;
-                    Err(false)
-                } else {
-                    future::or(
-                        async {
-                            conn.reader_wake.wait().await;
-                            Err(false)
-                        },
-                        async {
-                            client_hung_up(&conn.stream).await;
-                            Err(true)
-                        },
-                    )
-                    .await
-                }
-            })
+                    if conn.hung_up.get() {
+                        conn.reader_wake.wait().await;
+                        Err(false)
+                    } else {
+                        future::or(
+                            async {
+                                conn.reader_wake.wait().await;
+                                Err(false)
+                            },
+                            async {
+                                client_hung_up(&conn.stream).await;
+                                Err(true)
+                            },
+                        )
+                        .await
+                    }
+                },
+            )
             .await;
             match done {
                 Ok(()) => return true,
