@@ -21,9 +21,11 @@ pub const READ_MEMORY_BYTES_DEFAULT: usize = shards::READ_MEMORY_BYTES_DEFAULT;
 /// The smallest read memory accepted: what one read may need at once (a response of half the
 /// largest budget, plus the largest commit read twice while it is copied out of the DMA buffer).
 pub const READ_MEMORY_BYTES_MIN: usize = 8 << 20;
-/// Default bound, per front executor, of the request frames larger than one socket read (64 KiB)
-/// that connections are receiving: eight maximal frames.
+/// Default bound of the request frames larger than 16 KiB that the connections of all fronts are
+/// receiving or have sent on as appends not yet answered: eight maximal frames.
 pub const FRAME_MEMORY_BYTES_DEFAULT: usize = 32 << 20;
+/// Default bound of the responses the reads of all fronts hold until they are written.
+pub const RESPONSE_MEMORY_BYTES_DEFAULT: usize = 32 << 20;
 /// Default capacity (messages) of each cross-executor ring, each direction.
 pub const RING_CAPACITY_DEFAULT: usize = 1024;
 
@@ -211,11 +213,21 @@ pub struct ServeArgs {
           value_parser = read_memory_bytes)]
     pub read_memory_bytes: usize,
 
-    /// Per front executor: memory for request frames larger than 64 KiB while they are received.
-    /// A connection takes a large frame's whole length before buffering it, and waits (reading
-    /// nothing more) while there is no room; at least one maximal frame.
+    /// Memory for request frames larger than 16 KiB, across all connections: from their first
+    /// bytes until they are answered (appends) or handed on. A connection takes a large frame's
+    /// whole length before buffering it, and waits (reading nothing more) while there is no room;
+    /// at least one maximal frame.
     #[arg(long, env = "SHARDLOG_FRAME_MEMORY_BYTES", default_value_t = FRAME_MEMORY_BYTES_DEFAULT)]
     pub frame_memory_bytes: usize,
+
+    /// Memory the reads of all connections may hold together in responses not yet written to
+    /// their sockets. A read takes its share when it is sent to its shard and never waits for
+    /// it: when less is free, it asks its shard for less; when even 16 KiB is not free, it answers
+    /// at most 16 KiB (at least one record) outside this bound, one such read per connection at
+    /// a time. So clients that do not read their answers cannot hold more, nor make other
+    /// clients' reads wait.
+    #[arg(long, env = "SHARDLOG_RESPONSE_MEMORY_BYTES", default_value_t = RESPONSE_MEMORY_BYTES_DEFAULT)]
+    pub response_memory_bytes: usize,
 
     /// How a commit is made durable.
     #[arg(long, env = "SHARDLOG_DURABILITY", value_enum, default_value_t = DurabilityArg::Dsync)]

@@ -35,6 +35,8 @@ use proto::codec::{self, Encoder};
 use proto::frame::{FrameReader, FRAME_HEADER_BYTES, READ_CHUNK_BYTES};
 use proto::wire::{self, ErrorCode, RequestBody};
 use proto::DecodeError;
+use shards::{ReadMemory, ReadPool};
+use std::task::{ready, Poll};
 
 use crate::notify::Notify;
 use crate::ring::{Completion, ConnId, FromShard, FrontInbox, Latch, ReadArgs, Reply, RingSender, ToShard};
@@ -60,8 +62,21 @@ pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(10);
 /// closed its sending side (see [`client_hung_up`]): the delay before an abandoned long-poll is
 /// noticed, against a timer per waiting connection.
 const HANGUP_CHECK_INTERVAL: Duration = Duration::from_millis(250);
-/// A writer keeps at most this much buffer capacity while idle.
-const IDLE_BUFFER_BYTES: usize = 64 << 10;
+/// A writer keeps at most this much buffer capacity between writes: enough for a burst of small
+/// answers, while a large response's buffer goes back to the allocator once it is written.
+const IDLE_BUFFER_BYTES: usize = 4 << 10;
+/// One socket read. Every connection of a front reads into the front's one buffer of this size
+/// and keeps only the bytes of a frame it has not completed (see [`Front::recv`]), so a waiting
+/// connection holds no receive buffer. 16 KiB, as Redis reads.
+const RECV_CHUNK_BYTES: usize = 16 << 10;
+/// A request frame longer than this takes its whole length of the process's frame memory before it
+/// is buffered (see [`Front::charge_frame`]). So a connection holds at most this much of a partial
+/// frame plus one socket read outside that bound.
+const LARGE_FRAME_BYTES: usize = 16 << 10;
+/// What a read may answer when the response memory is short: it answers at most this much
+/// (and at least one record), outside the response memory, one such read per connection at a
+/// time (see [`Front::reserve_read`]).
+pub const READ_FLOOR_BYTES: usize = 16 << 10;
 /// Request frame buffers kept for reuse (they come back from the shards with the answers).
 const FRAME_POOL_MAX: usize = 1024;
 /// A frame buffer larger than this is freed instead of kept for reuse. Frames this large are rare
@@ -98,6 +113,74 @@ fn bump(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
 }
 
+/// The bound on what the reads of all fronts of the process may answer before their responses
+/// are written to their sockets (`--response-memory-bytes`). A read takes its share when it is
+/// dispatched (its request, its task and the response it may become) and gives it back once its
+/// response is written; it never waits for it. When less is free than a read asks for, it asks
+/// its shard for less; when even a floor read does not fit, it answers at most
+/// [`READ_FLOOR_BYTES`] outside this bound, one such read per connection at a time. So clients
+/// that do not read their answers hold at most this bound plus one floor read each, and never
+/// make another client's read wait.
+#[derive(Debug)]
+pub struct ResponseMemory {
+    free: AtomicUsize,
+    capacity: usize,
+}
+
+impl ResponseMemory {
+    pub fn new(capacity: usize) -> ResponseMemory {
+        ResponseMemory {
+            free: AtomicUsize::new(capacity),
+            capacity,
+        }
+    }
+
+    /// Takes `want` bytes, or all that is free if that is less but at least `min`; `None` if
+    /// less than `min` is free.
+    fn try_take(&self, min: usize, want: usize) -> Option<usize> {
+        assert!(min <= want);
+        let mut free = self.free.load(Ordering::Relaxed);
+        loop {
+            if free < min {
+                return None;
+            }
+            let take = want.min(free);
+            match self
+                .free
+                .compare_exchange_weak(free, free - take, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return Some(take),
+                Err(now) => free = now,
+            }
+        }
+    }
+
+    fn give(&self, bytes: usize) {
+        if bytes == 0 {
+            return;
+        }
+        let before = self.free.fetch_add(bytes, Ordering::Relaxed);
+        assert!(
+            before + bytes <= self.capacity,
+            "more returned to the response memory than taken"
+        );
+    }
+
+    /// Bytes taken now.
+    pub fn held(&self) -> usize {
+        self.capacity - self.free.load(Ordering::Relaxed)
+    }
+}
+
+/// How a read's reservation travels: the front sends `reserved` with each request and the shard
+/// hands it back untouched with the answer. For a read its top bits also say whether it holds
+/// response memory (as much as its budget units) or its connection's floor read.
+/// For a large append, a third says it holds frame memory (listed in `Conn::frame_charges`).
+const RESERVED_POOLED: usize = 1 << (usize::BITS - 1);
+const RESERVED_FLOOR: usize = 1 << (usize::BITS - 2);
+const RESERVED_FRAME: usize = 1 << (usize::BITS - 3);
+const RESERVED_UNITS: usize = RESERVED_FRAME - 1;
+
 /// State shared by all front executors of the process.
 #[derive(Debug)]
 pub struct FrontShared {
@@ -112,6 +195,13 @@ pub struct FrontShared {
     /// Each shard's own port, by shard id (`HelloOk.shard_addresses`); empty when shard-aware
     /// connections are off.
     pub shard_ports: Vec<u16>,
+    /// What reads of every front may hold in responses not yet written.
+    pub response_memory: ResponseMemory,
+    /// Room for large request frames, from their first bytes until they are answered (appends)
+    /// or dispatched (anything else), across every front (`--frame-memory-bytes`): the same
+    /// first-come first-served byte pool the shards bound their reads with, whose charges may be
+    /// returned from any executor.
+    pub frame_memory: ReadPool,
 }
 
 impl FrontShared {
@@ -148,9 +238,6 @@ pub struct FrontConfig {
     pub conn_budget_bytes: usize,
     /// Ceiling of a read's `max_wait_ms`; longer waits are clamped to it.
     pub max_wait_ms: u32,
-    /// Bound of the request frames larger than one socket read that this front's connections
-    /// buffer together (see [`Front::charge_frame`]).
-    pub frame_memory_bytes: usize,
 }
 
 /// How a front reaches one shard.
@@ -183,8 +270,8 @@ pub struct Front {
     encoder: RefCell<Encoder>,
     /// Buffers to reuse for request frames that cross a ring to another executor's shard.
     frame_pool: RefCell<Vec<Vec<u8>>>,
-    /// Room for large request frames being received, `cfg.frame_memory_bytes` in all.
-    frame_memory: Semaphore,
+    /// The one buffer every connection's socket read goes into (see [`Front::recv`]).
+    recv_buf: RefCell<Vec<u8>>,
     /// This front's index at the shard on its own executor, if there is one.
     local_index: Cell<usize>,
     /// Shards whose ring got requests that have not woken it yet (see [`Front::flusher`]).
@@ -209,6 +296,18 @@ struct Conn {
     hung_up: Cell<bool>,
     /// Budget to return once `out` is written.
     out_release: Cell<usize>,
+    /// Response memory to return once `out` is written.
+    out_pooled: Cell<usize>,
+    /// Floor reads (0 or 1) whose answers are in `out`: the floor goes back once it is written.
+    out_floors: Cell<usize>,
+    /// One unit: the floor read this connection may have outside the response memory.
+    floor: Semaphore,
+    /// The frame memory the frame being dispatched holds (none for a small frame). An append takes
+    /// it over (see [`Front::hold_frame_charge`]); otherwise the reader returns it after dispatch.
+    frame_charge: RefCell<Option<ReadMemory>>,
+    /// Frame memory held by large appends until they are answered, by request id: the copy of
+    /// the frame and the append it becomes live that long.
+    frame_charges: RefCell<Vec<(u64, ReadMemory)>>,
     writer_wake: Notify,
     reader_wake: Notify,
     /// The reader has not finished.
@@ -232,7 +331,7 @@ impl Front {
     ) -> Rc<Front> {
         assert_eq!(links.len(), shard_count as usize);
         assert!(cfg.conn_budget_bytes >= SMALL_RESPONSE_BYTES + FRAME_HEADER_BYTES);
-        assert!(cfg.frame_memory_bytes >= cfg.max_frame_bytes + FRAME_HEADER_BYTES);
+        assert!(shared.frame_memory.capacity() >= cfg.max_frame_bytes + FRAME_HEADER_BYTES);
         let front = Rc::new_cyclic(|me| Front {
             index,
             shard_count,
@@ -245,7 +344,7 @@ impl Front {
             gathers: RefCell::new(HashMap::new()),
             encoder: RefCell::new(Encoder::new()),
             frame_pool: RefCell::new(Vec::new()),
-            frame_memory: Semaphore::new(cfg.frame_memory_bytes as u64),
+            recv_buf: RefCell::new(vec![0; RECV_CHUNK_BYTES]),
             local_index: Cell::new(usize::MAX),
             unflushed: RefCell::new(Vec::new()),
             flusher_wake: Notify::default(),
@@ -409,6 +508,11 @@ impl Front {
             sent_reads: Cell::new(false),
             hung_up: Cell::new(false),
             out_release: Cell::new(0),
+            out_pooled: Cell::new(0),
+            out_floors: Cell::new(0),
+            floor: Semaphore::new(1),
+            frame_charge: RefCell::new(None),
+            frame_charges: RefCell::new(Vec::new()),
             writer_wake: Notify::default(),
             reader_wake: Notify::default(),
             reading: Cell::new(true),
@@ -424,8 +528,8 @@ impl Front {
 
     async fn reader(self: Rc<Self>, conn: Rc<Conn>) {
         let mut frames = FrameReader::new(self.cfg.max_frame_bytes);
-        // What this connection holds of the front's frame memory (for the frame being received).
-        let mut frame_charge = 0;
+        // What this connection holds of the process's frame memory (for the frame being received).
+        let mut frame_charge = self.shared.frame_memory.memory();
         'read: loop {
             // Requests already received are served even when stopping: shutdown answers
             // everything it has read.
@@ -442,58 +546,61 @@ impl Front {
                         break 'read;
                     }
                 };
+                // Only a frame that outgrew one socket read can be this long: the charged frame.
+                // Its charge moves to the connection while it is handled (an append that crosses
+                // a ring keeps it until answered, see `hold_frame_charge`).
+                let charged = payload.len() + FRAME_HEADER_BYTES > LARGE_FRAME_BYTES;
+                if charged {
+                    let charge = std::mem::replace(&mut frame_charge, self.shared.frame_memory.memory());
+                    *conn.frame_charge.borrow_mut() = Some(charge);
+                }
                 bump(&self.counters().frames_in, 1);
                 self.dispatch(&conn, payload).await;
+                drop(conn.frame_charge.borrow_mut().take());
+                if charged {
+                    // The charged frame was read up to its end, so nothing follows it: its
+                    // buffer goes with its charge.
+                    frames.release_if_empty();
+                }
             }
             if conn.stop.get() {
                 break;
             }
             // A frame longer than one socket read grows the buffer to its length. It takes that
-            // much of the front's frame memory first, all at once, so that the partial frames of
+            // much of the process's frame memory first, all at once, so that the partial frames of
             // many slow or stalled clients together stay within the bound, and no connection
             // holds part of the room while it waits for the rest.
-            let large = frames
-                .pending_frame_bytes()
+            let pending = frames.pending_frame_bytes();
+            let large = pending
                 .map(|rest| frames.buffered() + rest)
-                .filter(|&len| len > READ_CHUNK_BYTES)
+                .filter(|&len| len > LARGE_FRAME_BYTES)
                 .unwrap_or(0);
-            if large != frame_charge {
-                // The previous large frame was taken: let the buffer shrink before its room goes
-                // back (`spare` compacts it).
-                frames.spare(0);
-                frames.filled(0);
-                self.frame_memory.signal(frame_charge as u64);
-                frame_charge = 0;
-                if large > 0 {
-                    match self.charge_frame(&conn, large).await {
-                        Some(units) => frame_charge = units,
-                        None => break,
-                    }
+            if large.min(self.shared.frame_memory.capacity()) != frame_charge.held() {
+                frame_charge.shrink_to(0);
+                if large > 0 && !self.charge_frame(&conn, &mut frame_charge, large).await {
+                    break;
                 }
             }
-            let spare = frames.spare(READ_CHUNK_BYTES);
-            let read = future::or(
-                async { Some(poll_fn(|cx| Pin::new(&mut *conn.stream.borrow_mut()).poll_read(cx, spare)).await) },
-                async {
-                    conn.reader_wake.wait().await;
-                    None
-                },
-            )
+            // A charged frame is read straight into its buffer, up to its end; anything else goes
+            // through the front's receive buffer.
+            let direct = (large > 0).then(|| pending.unwrap_or(0).clamp(1, READ_CHUNK_BYTES));
+            let read = future::or(async { Some(self.recv(&conn, &mut frames, direct).await) }, async {
+                conn.reader_wake.wait().await;
+                None
+            })
             .await;
             match read {
-                Some(Ok(n)) if n > 0 => {
-                    frames.filled(n);
-                    bump(&self.counters().bytes_in, n as u64);
-                }
+                Some(Ok(n)) if n > 0 => bump(&self.counters().bytes_in, n as u64),
                 Some(Ok(_)) | Some(Err(_)) => {
                     frames.filled(0);
                     break;
                 }
+                // A `spare` handed out for a direct read was not filled.
                 None => frames.filled(0),
             }
         }
         drop(frames);
-        self.frame_memory.signal(frame_charge as u64);
+        drop(frame_charge);
         // No request comes after this one, so nothing may wait for the client any more: a
         // long-poll would otherwise keep the connection (its slot, its budget, the shard's
         // attention) until its deadline, long after its client left.
@@ -502,39 +609,78 @@ impl Front {
         conn.writer_wake.notify();
     }
 
-    /// Takes `bytes` of the front's frame memory for a frame being received; `None` if the
+    /// One socket read of `conn` into `frames`: straight into its buffer when `direct` says how
+    /// much (the rest of a charged large frame) or when it has a buffer (it is being served),
+    /// otherwise into the front's receive buffer, of which only what arrived is appended. The receive buffer is borrowed only inside one poll:
+    /// glommio's `poll_read` on a socket is a non-blocking `recv` into the buffer it is given, or
+    /// else a readiness wait that keeps no pointer to it, so the connections of a front can share
+    /// it, and one waiting for its client holds no buffer at all.
+    async fn recv(&self, conn: &Conn, frames: &mut FrameReader, direct: Option<usize>) -> std::io::Result<usize> {
+        if let Some(len) = direct {
+            let spare = frames.spare(len);
+            let n = poll_fn(|cx| Pin::new(&mut *conn.stream.borrow_mut()).poll_read(cx, spare)).await?;
+            frames.filled(n);
+            return Ok(n);
+        }
+        poll_fn(|cx| {
+            if frames.capacity() > 0 {
+                // A connection that is being served reads straight into its own buffer, so a
+                // busy one copies nothing extra; once its client has nothing more to send it
+                // gives that buffer up (unless it holds part of a frame) and waits holding none.
+                let spare = frames.spare(RECV_CHUNK_BYTES);
+                let polled = Pin::new(&mut *conn.stream.borrow_mut()).poll_read(cx, spare);
+                frames.filled(match polled {
+                    Poll::Ready(Ok(n)) => n,
+                    _ => 0,
+                });
+                if polled.is_pending() {
+                    frames.release_if_empty();
+                }
+                return polled;
+            }
+            let mut buf = self.recv_buf.borrow_mut();
+            let n = ready!(Pin::new(&mut *conn.stream.borrow_mut()).poll_read(cx, &mut buf))?;
+            frames.extend(&buf[..n]);
+            Poll::Ready(Ok(n))
+        })
+        .await
+    }
+
+    /// Takes `bytes` of the process's frame memory for a frame being received; `false` if the
     /// connection stops first. A client that closes meanwhile may have sent the whole frame
     /// before its close, so the wait goes on (its long-polls are ended), until room frees up as
     /// other connections' large frames complete or their clients leave.
-    async fn charge_frame(&self, conn: &Conn, bytes: usize) -> Option<usize> {
-        let units = bytes.min(self.cfg.frame_memory_bytes);
-        let mut acquire = std::pin::pin!(self.frame_memory.acquire(units as u64));
+    async fn charge_frame(&self, conn: &Conn, charge: &mut ReadMemory, bytes: usize) -> bool {
+        let mut acquire = std::pin::pin!(charge.acquire(bytes));
         loop {
-            let done = future::or(async { Ok(acquire.as_mut().await) }, async {
-                if conn.hung_up.get() {
-                    conn.reader_wake.wait().await;
-                    Err(false)
-                } else {
-                    future::or(
-                        async {
-                            conn.reader_wake.wait().await;
-                            Err(false)
-                        },
-                        async {
-                            client_hung_up(&conn.stream).await;
-                            Err(true)
-                        },
-                    )
-                    .await
-                }
-            })
+            let done = future::or(
+                async {
+                    acquire.as_mut().await;
+                    Ok(())
+                },
+                async {
+                    if conn.hung_up.get() {
+                        conn.reader_wake.wait().await;
+                        Err(false)
+                    } else {
+                        future::or(
+                            async {
+                                conn.reader_wake.wait().await;
+                                Err(false)
+                            },
+                            async {
+                                client_hung_up(&conn.stream).await;
+                                Err(true)
+                            },
+                        )
+                        .await
+                    }
+                },
+            )
             .await;
             match done {
-                Ok(acquired) => {
-                    acquired.expect("the frame memory semaphore is never closed");
-                    return Some(units);
-                }
-                Err(_) if conn.stop.get() => return None,
+                Ok(()) => return true,
+                Err(_) if conn.stop.get() => return false,
                 Err(true) => self.hang_up(conn).await,
                 Err(false) => {}
             }
@@ -558,12 +704,21 @@ impl Front {
     /// whole budget takes the whole budget, so one maximal frame can always proceed.
     async fn reserve(&self, conn: &Conn, bytes: usize) -> usize {
         let units = bytes.min(self.cfg.conn_budget_bytes);
-        let mut acquire = std::pin::pin!(conn.budget.acquire(units as u64));
+        self.acquire_watching(conn, &conn.budget, units).await;
+        conn.in_flight.set(conn.in_flight.get() + 1);
+        assert!(units <= RESERVED_UNITS);
+        units
+    }
+
+    /// Takes `units` of one of `conn`'s own semaphores (its budget, its floor read), which only
+    /// its own answers being written give back.
+    async fn acquire_watching(&self, conn: &Conn, sem: &Semaphore, units: usize) {
+        let mut acquire = std::pin::pin!(sem.acquire(units as u64));
         let mut acquired = None;
         if !conn.hung_up.get() {
-            // While it waits for budget the reader does not read the socket, so it would not see
-            // the end of the stream; if the budget is held by this connection's own long-polls it
-            // would wait for their deadlines. Watch for the client's close meanwhile.
+            // While it waits the reader does not read the socket, so it would not see the end
+            // of the stream; if what it waits for is held by this connection's own long-polls
+            // it would wait for their deadlines. Watch for the client's close meanwhile.
             acquired = future::or(async { Some(acquire.as_mut().await) }, async {
                 client_hung_up(&conn.stream).await;
                 None
@@ -577,11 +732,47 @@ impl Front {
             Some(done) => done,
             None => acquire.await,
         };
-        // The semaphore is only closed by dropping the connection, which cannot happen while its
-        // reader runs.
-        acquired.expect("connection budget semaphore is never closed");
-        conn.in_flight.set(conn.in_flight.get() + 1);
-        units
+        // A connection's semaphores are only closed by dropping the connection, which cannot
+        // happen while its reader runs.
+        acquired.expect("a connection's semaphore is never closed");
+    }
+
+    /// Reserves what a read of up to `want` bytes needs: budget, then response memory (see
+    /// [`ResponseMemory`]). Returns the reservation to send with it and the `max_bytes` to ask
+    /// the shard for, `want` or less when the response memory is short.
+    async fn reserve_read(&self, conn: &Conn, frame_bytes: usize, want: usize) -> (usize, usize) {
+        let overhead = frame_bytes + SMALL_RESPONSE_BYTES + READ_TASK_BYTES;
+        // The budget first, for all that was asked: waiting for it waits for this connection's
+        // own client only, and nothing is held meanwhile that another connection needs.
+        let reserved = self.reserve(conn, overhead + want).await;
+        let floor_units = (overhead + want.min(READ_FLOOR_BYTES)).min(reserved);
+        let (units, max_bytes, kind) = match self.shared.response_memory.try_take(floor_units, reserved) {
+            Some(taken) => (taken, want.min(taken.saturating_sub(overhead)), RESERVED_POOLED),
+            None => {
+                // The response memory is held by answers not yet written, most likely by
+                // clients that do not read them. Waiting for it could wait for them forever;
+                // this read answers little instead, and waits only for this connection's
+                // previous floor read to be written, that is for its own client.
+                self.acquire_watching(conn, &conn.floor, 1).await;
+                (floor_units, want.min(READ_FLOOR_BYTES), RESERVED_FLOOR)
+            }
+        };
+        assert!(units <= reserved && units <= RESERVED_UNITS);
+        // What the read will not answer goes back at once.
+        conn.budget.signal((reserved - units) as u64);
+        (units | kind, max_bytes.max(1))
+    }
+
+    /// An append of a large frame keeps the frame memory its frame was received in until it is
+    /// answered: the copy of the frame lives until the shard has taken it, and its records until
+    /// they are committed. Otherwise every stalled client could finish a maximal frame at once
+    /// and hand it on while the freed room took the next.
+    fn hold_frame_charge(&self, conn: &Conn, id: u64, reserved: usize) -> usize {
+        let Some(charge) = conn.frame_charge.borrow_mut().take() else {
+            return reserved;
+        };
+        conn.frame_charges.borrow_mut().push((id, charge));
+        reserved | RESERVED_FRAME
     }
 
     async fn protocol_error(&self, conn: &Rc<Conn>, id: u64, e: &DecodeError) {
@@ -623,13 +814,16 @@ impl Front {
                 let reserved = self.reserve(conn, frame_bytes + SMALL_RESPONSE_BYTES).await;
                 match &self.links[shard as usize] {
                     // The shard of this executor: its records go from the receive buffer straight
-                    // into the commit buffer, with no copy of the frame in between.
+                    // into the commit buffer, with no copy of the frame in between (the frame's
+                    // charge, if any, ends when the reader has handed it over).
                     ShardLink::Local(server) => {
                         server.wait_for_queue_room().await;
                         server.append(self.local_index.get(), conn.id, id, reserved, payload);
                     }
-                    // Another core's shard: the frame crosses the ring in a buffer of its own.
+                    // Another core's shard: the frame crosses the ring in a buffer of its own,
+                    // which keeps the frame's charge until it is answered.
                     ShardLink::Ring(_) => {
+                        let reserved = self.hold_frame_charge(conn, id, reserved);
                         let mut frame = self.frame_pool.borrow_mut().pop().unwrap_or_default();
                         frame.extend_from_slice(payload);
                         let msg = ToShard::Append {
@@ -660,9 +854,7 @@ impl Front {
                 // A read may not ask for more than half the budget, so it can always be served
                 // while other requests of the connection are in flight.
                 let max_bytes = (read.max_bytes() as usize).clamp(1, self.cfg.conn_budget_bytes / 2);
-                let reserved = self
-                    .reserve(conn, frame_bytes + max_bytes + SMALL_RESPONSE_BYTES + READ_TASK_BYTES)
-                    .await;
+                let (reserved, max_bytes) = self.reserve_read(conn, frame_bytes, max_bytes).await;
                 // After `reserve`: the client may have closed its side meanwhile, and the shards
                 // have then been told to end this connection's waits already.
                 let max_wait_ms = if conn.hung_up.get() {
@@ -876,6 +1068,24 @@ impl Front {
     /// Queues the response of one request for the writer.
     fn complete(&self, conn: &Conn, id: u64, reserved: usize, reply: Reply) {
         assert!(conn.in_flight.get() > 0);
+        if reserved & RESERVED_FRAME != 0 {
+            let mut charges = conn.frame_charges.borrow_mut();
+            // Ids are the client's and may repeat; answers to two charged appends with the same
+            // id only trade their (both held) charges.
+            let at = charges
+                .iter()
+                .position(|&(charged, _)| charged == id)
+                .expect("a charged append is listed");
+            // Dropping the charge returns it.
+            charges.swap_remove(at);
+        }
+        let (pooled, floors) = match reserved & (RESERVED_POOLED | RESERVED_FLOOR) {
+            RESERVED_POOLED => (reserved & RESERVED_UNITS, 0),
+            RESERVED_FLOOR => (0, 1),
+            0 => (0, 0),
+            _ => unreachable!("a read holds response memory or its floor, not both"),
+        };
+        let reserved = reserved & RESERVED_UNITS;
         conn.in_flight.set(conn.in_flight.get() - 1);
         let mut out = conn.out.borrow_mut();
         let before = out.len();
@@ -918,6 +1128,8 @@ impl Front {
             // budget after its next write, which may never come, and the reader would then wait
             // for budget forever. Return it now.
             conn.budget.signal(reserved as u64);
+            self.shared.response_memory.give(pooled);
+            conn.floor.signal(floors as u64);
             // The writer has nothing to write: wake it only if it may now finish (see `writer`),
             // not once per silent append.
             if conn.in_flight.get() == 0 && !conn.reading.get() {
@@ -925,6 +1137,8 @@ impl Front {
             }
         } else {
             conn.out_release.set(conn.out_release.get() + reserved);
+            conn.out_pooled.set(conn.out_pooled.get() + pooled);
+            conn.out_floors.set(conn.out_floors.get() + floors);
             conn.writer_wake.notify();
         }
     }
@@ -942,6 +1156,8 @@ impl Front {
             // Everything completed since the last write goes out in one write.
             std::mem::swap(&mut buf, &mut *conn.out.borrow_mut());
             let release = conn.out_release.replace(0);
+            let pooled = conn.out_pooled.replace(0);
+            let floors = conn.out_floors.replace(0);
             if !conn.broken.get() {
                 let wrote = future::or(async { Some(write_all(&conn.stream, &buf).await) }, async {
                     conn.abort.wait().await;
@@ -962,8 +1178,11 @@ impl Front {
                 buf = Vec::new();
             }
             conn.budget.signal(release as u64);
+            self.shared.response_memory.give(pooled);
+            conn.floor.signal(floors as u64);
         }
         assert_eq!(conn.in_flight.get(), 0);
+        assert!(conn.frame_charges.borrow().is_empty());
         // Linger before leaving `conns`, so that shutdown's drain waits for it.
         if conn.linger.get() && !conn.broken.get() {
             linger_close(&conn.stream).await;

@@ -23,7 +23,7 @@ use std::time::Duration;
 use crate::checks;
 use crate::config::{ServeArgs, ShardPorts};
 use crate::faults::{self, FaultSpec};
-use crate::front::{Front, FrontConfig, FrontCounters, FrontShared, ShardLink};
+use crate::front::{Front, FrontConfig, FrontCounters, FrontShared, ResponseMemory, ShardLink};
 use crate::metrics::MetricsServer;
 use crate::plan::{self, Plan};
 use crate::ring::{self, FromShard, Latch, RingReceiver, RingSender, ToShard};
@@ -179,6 +179,12 @@ pub fn serve(args: ServeArgs) -> Result<(), ServeError> {
         shutdown: shutdown.clone(),
         shards_open: Latch::default(),
         shard_ports,
+        response_memory: ResponseMemory::new(args.response_memory_bytes),
+        // Room for at least one maximal frame.
+        frame_memory: shards::ReadPool::new(
+            args.frame_memory_bytes
+                .max(args.max_frame_bytes + proto::frame::FRAME_HEADER_BYTES),
+        ),
     });
     let (ready_tx, ready_rx) = mpsc::channel();
     let listeners = Listeners {
@@ -320,10 +326,6 @@ fn make_bundles(
         max_connections: args.max_connections,
         conn_budget_bytes: args.conn_budget_bytes,
         max_wait_ms: args.max_wait_ms,
-        // Room for at least one maximal frame.
-        frame_memory_bytes: args
-            .frame_memory_bytes
-            .max(args.max_frame_bytes + proto::frame::FRAME_HEADER_BYTES),
     };
     let fronts = front_executors(plan, !listeners.shards.is_empty());
     let mut bundles: Vec<Bundle> = plan

@@ -20,8 +20,9 @@ use proto::wire::{AckLevel, ErrorCode, ReadT, RequestBodyT, RequestT, ResponseBo
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-/// Peak resident memory allowed in the 1000-connection test.
-const PEAK_BOUND_KIB: u64 = 512 << 10;
+/// Peak resident memory allowed in the 1000-connection test: the issue's target. What the
+/// daemon's bounds allow for this mix is about 225 MiB (docs/RELIABILITY.md, "Resource bounds").
+const PEAK_BOUND_KIB: u64 = 256 << 10;
 /// How long a raw read waits before concluding the daemon sent nothing. Only a guard.
 const READ_GUARD: Duration = Duration::from_secs(900);
 /// How long the daemon may take to free a connection slot after its client left. The long-polls
@@ -319,6 +320,74 @@ fn check_records(r: &ResponseT, shard: u16, from: u64, len: usize) -> usize {
     got.len()
 }
 
+/// Clients that do not read their answers hold the response memory; other clients' reads are
+/// then answered small (a floor read) instead of waiting for them, and answered in full again
+/// once the slow clients have read everything (the memory came back).
+#[test]
+fn reads_are_answered_small_while_slow_readers_hold_the_response_memory() {
+    let (records, len) = (3000u64, 1000usize);
+    let dir = data_dir();
+    let d = Daemon::start(
+        dir.path(),
+        &DaemonOpts::shards(1).arg("--response-memory-bytes").arg("4194304"),
+    );
+    fill(&d, 1, records, len);
+    // Many more answers than the socket buffers take, so each slow reader's later answers wait
+    // in the daemon.
+    let mut slow = Vec::new();
+    for _ in 0..8 {
+        let mut s = connect(d.addr);
+        let mut out = Vec::new();
+        for i in 0..32u64 {
+            read_frame(i + 1, 0, 1 + i * 50, 1 << 20, 0, &mut out);
+        }
+        s.write_all(&out).expect("send reads");
+        slow.push(s);
+    }
+    let mut c = connect(d.addr);
+    let full = |got: usize| got as u64 >= (1 << 20) / (len as u64 + 64);
+    let started = Instant::now();
+    let mut id = 1;
+    let small = loop {
+        let mut out = Vec::new();
+        read_frame(id, 0, 1, 1 << 20, 0, &mut out);
+        c.write_all(&out).expect("send read");
+        let r = wait_for(&mut c, id);
+        let got = check_records(&r, 0, 1, len);
+        assert!(got > 0);
+        if (got * len) <= (16 << 10) + len {
+            break got;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "reads still answered {got} records after {:?}, while slow readers hold their answers",
+            started.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        id += 1;
+    };
+    println!("a 1 MiB read answered {small} records while the response memory was held");
+    for (k, mut s) in slow.into_iter().enumerate() {
+        for _ in 0..32 {
+            let r = read_response(&mut s).expect("answered");
+            let from = 1 + (r.id - 1) * 50;
+            assert!(check_records(&r, 0, from, len) > 0, "slow reader {k}, answer {}", r.id);
+        }
+        expect_pong(&mut s, 100);
+    }
+    // Everything was written: the memory is back, and a read is answered in full.
+    id += 1;
+    let mut out = Vec::new();
+    read_frame(id, 0, 1, 1 << 20, 0, &mut out);
+    c.write_all(&out).expect("send read");
+    let r = wait_for(&mut c, id);
+    let got = check_records(&r, 0, 1, len);
+    assert!(
+        full(got),
+        "a 1 MiB read answered {got} records once the slow readers had read"
+    );
+}
+
 /// A maximal request frame: an append of one record as large as `--max-frame-bytes` allows.
 fn maximal_append_frame(id: u64, stream: u64) -> Vec<u8> {
     let max = proto::frame::FRAME_BYTES_MAX_DEFAULT;
@@ -492,7 +561,7 @@ fn a_thousand_mixed_connections_stay_bounded_and_are_all_answered() {
         expect_pong(&mut s, 100);
     }
     // The stalled clients finish their frames: too large for a commit, so a typed error. All at
-    // once: the front's frame memory holds eight maximal frames, taken in the order their
+    // once: the frame memory holds eight maximal frames, taken in the order their
     // clients came, so finishing them one by one could wait on one that has no room yet.
     let big = std::sync::Arc::new(big);
     let stalled: Vec<_> = stalled_conns
@@ -519,9 +588,9 @@ fn a_thousand_mixed_connections_stay_bounded_and_are_all_answered() {
     let peak = hwm_kib(&d);
     let rss = d.rss_kib();
     println!("after every connection was answered: VmHWM {peak} KiB, VmRSS {rss} KiB");
-    // The issue's target is 256 MiB; what is left above it is the unsent responses of slow
-    // readers, bounded per connection by its budget only (docs/RELIABILITY.md, "Resource
-    // bounds"). This bound catches a return of unbounded reads (GBs on the old read path).
+    // The slow readers' unsent answers are bounded in total by the response memory (plus one
+    // small floor read each), the stalled frames by the frame memory, and idle connections hold
+    // no buffers; before those bounds the daemon peaked at 224-353 MiB here.
     assert!(
         peak < PEAK_BOUND_KIB,
         "the daemon peaked at {peak} KiB with 1000 connections (bound {PEAK_BOUND_KIB} KiB)"

@@ -128,9 +128,34 @@ impl FrameReader {
     pub fn extend(&mut self, bytes: &[u8]) {
         assert_eq!(self.spare_len, 0, "filled() must follow spare()");
         self.compact();
-        self.reserve_tail(bytes.len());
-        self.buf[self.end..self.end + bytes.len()].copy_from_slice(bytes);
+        if self.buf.len() >= self.end + bytes.len() {
+            self.buf[self.end..self.end + bytes.len()].copy_from_slice(bytes);
+        } else {
+            // Grow by exactly what arrived, without zeroing storage that is written at once.
+            self.buf.truncate(self.end);
+            self.buf.extend_from_slice(bytes);
+        }
         self.end += bytes.len();
+    }
+
+    /// Frees the storage if nothing is buffered, so that a connection waiting for its next
+    /// request holds no buffer at all; returns whether it did. A caller reading from many
+    /// sockets can then read each into one shared buffer and [`FrameReader::extend`] only what
+    /// arrived.
+    pub fn release_if_empty(&mut self) -> bool {
+        assert_eq!(self.spare_len, 0, "filled() must follow spare()");
+        if self.start != self.end {
+            return false;
+        }
+        self.buf = Vec::new();
+        self.start = 0;
+        self.end = 0;
+        true
+    }
+
+    /// Bytes of storage this reader holds (its capacity), whether buffered or not.
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
     }
 
     /// Returns a writable tail of at least `min` bytes for a socket read to
@@ -201,3 +226,43 @@ impl FrameReader {
 
 /// A typical socket read size.
 pub const READ_CHUNK_BYTES: usize = 64 << 10;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_frame(payload, &mut out);
+        out
+    }
+
+    #[test]
+    fn an_empty_reader_gives_its_storage_back_and_a_partial_frame_keeps_it() {
+        let mut r = FrameReader::new(1 << 20);
+        let two = [frame(&[1; 100]), frame(&[2; 300])].concat();
+        // Everything but the last byte: one whole frame and a partial one.
+        r.extend(&two[..two.len() - 1]);
+        assert_eq!(r.next_frame(), Ok(Some(&[1u8; 100][..])));
+        assert_eq!(r.next_frame(), Ok(None));
+        assert!(!r.release_if_empty(), "a partial frame is kept");
+        assert_eq!(r.pending_frame_bytes(), Some(1));
+        r.extend(&two[two.len() - 1..]);
+        assert_eq!(r.next_frame(), Ok(Some(&[2u8; 300][..])));
+        assert!(r.release_if_empty());
+        assert_eq!(r.capacity(), 0);
+        assert_eq!(r.buffered(), 0);
+        // It works on from nothing, through `spare` as well as `extend`.
+        let one = frame(&[3; 10]);
+        r.spare(one.len()).copy_from_slice(&one);
+        r.filled(one.len());
+        assert_eq!(r.next_frame(), Ok(Some(&[3u8; 10][..])));
+    }
+
+    #[test]
+    fn extend_grows_by_what_arrived() {
+        let mut r = FrameReader::new(1 << 20);
+        r.extend(&frame(&[9; 1000])[..500]);
+        assert!(r.capacity() < 1000, "capacity {}", r.capacity());
+    }
+}

@@ -42,9 +42,12 @@ pub const PREEMPT_TIMER_DEFAULT: Duration = Duration::from_millis(100);
 /// The shortest preemption timer [`spawn`] accepts. Below about this glommio 0.9 cannot run a
 /// task at all: with a 1 us timer an executor parks at once and every wake re-arms a timer that
 /// fires before the first queue runs (measured: 0 turns with the guard kicking it 300 times a
-/// second). Timers this short only serve tests that provoke the park bug; production uses
-/// milliseconds.
-pub const PREEMPT_TIMER_MIN: Duration = Duration::from_micros(5);
+/// second), and at 5 us an executor on a loaded machine can find the timer due on every pass of
+/// its loop. 10 us is the longest timer at which glommio still parks a new executor before its
+/// first poll often enough for a test to catch a guard that misses it (2 of 100 executors under
+/// load without the guard; none at 20 us and above), and `stall_guard`'s first-instant test runs
+/// at it. Timers this short only serve such tests; production uses milliseconds.
+pub const PREEMPT_TIMER_MIN: Duration = Duration::from_micros(10);
 
 /// How to start an executor. Every default is a named constant.
 #[derive(Debug, Clone)]

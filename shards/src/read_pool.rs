@@ -127,6 +127,15 @@ impl ReadPool {
     }
 }
 
+impl std::fmt::Debug for ReadPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadPool")
+            .field("capacity", &self.capacity())
+            .field("held", &self.held())
+            .finish()
+    }
+}
+
 /// What one read holds of a [`ReadPool`]; returned when shrunk or dropped.
 pub struct ReadMemory {
     /// `None`: not bounded (tools and tests that read outside a server).
