@@ -61,7 +61,7 @@ use crate::segments::{
     segment_name, summary_name, Active, Segment, Segments, SummaryState, CHECKPOINT_NAME, INDEX_INTERVAL_BYTES,
 };
 use crate::shard::PIPELINE_DEPTH;
-use crate::storage::{LocalBoxFuture, SegmentFile, Storage};
+use crate::storage::{AlignedBuf, LocalBoxFuture, SegmentFile, Storage};
 use crate::ShardOptions;
 
 /// Recovery reads a segment in pieces of this size ...
@@ -258,48 +258,167 @@ async fn bounded<T: 'static>(in_flight: usize, jobs: impl IntoIterator<Item = Lo
     }
 }
 
+/// One read of a [`ChunkReader`]: `len` bytes of `buf` from segment offset `offset`.
+struct Chunk {
+    offset: u64,
+    len: usize,
+    buf: AlignedBuf,
+    /// Nothing of the range follows: the range's end, or the end of the file.
+    last: bool,
+}
+
+impl Chunk {
+    fn bytes(&self) -> &[u8] {
+        &self.buf.as_slice()[..self.len]
+    }
+}
+
+type ReadTask = glommio::task::JoinHandle<(io::Result<usize>, AlignedBuf)>;
+
 /// Reads `[from, to)` of a segment (block aligned) in order, with up to
-/// [`RECOVERY_READS_IN_FLIGHT`] reads of [`RECOVERY_READ_BYTES`] in flight ahead of the one
-/// handed out. Stops early at the end of the file.
+/// [`RECOVERY_READS_IN_FLIGHT`] reads of [`RECOVERY_READ_BYTES`] in flight, into a fixed set of
+/// aligned buffers that go round: the caller hands each chunk back ([`ChunkReader::give_back`])
+/// once it has scanned it, and its buffer takes the next read. The device writes straight into
+/// them (no allocation, no page touched for the first time, and no copy per read). Stops early
+/// at the end of the file.
 struct ChunkReader {
     file: Rc<dyn SegmentFile>,
-    queue: VecDeque<(usize, glommio::task::JoinHandle<io::Result<Vec<u8>>>)>,
+    free: Vec<AlignedBuf>,
+    queue: VecDeque<(u64, usize, ReadTask)>,
     next: u64,
     to: u64,
 }
 
 impl ChunkReader {
-    fn new(f: &Found, from: u64, to: u64) -> ChunkReader {
+    fn new(file: Rc<dyn SegmentFile>, from: u64, to: u64) -> ChunkReader {
         assert_eq!(from % BLOCK_BYTES, 0);
+        let chunks = (to.saturating_sub(from)).div_ceil(RECOVERY_READ_BYTES) as usize;
+        // One more than in flight: the chunk being scanned.
+        let buffers = chunks.min(RECOVERY_READS_IN_FLIGHT + 1);
         ChunkReader {
-            file: f.file.clone(),
+            file,
+            free: (0..buffers).map(|_| AlignedBuf::new(RECOVERY_READ_BYTES as usize)).collect(),
             queue: VecDeque::new(),
             next: from,
             to,
         }
     }
 
-    async fn next(&mut self, storage: &dyn Storage, f: &Found) -> Result<Option<Vec<u8>>, ShardError> {
+    fn give_back(&mut self, chunk: Chunk) {
+        let mut buf = chunk.buf;
+        buf.set_len(buf.capacity());
+        self.free.push(buf);
+    }
+
+    async fn next(&mut self, storage: &dyn Storage, name: &str) -> Result<Option<Chunk>, ShardError> {
         while self.queue.len() < RECOVERY_READS_IN_FLIGHT && self.next < self.to {
+            let Some(mut buf) = self.free.pop() else { break };
             let len = RECOVERY_READ_BYTES.min(self.to - self.next) as usize;
+            buf.set_len(align_up(len as u64) as usize);
             // A task per read, so that they are all submitted before the first is awaited.
-            let task = glommio::spawn_local(self.file.read(self.next, len)).detach();
-            self.queue.push_back((len, task));
+            let task = glommio::spawn_local(self.file.read_into(self.next, buf)).detach();
+            self.queue.push_back((self.next, len, task));
             self.next += len as u64;
         }
-        let Some((len, task)) = self.queue.pop_front() else {
+        let Some((offset, len, task)) = self.queue.pop_front() else {
             return Ok(None);
         };
-        let chunk =
-            task.await
-                .expect("a read task is never cancelled")
-                .map_err(io_err(storage, "read segment", &f.name))?;
-        if chunk.len() < len {
+        let (read, buf) = task.await.expect("a read task is never cancelled");
+        let got = match read {
+            Ok(got) => got.min(len),
+            Err(e) => {
+                self.free.push(buf);
+                return Err(io_err(storage, "read segment", name)(e));
+            }
+        };
+        if got < len {
             // The end of the file: nothing after it.
-            self.queue.clear();
+            for (_, _, task) in self.queue.drain(..) {
+                let (_, buf) = task.await.expect("a read task is never cancelled");
+                self.free.push(buf);
+            }
             self.next = self.to;
         }
-        Ok(Some(chunk))
+        let last = self.queue.is_empty() && self.next >= self.to;
+        Ok(Some(Chunk {
+            offset,
+            len: got,
+            buf,
+            last,
+        }))
+    }
+}
+
+/// First copy of a commit that runs from one read into the next: this much of the next read,
+/// doubled until the commit is whole.
+const STRADDLE_COPY_BYTES: usize = 64 << 10;
+
+/// Feeds a [`Scanner`] the reads of a segment in place, copying only what runs across the end of
+/// a read: the start of a commit that continues in the next one (kept in `carry`, completed from
+/// the next read's first bytes), and, once the scan is done, the bytes from the block holding its
+/// end on (for the tail of the last segment).
+struct InPlaceScan {
+    scanner: Scanner,
+    /// Bytes before the current read that are still needed, from `carry.base`; they run up to
+    /// the current read's start.
+    carry: Window,
+}
+
+impl InPlaceScan {
+    fn new(scanner: Scanner) -> InPlaceScan {
+        InPlaceScan {
+            scanner,
+            carry: Window::default(),
+        }
+    }
+
+    /// Scans `data` (segment bytes from `base`, following whatever was fed before); `last`: the
+    /// bytes end there. With `keep_rest`, bytes after a finished scan are kept too.
+    fn feed(&mut self, data: &[u8], base: u64, last: bool, keep_rest: bool) {
+        if self.carry.bytes.is_empty() {
+            self.carry.base = base;
+        }
+        assert_eq!(self.carry.base + self.carry.bytes.len() as u64, base, "reads follow each other");
+        let was_done = self.scanner.done;
+        if !was_done {
+            if self.scanner.offset < base {
+                // A commit started in an earlier read: complete it from the carried bytes and a
+                // copy of as much of this read as it needs.
+                let carried = self.carry.bytes.len();
+                let mut take = 0;
+                while !self.scanner.done && self.scanner.offset < base && take < data.len() {
+                    let more = (take * 2).max(STRADDLE_COPY_BYTES).min(data.len());
+                    self.carry.bytes.extend_from_slice(&data[take..more]);
+                    take = more;
+                    self.scanner
+                        .feed(&self.carry.bytes, self.carry.base, last && take == data.len());
+                }
+                self.carry.bytes.truncate(carried);
+            }
+            if !self.scanner.done && self.scanner.offset >= base {
+                self.scanner.feed(data, base, last);
+            }
+        }
+        if self.scanner.done && (!was_done || keep_rest) {
+            let from = if was_done { self.carry.base } else { align_down(self.scanner.offset) };
+            self.keep(data, base, from);
+        } else if !self.scanner.done {
+            self.keep(data, base, align_down(self.scanner.offset));
+        }
+    }
+
+    /// Keeps the bytes from `from` (clamped to what is held) to the end of `data`.
+    fn keep(&mut self, data: &[u8], base: u64, from: u64) {
+        let from = from.clamp(self.carry.base, base + data.len() as u64);
+        if from >= base {
+            self.carry.bytes.clear();
+            self.carry.bytes.extend_from_slice(&data[(from - base) as usize..]);
+            self.carry.base = from;
+        } else {
+            self.carry.bytes.drain(..(from - self.carry.base) as usize);
+            self.carry.base = from;
+            self.carry.bytes.extend_from_slice(data);
+        }
     }
 }
 
@@ -312,50 +431,30 @@ async fn scan_segment(
     read_rest: bool,
     report: &mut RecoveryReport,
 ) -> Result<(Scan, u64, Vec<u8>), ShardError> {
-    let mut reader = ChunkReader::new(f, 0, f.capacity());
-    let mut scanner = Scanner::new(f.header.sequence, SEGMENT_DATA_OFFSET, f.header.base_lsn);
-    let mut window = Window::default();
-    while !scanner.done {
-        let chunk = reader.next(storage, f).await?;
-        if let Some(chunk) = &chunk {
-            report.bytes_read += chunk.len() as u64;
-            window.push(chunk, scanner.offset);
-        }
-        scanner.feed(&window.bytes, window.base, chunk.is_none());
+    let mut reader = ChunkReader::new(f.file.clone(), 0, f.capacity());
+    let mut scan = InPlaceScan::new(Scanner::new(f.header.sequence, SEGMENT_DATA_OFFSET, f.header.base_lsn));
+    while !scan.scanner.done || read_rest {
+        let Some(chunk) = reader.next(storage, &f.name).await? else {
+            if !scan.scanner.done {
+                // The file ended inside a commit: what is carried is all there is.
+                let rest = std::mem::take(&mut scan.carry);
+                scan.feed(&rest.bytes, rest.base, true, false);
+            }
+            break;
+        };
+        report.bytes_read += chunk.len as u64;
+        scan.feed(chunk.bytes(), chunk.offset, chunk.last, read_rest);
+        reader.give_back(chunk);
     }
-    let scan = scanner.finish();
-    window.keep_from(scan.end_offset);
-    if read_rest {
-        while let Some(chunk) = reader.next(storage, f).await? {
-            report.bytes_read += chunk.len() as u64;
-            window.push(&chunk, scan.end_offset);
-        }
-    }
-    Ok((scan, window.base, window.bytes))
+    let InPlaceScan { scanner, carry } = scan;
+    Ok((scanner.finish(), carry.base, carry.bytes))
 }
 
-/// The bytes of a segment a [`Scanner`] still needs, from `base` on: those not scanned yet and
-/// the block holding the scan's position (for the tail of the last segment). Its memory is
-/// reused from read to read, so a scan touches no fresh page per byte read.
+/// Bytes of a segment held across reads, from `base` on.
 #[derive(Default)]
 struct Window {
     base: u64,
     bytes: Vec<u8>,
-}
-
-impl Window {
-    /// Drops the bytes before the block holding `offset` (none if not read that far yet).
-    fn keep_from(&mut self, offset: u64) {
-        let from = align_down(offset).clamp(self.base, self.base + self.bytes.len() as u64);
-        self.bytes.drain(..(from - self.base) as usize);
-        self.base = from;
-    }
-
-    /// Appends the next bytes read, dropping what the scan at `offset` no longer needs.
-    fn push(&mut self, chunk: &[u8], offset: u64) {
-        self.keep_from(offset);
-        self.bytes.extend_from_slice(chunk);
-    }
 }
 
 /// Reads `[from, to)` of a segment (block aligned), with up to [`RECOVERY_READS_IN_FLIGHT`]
@@ -921,23 +1020,27 @@ mod tests {
         data
     }
 
-    /// Scans `data` fed in pieces of `piece` bytes, through a [`Window`] as recovery does.
+    /// Scans `data` fed in pieces of `piece` bytes, in place, as recovery does.
     fn scan_in_pieces(data: &[u8], piece: usize) -> Scan {
-        let mut scanner = Scanner::new(3, SEGMENT_DATA_OFFSET, 1);
-        let mut window = Window::default();
-        let mut pieces = data.chunks(piece);
-        while !scanner.done {
-            let next = pieces.next();
-            if let Some(p) = next {
-                window.push(p, scanner.offset);
+        let mut scan = InPlaceScan::new(Scanner::new(3, SEGMENT_DATA_OFFSET, 1));
+        let mut base = 0u64;
+        let pieces: Vec<&[u8]> = data.chunks(piece).collect();
+        for (i, p) in pieces.iter().enumerate() {
+            if scan.scanner.done {
+                break;
             }
-            scanner.feed(&window.bytes, window.base, next.is_none());
+            scan.feed(p, base, i + 1 == pieces.len(), false);
+            base += p.len() as u64;
             assert!(
-                window.bytes.len() <= piece + 64 * 1024,
-                "the window holds one piece and one commit"
+                scan.carry.bytes.len() <= piece + 64 * 1024,
+                "the carry holds at most a piece and one commit"
             );
         }
-        scanner.finish()
+        if !scan.scanner.done {
+            let rest = std::mem::take(&mut scan.carry);
+            scan.feed(&rest.bytes, rest.base, true, false);
+        }
+        scan.scanner.finish()
     }
 
     #[test]
