@@ -54,14 +54,15 @@ use std::time::{Instant, SystemTime};
 
 use crate::error::ShardError;
 use crate::format::{
-    align_down, align_up, chain_commit_crc, find_valid_commits, parse_commit, HeaderBlock, ParseError, SegmentHeader,
-    SegmentSummary, SummaryKind, BLOCK_BYTES, COMMIT_HEADER_BYTES, SEGMENT_DATA_OFFSET,
+    align_down, align_up, chain_commit_crc, find_valid_commits, parse_commit, HeaderBlock, Manifest, ManifestEntry,
+    ParseError, SegmentHeader, SegmentSummary, SummaryKind, BLOCK_BYTES, COMMIT_HEADER_BYTES, SEGMENT_DATA_OFFSET,
 };
 use crate::segments::{
     segment_name, summary_name, Active, Segment, Segments, SummaryState, CHECKPOINT_NAME, INDEX_INTERVAL_BYTES,
+    MANIFEST_NAME,
 };
 use crate::shard::PIPELINE_DEPTH;
-use crate::storage::{AlignedBuf, LocalBoxFuture, SegmentFile, Storage};
+use crate::storage::{AlignedBuf, LazyFile, LocalBoxFuture, SegmentFile, Storage};
 use crate::ShardOptions;
 
 /// Recovery reads a segment in pieces of this size ...
@@ -105,6 +106,9 @@ struct Found {
     header: SegmentHeader,
     file: Rc<dyn SegmentFile>,
     size: u64,
+    /// Accepted from the manifest without opening the file: header, size and summary (less its
+    /// index) are the manifest's.
+    manifest: Option<ManifestEntry>,
 }
 
 impl Found {
@@ -562,7 +566,10 @@ async fn read_summaries(
 ) -> Vec<Option<SegmentSummary>> {
     let names: Vec<Option<String>> = found
         .iter()
-        .map(|f| Some(summary_name(f.header.base_lsn)).filter(|n| summary_names.contains(n)))
+        .map(|f| match f.manifest {
+            Some(_) => None,
+            None => Some(summary_name(f.header.base_lsn)).filter(|n| summary_names.contains(n)),
+        })
         .collect();
     let jobs = names
         .iter()
@@ -733,18 +740,53 @@ fn segment_from(f: &Found, s: &Scan) -> Segment {
     )
 }
 
-/// Opens every `.wal` and `.prep` file and sorts them into segments (by sequence) and spares.
+/// Sorts the `.wal` and `.prep` files into segments (by sequence) and spares. A `.wal` file the
+/// manifest lists is taken from it unopened, except the first and the last of those: retention
+/// turns the oldest segment into a spare (its header zeroed) before it renames it, and the last
+/// one may be the end of the log, so those two are opened and their headers read as every file
+/// the manifest does not list is. That is at most two files whatever the length of the log.
 async fn find_segments(
-    storage: &dyn Storage,
+    storage: &Rc<dyn Storage>,
     opts: &ShardOptions,
     names: &[String],
+    manifest: Option<&Manifest>,
 ) -> Result<(Vec<Found>, Vec<String>), ShardError> {
     let shard = opts.shard_id;
     let mut found = Vec::new();
     let mut spares = Vec::new();
+    let listed: BTreeSet<&String> = names.iter().collect();
+    let mut covered: Vec<(String, ManifestEntry)> = manifest
+        .map(|m| {
+            m.entries
+                .iter()
+                .map(|e| (segment_name(e.base_lsn), *e))
+                .filter(|(name, _)| listed.contains(name))
+                .collect()
+        })
+        .unwrap_or_default();
+    // The first and the last are opened.
+    if !covered.is_empty() {
+        covered.remove(0);
+    }
+    covered.pop();
+    let covered: std::collections::BTreeMap<String, ManifestEntry> = covered.into_iter().collect();
+    for (name, e) in &covered {
+        found.push(Found {
+            name: name.clone(),
+            header: SegmentHeader {
+                shard_id: shard,
+                sequence: e.sequence,
+                base_lsn: e.base_lsn,
+            },
+            file: Rc::new(LazyFile::new(storage.clone(), name, opts.durability)),
+            size: e.file_bytes,
+            manifest: Some(*e),
+        });
+    }
+    let storage: &dyn Storage = &**storage;
     let candidates: Vec<&String> = names
         .iter()
-        .filter(|n| n.ends_with(".wal") || n.ends_with(".prep"))
+        .filter(|n| (n.ends_with(".wal") || n.ends_with(".prep")) && !covered.contains_key(*n))
         .collect();
     let jobs = candidates.iter().map(|name| -> LocalBoxFuture<_> {
         let open = storage.open(name, false, opts.durability);
@@ -783,6 +825,7 @@ async fn find_segments(
                     header,
                     file,
                     size,
+                    manifest: None,
                 });
             }
             HeaderBlock::Zero => spares.push(name.clone()),
@@ -801,17 +844,72 @@ async fn find_segments(
     Ok((found, spares))
 }
 
-pub(crate) async fn recover(storage: &dyn Storage, opts: &ShardOptions) -> Result<Recovered, ShardError> {
+pub(crate) async fn recover(storage: &Rc<dyn Storage>, opts: &ShardOptions) -> Result<Recovered, ShardError> {
     let started = Instant::now();
-    let shard = opts.shard_id;
     let mut names = storage
         .list()
         .await
-        .map_err(io_err(storage, "list shard directory", ""))?;
+        .map_err(io_err(&**storage, "list shard directory", ""))?;
     names.sort();
+    let manifest = match names.iter().any(|n| n == MANIFEST_NAME) {
+        true => read_manifest(&**storage, opts).await,
+        false => None,
+    };
+    let mut rec = match recover_with(storage, opts, &names, manifest.as_ref()).await? {
+        Attempt::Done(rec) => rec,
+        Attempt::WithoutManifest(reason) => {
+            tracing::warn!(shard = opts.shard_id, %reason, "the manifest does not fit the log; recovering without it");
+            match recover_with(storage, opts, &names, None).await? {
+                Attempt::Done(rec) => rec,
+                Attempt::WithoutManifest(_) => unreachable!("only a manifest is given up on"),
+            }
+        }
+    };
+    rec.report.elapsed_us = started.elapsed().as_micros() as u64;
+    tracing::info!(shard = opts.shard_id, report = ?rec.report, "recovered");
+    Ok(rec)
+}
+
+enum Attempt {
+    Done(Recovered),
+    /// A segment taken from the manifest does not continue into the next one (or the next into
+    /// it): the manifest is not to be trusted, and recovery starts again without it.
+    WithoutManifest(String),
+}
+
+/// Reads and checks the manifest; `None` (and a warning) if it is not one of this shard.
+async fn read_manifest(storage: &dyn Storage, opts: &ShardOptions) -> Option<Manifest> {
+    let read = match read_whole(storage, opts, MANIFEST_NAME).await {
+        Ok(read) => read,
+        Err(e) => {
+            tracing::warn!(shard = opts.shard_id, error = %e, "ignoring an unreadable manifest");
+            return None;
+        }
+    };
+    match Manifest::decode(&read) {
+        Ok(m) if m.shard_id == opts.shard_id => Some(m),
+        Ok(m) => {
+            tracing::warn!(shard = opts.shard_id, manifest_shard = m.shard_id, "ignoring the manifest of another shard");
+            None
+        }
+        Err(reason) => {
+            tracing::warn!(shard = opts.shard_id, %reason, "ignoring an invalid manifest; reading each segment instead");
+            None
+        }
+    }
+}
+
+async fn recover_with(
+    storage_rc: &Rc<dyn Storage>,
+    opts: &ShardOptions,
+    names: &[String],
+    manifest: Option<&Manifest>,
+) -> Result<Attempt, ShardError> {
+    let storage: &dyn Storage = &**storage_rc;
+    let shard = opts.shard_id;
     let summary_names: BTreeSet<String> = names.iter().filter(|n| n.ends_with(".sum")).cloned().collect();
     let has_checkpoint = names.iter().any(|n| n == CHECKPOINT_NAME);
-    let (found, spares) = find_segments(storage, opts, &names).await?;
+    let (found, spares) = find_segments(storage_rc, opts, names, manifest).await?;
     let checkpoint = match has_checkpoint {
         true => {
             let read = read_whole(storage, opts, CHECKPOINT_NAME).await;
@@ -831,7 +929,11 @@ pub(crate) async fn recover(storage: &dyn Storage, opts: &ShardOptions) -> Resul
     assert_eq!(summaries.len(), found.len());
     for i in 0..found.len() {
         let f = &found[i];
-        let summary = summaries[i].take().filter(|s| f.matches(s));
+        let summary = match f.manifest {
+            Some(e) => Some(e.summary(shard)),
+            None => summaries[i].take(),
+        }
+        .filter(|s| f.matches(s));
         let Some(next) = found.get(i + 1) else {
             let last = recover_last(storage, opts, f, summary, checkpoint.as_ref(), &mut report).await?;
             let seg = Rc::new(segment_from(f, &last.scan));
@@ -851,6 +953,13 @@ pub(crate) async fn recover(storage: &dyn Storage, opts: &ShardOptions) -> Resul
             break;
         };
         let continues = |end_lsn: u64| next.header.sequence == f.header.sequence + 1 && next.header.base_lsn == end_lsn;
+        let from_manifest = f.manifest.is_some() || next.manifest.is_some();
+        if from_manifest && !summary.as_ref().is_some_and(|s| continues(s.end_lsn)) {
+            return Ok(Attempt::WithoutManifest(format!(
+                "segment {} ({}) does not continue into segment {} ({})",
+                f.header.sequence, f.name, next.header.sequence, next.name
+            )));
+        }
         let seg = match summary {
             Some(s) if continues(s.end_lsn) => {
                 report.trusted += 1;
@@ -866,6 +975,8 @@ pub(crate) async fn recover(storage: &dyn Storage, opts: &ShardOptions) -> Resul
                     s.commits_crc,
                 );
                 seg.summary.set(SummaryState::Durable);
+                // From the manifest: the index is read from the `.sum` on first use.
+                seg.index_loaded.set(f.manifest.is_none());
                 seg
             }
             summary => {
@@ -925,6 +1036,23 @@ pub(crate) async fn recover(storage: &dyn Storage, opts: &ShardOptions) -> Resul
     }
     report.segments = segments.len() as u64;
 
+    // The manifest of the log as recovered: written now if it differs from the one on disk
+    // (older than the log, a summary read from a `.sum`, or a segment cut by repair), before any
+    // file is removed and before new segments can take the names of cut ones.
+    let wanted = Manifest {
+        shard_id: shard,
+        entries: segments
+            .iter()
+            .filter(|s| s.summary.get() == SummaryState::Durable)
+            .map(|s| s.manifest_entry())
+            .collect(),
+    };
+    if manifest != Some(&wanted) {
+        crate::background::write_manifest_file(storage, opts.durability, &wanted)
+            .await
+            .map_err(io_err(storage, "write manifest", MANIFEST_NAME))?;
+    }
+
     tidy_directory(
         storage,
         &found[keep..],
@@ -935,14 +1063,70 @@ pub(crate) async fn recover(storage: &dyn Storage, opts: &ShardOptions) -> Resul
     )
     .await?;
     let segs = Segments::recovered(segments, active, first_available);
-    report.elapsed_us = started.elapsed().as_micros() as u64;
-    tracing::info!(shard, ?report, "recovered");
-    Ok(Recovered {
+    Ok(Attempt::Done(Recovered {
         segs,
         next_lsn,
         findings,
         report,
-    })
+    }))
+}
+
+/// Gives a segment recovered from the manifest its sparse index, on first use (a read, the
+/// scrub): from its `.sum` if that is valid and agrees with the manifest, else by a scan of the
+/// body, which must then agree with the manifest (else `Corruption`). Returns whether the `.sum`
+/// must be written again (the caller wakes the background task, which does it).
+pub(crate) async fn load_index(storage: &dyn Storage, opts: &ShardOptions, seg: &Segment) -> Result<bool, ShardError> {
+    if seg.index_loaded.get() {
+        return Ok(false);
+    }
+    let shard = opts.shard_id;
+    let fixed = seg.summary(shard);
+    let name = summary_name(seg.base_lsn);
+    let read = read_whole(storage, opts, &name).await;
+    if let Some(s) = decode_summary(opts, &name, SummaryKind::Sealed, read) {
+        if (SegmentSummary { index: Vec::new(), ..s.clone() }) == fixed {
+            if !seg.index_loaded.get() {
+                *seg.index.borrow_mut() = s.index;
+                seg.index_loaded.set(true);
+            }
+            return Ok(false);
+        }
+        tracing::warn!(shard, segment = seg.sequence, "the summary disagrees with the manifest; scanning the segment");
+    }
+    let f = Found {
+        name: seg.name.borrow().clone(),
+        header: SegmentHeader {
+            shard_id: shard,
+            sequence: seg.sequence,
+            base_lsn: seg.base_lsn,
+        },
+        file: seg.file.clone(),
+        size: seg.capacity,
+        manifest: None,
+    };
+    let (scan, _, _) = scan_segment(storage, &f, false, &mut RecoveryReport::default()).await?;
+    let found = (scan.end_lsn, scan.end_offset, scan.commits, scan.commits_crc);
+    let want = (fixed.end_lsn, fixed.end_offset, fixed.commits, fixed.commits_crc);
+    if found != want {
+        return Err(ShardError::Corruption {
+            shard,
+            segment: seg.sequence,
+            offset: scan.end_offset,
+            reason: format!(
+                "the body (end lsn, end offset, commits, commits crc) = {found:?} disagrees with the manifest {want:?}{}",
+                scan.stop.map(|s| format!(": {s}")).unwrap_or_default()
+            ),
+        });
+    }
+    if !seg.index_loaded.get() {
+        *seg.index.borrow_mut() = scan.index;
+        seg.index_loaded.set(true);
+    }
+    let rewrite = seg.summary.get() == SummaryState::Durable && !seg.retired.get();
+    if rewrite {
+        seg.summary.set(SummaryState::Pending);
+    }
+    Ok(rewrite)
 }
 
 /// Removes what recovery left out (segments after a repair cut, spares, summaries of segments
