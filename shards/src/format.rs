@@ -605,7 +605,9 @@ impl Manifest {
         }
         let version = u16_at(buf, 8);
         if version != MANIFEST_VERSION {
-            return Err(format!("manifest version {version}, this build reads {MANIFEST_VERSION}"));
+            return Err(format!(
+                "manifest version {version}, this build reads {MANIFEST_VERSION}"
+            ));
         }
         let n = u32_at(buf, 12) as usize;
         let entry_bytes = u32_at(buf, 16) as usize;
@@ -642,7 +644,8 @@ impl Manifest {
         Ok(m)
     }
 
-    fn check(&self) -> Result<(), String> {
+    /// Whether the entries describe possible segments, in order.
+    pub fn check(&self) -> Result<(), String> {
         let mut prev: Option<&ManifestEntry> = None;
         for e in &self.entries {
             e.summary(self.shard_id).check()?;
@@ -799,7 +802,10 @@ mod tests {
         for byte in 0..used {
             let mut flipped = buf.clone();
             flipped[byte] ^= 0x10;
-            assert!(Manifest::decode(&flipped).is_err(), "a flip at byte {byte} goes unnoticed");
+            assert!(
+                Manifest::decode(&flipped).is_err(),
+                "a flip at byte {byte} goes unnoticed"
+            );
         }
         // Torn: the header promises more than the file holds.
         assert!(Manifest::decode(&buf[..used - 1]).is_err());

@@ -301,7 +301,9 @@ impl ChunkReader {
         let buffers = chunks.min(RECOVERY_READS_IN_FLIGHT + 1);
         ChunkReader {
             file,
-            free: (0..buffers).map(|_| AlignedBuf::new(RECOVERY_READ_BYTES as usize)).collect(),
+            free: (0..buffers)
+                .map(|_| AlignedBuf::new(RECOVERY_READ_BYTES as usize))
+                .collect(),
             queue: VecDeque::new(),
             next: from,
             to,
@@ -382,7 +384,11 @@ impl InPlaceScan {
         if self.carry.bytes.is_empty() {
             self.carry.base = base;
         }
-        assert_eq!(self.carry.base + self.carry.bytes.len() as u64, base, "reads follow each other");
+        assert_eq!(
+            self.carry.base + self.carry.bytes.len() as u64,
+            base,
+            "reads follow each other"
+        );
         let was_done = self.scanner.done;
         if !was_done {
             if self.scanner.offset < base {
@@ -404,7 +410,11 @@ impl InPlaceScan {
             }
         }
         if self.scanner.done && (!was_done || keep_rest) {
-            let from = if was_done { self.carry.base } else { align_down(self.scanner.offset) };
+            let from = if was_done {
+                self.carry.base
+            } else {
+                align_down(self.scanner.offset)
+            };
             self.keep(data, base, from);
         } else if !self.scanner.done {
             self.keep(data, base, align_down(self.scanner.offset));
@@ -889,7 +899,11 @@ async fn read_manifest(storage: &dyn Storage, opts: &ShardOptions) -> Option<Man
     match Manifest::decode(&read) {
         Ok(m) if m.shard_id == opts.shard_id => Some(m),
         Ok(m) => {
-            tracing::warn!(shard = opts.shard_id, manifest_shard = m.shard_id, "ignoring the manifest of another shard");
+            tracing::warn!(
+                shard = opts.shard_id,
+                manifest_shard = m.shard_id,
+                "ignoring the manifest of another shard"
+            );
             None
         }
         Err(reason) => {
@@ -1084,14 +1098,22 @@ pub(crate) async fn load_index(storage: &dyn Storage, opts: &ShardOptions, seg: 
     let name = summary_name(seg.base_lsn);
     let read = read_whole(storage, opts, &name).await;
     if let Some(s) = decode_summary(opts, &name, SummaryKind::Sealed, read) {
-        if (SegmentSummary { index: Vec::new(), ..s.clone() }) == fixed {
+        if (SegmentSummary {
+            index: Vec::new(),
+            ..s.clone()
+        }) == fixed
+        {
             if !seg.index_loaded.get() {
                 *seg.index.borrow_mut() = s.index;
                 seg.index_loaded.set(true);
             }
             return Ok(false);
         }
-        tracing::warn!(shard, segment = seg.sequence, "the summary disagrees with the manifest; scanning the segment");
+        tracing::warn!(
+            shard,
+            segment = seg.sequence,
+            "the summary disagrees with the manifest; scanning the segment"
+        );
     }
     let f = Found {
         name: seg.name.borrow().clone(),

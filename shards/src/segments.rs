@@ -372,7 +372,10 @@ impl Segments {
             let (end_lsn, end_offset) = seg.durable_end.get();
             assert!(end_lsn >= seg.base_lsn);
             assert!(end_offset >= SEGMENT_DATA_OFFSET && end_offset <= seg.capacity);
-            assert!(seg.index_loaded.get() || seg.summary.get() == SummaryState::Durable, "only a trusted segment waits for its index");
+            assert!(
+                seg.index_loaded.get() || seg.summary.get() == SummaryState::Durable,
+                "only a trusted segment waits for its index"
+            );
             if let Some(next) = self.list.get(i + 1) {
                 assert!(seg.is_sealed(), "every segment but the last is sealed");
                 assert_eq!(next.sequence, seg.sequence + 1, "sequences are contiguous");

@@ -617,7 +617,13 @@ impl LinkedRing {
     /// owns until the CQE is reaped). Returns the bytes read: fewer than asked at the end of the
     /// file. The buffer is the caller's to reuse, so a long sequential read (recovery) allocates
     /// and copies nothing per read.
-    pub async fn read(self: &Rc<Self>, fd: RawFd, mut buf: AlignedBuf, at: usize, offset: u64) -> (io::Result<usize>, AlignedBuf) {
+    pub async fn read(
+        self: &Rc<Self>,
+        fd: RawFd,
+        mut buf: AlignedBuf,
+        at: usize,
+        offset: u64,
+    ) -> (io::Result<usize>, AlignedBuf) {
         assert!(at <= buf.len());
         let len_u32 = u32::try_from(buf.len() - at).expect("read of at most 4 GiB");
         assert!(offset <= i64::MAX as u64);

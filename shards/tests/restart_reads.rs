@@ -176,7 +176,11 @@ async fn clean_restart(segments: usize, without_manifest: bool) -> Restart {
             .await
             .expect("open without a manifest");
         let stats = shard.stats();
-        assert_eq!(stats.recovery.scanned, 0, "the summaries are trusted: {:?}", stats.recovery);
+        assert_eq!(
+            stats.recovery.scanned, 0,
+            "the summaries are trusted: {:?}",
+            stats.recovery
+        );
         assert_eq!(shard.durable_lsn(), written_to, "the whole log is back");
         shard.close().await.expect("close");
         assert!(
