@@ -29,8 +29,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::error::{is_no_space, ShardError};
 use crate::format::{
-    align_up, chain_commit_crc, parse_commit, Manifest, ParseError, SegmentSummary, SummaryKind, BLOCK_BYTES,
-    COMMIT_HEADER_BYTES, SEGMENT_DATA_OFFSET,
+    align_up, chain_commit_crc, parse_commit, HeaderBlock, Manifest, ParseError, SegmentHeader, SegmentSummary,
+    SummaryKind, BLOCK_BYTES, COMMIT_HEADER_BYTES, SEGMENT_DATA_OFFSET,
 };
 use crate::segments::{
     segment_name, summary_name, Segment, Spare, SummaryState, CHECKPOINT_NAME, MANIFEST_NAME, MANIFEST_TMP_NAME,
@@ -472,6 +472,17 @@ async fn scrub_segment(inner: &Inner, seg: &Segment, rate: u64) -> io::Result<Op
         Err(e) => return Err(io::Error::other(e.to_string())),
     }
     let summary = seg.summary(inner.opts.shard_id);
+    // The header block too: a segment recovered from the manifest was never opened at start.
+    let block = seg.file.read(0, BLOCK_BYTES as usize).await?;
+    let want = SegmentHeader {
+        shard_id: inner.opts.shard_id,
+        sequence: seg.sequence,
+        base_lsn: seg.base_lsn,
+    };
+    match SegmentHeader::decode(&block) {
+        HeaderBlock::Valid(header) if header == want => {}
+        other => return Ok(Some((0, format!("header block {other:?}, expected {want:?}")))),
+    }
     let read_end = align_up(summary.end_offset).min(seg.capacity);
     let mut buf: Vec<u8> = Vec::new();
     // Segment offset of buf[0], and where the next read starts (always block aligned).
