@@ -866,11 +866,11 @@ pub(crate) async fn recover(storage: &Rc<dyn Storage>, opts: &ShardOptions) -> R
         false => None,
     };
     let mut rec = match recover_with(storage, opts, &names, manifest.as_ref()).await? {
-        Attempt::Done(rec) => rec,
+        Attempt::Done(rec) => *rec,
         Attempt::WithoutManifest(reason) => {
             tracing::warn!(shard = opts.shard_id, %reason, "the manifest does not fit the log; recovering without it");
             match recover_with(storage, opts, &names, None).await? {
-                Attempt::Done(rec) => rec,
+                Attempt::Done(rec) => *rec,
                 Attempt::WithoutManifest(_) => unreachable!("only a manifest is given up on"),
             }
         }
@@ -881,7 +881,7 @@ pub(crate) async fn recover(storage: &Rc<dyn Storage>, opts: &ShardOptions) -> R
 }
 
 enum Attempt {
-    Done(Recovered),
+    Done(Box<Recovered>),
     /// A segment taken from the manifest does not continue into the next one (or the next into
     /// it): the manifest is not to be trusted, and recovery starts again without it.
     WithoutManifest(String),
@@ -1077,12 +1077,12 @@ async fn recover_with(
     )
     .await?;
     let segs = Segments::recovered(segments, active, first_available);
-    Ok(Attempt::Done(Recovered {
+    Ok(Attempt::Done(Box::new(Recovered {
         segs,
         next_lsn,
         findings,
         report,
-    }))
+    })))
 }
 
 /// Gives a segment recovered from the manifest its sparse index, on first use (a read, the
