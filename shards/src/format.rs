@@ -514,8 +514,8 @@ pub const MANIFEST_VERSION: u16 = 1;
 /// magic 8 + version 2 + shard 2 + entry count 4 + entry bytes 4 + reserved 8 (zero) + crc 4.
 pub const MANIFEST_HEADER_BYTES: usize = 32;
 /// sequence 8 + base lsn 8 + end lsn 8 + commit count 8 + end offset 8 + file bytes 8
-/// + commits crc 4 + reserved 4 (zero).
-pub const MANIFEST_ENTRY_BYTES: usize = 56;
+/// + sealed at 8 + commits crc 4 + reserved 4 (zero).
+pub const MANIFEST_ENTRY_BYTES: usize = 64;
 /// A manifest never lists more segments than this (64 PiB of 64 MiB segments): a corrupt count
 /// cannot make a reader allocate without bound.
 pub const MANIFEST_ENTRIES_MAX: usize = 1 << 30;
@@ -533,6 +533,9 @@ pub struct ManifestEntry {
     pub commits: u64,
     pub end_offset: u64,
     pub file_bytes: u64,
+    /// When the segment was sealed, milliseconds since the Unix epoch (for age-based retention,
+    /// which would otherwise stat every segment file at start).
+    pub sealed_unix_ms: u64,
     pub commits_crc: u32,
 }
 
@@ -586,8 +589,9 @@ impl Manifest {
             out[at + 24..at + 32].copy_from_slice(&e.commits.to_le_bytes());
             out[at + 32..at + 40].copy_from_slice(&e.end_offset.to_le_bytes());
             out[at + 40..at + 48].copy_from_slice(&e.file_bytes.to_le_bytes());
-            out[at + 48..at + 52].copy_from_slice(&e.commits_crc.to_le_bytes());
-            out[at + 52..at + 56].fill(0);
+            out[at + 48..at + 56].copy_from_slice(&e.sealed_unix_ms.to_le_bytes());
+            out[at + 56..at + 60].copy_from_slice(&e.commits_crc.to_le_bytes());
+            out[at + 60..at + 64].fill(0);
         }
         let crc = manifest_crc(&out[..end]);
         out[28..32].copy_from_slice(&crc.to_le_bytes());
@@ -632,7 +636,8 @@ impl Manifest {
                     commits: u64_at(buf, at + 24),
                     end_offset: u64_at(buf, at + 32),
                     file_bytes: u64_at(buf, at + 40),
-                    commits_crc: u32_at(buf, at + 48),
+                    sealed_unix_ms: u64_at(buf, at + 48),
+                    commits_crc: u32_at(buf, at + 56),
                 }
             })
             .collect();
@@ -789,6 +794,7 @@ mod tests {
             commits: 3,
             end_offset: SEGMENT_DATA_OFFSET + 5000,
             file_bytes: 1 << 20,
+            sealed_unix_ms: 1_764_000_000_000 + sequence,
             commits_crc: 0xdead_beef,
         };
         let m = Manifest {

@@ -58,8 +58,8 @@ use crate::format::{
     ParseError, SegmentHeader, SegmentSummary, SummaryKind, BLOCK_BYTES, COMMIT_HEADER_BYTES, SEGMENT_DATA_OFFSET,
 };
 use crate::segments::{
-    segment_name, summary_name, Active, Segment, Segments, SummaryState, CHECKPOINT_NAME, INDEX_INTERVAL_BYTES,
-    MANIFEST_NAME,
+    instant_of_unix_ms, segment_name, summary_name, Active, Segment, Segments, SummaryState, CHECKPOINT_NAME,
+    INDEX_INTERVAL_BYTES, MANIFEST_NAME,
 };
 use crate::shard::PIPELINE_DEPTH;
 use crate::storage::{AlignedBuf, LazyFile, LocalBoxFuture, SegmentFile, Storage};
@@ -1044,7 +1044,12 @@ async fn recover_with(
                 seg
             }
         };
-        seg.sealed_at.set(Some(sealed_at(storage, &f.name)));
+        // From the manifest without a stat of the file: a stat per segment costs a device read
+        // each with a cold cache.
+        seg.sealed_at.set(Some(match f.manifest {
+            Some(e) => instant_of_unix_ms(e.sealed_unix_ms),
+            None => sealed_at(storage, &f.name),
+        }));
         next_lsn = seg.durable_end.get().0;
         segments.push_back(Rc::new(seg));
     }

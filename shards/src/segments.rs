@@ -21,10 +21,29 @@
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::rc::Rc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use crate::format::{chain_commit_crc, Manifest, ManifestEntry, SegmentSummary, BLOCK_BYTES, SEGMENT_DATA_OFFSET};
 use crate::storage::SegmentFile;
+
+/// `at` as milliseconds since the Unix epoch (0 if before it).
+pub(crate) fn unix_ms(at: Instant) -> u64 {
+    let wall = SystemTime::now()
+        .checked_sub(Instant::now().saturating_duration_since(at))
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    wall.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The instant `ms` milliseconds after the Unix epoch (now if that is in the future).
+pub(crate) fn instant_of_unix_ms(ms: u64) -> Instant {
+    let wall = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+    SystemTime::now()
+        .duration_since(wall)
+        .ok()
+        .and_then(|age| Instant::now().checked_sub(age))
+        .unwrap_or_else(Instant::now)
+}
 
 /// One sparse index entry per this many bytes of a segment, so a read starts close to its lsn.
 pub(crate) const INDEX_INTERVAL_BYTES: u64 = 64 << 10;
@@ -159,6 +178,7 @@ impl Segment {
             commits: self.commits.get(),
             end_offset,
             file_bytes: self.capacity,
+            sealed_unix_ms: self.sealed_at.get().map_or(0, unix_ms),
             commits_crc: self.commits_crc.get(),
         }
     }
