@@ -316,7 +316,8 @@ impl ChunkReader {
         self.free.push(buf);
     }
 
-    async fn next(&mut self, storage: &dyn Storage, name: &str) -> Result<Option<Chunk>, ShardError> {
+    /// Submits reads until [`RECOVERY_READS_IN_FLIGHT`] are in flight (or no buffer is free).
+    fn submit(&mut self) {
         while self.queue.len() < RECOVERY_READS_IN_FLIGHT && self.next < self.to {
             let Some(mut buf) = self.free.pop() else { break };
             let len = RECOVERY_READ_BYTES.min(self.to - self.next) as usize;
@@ -326,9 +327,16 @@ impl ChunkReader {
             self.queue.push_back((self.next, len, task));
             self.next += len as u64;
         }
+    }
+
+    async fn next(&mut self, storage: &dyn Storage, name: &str) -> Result<Option<Chunk>, ShardError> {
+        self.submit();
         let Some((offset, len, task)) = self.queue.pop_front() else {
             return Ok(None);
         };
+        // The buffer of the chunk scanned last takes the next read now, so that as many reads
+        // stay in flight while this chunk is scanned (as fio keeps its queue depth).
+        self.submit();
         let (read, buf) = task.await.expect("a read task is never cancelled");
         let got = match read {
             Ok(got) => got.min(len),
@@ -1066,7 +1074,8 @@ async fn recover_with(
             .map(|s| s.manifest_entry())
             .collect(),
     };
-    if manifest != Some(&wanted) {
+    // (No manifest is needed for a log of no sealed segment.)
+    if manifest.map_or(!wanted.entries.is_empty(), |m| *m != wanted) {
         crate::background::write_manifest_file(storage, opts.durability, &wanted)
             .await
             .map_err(io_err(storage, "write manifest", MANIFEST_NAME))?;
