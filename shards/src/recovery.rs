@@ -39,10 +39,24 @@
 //! The checkpoint is removed (and the directory synced) before recovery returns, so it never
 //! outlives the log it describes.
 //!
+//! The manifest (`manifest`, written by the background task after each seal) holds the summary,
+//! less its index, of every sealed segment whose `.sum` is durable. It is trusted like a summary
+//! (checksum, this shard), and a `.wal` file it lists is accepted from it without being opened,
+//! read or stat'ed: its file is opened on first use ([`LazyFile`]) and its index read from its
+//! `.sum` then ([`load_index`]). Two exceptions keep a crash from making it lie: the first listed
+//! segment is opened and its header read, because retention zeroes the oldest segment's header
+//! before it renames the file to a spare; and so is the last, which may end the log. Files it does
+//! not list (newer than it) are read as without a manifest; if a segment taken from it does not
+//! continue into its neighbour, recovery starts again without it. When the recovered log differs
+//! from it (none, older, a repair cut), recovery writes a new one before it removes any file, so a
+//! cut segment's name cannot be taken by a new segment while the manifest still describes it. So
+//! a clean restart opens the same files whatever the length of the log.
+//!
 //! Scans read with several large aligned reads in flight ([`RECOVERY_READS_IN_FLIGHT`] of
-//! [`RECOVERY_READ_BYTES`]). Segment headers and summaries are read [`RECOVERY_FILES_IN_FLIGHT`]
-//! files at a time, so that a clean restart of thousands of segments costs a few device round
-//! trips, not one per file (`scripts/restart-time.sh` measures it).
+//! [`RECOVERY_READ_BYTES`]) into buffers that go round, and scan them where the device put them
+//! ([`InPlaceScan`]). Segment headers and summaries (without a manifest) are read
+//! [`RECOVERY_FILES_IN_FLIGHT`] files at a time, so that an open of thousands of segments costs a
+//! few device round trips, not one per file (`scripts/restart-time.sh` measures it).
 //!
 //! With `repair`, a `Corruption` becomes a cut at that offset; later segments are removed.
 
@@ -283,8 +297,8 @@ type ReadTask = glommio::task::JoinHandle<(io::Result<usize>, AlignedBuf)>;
 /// [`RECOVERY_READS_IN_FLIGHT`] reads of [`RECOVERY_READ_BYTES`] in flight, into a fixed set of
 /// aligned buffers that go round: the caller hands each chunk back ([`ChunkReader::give_back`])
 /// once it has scanned it, and its buffer takes the next read. The device writes straight into
-/// them (no allocation, no page touched for the first time, and no copy per read). Stops early
-/// at the end of the file.
+/// them: after their first use, a read allocates nothing, faults in no page and copies nothing.
+/// Stops early at the end of the file.
 struct ChunkReader {
     file: Rc<dyn SegmentFile>,
     free: Vec<AlignedBuf>,
