@@ -72,7 +72,7 @@ use crate::format::{
     ParseError, SegmentHeader, SegmentSummary, SummaryKind, BLOCK_BYTES, COMMIT_HEADER_BYTES, SEGMENT_DATA_OFFSET,
 };
 use crate::segments::{
-    instant_of_unix_ms, segment_name, summary_name, Active, Segment, Segments, SummaryState, CHECKPOINT_NAME,
+    segment_name, summary_name, unix_ms, Active, Segment, Segments, SummaryState, CHECKPOINT_NAME,
     INDEX_INTERVAL_BYTES, MANIFEST_NAME,
 };
 use crate::shard::PIPELINE_DEPTH;
@@ -750,12 +750,9 @@ async fn recover_last(
     })
 }
 
-fn sealed_at(storage: &dyn Storage, name: &str) -> Instant {
-    storage
-        .modified(name)
-        .and_then(|m| SystemTime::now().duration_since(m).ok())
-        .and_then(|age| Instant::now().checked_sub(age))
-        .unwrap_or_else(Instant::now)
+/// When a segment recovered without the manifest was sealed: its file's modification time.
+fn sealed_unix_ms(storage: &dyn Storage, name: &str) -> u64 {
+    unix_ms(storage.modified(name).unwrap_or_else(SystemTime::now))
 }
 
 fn segment_from(f: &Found, s: &Scan) -> Segment {
@@ -946,6 +943,20 @@ async fn recover_with(
     let summary_names: BTreeSet<String> = names.iter().filter(|n| n.ends_with(".sum")).cloned().collect();
     let has_checkpoint = names.iter().any(|n| n == CHECKPOINT_NAME);
     let (found, spares) = find_segments(storage_rc, opts, names, manifest).await?;
+    // Seal times as the manifest keeps them (also of the segments it lists that were opened),
+    // else the files' modification times: a manifest written again keeps the same bytes.
+    let sealed_ms: std::collections::BTreeMap<(u64, u64), u64> = manifest
+        .map(|m| {
+            m.entries
+                .iter()
+                .map(|e| ((e.sequence, e.base_lsn), e.sealed_unix_ms))
+                .collect()
+        })
+        .unwrap_or_default();
+    let sealed_at = |f: &Found| match sealed_ms.get(&(f.header.sequence, f.header.base_lsn)) {
+        Some(&ms) => ms,
+        None => sealed_unix_ms(storage, &f.name),
+    };
     let checkpoint = match has_checkpoint {
         true => {
             let read = read_whole(storage, opts, CHECKPOINT_NAME).await;
@@ -974,7 +985,7 @@ async fn recover_with(
             let last = recover_last(storage, opts, f, summary, checkpoint.as_ref(), &mut report).await?;
             let seg = Rc::new(segment_from(f, &last.scan));
             if last.sealed {
-                seg.sealed_at.set(Some(sealed_at(storage, &f.name)));
+                seg.set_sealed_at(sealed_at(f));
                 seg.summary.set(SummaryState::Durable);
             } else {
                 active = Some(Active {
@@ -1068,10 +1079,7 @@ async fn recover_with(
         };
         // From the manifest without a stat of the file: a stat per segment costs a device read
         // each with a cold cache.
-        seg.sealed_at.set(Some(match f.manifest {
-            Some(e) => instant_of_unix_ms(e.sealed_unix_ms),
-            None => sealed_at(storage, &f.name),
-        }));
+        seg.set_sealed_at(sealed_at(f));
         next_lsn = seg.durable_end.get().0;
         segments.push_back(Rc::new(seg));
     }

@@ -26,11 +26,8 @@ use std::time::{Instant, SystemTime};
 use crate::format::{chain_commit_crc, Manifest, ManifestEntry, SegmentSummary, BLOCK_BYTES, SEGMENT_DATA_OFFSET};
 use crate::storage::SegmentFile;
 
-/// `at` as milliseconds since the Unix epoch (0 if before it).
-pub(crate) fn unix_ms(at: Instant) -> u64 {
-    let wall = SystemTime::now()
-        .checked_sub(Instant::now().saturating_duration_since(at))
-        .unwrap_or(SystemTime::UNIX_EPOCH);
+/// `wall` as milliseconds since the Unix epoch (0 if before it).
+pub(crate) fn unix_ms(wall: SystemTime) -> u64 {
     wall.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
@@ -97,6 +94,9 @@ pub(crate) struct Segment {
     pub commits: Cell<u64>,
     pub commits_crc: Cell<u32>,
     pub sealed_at: Cell<Option<Instant>>,
+    /// The same moment as wall-clock milliseconds since the Unix epoch, as the manifest keeps it
+    /// (kept as read, so that a manifest written again is the same bytes).
+    pub sealed_unix_ms: Cell<u64>,
     pub summary: Cell<SummaryState>,
     /// Removed by retention: reads that still hold it report `Truncated`.
     pub retired: Cell<bool>,
@@ -132,6 +132,7 @@ impl Segment {
             commits: Cell::new(commits),
             commits_crc: Cell::new(commits_crc),
             sealed_at: Cell::new(None),
+            sealed_unix_ms: Cell::new(0),
             summary: Cell::new(SummaryState::Open),
             retired: Cell::new(false),
             corrupt: RefCell::new(None),
@@ -168,6 +169,12 @@ impl Segment {
         }
     }
 
+    /// When the segment was sealed, in milliseconds since the Unix epoch.
+    pub(crate) fn set_sealed_at(&self, unix_ms: u64) {
+        self.sealed_at.set(Some(instant_of_unix_ms(unix_ms)));
+        self.sealed_unix_ms.set(unix_ms);
+    }
+
     /// What the manifest says of this segment.
     pub(crate) fn manifest_entry(&self) -> ManifestEntry {
         let (end_lsn, end_offset) = self.durable_end.get();
@@ -178,7 +185,7 @@ impl Segment {
             commits: self.commits.get(),
             end_offset,
             file_bytes: self.capacity,
-            sealed_unix_ms: self.sealed_at.get().map_or(0, unix_ms),
+            sealed_unix_ms: self.sealed_unix_ms.get(),
             commits_crc: self.commits_crc.get(),
         }
     }
@@ -288,7 +295,7 @@ impl Segments {
                 );
             }
             if !prev.is_sealed() {
-                prev.sealed_at.set(Some(Instant::now()));
+                prev.set_sealed_at(unix_ms(SystemTime::now()));
                 prev.summary.set(SummaryState::Pending);
             }
         }

@@ -25,6 +25,7 @@ struct Counting {
     inner: MemStorage,
     bytes_read: Rc<Cell<u64>>,
     opens: Rc<Cell<u64>>,
+    manifests_written: Rc<Cell<u64>>,
 }
 
 struct CountingFile {
@@ -47,6 +48,9 @@ impl Storage for Counting {
         // header too; it is one file or none whatever the length of the log.
         if !name.starts_with("spare-") {
             self.opens.set(self.opens.get() + 1);
+        }
+        if name == "manifest.tmp" {
+            self.manifests_written.set(self.manifests_written.get() + 1);
         }
         let opened = self.inner.open(name, create, durability);
         let bytes_read = self.bytes_read.clone();
@@ -242,12 +246,18 @@ async fn clean_restart(segments: usize, without_manifest: bool) -> Restart {
         inner: mem,
         bytes_read: Rc::new(Cell::new(0)),
         opens: Rc::new(Cell::new(0)),
+        manifests_written: Rc::new(Cell::new(0)),
     };
     let shard = Shard::open_with_storage(Rc::new(counting.clone()), opts())
         .await
         .expect("reopen");
     let seam_bytes = counting.bytes_read.get();
     let opens = counting.opens.get();
+    assert_eq!(
+        counting.manifests_written.get(),
+        0,
+        "a clean restart finds the manifest up to date and does not write it again"
+    );
     let stats = shard.stats();
     assert_eq!(shard.durable_lsn(), written_to, "the whole log is back");
     shard.close().await.expect("close");
