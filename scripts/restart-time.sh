@@ -296,7 +296,7 @@ w("  and no copy per read. The whole process uses 40-50 ms of CPU up to listenin
 w("  three crash restarts); per `perf record -g` the scan's share is CRC32C (the largest part), the kernel pinning")
 w("  the pages of each direct read, and zeroing and faulting in the five buffers once. The scan took 108-168 ms")
 w("  of wall time for 67 MB in these runs: the rest is waiting for the device and, with the shard's executor")
-w("  pinned to a core that other builds share (load average 9-10 during these runs), for the CPU.")
+w("  pinned to a core that other builds share (load average 6-10 on 2 vCPUs while this was written), for the CPU.")
 w("")
 section = "\n".join(lines)
 open(md_path, "w").write(section + "\n")
