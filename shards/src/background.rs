@@ -29,10 +29,12 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::error::{is_no_space, ShardError};
 use crate::format::{
-    align_up, chain_commit_crc, parse_commit, ParseError, SegmentSummary, SummaryKind, BLOCK_BYTES,
-    COMMIT_HEADER_BYTES, SEGMENT_DATA_OFFSET,
+    align_up, chain_commit_crc, parse_commit, HeaderBlock, Manifest, ParseError, SegmentHeader, SegmentSummary,
+    SummaryKind, BLOCK_BYTES, COMMIT_HEADER_BYTES, SEGMENT_DATA_OFFSET,
 };
-use crate::segments::{segment_name, summary_name, Segment, Spare, SummaryState, CHECKPOINT_NAME};
+use crate::segments::{
+    segment_name, summary_name, Segment, Spare, SummaryState, CHECKPOINT_NAME, MANIFEST_NAME, MANIFEST_TMP_NAME,
+};
 use crate::shard::Inner;
 use crate::storage::{SegmentFile, Storage};
 use crate::stream_index::stream_index_name;
@@ -51,7 +53,7 @@ pub(crate) async fn background(inner: Rc<Inner>) {
     loop {
         // Also once more after the stop request, so a closed shard leaves its files named.
         name_segments(&inner).await;
-        let summaries_failed = write_summaries(&inner).await;
+        let summaries_failed = write_summaries(&inner).await | write_manifest(&inner).await;
         if inner.bg_stop.get() {
             break;
         }
@@ -374,6 +376,53 @@ async fn write_summaries(inner: &Inner) -> bool {
     failed
 }
 
+/// Writes `manifest` as the whole of `manifest.tmp`, makes it durable, and renames it over
+/// `manifest` (then syncs the directory). A crash before the rename leaves the old manifest,
+/// which is older than the log: recovery trusts it for the segments it lists and reads the
+/// others' headers and summaries. A crash during the write leaves a torn `manifest.tmp`, which
+/// recovery never reads.
+pub(crate) async fn write_manifest_file(
+    storage: &dyn Storage,
+    durability: Durability,
+    manifest: &Manifest,
+) -> io::Result<()> {
+    let file = storage.open(MANIFEST_TMP_NAME, true, durability).await?;
+    let mut buf = storage.alloc(manifest.encoded_bytes());
+    manifest.encode(buf.as_mut_slice());
+    let written = async {
+        file.write(0, buf).await?;
+        file.sync().await
+    }
+    .await;
+    let closed = file.close().await;
+    written?;
+    closed?;
+    storage.rename(MANIFEST_TMP_NAME, MANIFEST_NAME).await?;
+    storage.sync_dir().await
+}
+
+/// Writes a new manifest if a summary became durable since the last one. Returns whether that
+/// failed (it is retried).
+async fn write_manifest(inner: &Inner) -> bool {
+    let manifest = {
+        let st = inner.st.borrow();
+        if !st.segs.manifest_stale() {
+            return false;
+        }
+        // Cleared before the write: a summary made durable meanwhile sets it again.
+        st.segs.set_manifest_stale(false);
+        st.segs.manifest(inner.opts.shard_id)
+    };
+    match write_manifest_file(&*inner.storage, inner.opts.durability, &manifest).await {
+        Ok(()) => false,
+        Err(e) => {
+            tracing::warn!(error = %e, "writing the manifest failed; will retry");
+            inner.st.borrow().segs.set_manifest_stale(true);
+            true
+        }
+    }
+}
+
 /// Writes the checkpoint of a clean shutdown: the durable end of the active segment. Called by
 /// `Shard::close` once nothing is in flight or queued. A failure only costs the next open a scan
 /// of the active segment, so it is reported, not returned.
@@ -497,7 +546,30 @@ pub(crate) fn report_corruption(inner: &Inner, seg: &Segment, offset: u64, reaso
 /// Reads one sealed segment and checks it against its summary. `Ok(Some((offset, reason)))`
 /// names the first thing found wrong; `Err` is an I/O error or the shard closing.
 async fn scrub_segment(inner: &Inner, seg: &Segment, rate: u64) -> io::Result<Option<(u64, String)>> {
+    // A segment recovered from the manifest: its index first (its body is checked against the
+    // manifest if its `.sum` does not agree).
+    match crate::recovery::load_index(&*inner.storage, &inner.opts, seg).await {
+        Ok(true) => {
+            // Its `.sum` is rewritten first; it is scrubbed once that is durable.
+            inner.bg_wake.notify();
+            return Ok(None);
+        }
+        Ok(false) => {}
+        Err(ShardError::Corruption { offset, reason, .. }) => return Ok(Some((offset, reason))),
+        Err(e) => return Err(io::Error::other(e.to_string())),
+    }
     let summary = seg.summary(inner.opts.shard_id);
+    // The header block too: a segment recovered from the manifest was never opened at start.
+    let block = seg.file.read(0, BLOCK_BYTES as usize).await?;
+    let want = SegmentHeader {
+        shard_id: inner.opts.shard_id,
+        sequence: seg.sequence,
+        base_lsn: seg.base_lsn,
+    };
+    match SegmentHeader::decode(&block) {
+        HeaderBlock::Valid(header) if header == want => {}
+        other => return Ok(Some((0, format!("header block {other:?}, expected {want:?}")))),
+    }
     let read_end = align_up(summary.end_offset).min(seg.capacity);
     let mut buf: Vec<u8> = Vec::new();
     // Segment offset of buf[0], and where the next read starts (always block aligned).

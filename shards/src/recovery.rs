@@ -39,10 +39,24 @@
 //! The checkpoint is removed (and the directory synced) before recovery returns, so it never
 //! outlives the log it describes.
 //!
+//! The manifest (`manifest`, written by the background task after each seal) holds the summary,
+//! less its index, of every sealed segment whose `.sum` is durable. It is trusted like a summary
+//! (checksum, this shard), and a `.wal` file it lists is accepted from it without being opened,
+//! read or stat'ed: its file is opened on first use ([`LazyFile`]) and its index read from its
+//! `.sum` then ([`load_index`]). Two exceptions keep a crash from making it lie: the first listed
+//! segment is opened and its header read, because retention zeroes the oldest segment's header
+//! before it renames the file to a spare; and so is the last, which may end the log. Files it does
+//! not list (newer than it) are read as without a manifest; if a segment taken from it does not
+//! continue into its neighbour, recovery starts again without it. When the recovered log differs
+//! from it (none, older, a repair cut), recovery writes a new one before it removes any file, so a
+//! cut segment's name cannot be taken by a new segment while the manifest still describes it. So
+//! a clean restart opens the same files whatever the length of the log.
+//!
 //! Scans read with several large aligned reads in flight ([`RECOVERY_READS_IN_FLIGHT`] of
-//! [`RECOVERY_READ_BYTES`]). Segment headers and summaries are read [`RECOVERY_FILES_IN_FLIGHT`]
-//! files at a time, so that a clean restart of thousands of segments costs a few device round
-//! trips, not one per file (`scripts/restart-time.sh` measures it).
+//! [`RECOVERY_READ_BYTES`]) into buffers that go round, and scan them where the device put them
+//! ([`InPlaceScan`]). Segment headers and summaries (without a manifest) are read
+//! [`RECOVERY_FILES_IN_FLIGHT`] files at a time, so that an open of thousands of segments costs a
+//! few device round trips, not one per file (`scripts/restart-time.sh` measures it).
 //!
 //! With `repair`, a `Corruption` becomes a cut at that offset; later segments are removed.
 
@@ -54,14 +68,15 @@ use std::time::{Instant, SystemTime};
 
 use crate::error::ShardError;
 use crate::format::{
-    align_down, align_up, chain_commit_crc, find_valid_commits, parse_commit, HeaderBlock, ParseError, SegmentHeader,
-    SegmentSummary, SummaryKind, BLOCK_BYTES, COMMIT_HEADER_BYTES, SEGMENT_DATA_OFFSET,
+    align_down, align_up, chain_commit_crc, find_valid_commits, parse_commit, HeaderBlock, Manifest, ManifestEntry,
+    ParseError, SegmentHeader, SegmentSummary, SummaryKind, BLOCK_BYTES, COMMIT_HEADER_BYTES, SEGMENT_DATA_OFFSET,
 };
 use crate::segments::{
-    segment_name, summary_name, Active, Segment, Segments, SummaryState, CHECKPOINT_NAME, INDEX_INTERVAL_BYTES,
+    segment_name, summary_name, unix_ms, Active, Segment, Segments, SummaryState, CHECKPOINT_NAME,
+    INDEX_INTERVAL_BYTES, MANIFEST_NAME,
 };
 use crate::shard::PIPELINE_DEPTH;
-use crate::storage::{LocalBoxFuture, SegmentFile, Storage};
+use crate::storage::{AlignedBuf, LazyFile, LocalBoxFuture, SegmentFile, Storage};
 use crate::stream_index::{stream_index_name, SealedIndex, StreamIndex, SEGMENT_BYTES_INDEXED_MAX};
 use crate::ShardOptions;
 
@@ -106,6 +121,9 @@ struct Found {
     header: SegmentHeader,
     file: Rc<dyn SegmentFile>,
     size: u64,
+    /// Accepted from the manifest without opening the file: header, size and summary (less its
+    /// index) are the manifest's.
+    manifest: Option<ManifestEntry>,
 }
 
 impl Found {
@@ -271,48 +289,185 @@ async fn bounded<T: 'static>(in_flight: usize, jobs: impl IntoIterator<Item = Lo
     }
 }
 
+/// One read of a [`ChunkReader`]: `len` bytes of `buf` from segment offset `offset`.
+struct Chunk {
+    offset: u64,
+    len: usize,
+    buf: AlignedBuf,
+    /// Nothing of the range follows: the range's end, or the end of the file.
+    last: bool,
+}
+
+impl Chunk {
+    fn bytes(&self) -> &[u8] {
+        &self.buf.as_slice()[..self.len]
+    }
+}
+
+type ReadTask = glommio::task::JoinHandle<(io::Result<usize>, AlignedBuf)>;
+
 /// Reads `[from, to)` of a segment (block aligned) in order, with up to
-/// [`RECOVERY_READS_IN_FLIGHT`] reads of [`RECOVERY_READ_BYTES`] in flight ahead of the one
-/// handed out. Stops early at the end of the file.
+/// [`RECOVERY_READS_IN_FLIGHT`] reads of [`RECOVERY_READ_BYTES`] in flight, into a fixed set of
+/// aligned buffers that go round: the caller hands each chunk back ([`ChunkReader::give_back`])
+/// once it has scanned it, and its buffer takes the next read. The device writes straight into
+/// them: after their first use, a read allocates nothing, faults in no page and copies nothing.
+/// Stops early at the end of the file.
 struct ChunkReader {
     file: Rc<dyn SegmentFile>,
-    queue: VecDeque<(usize, glommio::task::JoinHandle<io::Result<Vec<u8>>>)>,
+    free: Vec<AlignedBuf>,
+    queue: VecDeque<(u64, usize, ReadTask)>,
     next: u64,
     to: u64,
 }
 
 impl ChunkReader {
-    fn new(f: &Found, from: u64, to: u64) -> ChunkReader {
+    fn new(file: Rc<dyn SegmentFile>, from: u64, to: u64) -> ChunkReader {
         assert_eq!(from % BLOCK_BYTES, 0);
+        let chunks = (to.saturating_sub(from)).div_ceil(RECOVERY_READ_BYTES) as usize;
+        // One more than in flight: the chunk being scanned.
+        let buffers = chunks.min(RECOVERY_READS_IN_FLIGHT + 1);
         ChunkReader {
-            file: f.file.clone(),
+            file,
+            free: (0..buffers)
+                .map(|_| AlignedBuf::new(RECOVERY_READ_BYTES as usize))
+                .collect(),
             queue: VecDeque::new(),
             next: from,
             to,
         }
     }
 
-    async fn next(&mut self, storage: &dyn Storage, f: &Found) -> Result<Option<Vec<u8>>, ShardError> {
+    fn give_back(&mut self, chunk: Chunk) {
+        let mut buf = chunk.buf;
+        buf.set_len(buf.capacity());
+        self.free.push(buf);
+    }
+
+    /// Submits reads until [`RECOVERY_READS_IN_FLIGHT`] are in flight (or no buffer is free).
+    fn submit(&mut self) {
         while self.queue.len() < RECOVERY_READS_IN_FLIGHT && self.next < self.to {
+            let Some(mut buf) = self.free.pop() else { break };
             let len = RECOVERY_READ_BYTES.min(self.to - self.next) as usize;
+            buf.set_len(align_up(len as u64) as usize);
             // A task per read, so that they are all submitted before the first is awaited.
-            let task = glommio::spawn_local(self.file.read(self.next, len)).detach();
-            self.queue.push_back((len, task));
+            let task = glommio::spawn_local(self.file.read_into(self.next, buf)).detach();
+            self.queue.push_back((self.next, len, task));
             self.next += len as u64;
         }
-        let Some((len, task)) = self.queue.pop_front() else {
+    }
+
+    async fn next(&mut self, storage: &dyn Storage, name: &str) -> Result<Option<Chunk>, ShardError> {
+        self.submit();
+        let Some((offset, len, task)) = self.queue.pop_front() else {
             return Ok(None);
         };
-        let chunk =
-            task.await
-                .expect("a read task is never cancelled")
-                .map_err(io_err(storage, "read segment", &f.name))?;
-        if chunk.len() < len {
+        // The buffer of the chunk scanned last takes the next read now, so that as many reads
+        // stay in flight while this chunk is scanned (as fio keeps its queue depth).
+        self.submit();
+        let (read, buf) = task.await.expect("a read task is never cancelled");
+        let got = match read {
+            Ok(got) => got.min(len),
+            Err(e) => {
+                self.free.push(buf);
+                return Err(io_err(storage, "read segment", name)(e));
+            }
+        };
+        if got < len {
             // The end of the file: nothing after it.
-            self.queue.clear();
+            for (_, _, task) in self.queue.drain(..) {
+                let (_, buf) = task.await.expect("a read task is never cancelled");
+                self.free.push(buf);
+            }
             self.next = self.to;
         }
-        Ok(Some(chunk))
+        let last = self.queue.is_empty() && self.next >= self.to;
+        Ok(Some(Chunk {
+            offset,
+            len: got,
+            buf,
+            last,
+        }))
+    }
+}
+
+/// First copy of a commit that runs from one read into the next: this much of the next read,
+/// doubled until the commit is whole.
+const STRADDLE_COPY_BYTES: usize = 64 << 10;
+
+/// Feeds a [`Scanner`] the reads of a segment in place, copying only what runs across the end of
+/// a read: the start of a commit that continues in the next one (kept in `carry`, completed from
+/// the next read's first bytes), and, once the scan is done, the bytes from the block holding its
+/// end on (for the tail of the last segment).
+struct InPlaceScan {
+    scanner: Scanner,
+    /// Bytes before the current read that are still needed, from `carry.base`; they run up to
+    /// the current read's start.
+    carry: Window,
+}
+
+impl InPlaceScan {
+    fn new(scanner: Scanner) -> InPlaceScan {
+        InPlaceScan {
+            scanner,
+            carry: Window::default(),
+        }
+    }
+
+    /// Scans `data` (segment bytes from `base`, following whatever was fed before); `last`: the
+    /// bytes end there. With `keep_rest`, bytes after a finished scan are kept too.
+    fn feed(&mut self, data: &[u8], base: u64, last: bool, keep_rest: bool) {
+        if self.carry.bytes.is_empty() {
+            self.carry.base = base;
+        }
+        assert_eq!(
+            self.carry.base + self.carry.bytes.len() as u64,
+            base,
+            "reads follow each other"
+        );
+        let was_done = self.scanner.done;
+        if !was_done {
+            if self.scanner.offset < base {
+                // A commit started in an earlier read: complete it from the carried bytes and a
+                // copy of as much of this read as it needs.
+                let carried = self.carry.bytes.len();
+                let mut take = 0;
+                while !self.scanner.done && self.scanner.offset < base && take < data.len() {
+                    let more = (take * 2).max(STRADDLE_COPY_BYTES).min(data.len());
+                    self.carry.bytes.extend_from_slice(&data[take..more]);
+                    take = more;
+                    self.scanner
+                        .feed(&self.carry.bytes, self.carry.base, last && take == data.len());
+                }
+                self.carry.bytes.truncate(carried);
+            }
+            if !self.scanner.done && self.scanner.offset >= base {
+                self.scanner.feed(data, base, last);
+            }
+        }
+        if self.scanner.done && (!was_done || keep_rest) {
+            let from = if was_done {
+                self.carry.base
+            } else {
+                align_down(self.scanner.offset)
+            };
+            self.keep(data, base, from);
+        } else if !self.scanner.done {
+            self.keep(data, base, align_down(self.scanner.offset));
+        }
+    }
+
+    /// Keeps the bytes from `from` (clamped to what is held) to the end of `data`.
+    fn keep(&mut self, data: &[u8], base: u64, from: u64) {
+        let from = from.clamp(self.carry.base, base + data.len() as u64);
+        if from >= base {
+            self.carry.bytes.clear();
+            self.carry.bytes.extend_from_slice(&data[(from - base) as usize..]);
+            self.carry.base = from;
+        } else {
+            self.carry.bytes.drain(..(from - self.carry.base) as usize);
+            self.carry.base = from;
+            self.carry.bytes.extend_from_slice(data);
+        }
     }
 }
 
@@ -325,53 +480,34 @@ async fn scan_segment(
     read_rest: bool,
     report: &mut RecoveryReport,
 ) -> Result<(Scan, u64, Vec<u8>), ShardError> {
-    let mut reader = ChunkReader::new(f, 0, f.capacity());
+    let mut reader = ChunkReader::new(f.file.clone(), 0, f.capacity());
     let mut scanner = Scanner::new(f.header.sequence, SEGMENT_DATA_OFFSET, f.header.base_lsn);
     if f.capacity() < SEGMENT_BYTES_INDEXED_MAX {
         scanner.streams = Some((f.header.base_lsn, StreamIndex::open()));
     }
-    let mut window = Window::default();
-    while !scanner.done {
-        let chunk = reader.next(storage, f).await?;
-        if let Some(chunk) = &chunk {
-            report.bytes_read += chunk.len() as u64;
-            window.push(chunk, scanner.offset);
-        }
-        scanner.feed(&window.bytes, window.base, chunk.is_none());
+    let mut scan = InPlaceScan::new(scanner);
+    while !scan.scanner.done || read_rest {
+        let Some(chunk) = reader.next(storage, &f.name).await? else {
+            if !scan.scanner.done {
+                // The file ended inside a commit: what is carried is all there is.
+                let rest = std::mem::take(&mut scan.carry);
+                scan.feed(&rest.bytes, rest.base, true, false);
+            }
+            break;
+        };
+        report.bytes_read += chunk.len as u64;
+        scan.feed(chunk.bytes(), chunk.offset, chunk.last, read_rest);
+        reader.give_back(chunk);
     }
-    let scan = scanner.finish();
-    window.keep_from(scan.end_offset);
-    if read_rest {
-        while let Some(chunk) = reader.next(storage, f).await? {
-            report.bytes_read += chunk.len() as u64;
-            window.push(&chunk, scan.end_offset);
-        }
-    }
-    Ok((scan, window.base, window.bytes))
+    let InPlaceScan { scanner, carry } = scan;
+    Ok((scanner.finish(), carry.base, carry.bytes))
 }
 
-/// The bytes of a segment a [`Scanner`] still needs, from `base` on: those not scanned yet and
-/// the block holding the scan's position (for the tail of the last segment). Its memory is
-/// reused from read to read, so a scan touches no fresh page per byte read.
+/// Bytes of a segment held across reads, from `base` on.
 #[derive(Default)]
 struct Window {
     base: u64,
     bytes: Vec<u8>,
-}
-
-impl Window {
-    /// Drops the bytes before the block holding `offset` (none if not read that far yet).
-    fn keep_from(&mut self, offset: u64) {
-        let from = align_down(offset).clamp(self.base, self.base + self.bytes.len() as u64);
-        self.bytes.drain(..(from - self.base) as usize);
-        self.base = from;
-    }
-
-    /// Appends the next bytes read, dropping what the scan at `offset` no longer needs.
-    fn push(&mut self, chunk: &[u8], offset: u64) {
-        self.keep_from(offset);
-        self.bytes.extend_from_slice(chunk);
-    }
 }
 
 /// Reads `[from, to)` of a segment (block aligned), with up to [`RECOVERY_READS_IN_FLIGHT`]
@@ -479,7 +615,10 @@ async fn read_summaries(
 ) -> Vec<Option<SegmentSummary>> {
     let names: Vec<Option<String>> = found
         .iter()
-        .map(|f| Some(summary_name(f.header.base_lsn)).filter(|n| summary_names.contains(n)))
+        .map(|f| match f.manifest {
+            Some(_) => None,
+            None => Some(summary_name(f.header.base_lsn)).filter(|n| summary_names.contains(n)),
+        })
         .collect();
     let jobs = names
         .iter()
@@ -666,12 +805,9 @@ async fn recover_last(
     })
 }
 
-fn sealed_at(storage: &dyn Storage, name: &str) -> Instant {
-    storage
-        .modified(name)
-        .and_then(|m| SystemTime::now().duration_since(m).ok())
-        .and_then(|age| Instant::now().checked_sub(age))
-        .unwrap_or_else(Instant::now)
+/// When a segment recovered without the manifest was sealed: its file's modification time.
+fn sealed_unix_ms(storage: &dyn Storage, name: &str) -> u64 {
+    unix_ms(storage.modified(name).unwrap_or_else(SystemTime::now))
 }
 
 fn segment_from(f: &Found, s: &mut Scan) -> Segment {
@@ -690,18 +826,53 @@ fn segment_from(f: &Found, s: &mut Scan) -> Segment {
     seg
 }
 
-/// Opens every `.wal` and `.prep` file and sorts them into segments (by sequence) and spares.
+/// Sorts the `.wal` and `.prep` files into segments (by sequence) and spares. A `.wal` file the
+/// manifest lists is taken from it unopened, except the first and the last of those: retention
+/// turns the oldest segment into a spare (its header zeroed) before it renames it, and the last
+/// one may be the end of the log, so those two are opened and their headers read as every file
+/// the manifest does not list is. That is at most two files whatever the length of the log.
 async fn find_segments(
-    storage: &dyn Storage,
+    storage: &Rc<dyn Storage>,
     opts: &ShardOptions,
     names: &[String],
+    manifest: Option<&Manifest>,
 ) -> Result<(Vec<Found>, Vec<String>), ShardError> {
     let shard = opts.shard_id;
     let mut found = Vec::new();
     let mut spares = Vec::new();
+    let listed: BTreeSet<&String> = names.iter().collect();
+    let mut covered: Vec<(String, ManifestEntry)> = manifest
+        .map(|m| {
+            m.entries
+                .iter()
+                .map(|e| (segment_name(e.base_lsn), *e))
+                .filter(|(name, _)| listed.contains(name))
+                .collect()
+        })
+        .unwrap_or_default();
+    // The first and the last are opened.
+    if !covered.is_empty() {
+        covered.remove(0);
+    }
+    covered.pop();
+    let covered: std::collections::BTreeMap<String, ManifestEntry> = covered.into_iter().collect();
+    for (name, e) in &covered {
+        found.push(Found {
+            name: name.clone(),
+            header: SegmentHeader {
+                shard_id: shard,
+                sequence: e.sequence,
+                base_lsn: e.base_lsn,
+            },
+            file: Rc::new(LazyFile::new(storage.clone(), name, opts.durability)),
+            size: e.file_bytes,
+            manifest: Some(*e),
+        });
+    }
+    let storage: &dyn Storage = &**storage;
     let candidates: Vec<&String> = names
         .iter()
-        .filter(|n| n.ends_with(".wal") || n.ends_with(".prep"))
+        .filter(|n| (n.ends_with(".wal") || n.ends_with(".prep")) && !covered.contains_key(*n))
         .collect();
     let jobs = candidates.iter().map(|name| -> LocalBoxFuture<_> {
         let open = storage.open(name, false, opts.durability);
@@ -740,6 +911,7 @@ async fn find_segments(
                     header,
                     file,
                     size,
+                    manifest: None,
                 });
             }
             HeaderBlock::Zero => spares.push(name.clone()),
@@ -758,14 +930,73 @@ async fn find_segments(
     Ok((found, spares))
 }
 
-pub(crate) async fn recover(storage: &dyn Storage, opts: &ShardOptions) -> Result<Recovered, ShardError> {
+pub(crate) async fn recover(storage: &Rc<dyn Storage>, opts: &ShardOptions) -> Result<Recovered, ShardError> {
     let started = Instant::now();
-    let shard = opts.shard_id;
     let mut names = storage
         .list()
         .await
-        .map_err(io_err(storage, "list shard directory", ""))?;
+        .map_err(io_err(&**storage, "list shard directory", ""))?;
     names.sort();
+    let manifest = match names.iter().any(|n| n == MANIFEST_NAME) {
+        true => read_manifest(&**storage, opts).await,
+        false => None,
+    };
+    let mut rec = match recover_with(storage, opts, &names, manifest.as_ref()).await? {
+        Attempt::Done(rec) => *rec,
+        Attempt::WithoutManifest(reason) => {
+            tracing::warn!(shard = opts.shard_id, %reason, "the manifest does not fit the log; recovering without it");
+            match recover_with(storage, opts, &names, None).await? {
+                Attempt::Done(rec) => *rec,
+                Attempt::WithoutManifest(_) => unreachable!("only a manifest is given up on"),
+            }
+        }
+    };
+    rec.report.elapsed_us = started.elapsed().as_micros() as u64;
+    tracing::info!(shard = opts.shard_id, report = ?rec.report, "recovered");
+    Ok(rec)
+}
+
+enum Attempt {
+    Done(Box<Recovered>),
+    /// A segment taken from the manifest does not continue into the next one (or the next into
+    /// it): the manifest is not to be trusted, and recovery starts again without it.
+    WithoutManifest(String),
+}
+
+/// Reads and checks the manifest; `None` (and a warning) if it is not one of this shard.
+async fn read_manifest(storage: &dyn Storage, opts: &ShardOptions) -> Option<Manifest> {
+    let read = match read_whole(storage, opts, MANIFEST_NAME).await {
+        Ok(read) => read,
+        Err(e) => {
+            tracing::warn!(shard = opts.shard_id, error = %e, "ignoring an unreadable manifest");
+            return None;
+        }
+    };
+    match Manifest::decode(&read) {
+        Ok(m) if m.shard_id == opts.shard_id => Some(m),
+        Ok(m) => {
+            tracing::warn!(
+                shard = opts.shard_id,
+                manifest_shard = m.shard_id,
+                "ignoring the manifest of another shard"
+            );
+            None
+        }
+        Err(reason) => {
+            tracing::warn!(shard = opts.shard_id, %reason, "ignoring an invalid manifest; reading each segment instead");
+            None
+        }
+    }
+}
+
+async fn recover_with(
+    storage_rc: &Rc<dyn Storage>,
+    opts: &ShardOptions,
+    names: &[String],
+    manifest: Option<&Manifest>,
+) -> Result<Attempt, ShardError> {
+    let storage: &dyn Storage = &**storage_rc;
+    let shard = opts.shard_id;
     // Summaries and stream indexes: read for the segments that have them, removed for the others.
     let summary_names: BTreeSet<String> = names
         .iter()
@@ -773,7 +1004,21 @@ pub(crate) async fn recover(storage: &dyn Storage, opts: &ShardOptions) -> Resul
         .cloned()
         .collect();
     let has_checkpoint = names.iter().any(|n| n == CHECKPOINT_NAME);
-    let (found, spares) = find_segments(storage, opts, &names).await?;
+    let (found, spares) = find_segments(storage_rc, opts, names, manifest).await?;
+    // Seal times as the manifest keeps them (also of the segments it lists that were opened),
+    // else the files' modification times: a manifest written again keeps the same bytes.
+    let sealed_ms: std::collections::BTreeMap<(u64, u64), u64> = manifest
+        .map(|m| {
+            m.entries
+                .iter()
+                .map(|e| ((e.sequence, e.base_lsn), e.sealed_unix_ms))
+                .collect()
+        })
+        .unwrap_or_default();
+    let sealed_at = |f: &Found| match sealed_ms.get(&(f.header.sequence, f.header.base_lsn)) {
+        Some(&ms) => ms,
+        None => sealed_unix_ms(storage, &f.name),
+    };
     let checkpoint = match has_checkpoint {
         true => {
             let read = read_whole(storage, opts, CHECKPOINT_NAME).await;
@@ -793,7 +1038,11 @@ pub(crate) async fn recover(storage: &dyn Storage, opts: &ShardOptions) -> Resul
     assert_eq!(summaries.len(), found.len());
     for i in 0..found.len() {
         let f = &found[i];
-        let summary = summaries[i].take().filter(|s| f.matches(s));
+        let summary = match f.manifest {
+            Some(e) => Some(e.summary(shard)),
+            None => summaries[i].take(),
+        }
+        .filter(|s| f.matches(s));
         let Some(next) = found.get(i + 1) else {
             // [stream_index] The last segment's index, if written with its summary or the checkpoint.
             let six_name = stream_index_name(f.header.base_lsn);
@@ -804,7 +1053,7 @@ pub(crate) async fn recover(storage: &dyn Storage, opts: &ShardOptions) -> Resul
             let mut last = recover_last(storage, opts, f, summary, checkpoint.as_ref(), six, &mut report).await?;
             let seg = Rc::new(segment_from(f, &mut last.scan));
             if last.sealed {
-                seg.sealed_at.set(Some(sealed_at(storage, &f.name)));
+                seg.set_sealed_at(sealed_at(f));
                 seg.summary.set(SummaryState::Durable);
             } else {
                 active = Some(Active {
@@ -819,6 +1068,13 @@ pub(crate) async fn recover(storage: &dyn Storage, opts: &ShardOptions) -> Resul
             break;
         };
         let continues = |end_lsn: u64| next.header.sequence == f.header.sequence + 1 && next.header.base_lsn == end_lsn;
+        let from_manifest = f.manifest.is_some() || next.manifest.is_some();
+        if from_manifest && !summary.as_ref().is_some_and(|s| continues(s.end_lsn)) {
+            return Ok(Attempt::WithoutManifest(format!(
+                "segment {} ({}) does not continue into segment {} ({})",
+                f.header.sequence, f.name, next.header.sequence, next.name
+            )));
+        }
         let seg = match summary {
             Some(s) if continues(s.end_lsn) => {
                 report.trusted += 1;
@@ -836,6 +1092,8 @@ pub(crate) async fn recover(storage: &dyn Storage, opts: &ShardOptions) -> Resul
                 seg.summary.set(SummaryState::Durable);
                 // [stream_index] Loaded by the first filtered read of the segment.
                 seg.streams_on_disk.set(f.capacity() < SEGMENT_BYTES_INDEXED_MAX);
+                // From the manifest: the index is read from the `.sum` on first use.
+                seg.index_loaded.set(f.manifest.is_none());
                 seg
             }
             summary => {
@@ -889,11 +1147,31 @@ pub(crate) async fn recover(storage: &dyn Storage, opts: &ShardOptions) -> Resul
                 seg
             }
         };
-        seg.sealed_at.set(Some(sealed_at(storage, &f.name)));
+        // From the manifest without a stat of the file: a stat per segment costs a device read
+        // each with a cold cache.
+        seg.set_sealed_at(sealed_at(f));
         next_lsn = seg.durable_end.get().0;
         segments.push_back(Rc::new(seg));
     }
     report.segments = segments.len() as u64;
+
+    // The manifest of the log as recovered: written now if it differs from the one on disk
+    // (older than the log, a summary read from a `.sum`, or a segment cut by repair), before any
+    // file is removed and before new segments can take the names of cut ones.
+    let wanted = Manifest {
+        shard_id: shard,
+        entries: segments
+            .iter()
+            .filter(|s| s.summary.get() == SummaryState::Durable)
+            .map(|s| s.manifest_entry())
+            .collect(),
+    };
+    // (No manifest is needed for a log of no sealed segment.)
+    if manifest.map_or(!wanted.entries.is_empty(), |m| *m != wanted) {
+        crate::background::write_manifest_file(storage, opts.durability, &wanted)
+            .await
+            .map_err(io_err(storage, "write manifest", MANIFEST_NAME))?;
+    }
 
     tidy_directory(
         storage,
@@ -905,14 +1183,78 @@ pub(crate) async fn recover(storage: &dyn Storage, opts: &ShardOptions) -> Resul
     )
     .await?;
     let segs = Segments::recovered(segments, active, first_available);
-    report.elapsed_us = started.elapsed().as_micros() as u64;
-    tracing::info!(shard, ?report, "recovered");
-    Ok(Recovered {
+    Ok(Attempt::Done(Box::new(Recovered {
         segs,
         next_lsn,
         findings,
         report,
-    })
+    })))
+}
+
+/// Gives a segment recovered from the manifest its sparse index, on first use (a read, the
+/// scrub): from its `.sum` if that is valid and agrees with the manifest, else by a scan of the
+/// body, which must then agree with the manifest (else `Corruption`). Returns whether the `.sum`
+/// must be written again (the caller wakes the background task, which does it).
+pub(crate) async fn load_index(storage: &dyn Storage, opts: &ShardOptions, seg: &Segment) -> Result<bool, ShardError> {
+    if seg.index_loaded.get() {
+        return Ok(false);
+    }
+    let shard = opts.shard_id;
+    let fixed = seg.summary(shard);
+    let name = summary_name(seg.base_lsn);
+    let read = read_whole(storage, opts, &name).await;
+    if let Some(s) = decode_summary(opts, &name, SummaryKind::Sealed, read) {
+        if (SegmentSummary {
+            index: Vec::new(),
+            ..s.clone()
+        }) == fixed
+        {
+            if !seg.index_loaded.get() {
+                *seg.index.borrow_mut() = s.index;
+                seg.index_loaded.set(true);
+            }
+            return Ok(false);
+        }
+        tracing::warn!(
+            shard,
+            segment = seg.sequence,
+            "the summary disagrees with the manifest; scanning the segment"
+        );
+    }
+    let f = Found {
+        name: seg.name.borrow().clone(),
+        header: SegmentHeader {
+            shard_id: shard,
+            sequence: seg.sequence,
+            base_lsn: seg.base_lsn,
+        },
+        file: seg.file.clone(),
+        size: seg.capacity,
+        manifest: None,
+    };
+    let (scan, _, _) = scan_segment(storage, &f, false, &mut RecoveryReport::default()).await?;
+    let found = (scan.end_lsn, scan.end_offset, scan.commits, scan.commits_crc);
+    let want = (fixed.end_lsn, fixed.end_offset, fixed.commits, fixed.commits_crc);
+    if found != want {
+        return Err(ShardError::Corruption {
+            shard,
+            segment: seg.sequence,
+            offset: scan.end_offset,
+            reason: format!(
+                "the body (end lsn, end offset, commits, commits crc) = {found:?} disagrees with the manifest {want:?}{}",
+                scan.stop.map(|s| format!(": {s}")).unwrap_or_default()
+            ),
+        });
+    }
+    if !seg.index_loaded.get() {
+        *seg.index.borrow_mut() = scan.index;
+        seg.index_loaded.set(true);
+    }
+    let rewrite = seg.summary.get() == SummaryState::Durable && !seg.retired.get();
+    if rewrite {
+        seg.summary.set(SummaryState::Pending);
+    }
+    Ok(rewrite)
 }
 
 /// Removes what recovery left out (segments after a repair cut, spares, summaries of segments
@@ -993,23 +1335,27 @@ mod tests {
         data
     }
 
-    /// Scans `data` fed in pieces of `piece` bytes, through a [`Window`] as recovery does.
+    /// Scans `data` fed in pieces of `piece` bytes, in place, as recovery does.
     fn scan_in_pieces(data: &[u8], piece: usize) -> Scan {
-        let mut scanner = Scanner::new(3, SEGMENT_DATA_OFFSET, 1);
-        let mut window = Window::default();
-        let mut pieces = data.chunks(piece);
-        while !scanner.done {
-            let next = pieces.next();
-            if let Some(p) = next {
-                window.push(p, scanner.offset);
+        let mut scan = InPlaceScan::new(Scanner::new(3, SEGMENT_DATA_OFFSET, 1));
+        let mut base = 0u64;
+        let pieces: Vec<&[u8]> = data.chunks(piece).collect();
+        for (i, p) in pieces.iter().enumerate() {
+            if scan.scanner.done {
+                break;
             }
-            scanner.feed(&window.bytes, window.base, next.is_none());
+            scan.feed(p, base, i + 1 == pieces.len(), false);
+            base += p.len() as u64;
             assert!(
-                window.bytes.len() <= piece + 64 * 1024,
-                "the window holds one piece and one commit"
+                scan.carry.bytes.len() <= piece + 64 * 1024,
+                "the carry holds at most a piece and one commit"
             );
         }
-        scanner.finish()
+        if !scan.scanner.done {
+            let rest = std::mem::take(&mut scan.carry);
+            scan.feed(&rest.bytes, rest.base, true, false);
+        }
+        scan.scanner.finish()
     }
 
     #[test]

@@ -21,11 +21,27 @@
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::rc::Rc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
-use crate::format::{chain_commit_crc, SegmentSummary, BLOCK_BYTES, SEGMENT_DATA_OFFSET};
+use crate::format::{chain_commit_crc, Manifest, ManifestEntry, SegmentSummary, BLOCK_BYTES, SEGMENT_DATA_OFFSET};
 use crate::storage::SegmentFile;
 use crate::stream_index::{StreamIndex, SEGMENT_BYTES_INDEXED_MAX};
+
+/// `wall` as milliseconds since the Unix epoch (0 if before it).
+pub(crate) fn unix_ms(wall: SystemTime) -> u64 {
+    wall.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The instant `ms` milliseconds after the Unix epoch (now if that is in the future).
+pub(crate) fn instant_of_unix_ms(ms: u64) -> Instant {
+    let wall = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+    SystemTime::now()
+        .duration_since(wall)
+        .ok()
+        .and_then(|age| Instant::now().checked_sub(age))
+        .unwrap_or_else(Instant::now)
+}
 
 /// One sparse index entry per this many bytes of a segment, so a read starts close to its lsn.
 pub(crate) const INDEX_INTERVAL_BYTES: u64 = 64 << 10;
@@ -41,6 +57,12 @@ pub(crate) fn summary_name(base_lsn: u64) -> String {
 
 /// Name of the clean-shutdown checkpoint file.
 pub(crate) const CHECKPOINT_NAME: &str = "checkpoint";
+
+/// Name of the manifest: the summaries of all sealed segments, so that a clean restart reads one
+/// file instead of a header and a summary per segment.
+pub(crate) const MANIFEST_NAME: &str = "manifest";
+/// The next manifest is written here, made durable, then renamed over `manifest`.
+pub(crate) const MANIFEST_TMP_NAME: &str = "manifest.tmp";
 
 /// Where a segment's summary stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,13 +85,19 @@ pub(crate) struct Segment {
     pub file: Rc<dyn SegmentFile>,
     /// (one past the last durable lsn, offset one past the last durable commit).
     pub durable_end: Cell<(u64, u64)>,
-    /// Sparse (first lsn of a commit, its offset), ascending.
+    /// Sparse (first lsn of a commit, its offset), ascending. Empty until `index_loaded`.
     pub index: RefCell<Vec<(u64, u64)>>,
+    /// False for a segment recovered from the manifest: its index is still in its `.sum`, and
+    /// is read on first use (`recovery::load_index`).
+    pub index_loaded: Cell<bool>,
     /// Commits handed to the device, and the checksum chained over their headers
     /// ([`chain_commit_crc`]); the summary carries both.
     pub commits: Cell<u64>,
     pub commits_crc: Cell<u32>,
     pub sealed_at: Cell<Option<Instant>>,
+    /// The same moment as wall-clock milliseconds since the Unix epoch, as the manifest keeps it
+    /// (kept as read, so that a manifest written again is the same bytes).
+    pub sealed_unix_ms: Cell<u64>,
     pub summary: Cell<SummaryState>,
     /// Removed by retention: reads that still hold it report `Truncated`.
     pub retired: Cell<bool>,
@@ -111,9 +139,11 @@ impl Segment {
             file,
             durable_end: Cell::new(durable_end),
             index: RefCell::new(index),
+            index_loaded: Cell::new(true),
             commits: Cell::new(commits),
             commits_crc: Cell::new(commits_crc),
             sealed_at: Cell::new(None),
+            sealed_unix_ms: Cell::new(0),
             summary: Cell::new(SummaryState::Open),
             retired: Cell::new(false),
             corrupt: RefCell::new(None),
@@ -166,6 +196,27 @@ impl Segment {
         }
     }
 
+    /// When the segment was sealed, in milliseconds since the Unix epoch.
+    pub(crate) fn set_sealed_at(&self, unix_ms: u64) {
+        self.sealed_at.set(Some(instant_of_unix_ms(unix_ms)));
+        self.sealed_unix_ms.set(unix_ms);
+    }
+
+    /// What the manifest says of this segment.
+    pub(crate) fn manifest_entry(&self) -> ManifestEntry {
+        let (end_lsn, end_offset) = self.durable_end.get();
+        ManifestEntry {
+            sequence: self.sequence,
+            base_lsn: self.base_lsn,
+            end_lsn,
+            commits: self.commits.get(),
+            end_offset,
+            file_bytes: self.capacity,
+            sealed_unix_ms: self.sealed_unix_ms.get(),
+            commits_crc: self.commits_crc.get(),
+        }
+    }
+
     pub(crate) fn is_sealed(&self) -> bool {
         self.summary.get() != SummaryState::Open
     }
@@ -204,6 +255,9 @@ pub(crate) struct Segments {
     spare: Spare,
     next_sequence: u64,
     first_available: u64,
+    /// The manifest on disk lacks a segment whose summary is durable: the background task
+    /// writes a new one.
+    manifest_stale: Cell<bool>,
 }
 
 impl Segments {
@@ -217,6 +271,7 @@ impl Segments {
             spare: Spare::Preparing,
             next_sequence,
             first_available,
+            manifest_stale: Cell::new(false),
         };
         segs.assert_invariants();
         segs
@@ -272,7 +327,7 @@ impl Segments {
                 );
             }
             if !prev.is_sealed() {
-                prev.sealed_at.set(Some(Instant::now()));
+                prev.set_sealed_at(unix_ms(SystemTime::now()));
                 prev.summary.set(SummaryState::Pending);
             }
         }
@@ -318,7 +373,32 @@ impl Segments {
     pub(crate) fn summary_written(&self, seg: &Segment) {
         assert_eq!(seg.summary.get(), SummaryState::Pending);
         seg.summary.set(SummaryState::Durable);
+        self.manifest_stale.set(true);
         self.assert_invariants();
+    }
+
+    /// Whether the manifest on disk lacks a durable summary (see [`Segments::manifest`]).
+    pub(crate) fn manifest_stale(&self) -> bool {
+        self.manifest_stale.get()
+    }
+
+    pub(crate) fn set_manifest_stale(&self, stale: bool) {
+        self.manifest_stale.set(stale);
+    }
+
+    /// The manifest of the log as it stands: every sealed segment whose summary is durable.
+    /// Segments retired since are left out; a segment whose summary is pending is left out
+    /// until it is durable (recovery then reads its header and scans it, as without a manifest).
+    pub(crate) fn manifest(&self, shard_id: u16) -> Manifest {
+        Manifest {
+            shard_id,
+            entries: self
+                .list
+                .iter()
+                .filter(|s| s.summary.get() == SummaryState::Durable)
+                .map(|s| s.manifest_entry())
+                .collect(),
+        }
     }
 
     /// The oldest segment, if it is sealed (never the active one).
@@ -354,6 +434,10 @@ impl Segments {
             let (end_lsn, end_offset) = seg.durable_end.get();
             assert!(end_lsn >= seg.base_lsn);
             assert!(end_offset >= SEGMENT_DATA_OFFSET && end_offset <= seg.capacity);
+            assert!(
+                seg.index_loaded.get() || seg.summary.get() == SummaryState::Durable,
+                "only a trusted segment waits for its index"
+            );
             if let Some(next) = self.list.get(i + 1) {
                 assert!(seg.is_sealed(), "every segment but the last is sealed");
                 assert_eq!(next.sequence, seg.sequence + 1, "sequences are contiguous");

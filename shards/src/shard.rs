@@ -422,7 +422,7 @@ impl Shard {
     /// Opens the shard on any storage, e.g. [`crate::storage::mem::MemStorage`].
     pub async fn open_with_storage(storage: Rc<dyn Storage>, opts: ShardOptions) -> Result<Shard, ShardError> {
         opts.validate()?;
-        let rec = crate::recovery::recover(&*storage, &opts).await?;
+        let rec = crate::recovery::recover(&storage, &opts).await?;
         let durable = rec.next_lsn - 1;
         // Sized once for any value a commit can produce (counts, bytes, microseconds up to an
         // hour): an auto-resizing histogram reallocates its counts (hundreds of KiB) on the commit
@@ -1274,6 +1274,10 @@ impl Inner {
             let limit_lsn = seg_end_lsn.min(durable_end);
             if cursor >= limit_lsn {
                 continue;
+            }
+            // A segment recovered from the manifest reads its index on first use.
+            if crate::recovery::load_index(&*self.storage, &self.opts, seg).await? {
+                self.bg_wake.notify();
             }
             if stream.is_some() && seg.streams_on_disk.get() {
                 self.load_stream_index(seg).await;

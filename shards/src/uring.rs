@@ -173,6 +173,11 @@ impl AlignedBuf {
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 
+    /// The start of the allocation, for the kernel to read into.
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: as in `as_slice`, and `&mut self` makes the access unique.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
@@ -803,6 +808,39 @@ impl LinkedRing {
     pub fn writes_fixed_unfixed(&self) -> (u64, u64) {
         let inner = self.inner.borrow();
         (inner.writes_fixed, inner.writes_unfixed)
+    }
+
+    /// Reads into `buf[at..]` at `offset` (a plain read: the kernel fills the buffer the ring
+    /// owns until the CQE is reaped). Returns the bytes read: fewer than asked at the end of the
+    /// file. The buffer is the caller's to reuse, so a long sequential read (recovery) allocates
+    /// and copies nothing per read.
+    pub async fn read(
+        self: &Rc<Self>,
+        fd: RawFd,
+        mut buf: AlignedBuf,
+        at: usize,
+        offset: u64,
+    ) -> (io::Result<usize>, AlignedBuf) {
+        assert!(at <= buf.len());
+        let len_u32 = u32::try_from(buf.len() - at).expect("read of at most 4 GiB");
+        assert!(offset <= i64::MAX as u64);
+        // SAFETY: `at <= len`, inside the allocation the buffer owns.
+        let ptr = unsafe { buf.as_mut_ptr().add(at) };
+        // SAFETY: the buffer is heap-allocated and owned by the op handle until its CQE is reaped
+        // (a dropped handle parks it in the ring), so the kernel writes only into memory that
+        // nothing else uses meanwhile. The read's CQE is booked as the op's data CQE.
+        let slot = unsafe {
+            self.submit_op(|slot| {
+                [opcode::Read::new(types::Fd(fd), ptr, len_u32)
+                    .offset(offset)
+                    .build()
+                    .user_data(user_data(slot, CqeKind::Write))]
+            })
+        };
+        let mut op = OpHandle::new(self, slot, buf, offset);
+        poll_fn(|cx| op.poll_done(cx)).await;
+        let res = op.write_res.expect("read CQE reaped");
+        (errno_result(res), op.take_buf())
     }
 
     /// fdatasync of `fd`, awaited without blocking the executor.

@@ -22,7 +22,10 @@
 //! is written, in which case a restart that was not interrupted must scan nothing at all. Some
 //! seeds tamper with the crashed image before recovery: a bit flipped in a summary or the
 //! checkpoint, a summary re-encoded with a valid checksum but a wrong field (disagreeing with the
-//! body), or a checkpoint of an earlier clean shutdown put back (older than the log). None of
+//! body), or a checkpoint of an earlier clean shutdown put back (older than the log); the same
+//! for the manifest (a flipped bit, an entry misstated under a valid checksum, the manifest of an
+//! earlier generation put back, older than the log), which is also written while the power goes,
+//! since every seal rewrites it. None of
 //! them may cost an acknowledged record; a disagreement may end the seed only as a typed
 //! `Corruption` (from recovery, or from a read of the range the lie covers), never as a cut.
 //!
@@ -52,7 +55,10 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use common::run;
-use shards::format::{SegmentSummary, SummaryKind, COMMIT_HEADER_BYTES, RECORD_HEADER_BYTES, SUMMARY_FIXED_BYTES};
+use shards::format::{
+    Manifest, SegmentSummary, SummaryKind, COMMIT_HEADER_BYTES, MANIFEST_ENTRY_BYTES, MANIFEST_HEADER_BYTES,
+    RECORD_HEADER_BYTES, SUMMARY_FIXED_BYTES,
+};
 use shards::storage::mem::{FaultPoint, MemStorage};
 use shards::storage::{IoBuf, LocalBoxFuture, OnWritten, SegmentFile, Storage};
 use shards::{AckLevel, Durability, Lsn, RecordRef, Shard, ShardError, ShardOptions};
@@ -311,6 +317,8 @@ enum Tamper {
     Misstate,
     /// The checkpoint of an earlier clean shutdown put back.
     StaleCheckpoint,
+    /// The manifest of an earlier generation put back (older than the log).
+    StaleManifest,
 }
 
 fn plan(seed: u64, rng: &mut StdRng) -> Plan {
@@ -345,7 +353,8 @@ fn plan(seed: u64, rng: &mut StdRng) -> Plan {
             Tamper::FlipBit,
             Tamper::Misstate,
             Tamper::StaleCheckpoint,
-        ][rng.gen_range(0..6)],
+            Tamper::StaleManifest,
+        ][rng.gen_range(0..7)],
     }
 }
 
@@ -592,11 +601,22 @@ fn corruption_mark(e: &ShardError) -> &'static str {
 
 /// Tampers with the recovery metadata of a crashed image as `how` says. Returns whether it did
 /// anything (there may be no summary or checkpoint to tamper with).
-async fn tamper(image: &MemStorage, how: Tamper, rng: &mut StdRng, saved_checkpoint: Option<&[u8]>) -> bool {
+async fn tamper(
+    image: &MemStorage,
+    how: Tamper,
+    rng: &mut StdRng,
+    saved_checkpoint: Option<&[u8]>,
+    saved_manifest: Option<&[u8]>,
+) -> bool {
     let meta: Vec<String> = image
         .file_names()
         .into_iter()
-        .filter(|n| n.ends_with(".sum") || n == "checkpoint" || (how == Tamper::FlipBit && n.ends_with(".six")))
+        .filter(|n| {
+            n.ends_with(".sum")
+                || n == "checkpoint"
+                || n == "manifest"
+                || (how == Tamper::FlipBit && n.ends_with(".six"))
+        })
         .collect();
     let pick = |rng: &mut StdRng| (!meta.is_empty()).then(|| meta[rng.gen_range(0..meta.len())].clone());
     match how {
@@ -608,11 +628,14 @@ async fn tamper(image: &MemStorage, how: Tamper, rng: &mut StdRng, saved_checkpo
                 Some(b) => u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize,
                 None => 0,
             };
-            // Within the encoded part: the fixed fields and the index entries it counts (for a
-            // stream index: 72 fixed bytes, 16 per stream, 12 per entry).
-            let used = match name.ends_with(".six") {
-                true => 72 + count(12) * 16 + count(60) * 12,
-                false => SUMMARY_FIXED_BYTES + count(12) * 16,
+            // Within the encoded part: the fixed fields and the entries it counts (for a stream
+            // index: 72 fixed bytes, 16 per stream, 12 per entry).
+            let used = if name.ends_with(".six") {
+                72 + count(12) * 16 + count(60) * 12
+            } else if name == "manifest" {
+                MANIFEST_HEADER_BYTES + count(12) * MANIFEST_ENTRY_BYTES
+            } else {
+                SUMMARY_FIXED_BYTES + count(12) * 16
             };
             let used = used.min(bytes.len()).max(1);
             image.flip_bit(&name, rng.gen_range(0..used as u64), rng.gen_range(0..8));
@@ -621,6 +644,9 @@ async fn tamper(image: &MemStorage, how: Tamper, rng: &mut StdRng, saved_checkpo
         }
         Tamper::Misstate => {
             let Some(name) = pick(rng) else { return false };
+            if name == "manifest" {
+                return misstate_manifest(image, rng);
+            }
             let kind = if name == "checkpoint" {
                 SummaryKind::Checkpoint
             } else {
@@ -649,6 +675,12 @@ async fn tamper(image: &MemStorage, how: Tamper, rng: &mut StdRng, saved_checkpo
             trace(format_args!("misstated field {what} of {name}: {s:?}"));
             true
         }
+        Tamper::StaleManifest => {
+            let Some(old) = saved_manifest else { return false };
+            put_back(image, "manifest", old).await;
+            trace(format_args!("put back an old manifest"));
+            true
+        }
         Tamper::StaleCheckpoint => {
             let Some(old) = saved_checkpoint else { return false };
             let file = image
@@ -664,6 +696,46 @@ async fn tamper(image: &MemStorage, how: Tamper, rng: &mut StdRng, saved_checkpo
             true
         }
     }
+}
+
+/// Re-encodes the manifest with a valid checksum and one field of one entry changed. Returns
+/// whether it did (the change must leave a manifest that could be true).
+fn misstate_manifest(image: &MemStorage, rng: &mut StdRng) -> bool {
+    let bytes = image.live_image("manifest").expect("listed");
+    let Ok(mut m) = Manifest::decode(&bytes) else {
+        return false;
+    };
+    if m.entries.is_empty() {
+        return false;
+    }
+    let n = m.entries.len();
+    let e = &mut m.entries[rng.gen_range(0..n)];
+    let what = rng.gen_range(0..4);
+    let delta = rng.gen_range(1..4u64);
+    match what {
+        0 => e.end_lsn += delta,
+        1 => e.end_offset += delta,
+        2 => e.commits += 1,
+        _ => e.commits_crc ^= 1 << rng.gen_range(0..32),
+    }
+    if m.check().is_err() {
+        return false;
+    }
+    let mut out = vec![0u8; m.encoded_bytes().max(bytes.len())];
+    m.encode(&mut out);
+    image.overwrite("manifest", 0, &out);
+    trace(format_args!("misstated field {what} of the manifest: {m:?}"));
+    true
+}
+
+/// Writes `old` as the whole of file `name` (created if missing), durably.
+async fn put_back(image: &MemStorage, name: &str, old: &[u8]) {
+    let file = image.open(name, true, Durability::Dsync).await.expect("create file");
+    let mut buf = image.alloc(old.len());
+    buf.as_mut_slice().copy_from_slice(old);
+    file.write(0, buf).await.expect("write file");
+    file.sync().await.expect("sync file");
+    image.sync_dir().await.expect("sync dir");
 }
 
 /// Checks a recovered shard against the model and what was known at the crash, then forgets
@@ -881,6 +953,7 @@ async fn power_loss_seed(seed: u64) -> Result<(), String> {
         .map_err(|e| fail(0, format!("open: {e}")))?;
     // The checkpoint of the latest clean close, to put back later (Tamper::StaleCheckpoint).
     let mut saved_checkpoint: Option<Vec<u8>> = None;
+    let mut saved_manifest: Option<Vec<u8>> = None;
     for generation in 1..=plan.generations {
         trace(format_args!("seed {seed} generation {generation}: run"));
         let (crashed, at, closing) = run_until_crash(&shard, &mem, &model, &mut rng, generation, &plan)
@@ -898,9 +971,21 @@ async fn power_loss_seed(seed: u64) -> Result<(), String> {
             None => close_guarded(shard, &mem).await.map_err(|e| fail(generation, e))?,
         }
         let own_checkpoint = crashed.live_image("checkpoint");
-        let tampered = tamper(&crashed, plan.tamper, &mut rng, saved_checkpoint.as_deref()).await;
+        let own_manifest = crashed.live_image("manifest");
+        let tampered = tamper(
+            &crashed,
+            plan.tamper,
+            &mut rng,
+            saved_checkpoint.as_deref(),
+            saved_manifest.as_deref(),
+        )
+        .await;
         if let Some(c) = own_checkpoint {
             saved_checkpoint = Some(c);
+        }
+        if saved_manifest.is_none() {
+            // The first generation's manifest, so a later one is put back older than the log.
+            saved_manifest = own_manifest;
         }
         // Only a lie that a summary or checkpoint tells may end the seed, and only as Corruption.
         let may_be_corruption = |e: &str| tampered && plan.tamper == Tamper::Misstate && e.starts_with(CORRUPTION);

@@ -9,7 +9,7 @@ use std::os::fd::AsRawFd;
 
 use glommio::io::{DmaFile, OpenOptions};
 
-use super::{IoBuf, LocalBoxFuture, OnWritten, SegmentFile, Storage};
+use super::{AlignedBuf, IoBuf, LocalBoxFuture, OnWritten, SegmentFile, Storage};
 use crate::format::BLOCK_BYTES;
 use crate::uring::LinkedRing;
 use crate::Durability;
@@ -203,6 +203,35 @@ impl SegmentFile for DmaSegment {
             assert_eq!(offset % BLOCK_BYTES, 0);
             let read = file.read_at_aligned(offset, len).await?;
             Ok(read.to_vec())
+        })
+    }
+
+    fn read_into(&self, offset: u64, buf: AlignedBuf) -> LocalBoxFuture<(io::Result<usize>, AlignedBuf)> {
+        let file = self.file.clone();
+        let ring = self.ring.clone();
+        Box::pin(async move {
+            assert_eq!(offset % BLOCK_BYTES, 0);
+            assert_eq!(buf.len() as u64 % BLOCK_BYTES, 0);
+            // Straight into the caller's buffer on the private ring: glommio's own reads allocate
+            // a fresh DMA buffer each, and `read` then copies it into a Vec.
+            let mut buf = buf;
+            let mut done = 0;
+            while done < buf.len() {
+                let (result, back) = ring.read(file.as_raw_fd(), buf, done, offset + done as u64).await;
+                buf = back;
+                match result {
+                    Ok(0) => break,
+                    // Direct reads end short only at the end of the file (or on a block boundary
+                    // if interrupted); read on from there.
+                    Ok(n) => done += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return (Err(e), buf),
+                }
+                if done % BLOCK_BYTES as usize != 0 {
+                    break;
+                }
+            }
+            (Ok(done), buf)
         })
     }
 

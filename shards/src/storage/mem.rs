@@ -77,6 +77,8 @@ pub struct MemStats {
     /// fdatasyncs issued as the second half of linked commits.
     pub commit_syncs: u64,
     pub creates: u64,
+    /// Of which segment files (`.prep` or `.wal`), not summaries or manifests.
+    pub segment_creates: u64,
     /// Most commits between submission and completion at once.
     pub max_commits_in_flight: u64,
 }
@@ -372,6 +374,9 @@ impl Storage for MemStorage {
                 None if create => {
                     fs.check_fault(FaultPoint::Create)?;
                     fs.stats.creates += 1;
+                    if name.ends_with(".prep") || name.ends_with(".wal") {
+                        fs.stats.segment_creates += 1;
+                    }
                     fs.next_file_id += 1;
                     let f = Rc::new(RefCell::new(MemFile {
                         id: fs.next_file_id,

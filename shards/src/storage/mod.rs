@@ -60,6 +60,23 @@ pub trait Storage {
 pub trait SegmentFile {
     /// Reads up to `len` bytes at `offset`; fewer only at the end of the file.
     fn read(&self, offset: u64, len: usize) -> LocalBoxFuture<io::Result<Vec<u8>>>;
+    /// Reads `buf.len()` bytes at `offset` into `buf` and hands it back with the number of bytes
+    /// read: fewer only at the end of the file. For long sequential reads into buffers the
+    /// caller reuses (recovery): no allocation and no copy per read. `offset` and `buf.len()`
+    /// are multiples of [`BLOCK_BYTES`](crate::format::BLOCK_BYTES). The default copies from
+    /// [`SegmentFile::read`].
+    fn read_into(&self, offset: u64, mut buf: AlignedBuf) -> LocalBoxFuture<(io::Result<usize>, AlignedBuf)> {
+        let read = self.read(offset, buf.len());
+        Box::pin(async move {
+            match read.await {
+                Ok(data) => {
+                    buf.as_mut_slice()[..data.len()].copy_from_slice(&data);
+                    (Ok(data.len()), buf)
+                }
+                Err(e) => (Err(e), buf),
+            }
+        })
+    }
     fn write(&self, offset: u64, buf: IoBuf) -> LocalBoxFuture<io::Result<()>>;
     fn sync(&self) -> LocalBoxFuture<io::Result<()>>;
     fn commit(&self, offset: u64, buf: IoBuf, on_written: OnWritten) -> LocalBoxFuture<io::Result<()>>;
@@ -69,6 +86,108 @@ pub trait SegmentFile {
 
 /// A 4 KiB-aligned, zero-initialised heap buffer (the same type the private ring writes from).
 pub use crate::uring::AlignedBuf;
+
+/// A segment file opened on first use. Recovery hands one to every sealed segment it accepts
+/// from the manifest, so a clean restart opens no sealed segment at all: a segment file is opened
+/// by the first read, scrub or retention that touches it. Opening is serialised, so concurrent
+/// first uses open the file once.
+pub struct LazyFile {
+    state: Rc<LazyState>,
+}
+
+struct LazyState {
+    storage: Rc<dyn Storage>,
+    name: String,
+    durability: Durability,
+    file: std::cell::RefCell<Option<Rc<dyn SegmentFile>>>,
+    opening: glommio::sync::Semaphore,
+}
+
+impl LazyFile {
+    pub fn new(storage: Rc<dyn Storage>, name: &str, durability: Durability) -> LazyFile {
+        LazyFile {
+            state: Rc::new(LazyState {
+                storage,
+                name: name.to_string(),
+                durability,
+                file: std::cell::RefCell::new(None),
+                opening: glommio::sync::Semaphore::new(1),
+            }),
+        }
+    }
+
+    /// Whether the file has been opened yet.
+    pub fn is_open(&self) -> bool {
+        self.state.file.borrow().is_some()
+    }
+}
+
+impl LazyState {
+    async fn get(self: Rc<Self>) -> io::Result<Rc<dyn SegmentFile>> {
+        if let Some(file) = self.file.borrow().clone() {
+            return Ok(file);
+        }
+        let _permit = self
+            .opening
+            .acquire_permit(1)
+            .await
+            .map_err(|e| io::Error::other(format!("opening {}: {e}", self.name)))?;
+        if let Some(file) = self.file.borrow().clone() {
+            return Ok(file);
+        }
+        let file = self.storage.open(&self.name, false, self.durability).await?;
+        *self.file.borrow_mut() = Some(file.clone());
+        Ok(file)
+    }
+}
+
+impl SegmentFile for LazyFile {
+    fn read(&self, offset: u64, len: usize) -> LocalBoxFuture<io::Result<Vec<u8>>> {
+        let state = self.state.clone();
+        Box::pin(async move { state.get().await?.read(offset, len).await })
+    }
+
+    fn read_into(&self, offset: u64, buf: AlignedBuf) -> LocalBoxFuture<(io::Result<usize>, AlignedBuf)> {
+        let state = self.state.clone();
+        Box::pin(async move {
+            match state.get().await {
+                Ok(file) => file.read_into(offset, buf).await,
+                Err(e) => (Err(e), buf),
+            }
+        })
+    }
+
+    fn write(&self, offset: u64, buf: IoBuf) -> LocalBoxFuture<io::Result<()>> {
+        let state = self.state.clone();
+        Box::pin(async move { state.get().await?.write(offset, buf).await })
+    }
+
+    fn sync(&self) -> LocalBoxFuture<io::Result<()>> {
+        let state = self.state.clone();
+        Box::pin(async move { state.get().await?.sync().await })
+    }
+
+    fn commit(&self, offset: u64, buf: IoBuf, on_written: OnWritten) -> LocalBoxFuture<io::Result<()>> {
+        let state = self.state.clone();
+        Box::pin(async move { state.get().await?.commit(offset, buf, on_written).await })
+    }
+
+    fn size(&self) -> LocalBoxFuture<io::Result<u64>> {
+        let state = self.state.clone();
+        Box::pin(async move { state.get().await?.size().await })
+    }
+
+    fn close(&self) -> LocalBoxFuture<io::Result<()>> {
+        // Never opened: nothing to close.
+        let file = self.state.file.borrow().clone();
+        Box::pin(async move {
+            match file {
+                Some(file) => file.close().await,
+                None => Ok(()),
+            }
+        })
+    }
+}
 
 /// A write buffer: glommio's DMA buffer for real files, a plain aligned buffer otherwise, or a
 /// buffer of a [`BufPool`] (commits). The shared variants ([`IoBuf::into_shared`]) are read-only
