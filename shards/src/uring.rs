@@ -768,9 +768,13 @@ impl LinkedRing {
                 *buf.fixed.borrow_mut() = Some((Rc::downgrade(self), index));
                 Some(index)
             }
-            Err(_) => {
+            Err(e) => {
                 // Most likely RLIMIT_MEMLOCK: the pages would be locked. Unregistered writes
-                // are correct, so stop trying.
+                // are correct, so stop trying, and say so once.
+                tracing::warn!(
+                    error = %e,
+                    "cannot register commit buffers with io_uring (RLIMIT_MEMLOCK?); commits are written from unregistered buffers, which costs a page pin per write"
+                );
                 inner.fixed_enabled = false;
                 inner.fixed_free.push(index);
                 None
