@@ -36,7 +36,7 @@ use crate::segments::{
     segment_name, summary_name, Segment, Spare, SummaryState, CHECKPOINT_NAME, MANIFEST_NAME, MANIFEST_TMP_NAME,
 };
 use crate::shard::Inner;
-use crate::storage::{SegmentFile, Storage};
+use crate::storage::{IoBuf, SegmentFile, Storage};
 use crate::stream_index::stream_index_name;
 use crate::Durability;
 
@@ -260,9 +260,17 @@ pub(crate) async fn write_summary_file(
     summary: &SegmentSummary,
     kind: SummaryKind,
 ) -> io::Result<()> {
-    let file = storage.open(name, true, durability).await?;
     let mut buf = storage.alloc(summary.encoded_bytes());
     summary.encode(kind, buf.as_mut_slice());
+    write_file_durably(storage, durability, name, buf).await?;
+    storage.sync_dir().await
+}
+
+/// Writes `buf` as the whole of the file `name` (created if missing) and syncs its data; the file
+/// is closed whether or not that worked. The caller syncs the directory (after renaming it into
+/// place, if it was written under a temporary name).
+async fn write_file_durably(storage: &dyn Storage, durability: Durability, name: &str, buf: IoBuf) -> io::Result<()> {
+    let file = storage.open(name, true, durability).await?;
     let written = async {
         file.write(0, buf).await?;
         file.sync().await
@@ -270,8 +278,7 @@ pub(crate) async fn write_summary_file(
     .await;
     let closed = file.close().await;
     written?;
-    closed?;
-    storage.sync_dir().await
+    closed
 }
 
 /// Writes the stream index of `seg` (sealing it first when `seal`: the segment takes no more
@@ -294,17 +301,7 @@ async fn write_stream_index(inner: &Inner, seg: &Segment, summary: &SegmentSumma
             buf
         })
     };
-    let file = storage
-        .open(&stream_index_name(seg.base_lsn), true, inner.opts.durability)
-        .await?;
-    let written = async {
-        file.write(0, buf).await?;
-        file.sync().await
-    }
-    .await;
-    let closed = file.close().await;
-    written?;
-    closed?;
+    write_file_durably(storage, inner.opts.durability, &stream_index_name(seg.base_lsn), buf).await?;
     storage.sync_dir().await
 }
 
@@ -386,17 +383,9 @@ pub(crate) async fn write_manifest_file(
     durability: Durability,
     manifest: &Manifest,
 ) -> io::Result<()> {
-    let file = storage.open(MANIFEST_TMP_NAME, true, durability).await?;
     let mut buf = storage.alloc(manifest.encoded_bytes());
     manifest.encode(buf.as_mut_slice());
-    let written = async {
-        file.write(0, buf).await?;
-        file.sync().await
-    }
-    .await;
-    let closed = file.close().await;
-    written?;
-    closed?;
+    write_file_durably(storage, durability, MANIFEST_TMP_NAME, buf).await?;
     storage.rename(MANIFEST_TMP_NAME, MANIFEST_NAME).await?;
     storage.sync_dir().await
 }
