@@ -8,42 +8,19 @@
 //! there, it is built once into a separate target directory, which cannot
 //! contend for the lock the running `cargo test` holds.
 
+#[path = "../../daemon/tests/support/locate_daemon.rs"]
+mod locate_daemon;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use bench::report::Report;
+use locate_daemon::shardlogd;
 
 const BENCH: &str = env!("CARGO_BIN_EXE_shardlog-bench");
-
-fn shardlogd() -> &'static Path {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        if let Ok(p) = std::env::var("SHARDLOGD") {
-            return PathBuf::from(p);
-        }
-        // .../target/<profile>/deps/<this test> -> .../target/<profile>/shardlogd
-        let exe = std::env::current_exe().expect("current_exe");
-        let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps");
-        let beside = profile_dir.join("shardlogd");
-        if beside.exists() {
-            return beside;
-        }
-        let target = profile_dir.parent().expect("target dir").join("bench-test-daemon");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "daemon", "--bin", "shardlogd", "--target-dir"])
-            .arg(&target)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("run cargo build -p daemon");
-        assert!(status.success(), "cargo build -p daemon failed");
-        target.join("debug").join("shardlogd")
-    })
-}
 
 /// A daemon on a fresh data directory under the target dir (ext4, O_DIRECT works), killed on drop.
 struct Daemon {

@@ -5,45 +5,22 @@
 
 #![allow(dead_code)]
 
+#[path = "../../../daemon/tests/support/locate_daemon.rs"]
+mod locate_daemon;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 use proto::client::Client;
 
+pub use locate_daemon::shardlogd;
+
 /// A guard against hangs, not a performance bound.
 pub const RUN_LIMIT: Duration = Duration::from_secs(120);
-
-pub fn shardlogd() -> &'static Path {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        if let Ok(p) = std::env::var("SHARDLOGD") {
-            return PathBuf::from(p);
-        }
-        // .../target/<profile>/deps/<this test> -> .../target/<profile>/shardlogd
-        let exe = std::env::current_exe().expect("current_exe");
-        let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps");
-        let beside = profile_dir.join("shardlogd");
-        if beside.exists() {
-            return beside;
-        }
-        let target = profile_dir.parent().expect("target dir").join("cli-test-daemon");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "daemon", "--bin", "shardlogd", "--target-dir"])
-            .arg(&target)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("run cargo build -p daemon");
-        assert!(status.success(), "cargo build -p daemon failed");
-        target.join("debug").join("shardlogd")
-    })
-}
 
 /// A daemon on a fresh data directory under the target dir (not /tmp, which may be tmpfs
 /// without O_DIRECT), killed on drop.
