@@ -988,9 +988,9 @@ impl Front {
                 Err(msg) => tx.send(msg).await.is_ok(),
             },
             ShardLink::Local(server) => {
-                if matches!(msg, ToShard::Append { .. }) {
-                    server.wait_for_queue_room().await;
-                }
+                // Appends for this executor's own shard are committed from the receive buffer by
+                // `dispatch` (`ShardServer::append`, after waiting for queue room), never sent.
+                assert!(!matches!(msg, ToShard::Append { .. }), "a local append is not sent");
                 server.handle(msg, self.local_index.get());
                 true
             }

@@ -1372,11 +1372,20 @@ impl Inner {
                         }
                         let record = record.expect("framing validated by parse_commit");
                         if stream.is_none_or(|s| s == record.stream) {
-                            if !batch.records.is_empty() && bytes + record.payload.len() > max_bytes {
-                                break 'segments;
+                            let charge = READ_RECORD_OVERHEAD_BYTES + record.payload.len();
+                            if !batch.records.is_empty() {
+                                if bytes + record.payload.len() > max_bytes {
+                                    break 'segments;
+                                }
+                                // The batch's charge covers its response: take room for the
+                                // record's answer (tiny records answer in more bytes than they
+                                // take on disk), or answer with what the batch has.
+                                if !memory.try_grow_to(held + charge + 2 * (read_to - read_from) as usize) {
+                                    break 'segments;
+                                }
                             }
                             bytes += record.payload.len();
-                            held += READ_RECORD_OVERHEAD_BYTES + record.payload.len();
+                            held += charge;
                             batch.records.push(ReadRecord {
                                 lsn: Lsn(lsn),
                                 stream: record.stream,

@@ -721,11 +721,22 @@ impl Inner {
                 }
                 let record = record.expect("framing validated by parse_commit");
                 if record.stream == stream {
-                    if !p.batch.records.is_empty() && *p.bytes + record.payload.len() > p.max_bytes {
-                        return Ok(Some(SegmentRead::Done));
+                    let charge = READ_RECORD_OVERHEAD_BYTES + record.payload.len();
+                    if !p.batch.records.is_empty() {
+                        if *p.bytes + record.payload.len() > p.max_bytes {
+                            return Ok(Some(SegmentRead::Done));
+                        }
+                        // The batch's charge covers its response (`read_pool`), and the chunk
+                        // being parsed is held once only: take room for the record first, or
+                        // answer with what the batch has. (The first record always fits: the
+                        // chunk holding it is held.)
+                        let need = *p.held + charge + 2 * reads.in_flight_bytes() + data.len();
+                        if !p.memory.try_grow_to(need) {
+                            return Ok(Some(SegmentRead::Done));
+                        }
                     }
                     *p.bytes += record.payload.len();
-                    *p.held += READ_RECORD_OVERHEAD_BYTES + record.payload.len();
+                    *p.held += charge;
                     p.batch.records.push(ReadRecord {
                         lsn: Lsn(lsn),
                         stream: record.stream,
