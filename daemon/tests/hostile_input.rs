@@ -15,10 +15,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{data_dir, Daemon, DaemonOpts};
+use common::{data_dir, read_response, Daemon, DaemonOpts};
 use flatbuffers::{FlatBufferBuilder, WIPOffset};
 use proto::client::{Client, ReadParams};
-use proto::codec::{decode_response, Encoder};
+use proto::codec::Encoder;
 use proto::frame::encode_frame;
 use proto::wire::{AckLevel, ErrorCode, RequestBodyT, RequestT, ResponseBodyT, ResponseT};
 use rand::rngs::StdRng;
@@ -74,21 +74,6 @@ fn append_frame(id: u64, stream: u64, payload: &[u8], ack: AckLevel) -> Vec<u8> 
     let mut out = Vec::new();
     Encoder::new().append(id, stream, [proto::codec::AppendRecord::new(payload)], ack, &mut out);
     out
-}
-
-/// Reads one response frame; `None` once the daemon closed the connection.
-fn read_response(s: &mut TcpStream) -> Option<ResponseT> {
-    let mut header = [0u8; 4];
-    match s.read_exact(&mut header) {
-        Ok(()) => {}
-        Err(e) if matches!(e.kind(), ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset) => return None,
-        Err(e) => panic!("reading a response: {e}"),
-    }
-    let len = u32::from_le_bytes(header) as usize;
-    assert!(len > 0 && len <= 8 << 20, "response length {len}");
-    let mut payload = vec![0u8; len];
-    s.read_exact(&mut payload).expect("response payload");
-    Some(decode_response(&payload).expect("the daemon sends valid responses"))
 }
 
 fn error_code(r: &ResponseT) -> Option<ErrorCode> {

@@ -8,13 +8,13 @@
 
 mod common;
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::{data_dir, Daemon, DaemonOpts};
+use common::{data_dir, read_response, Daemon, DaemonOpts};
 use proto::client::ReadParams;
-use proto::codec::{decode_response, AppendRecord, Encoder};
+use proto::codec::{AppendRecord, Encoder};
 use proto::shard_for;
 use proto::wire::{AckLevel, ErrorCode, ReadT, RequestBodyT, RequestT, ResponseBodyT, ResponseT};
 use rand::rngs::StdRng;
@@ -59,21 +59,6 @@ fn ping_frame(id: u64) -> Vec<u8> {
     let mut out = Vec::new();
     request_frame(id, RequestBodyT::Ping(Box::default()), &mut out);
     out
-}
-
-/// Reads one response frame; `None` once the daemon closed the connection.
-fn read_response(s: &mut TcpStream) -> Option<ResponseT> {
-    let mut header = [0u8; 4];
-    match s.read_exact(&mut header) {
-        Ok(()) => {}
-        Err(e) if matches!(e.kind(), ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset) => return None,
-        Err(e) => panic!("reading a response: {e}"),
-    }
-    let len = u32::from_le_bytes(header) as usize;
-    assert!(len > 0 && len <= 8 << 20, "response length {len}");
-    let mut payload = vec![0u8; len];
-    s.read_exact(&mut payload).expect("response payload");
-    Some(decode_response(&payload).expect("the daemon sends valid responses"))
 }
 
 /// Reads responses until the one with `id`.

@@ -4,14 +4,16 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Read};
-use std::net::SocketAddr;
+use std::io::{BufRead, BufReader, ErrorKind, Read};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use proto::client::Client;
+use proto::codec::decode_response;
+use proto::wire::ResponseT;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_shardlogd");
 
@@ -276,4 +278,19 @@ pub fn run_expecting_failure(data_dir: &Path, opts: &DaemonOpts, wrap: Option<&[
         "daemon started when it should have refused"
     );
     (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Reads one response frame; `None` once the daemon closed the connection.
+pub fn read_response(s: &mut TcpStream) -> Option<ResponseT> {
+    let mut header = [0u8; 4];
+    match s.read_exact(&mut header) {
+        Ok(()) => {}
+        Err(e) if matches!(e.kind(), ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset) => return None,
+        Err(e) => panic!("reading a response: {e}"),
+    }
+    let len = u32::from_le_bytes(header) as usize;
+    assert!(len > 0 && len <= 8 << 20, "response length {len}");
+    let mut payload = vec![0u8; len];
+    s.read_exact(&mut payload).expect("response payload");
+    Some(decode_response(&payload).expect("the daemon sends valid responses"))
 }
