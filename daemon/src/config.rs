@@ -159,6 +159,28 @@ impl From<DurabilityArg> for shards::Durability {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SegmentPrepArg {
+    /// Zero-fill while commits are small (lowest commit latency); preallocate after a segment
+    /// whose commits averaged 256 KiB or more (a shard limited by the disk's bandwidth).
+    Auto,
+    /// Always zero-fill: the disk writes every byte twice, each commit syncs fastest.
+    ZeroFill,
+    /// Always fallocate: the disk writes every byte once, each commit's sync also converts the
+    /// blocks it wrote.
+    Preallocate,
+}
+
+impl From<SegmentPrepArg> for shards::SegmentPrep {
+    fn from(p: SegmentPrepArg) -> Self {
+        match p {
+            SegmentPrepArg::Auto => shards::SegmentPrep::Auto,
+            SegmentPrepArg::ZeroFill => shards::SegmentPrep::ZeroFill,
+            SegmentPrepArg::Preallocate => shards::SegmentPrep::Preallocate,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     /// Address to listen on; port 0 picks a free port (the bound address is printed on stdout).
@@ -232,6 +254,11 @@ pub struct ServeArgs {
     /// How a commit is made durable.
     #[arg(long, env = "SHARDLOG_DURABILITY", value_enum, default_value_t = DurabilityArg::Dsync)]
     pub durability: DurabilityArg,
+
+    /// Per shard: how the background task makes each new segment file ready before the shard
+    /// writes to it (a segment recycled by retention needs neither).
+    #[arg(long, env = "SHARDLOG_SEGMENT_PREP", value_enum, default_value_t = SegmentPrepArg::Auto)]
+    pub segment_prep: SegmentPrepArg,
 
     /// CPUs to use, e.g. "0-3" or "0,2,4" [default: the CPUs this process may run on].
     #[arg(long, env = "SHARDLOG_CPUS")]
@@ -309,6 +336,7 @@ impl ServeArgs {
             retention_bytes: self.retention_bytes,
             retention_age: self.retention_age_secs.map(std::time::Duration::from_secs),
             scrub_bytes_per_sec: self.scrub_bytes_per_sec,
+            segment_prep: self.segment_prep.into(),
             ..shards::ShardOptions::default()
         };
         if let Some(bytes) = self.segment_bytes {

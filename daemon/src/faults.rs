@@ -209,6 +209,15 @@ impl SegmentFile for FaultyFile {
         self.inner.size()
     }
 
+    fn allocate(&self, len: u64) -> LocalBoxFuture<io::Result<()>> {
+        // Preparing a segment either way writes to the disk: a fault armed for writes (a full
+        // disk) refuses this too.
+        if let Err(e) = check(&self.faults, FaultOp::Write) {
+            return Box::pin(async move { Err(e) });
+        }
+        self.inner.allocate(len)
+    }
+
     fn close(&self) -> LocalBoxFuture<io::Result<()>> {
         self.inner.close()
     }

@@ -253,6 +253,9 @@ fn run_cycles(name: &str, retention_bytes: Option<u64>) {
     let acked: Arc<Mutex<Vec<Acked>>> = Arc::default();
     let mut retired_total = 0;
     for cycle in 0..CYCLES {
+        // New segment files are zero-filled or preallocated, in turn: kills land on both.
+        let prep = ["auto", "zero-fill", "preallocate"][cycle as usize % 3];
+        let opts = || opts().arg("--segment-prep").arg(prep);
         let d = Daemon::start(dir.path(), &opts());
         let stop = Arc::new(AtomicBool::new(false));
         let threads: Vec<_> = (0..WRITERS)

@@ -38,7 +38,7 @@ use crate::segments::{
 use crate::shard::Inner;
 use crate::storage::{IoBuf, SegmentFile, Storage};
 use crate::stream_index::stream_index_name;
-use crate::Durability;
+use crate::{Durability, SegmentPrep, PREALLOCATE_AFTER_COMMIT_BYTES};
 
 /// After a failure to prepare a segment (e.g. no space), try again after this long.
 pub(crate) const PREPARE_RETRY_INTERVAL: Duration = Duration::from_millis(200);
@@ -221,13 +221,37 @@ async fn ensure_spare(inner: &Inner, spare_id: &mut u64, retry_at: &mut Option<I
     inner.committer_wake.notify();
 }
 
-/// Creates a full-size zero-filled segment file and syncs it and its directory entry. Zero-filled,
-/// not just fallocated: an fdatasync after writing into unwritten extents also has to commit the
-/// extent conversion, which costs about three times as much.
+/// Whether the next new segment file is preallocated rather than zero-filled (see
+/// [`SegmentPrep`]).
+fn preallocates(inner: &Inner) -> bool {
+    match inner.opts.segment_prep {
+        SegmentPrep::ZeroFill => false,
+        SegmentPrep::Preallocate => true,
+        SegmentPrep::Auto => inner
+            .st
+            .borrow()
+            .segs
+            .last_sealed_commit_bytes()
+            .is_some_and(|bytes| bytes >= PREALLOCATE_AFTER_COMMIT_BYTES),
+    }
+}
+
+/// Creates a full-size segment file, zero-filled or preallocated, and syncs it and its directory
+/// entry. Zero-filled by default: an fdatasync after writing into unwritten (preallocated)
+/// extents also has to commit the extent conversion, which costs about three times as much for a
+/// small commit. But zero-filling makes the device write every byte twice, which halves the rate
+/// of a shard that commits large batches: after such a segment the next file is preallocated.
 async fn prepare(inner: &Inner, name: &str) -> io::Result<Rc<dyn SegmentFile>> {
     let storage = &inner.storage;
     let file = storage.open(name, true, inner.opts.durability).await?;
     let size = inner.opts.segment_bytes;
+    if preallocates(inner) {
+        tracing::debug!(%name, "preallocating the next segment");
+        file.allocate(size).await?;
+        file.sync().await?;
+        storage.sync_dir().await?;
+        return Ok(file);
+    }
     // One zeroed chunk, written over and over: allocating and zeroing a fresh one per write cost
     // as much CPU as the data that later fills the segment.
     let zeroes = storage.alloc(ZERO_FILL_CHUNK_BYTES.min(size) as usize).into_shared();

@@ -258,6 +258,9 @@ pub(crate) struct Segments {
     /// The manifest on disk lacks a segment whose summary is durable: the background task
     /// writes a new one.
     manifest_stale: Cell<bool>,
+    /// Bytes per commit, on average, of the segment this process sealed last: how the
+    /// background task prepares the next file ([`crate::SegmentPrep::Auto`]).
+    last_sealed_commit_bytes: Option<u64>,
 }
 
 impl Segments {
@@ -272,6 +275,7 @@ impl Segments {
             next_sequence,
             first_available,
             manifest_stale: Cell::new(false),
+            last_sealed_commit_bytes: None,
         };
         segs.assert_invariants();
         segs
@@ -291,6 +295,10 @@ impl Segments {
 
     pub(crate) fn spare(&self) -> &Spare {
         &self.spare
+    }
+
+    pub(crate) fn last_sealed_commit_bytes(&self) -> Option<u64> {
+        self.last_sealed_commit_bytes
     }
 
     /// Heap bytes of the stream indexes of all segments.
@@ -329,6 +337,8 @@ impl Segments {
             if !prev.is_sealed() {
                 prev.set_sealed_at(unix_ms(SystemTime::now()));
                 prev.summary.set(SummaryState::Pending);
+                let bytes = prev.durable_end.get().1 - SEGMENT_DATA_OFFSET;
+                self.last_sealed_commit_bytes = bytes.checked_div(prev.commits.get());
             }
         }
         let sequence = self.next_sequence;

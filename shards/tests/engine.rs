@@ -9,7 +9,7 @@ use common::*;
 use shards::format::{SegmentHeader, BLOCK_BYTES, COMMIT_HEADER_BYTES, RECORD_HEADER_BYTES};
 use shards::storage::mem::{FaultPoint, MemStorage};
 use shards::storage::Storage;
-use shards::{AckLevel, Durability, Lsn, Shard, ShardError, ShardOptions};
+use shards::{AckLevel, Durability, Lsn, SegmentPrep, Shard, ShardError, ShardOptions};
 
 fn wal_files(mem: &MemStorage) -> Vec<String> {
     mem.file_names().into_iter().filter(|n| n.ends_with(".wal")).collect()
@@ -637,4 +637,105 @@ fn power_loss_keeps_every_acked_record() {
             shard.close().await.unwrap();
         });
     }
+}
+
+/// Polls `mem`'s stats until `done` holds, for up to 10 s (the background task prepares the
+/// next segment file on its own time).
+async fn await_stats(mem: &MemStorage, what: &str, done: impl Fn(&shards::storage::mem::MemStats) -> bool) {
+    for _ in 0..2000 {
+        if done(&mem.stats()) {
+            return;
+        }
+        glommio::timer::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    panic!("{what} within 10 s: {:?}", mem.stats());
+}
+
+#[test]
+fn new_segments_are_preallocated_after_large_commits_and_zero_filled_after_small_ones() {
+    run(|| async {
+        let mem = MemStorage::new();
+        let opts = ShardOptions {
+            segment_bytes: 2 << 20,
+            commit_bytes_max: 512 << 10,
+            ..small_opts(Durability::Dsync)
+        };
+        assert_eq!(opts.segment_prep, SegmentPrep::Auto, "the default");
+        let shard = open_mem(&mem, opts.clone()).await;
+        // Small commits through the first segment: the file after it is zero-filled too.
+        append_n(&shard, 0, 2100, 1000).await;
+        await_stats(&mem, "a third segment file", |s| s.segment_creates >= 3).await;
+        assert_eq!(mem.stats().allocates, 0, "small commits: zero-filled");
+        // 300 KiB commits through a whole segment: the next file is preallocated.
+        let big: Vec<Vec<u8>> = (2100..2116).map(|i| payload(i, 300 << 10)).collect();
+        for (i, p) in big.iter().enumerate() {
+            let r = shard.append(1, &[rec(p)], AckLevel::Durable).await.expect("append");
+            assert_eq!(r.first_lsn, Lsn(2101 + i as u64));
+        }
+        await_stats(&mem, "a preallocated segment file", |s| s.allocates == 1).await;
+        let allocated = mem.stats().bytes_allocated;
+        assert!(allocated > 0, "{:?}", mem.stats());
+        // Small commits again, through the preallocated file and beyond: zero-filled again.
+        let creates = mem.stats().segment_creates;
+        append_n(&shard, 2116, 6000, 1000).await;
+        await_stats(&mem, "two more segment files", |s| s.segment_creates >= creates + 2).await;
+        assert_eq!(mem.stats().allocates, 1, "small commits again: zero-filled");
+        // Everything reads back, after a clean close and after a power loss, whichever way the
+        // file holding it was made ready.
+        let expect = |r: &shards::ReadRecord| {
+            let i = r.lsn.0 - 1;
+            let len = if (2100..2116).contains(&i) { 300 << 10 } else { 1000 };
+            assert_eq!(r.payload, payload(i, len), "lsn {}", r.lsn);
+        };
+        let records = read_all(&shard, Lsn(1)).await;
+        assert_eq!(records.len(), 8116);
+        records.iter().for_each(expect);
+        shard.close().await.unwrap();
+        for seed in 0..4 {
+            let after = mem.crash(seed);
+            let recovered = open_mem(&after, opts.clone()).await;
+            assert_eq!(recovered.durable_lsn(), Lsn(8116), "seed {seed}");
+            let records = read_all(&recovered, Lsn(1)).await;
+            assert_eq!(records.len(), 8116, "seed {seed}");
+            records.iter().for_each(expect);
+            recovered.close().await.unwrap();
+        }
+    });
+}
+
+#[test]
+fn segment_prep_can_be_fixed_either_way() {
+    run(|| async {
+        for (prep, preallocated) in [(SegmentPrep::ZeroFill, false), (SegmentPrep::Preallocate, true)] {
+            let mem = MemStorage::new();
+            let opts = ShardOptions {
+                segment_bytes: 2 << 20,
+                commit_bytes_max: 512 << 10,
+                segment_prep: prep,
+                ..small_opts(Durability::Linked)
+            };
+            let shard = open_mem(&mem, opts.clone()).await;
+            let big: Vec<Vec<u8>> = (0..16).map(|i| payload(i, 300 << 10)).collect();
+            for p in &big {
+                shard.append(1, &[rec(p)], AckLevel::Durable).await.expect("append");
+            }
+            await_stats(&mem, "four segment files", |s| s.segment_creates >= 4).await;
+            let stats = mem.stats();
+            assert_eq!(stats.allocates > 0, preallocated, "{prep:?}: {stats:?}");
+            if preallocated {
+                assert_eq!(
+                    stats.allocates, stats.segment_creates,
+                    "{prep:?}: every file: {stats:?}"
+                );
+            }
+            shard.close().await.unwrap();
+            let shard = open_mem(&mem, opts).await;
+            let records = read_all(&shard, Lsn(1)).await;
+            assert_eq!(records.len(), 16, "{prep:?}");
+            for r in &records {
+                assert_eq!(r.payload, payload(r.lsn.0 - 1, 300 << 10), "{prep:?}");
+            }
+            shard.close().await.unwrap();
+        }
+    });
 }

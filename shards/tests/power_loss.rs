@@ -29,6 +29,10 @@
 //! them may cost an acknowledged record; a disagreement may end the seed only as a typed
 //! `Corruption` (from recovery, or from a read of the range the lie covers), never as a cut.
 //!
+//! A third of the seeds preallocate their new segment files instead of zero-filling them
+//! (`SegmentPrep::Preallocate`): the power then also goes while a file's allocation is not yet
+//! durable.
+//!
 //! Half of the seeds run on the plain double, where a write reaches the device when it
 //! completes. The other half run on [`Tearing`], which puts a write's bytes on the device as soon
 //! as it is submitted and keeps it in flight a random while: a crash then tears writes that were
@@ -61,7 +65,7 @@ use shards::format::{
 };
 use shards::storage::mem::{FaultPoint, MemStorage};
 use shards::storage::{IoBuf, LocalBoxFuture, OnWritten, SegmentFile, Storage};
-use shards::{AckLevel, Durability, Lsn, RecordRef, Shard, ShardError, ShardOptions};
+use shards::{AckLevel, Durability, Lsn, RecordRef, SegmentPrep, Shard, ShardError, ShardOptions};
 
 /// Seeds of the default run: enough to cover every workload shape a few times, fast in debug.
 const SEEDS_DEFAULT: u64 = 200;
@@ -251,6 +255,10 @@ impl SegmentFile for TearingFile {
         self.inner.size()
     }
 
+    fn allocate(&self, len: u64) -> LocalBoxFuture<io::Result<()>> {
+        self.inner.allocate(len)
+    }
+
     fn close(&self) -> LocalBoxFuture<io::Result<()>> {
         self.inner.close()
     }
@@ -341,6 +349,13 @@ fn plan(seed: u64, rng: &mut StdRng) -> Plan {
             commit_bytes_max,
             retention_bytes,
             durability,
+            // Commits here are far below `PREALLOCATE_AFTER_COMMIT_BYTES`: `Auto` zero-fills, and
+            // every third seed preallocates its new segment files instead.
+            segment_prep: if (seed / 4) % 3 == 0 {
+                SegmentPrep::Preallocate
+            } else {
+                SegmentPrep::Auto
+            },
             ..ShardOptions::default()
         },
         generations: rng.gen_range(1..=GENERATIONS_MAX),

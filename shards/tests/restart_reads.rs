@@ -112,6 +112,10 @@ impl SegmentFile for CountingFile {
         self.inner.size()
     }
 
+    fn allocate(&self, len: u64) -> LocalBoxFuture<io::Result<()>> {
+        self.inner.allocate(len)
+    }
+
     fn close(&self) -> LocalBoxFuture<io::Result<()>> {
         self.inner.close()
     }

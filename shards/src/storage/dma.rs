@@ -286,6 +286,11 @@ impl SegmentFile for DmaSegment {
         Box::pin(async move { Ok(file.file_size().await?) })
     }
 
+    fn allocate(&self, len: u64) -> LocalBoxFuture<io::Result<()>> {
+        let file = self.file.clone();
+        Box::pin(async move { Ok(file.pre_allocate(len, false).await?) })
+    }
+
     fn close(&self) -> LocalBoxFuture<io::Result<()>> {
         let file = self.file.clone();
         Box::pin(async move {

@@ -81,6 +81,9 @@ pub struct MemStats {
     pub segment_creates: u64,
     /// Most commits between submission and completion at once.
     pub max_commits_in_flight: u64,
+    /// Files given blocks with `allocate` (preallocated segments), and the bytes it added.
+    pub allocates: u64,
+    pub bytes_allocated: u64,
 }
 
 struct WriteRecord {
@@ -596,6 +599,34 @@ impl SegmentFile for MemSegment {
     fn size(&self) -> LocalBoxFuture<io::Result<u64>> {
         let len = self.file.borrow().live.len() as u64;
         Box::pin(async move { Ok(len) })
+    }
+
+    fn allocate(&self, len: u64) -> LocalBoxFuture<io::Result<()>> {
+        // Modelled as a write of zeros past the current end that is durable once synced (a
+        // power loss before that may leave the file short, as it may a real one); it is not
+        // counted as written bytes.
+        let result = (|| {
+            let mut fs = self.fs.borrow_mut();
+            fs.check_fault(FaultPoint::Write)?;
+            let mut f = self.file.borrow_mut();
+            let from = f.live.len() as u64;
+            fs.stats.allocates += 1;
+            if len > from {
+                fs.stats.bytes_allocated += len - from;
+                fs.next_write_seq += 1;
+                let seq = fs.next_write_seq;
+                let zeros = vec![0u8; (len - from) as usize];
+                MemFile::apply(&mut f.live, from, &zeros);
+                f.unsynced.push(WriteRecord {
+                    seq,
+                    offset: from,
+                    data: zeros,
+                });
+                f.modified = SystemTime::now();
+            }
+            Ok(())
+        })();
+        Box::pin(async move { result })
     }
 
     fn close(&self) -> LocalBoxFuture<io::Result<()>> {

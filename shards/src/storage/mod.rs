@@ -81,6 +81,11 @@ pub trait SegmentFile {
     fn sync(&self) -> LocalBoxFuture<io::Result<()>>;
     fn commit(&self, offset: u64, buf: IoBuf, on_written: OnWritten) -> LocalBoxFuture<io::Result<()>>;
     fn size(&self) -> LocalBoxFuture<io::Result<u64>>;
+    /// Gives the file `len` bytes of allocated blocks that read as zeros, without writing them
+    /// (`fallocate`): the device writes each byte of the segment once, by its commit, but making
+    /// such a write durable also commits the file system's conversion of those blocks from
+    /// unwritten to written. Durable after [`SegmentFile::sync`], like a write.
+    fn allocate(&self, len: u64) -> LocalBoxFuture<io::Result<()>>;
     fn close(&self) -> LocalBoxFuture<io::Result<()>>;
 }
 
@@ -175,6 +180,11 @@ impl SegmentFile for LazyFile {
     fn size(&self) -> LocalBoxFuture<io::Result<u64>> {
         let state = self.state.clone();
         Box::pin(async move { state.get().await?.size().await })
+    }
+
+    fn allocate(&self, len: u64) -> LocalBoxFuture<io::Result<()>> {
+        let state = self.state.clone();
+        Box::pin(async move { state.get().await?.allocate(len).await })
     }
 
     fn close(&self) -> LocalBoxFuture<io::Result<()>> {
