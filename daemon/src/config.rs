@@ -251,6 +251,12 @@ pub struct ServeArgs {
     #[arg(long, env = "SHARDLOG_RESPONSE_MEMORY_BYTES", default_value_t = RESPONSE_MEMORY_BYTES_DEFAULT)]
     pub response_memory_bytes: usize,
 
+    /// Per shard: memory the stream indexes of sealed segments may keep loaded (filtered reads
+    /// load a segment's index file on first use); beyond it the least recently read are dropped
+    /// and loaded again when next needed. The segment being written keeps its index regardless.
+    #[arg(long, env = "SHARDLOG_STREAM_INDEX_MEMORY_BYTES", default_value_t = shards::STREAM_INDEX_MEMORY_BYTES_DEFAULT)]
+    pub stream_index_memory_bytes: usize,
+
     /// How a commit is made durable.
     #[arg(long, env = "SHARDLOG_DURABILITY", value_enum, default_value_t = DurabilityArg::Dsync)]
     pub durability: DurabilityArg,
@@ -337,6 +343,7 @@ impl ServeArgs {
             retention_age: self.retention_age_secs.map(std::time::Duration::from_secs),
             scrub_bytes_per_sec: self.scrub_bytes_per_sec,
             segment_prep: self.segment_prep.into(),
+            stream_index_memory_bytes: self.stream_index_memory_bytes,
             ..shards::ShardOptions::default()
         };
         if let Some(bytes) = self.segment_bytes {

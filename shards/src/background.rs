@@ -344,7 +344,10 @@ async fn rebuild_stream_indexes(inner: &Inner) {
         seg.streams_rebuild.set(false);
         let name = stream_index_name(seg.base_lsn);
         let rebuilt = match inner.rebuild_stream_index(&seg).await {
-            Ok(Some(summary)) => write_stream_index(inner, &seg, &summary, true).await,
+            Ok(Some(summary)) => write_stream_index(inner, &seg, &summary, true).await.map(|()| {
+                seg.streams_persisted.set(true);
+                inner.bound_stream_indexes(None);
+            }),
             Ok(None) => {
                 tracing::warn!(%name, "the segment disagrees with its summary; no stream index rebuilt");
                 Ok(())
@@ -380,6 +383,10 @@ async fn write_summaries(inner: &Inner) -> bool {
             tracing::warn!(%name, error = %e, "writing a sealed segment's stream index failed; will retry");
             failed = true;
             continue;
+        }
+        if seg.streams.borrow().is_some() {
+            seg.streams_persisted.set(true);
+            inner.bound_stream_indexes(None);
         }
         match write_summary_file(storage, inner.opts.durability, &name, &summary, SummaryKind::Sealed).await {
             Ok(()) if !seg.retired.get() => inner.st.borrow().segs.summary_written(&seg),

@@ -226,6 +226,10 @@ pub enum SegmentPrep {
     Preallocate,
 }
 
+/// Default bound of the memory the stream indexes of a shard's sealed segments take once loaded
+/// (see [`ShardOptions::stream_index_memory_bytes`]).
+pub const STREAM_INDEX_MEMORY_BYTES_DEFAULT: usize = 64 << 20;
+
 /// Default rate of the background scrub: modest, so that it never competes with appends and
 /// reads for the device (a 64 MiB segment every 8 s; 100 GB in about 3.5 hours).
 pub const SCRUB_BYTES_PER_SEC_DEFAULT: u64 = 8 << 20;
@@ -259,6 +263,11 @@ pub struct ShardOptions {
     pub scrub_bytes_per_sec: u64,
     /// How new segment files are made ready. Default [`SegmentPrep::Auto`].
     pub segment_prep: SegmentPrep,
+    /// Memory the stream indexes of sealed segments may keep loaded. Beyond it, the least
+    /// recently read ones whose files are durable are dropped (the next filtered read of such a
+    /// segment loads its file again). The active segment's index is not bounded by it: it is
+    /// what the committer books into. Default [`STREAM_INDEX_MEMORY_BYTES_DEFAULT`].
+    pub stream_index_memory_bytes: usize,
 }
 
 impl Default for ShardOptions {
@@ -274,6 +283,7 @@ impl Default for ShardOptions {
             repair: false,
             scrub_bytes_per_sec: SCRUB_BYTES_PER_SEC_DEFAULT,
             segment_prep: SegmentPrep::Auto,
+            stream_index_memory_bytes: STREAM_INDEX_MEMORY_BYTES_DEFAULT,
         }
     }
 }

@@ -113,6 +113,15 @@ pub(crate) struct Segment {
     /// The stream index file was missing or not trusted: the background task rebuilds the index
     /// by reading the segment, and writes the file again.
     pub streams_rebuild: Cell<bool>,
+    /// The index in `streams` is sealed and its `.six` file is durable: it may be dropped from
+    /// memory ([`Inner::bound_stream_indexes`](crate::shard::Inner)), and the next filtered read
+    /// loads it again.
+    pub streams_persisted: Cell<bool>,
+    /// When a filtered read last used the index (a tick of the shard's clock): the least recently
+    /// used is dropped first.
+    pub streams_used: Cell<u64>,
+    /// Filtered reads using the index right now: it is not dropped under them.
+    pub streams_readers: Cell<u32>,
 }
 
 impl Segment {
@@ -150,6 +159,9 @@ impl Segment {
             streams: RefCell::new(None),
             streams_on_disk: Cell::new(false),
             streams_rebuild: Cell::new(false),
+            streams_persisted: Cell::new(false),
+            streams_used: Cell::new(0),
+            streams_readers: Cell::new(0),
         }
     }
 

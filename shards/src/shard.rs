@@ -342,6 +342,8 @@ pub(crate) struct Inner {
     durable_waiters: LsnWaiters,
     counters: RefCell<Counters>,
     tasks: RefCell<Vec<glommio::Task<()>>>,
+    /// The clock of [`Segment::streams_used`]: one tick per filtered read of a segment.
+    pub index_clock: Cell<u64>,
 }
 
 /// What the scrub and recovery found, for `stats`.
@@ -469,6 +471,7 @@ impl Shard {
                 fsync_latency_us: hist(),
             }),
             tasks: RefCell::new(Vec::new()),
+            index_clock: Cell::new(0),
             opts,
         });
         let committer = glommio::spawn_local(committer(inner.clone()));
@@ -1294,9 +1297,12 @@ impl Inner {
                     scan_max,
                     memory,
                 };
+                let in_use = crate::stream_index::IndexInUse::new(self, seg);
                 let read = self
                     .read_indexed(seg, stream, limit_lsn, &mut progress, &truncated)
-                    .await?;
+                    .await;
+                drop(in_use);
+                let read = read?;
                 memory.shrink_to(held);
                 match read {
                     SegmentRead::Next => continue,

@@ -47,6 +47,7 @@
 //! the checksum of its body, so an index that matches describes exactly the commits on disk.
 
 use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
 
 use crate::error::ShardError;
 use crate::format::{
@@ -497,6 +498,28 @@ pub(crate) struct ReadProgress<'a> {
     pub memory: &'a mut ReadMemory,
 }
 
+/// A filtered read using a segment's stream index: while it lives the index is not dropped
+/// ([`Inner::bound_stream_indexes`]), and it marks the index as the most recently used.
+pub(crate) struct IndexInUse<'a> {
+    seg: &'a Segment,
+}
+
+impl<'a> IndexInUse<'a> {
+    pub(crate) fn new(inner: &Inner, seg: &'a Segment) -> IndexInUse<'a> {
+        let tick = inner.index_clock.get() + 1;
+        inner.index_clock.set(tick);
+        seg.streams_used.set(tick);
+        seg.streams_readers.set(seg.streams_readers.get() + 1);
+        IndexInUse { seg }
+    }
+}
+
+impl Drop for IndexInUse<'_> {
+    fn drop(&mut self) {
+        self.seg.streams_readers.set(self.seg.streams_readers.get() - 1);
+    }
+}
+
 /// Why a filtered read of one segment returned.
 pub(crate) enum SegmentRead {
     /// Every lsn of the segment below the limit was looked at: go on with the next segment.
@@ -528,13 +551,47 @@ impl Inner {
             Err(e) => Err(e.to_string()),
         };
         match loaded {
-            Ok(index) if !seg.retired.get() => *seg.streams.borrow_mut() = Some(StreamIndex::Sealed(index)),
+            Ok(index) if !seg.retired.get() => {
+                *seg.streams.borrow_mut() = Some(StreamIndex::Sealed(index));
+                seg.streams_persisted.set(true);
+                self.bound_stream_indexes(Some(seg));
+            }
             Ok(_) => {}
             Err(reason) => {
                 tracing::warn!(shard = self.opts.shard_id, %name, %reason, "no trusted stream index; rebuilding it");
                 seg.streams_rebuild.set(true);
                 self.bg_wake.notify();
             }
+        }
+    }
+
+    /// Drops loaded indexes of sealed segments, least recently read first, while they take more
+    /// than `stream_index_memory_bytes` together. Only an index whose file is durable and that no
+    /// read is using goes, never `keep`'s; the segment's next filtered read loads it again. So the
+    /// indexes that clients' reads loaded, and those the committer built for segments sealed
+    /// since, hold at most the bound (plus what reads are using) however long the log grows.
+    pub(crate) fn bound_stream_indexes(&self, keep: Option<&Segment>) {
+        let st = self.st.borrow();
+        let active = st.segs.active.as_ref().map(|a| Rc::as_ptr(&a.seg));
+        let sealed = || st.segs.iter().filter(|s| Some(Rc::as_ptr(s)) != active);
+        let mut total: usize = sealed().map(|s| s.stream_index_bytes()).sum();
+        let budget = self.opts.stream_index_memory_bytes;
+        if total <= budget {
+            return;
+        }
+        let mut droppable: Vec<&Rc<Segment>> = sealed()
+            .filter(|s| s.streams_persisted.get() && s.streams_readers.get() == 0)
+            .filter(|s| keep.is_none_or(|k| !std::ptr::eq(Rc::as_ptr(s), k)))
+            .collect();
+        droppable.sort_by_key(|s| s.streams_used.get());
+        for seg in droppable {
+            if total <= budget {
+                break;
+            }
+            total -= seg.stream_index_bytes();
+            *seg.streams.borrow_mut() = None;
+            seg.streams_persisted.set(false);
+            seg.streams_on_disk.set(true);
         }
     }
 

@@ -105,8 +105,13 @@ fn opts() -> shards::ShardOptions {
 }
 
 /// Writes `appends`, checks, closes and reopens (checks), writes more and crashes (checks),
-/// then flips a bit in or tears each index file (checks).
-fn write_and_check(appends: Vec<Append>, streams: u64, max_bytes: usize, seed: u64) {
+/// then flips a bit in or tears each index file (checks). Sealed segments' indexes may keep
+/// `index_memory` bytes loaded: a small bound drops and reloads them all the time.
+fn write_and_check(appends: Vec<Append>, streams: u64, max_bytes: usize, seed: u64, index_memory: usize) {
+    let opts = move || shards::ShardOptions {
+        stream_index_memory_bytes: index_memory,
+        ..opts()
+    };
     run(move || async move {
         let mem = MemStorage::new();
         let shard = open_mem(&mem, opts()).await;
@@ -162,8 +167,9 @@ proptest! {
         appends in proptest::collection::vec(append_strategy(5), 20..300),
         max_bytes in prop_oneof![Just(1usize), 1usize..5000, Just(1usize << 20)],
         seed in 0u64..1_000_000,
+        index_memory in prop_oneof![Just(shards::STREAM_INDEX_MEMORY_BYTES_DEFAULT), 0usize..2048],
     ) {
-        write_and_check(appends, 5, max_bytes, seed);
+        write_and_check(appends, 5, max_bytes, seed, index_memory);
     }
 }
 
@@ -275,6 +281,59 @@ fn a_missing_stream_index_is_rebuilt_after_the_first_filtered_read() {
         // And the rewritten file is trusted by the next open.
         let shard = open_mem(&mem, opts()).await;
         check_reads(&shard, 3, 100, 1 << 20, "after reopening with the rebuilt file").await;
+        shard.close().await.expect("close");
+    });
+}
+
+/// Loaded indexes of sealed segments stay within `stream_index_memory_bytes` (beyond the active
+/// segment's), whether the committer built them (sealed since the open) or filtered reads loaded
+/// them from their files, and reads still answer exactly, loading dropped ones again.
+#[test]
+fn sealed_stream_indexes_stay_within_their_memory_bound() {
+    run(|| async {
+        let mem = MemStorage::new();
+        let appends: Vec<Append> = (0..900).map(|i| (1 + i % 7, 2, 700)).collect();
+        // Unbounded first: what every sealed segment's index takes.
+        let shard = open_mem(&mem, opts()).await;
+        append_all(&shard, &appends, 3).await;
+        shard.close().await.expect("close");
+        let shard = open_mem(&mem, opts()).await;
+        let active = shard.stats().stream_index_bytes;
+        check_reads(&shard, 7, 500, 1 << 20, "unbounded").await;
+        let all_sealed = shard.stats().stream_index_bytes - active;
+        let sealed_segments = mem.file_names().iter().filter(|n| n.ends_with(".six")).count() - 1;
+        assert!(sealed_segments >= 8, "{sealed_segments} sealed segments");
+        shard.close().await.expect("close");
+
+        // A quarter of that: at least one segment's index, far from all of them.
+        let bound = all_sealed / 4;
+        assert!(bound > 0);
+        let bounded = || shards::ShardOptions {
+            stream_index_memory_bytes: bound as usize,
+            ..opts()
+        };
+        let shard = open_mem(&mem, bounded()).await;
+        let active = shard.stats().stream_index_bytes;
+        for round in 0..2 {
+            check_reads(&shard, 7, 500, 1 << 20, &format!("bounded, round {round}")).await;
+            let held = shard.stats().stream_index_bytes - active;
+            assert!(
+                held <= bound,
+                "round {round}: {held} bytes of sealed indexes, bound {bound}"
+            );
+            assert!(held > 0, "the last ones read stay loaded");
+        }
+        // Segments sealed from now on: the committer's indexes are bounded too, once their files
+        // are durable.
+        append_all(&shard, &appends, 4).await;
+        // Unbounded, this many sealed segments' indexes would take twice `all_sealed`; the active
+        // segment's own takes far less than half of it (one of 8 or more segments).
+        let limit = bound + all_sealed / 2;
+        wait_until("the sealed segments' indexes to be written and dropped", || {
+            shard.stats().stream_index_bytes <= limit
+        })
+        .await;
+        check_reads(&shard, 7, 500, 1 << 20, "bounded, after more appends").await;
         shard.close().await.expect("close");
     });
 }
