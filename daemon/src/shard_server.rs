@@ -425,7 +425,11 @@ impl ShardServer {
             .body_as_append()
             .expect("the front routes only verified appends");
         let stream = append.stream();
-        assert_eq!(
+        // The front hashed the stream to pick this shard (its own on a shard-aware connection, or
+        // this shard's ring), so hashing it again here would only check the front's routing: the
+        // two hashes were 1.4 % of the daemon's CPU at 1 KiB c=256 P=16. Debug builds (and so the
+        // tests) still check it.
+        debug_assert_eq!(
             proto::shard_for(stream, self.shard_count),
             self.id,
             "stream {stream} routed to the wrong shard"
