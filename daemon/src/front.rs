@@ -67,8 +67,11 @@ const HANGUP_CHECK_INTERVAL: Duration = Duration::from_millis(250);
 const IDLE_BUFFER_BYTES: usize = 4 << 10;
 /// One socket read. Every connection of a front reads into the front's one buffer of this size
 /// and keeps only the bytes of a frame it has not completed (see [`Front::recv`]), so a waiting
-/// connection holds no receive buffer. 16 KiB, as Redis reads.
-const RECV_CHUNK_BYTES: usize = 16 << 10;
+/// connection holds no receive buffer. 32 KiB: a client pipelining 16 appends of 1 KiB sends
+/// about 17.6 KiB at once, which 16 KiB (Redis's read) took in two `recv`s, and a `recv` that
+/// fills its buffer is always followed by another; a busy connection holds this much while it
+/// is being served.
+const RECV_CHUNK_BYTES: usize = 32 << 10;
 /// A request frame longer than this takes its whole length of the process's frame memory before it
 /// is buffered (see [`Front::charge_frame`]). So a connection holds at most this much of a partial
 /// frame plus one socket read outside that bound.
@@ -86,7 +89,13 @@ const FRAME_POOL_BUFFER_BYTES_MAX: usize = 16 << 10;
 const _: () = assert!(FRAME_POOL_MAX * FRAME_POOL_BUFFER_BYTES_MAX <= 16 << 20);
 
 /// Counters of one front executor; only that executor writes them, anyone may read.
+///
+/// Aligned to two cache lines (the unit the adjacent-line prefetcher fetches), so that each
+/// executor's counters have lines of their own: packed together, the counters of fronts on
+/// different cores would share lines, which would bounce between the cores on every frame. They
+/// are bumped without a locked add (see [`bump`]).
 #[derive(Debug, Default)]
+#[repr(align(128))]
 pub struct FrontCounters {
     pub connections_total: AtomicU64,
     pub frames_in: AtomicU64,
@@ -102,6 +111,7 @@ pub struct FrontCounters {
 pub const ERROR_CODES: usize = ErrorCode::ENUM_MAX as usize + 1;
 
 impl FrontCounters {
+    /// Counts an error response; only the owning executor may call it (see [`bump`]).
     pub fn count_error(&self, code: ErrorCode) {
         if let Some(c) = self.errors_by_code.get(usize::from(code.0)) {
             bump(c, 1);
@@ -109,9 +119,16 @@ impl FrontCounters {
     }
 }
 
+/// Adds to a counter of this executor's [`FrontCounters`]. Only the owning executor writes
+/// them, so a plain load and store suffice; readers on other threads see each value whole, at
+/// most one update late. A locked add would wait for every earlier store to reach the cache, on
+/// the append path the payload copies into the commit buffer: at 1 KiB c=256 P=16 the profile
+/// put 2.4 % of the daemon's CPU on the locked increment of `frames_out`.
 fn bump(c: &AtomicU64, n: u64) {
-    c.fetch_add(n, Ordering::Relaxed);
+    c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
 }
+
+const _: () = assert!(std::mem::align_of::<FrontCounters>() == 128);
 
 /// The bound on what the reads of all fronts of the process may answer before their responses
 /// are written to their sockets (`--response-memory-bytes`). A read takes its share when it is
@@ -713,6 +730,13 @@ impl Front {
     /// Takes `units` of one of `conn`'s own semaphores (its budget, its floor read), which only
     /// its own answers being written give back.
     async fn acquire_watching(&self, conn: &Conn, sem: &Semaphore, units: usize) {
+        // The common case, room at once: no futures to build and drop for every request.
+        if sem
+            .try_acquire(units as u64)
+            .expect("a connection's semaphore is never closed")
+        {
+            return;
+        }
         let mut acquire = std::pin::pin!(sem.acquire(units as u64));
         let mut acquired = None;
         if !conn.hung_up.get() {
@@ -1001,6 +1025,10 @@ impl Front {
     pub fn deliver(&self, msg: FromShard) {
         match msg {
             FromShard::Replies { replies, spent_frames } => {
+                // Answers come in the order their requests were enqueued, so those of one
+                // connection's pipelined requests are mostly side by side: look each connection
+                // up once per run of them.
+                let mut last: Option<Rc<Conn>> = None;
                 for Completion {
                     conn,
                     id,
@@ -1008,12 +1036,16 @@ impl Front {
                     reply,
                 } in replies
                 {
-                    let Some(c) = self.conns.borrow().get(&conn).cloned() else {
-                        // The connection is gone only if it completed everything; a reply
-                        // without one is a bug in the in-flight accounting.
-                        panic!("reply {id} for connection {conn}, which has nothing in flight");
-                    };
-                    self.complete(&c, id, reserved, reply);
+                    if last.as_ref().is_none_or(|c| c.id != conn) {
+                        let Some(c) = self.conns.borrow().get(&conn).cloned() else {
+                            // The connection is gone only if it completed everything; a reply
+                            // without one is a bug in the in-flight accounting.
+                            panic!("reply {id} for connection {conn}, which has nothing in flight");
+                        };
+                        last = Some(c);
+                    }
+                    let c = last.as_ref().expect("looked up above");
+                    self.complete(c, id, reserved, reply);
                 }
                 let mut pool = self.frame_pool.borrow_mut();
                 for mut frame in spent_frames {

@@ -172,6 +172,7 @@ impl<'a> AppendRecord<'a> {
 /// Encodes messages into frames, reusing one builder.
 pub struct Encoder {
     fbb: FlatBufferBuilder<'static>,
+    appended: AppendedTemplates,
 }
 
 impl Default for Encoder {
@@ -184,6 +185,7 @@ impl Encoder {
     pub fn new() -> Self {
         Encoder {
             fbb: FlatBufferBuilder::with_capacity(1024),
+            appended: AppendedTemplates::new(),
         }
     }
 
@@ -250,8 +252,17 @@ impl Encoder {
         self.finish_frame(out);
     }
 
-    /// Appends a framed `Appended` response.
+    /// Appends a framed `Appended` response: the bytes [`Encoder::appended_built`] gives, copied
+    /// from a template with the values patched in (see [`AppendedTemplates`]).
     pub fn appended(&mut self, id: u64, shard: u16, first_lsn: u64, count: u32, out: &mut Vec<u8>) {
+        if !self.appended.encode(id, shard, first_lsn, count, out) {
+            self.appended_built(id, shard, first_lsn, count, out);
+        }
+    }
+
+    /// Appends a framed `Appended` response made by the FlatBuffers builder: the reference the
+    /// templates are made from and tested against.
+    pub fn appended_built(&mut self, id: u64, shard: u16, first_lsn: u64, count: u32, out: &mut Vec<u8>) {
         let fbb = &mut self.fbb;
         let body = Appended::create(
             fbb,
@@ -309,6 +320,107 @@ impl Encoder {
     }
 }
 
+/// Where one template's fields are, as offsets into its frame (header included).
+#[derive(Debug, Clone)]
+struct AppendedTemplate {
+    frame: Vec<u8>,
+    /// `None` when the template is for a zero value, which the builder leaves out.
+    id_at: Option<usize>,
+    shard_at: Option<usize>,
+    first_lsn_at: usize,
+    count_at: usize,
+}
+
+/// Framed `Appended` responses to copy and patch instead of running the FlatBuffers builder for
+/// each answer, the daemon's most frequent response. The builder's layout depends only on which
+/// fields it writes, never on their values (all scalars of a fixed size), and it leaves out a
+/// field equal to its default (zero): so there is one template per combination of the fields
+/// that may be zero on the hot path, `id` and `shard`. `first_lsn` and `count` are never zero in
+/// the answer to an append (lsns start at 1; an append holds at least one record); were they, the
+/// builder answers ([`Encoder::appended`]). Each template is made by the builder itself, with
+/// non-zero stand-ins for the present fields, whose places are then read back through the
+/// generated accessors' vtables, so nothing here restates the schema; a property test checks the
+/// patched bytes against the builder's for arbitrary values (the tests below).
+#[derive(Debug, Clone)]
+struct AppendedTemplates {
+    /// Indexed by `(id != 0) as usize * 2 + (shard != 0) as usize`.
+    by_presence: [AppendedTemplate; 4],
+}
+
+impl AppendedTemplates {
+    fn new() -> AppendedTemplates {
+        let mut fbb = FlatBufferBuilder::with_capacity(256);
+        let by_presence = [(false, false), (false, true), (true, false), (true, true)]
+            .map(|(has_id, has_shard)| AppendedTemplate::build(&mut fbb, has_id, has_shard));
+        AppendedTemplates { by_presence }
+    }
+
+    /// Appends the framed response to `out`; `false` (and nothing appended) when no template
+    /// fits, for a zero `first_lsn` or `count`.
+    fn encode(&self, id: u64, shard: u16, first_lsn: u64, count: u32, out: &mut Vec<u8>) -> bool {
+        if first_lsn == 0 || count == 0 {
+            return false;
+        }
+        let t = &self.by_presence[usize::from(id != 0) * 2 + usize::from(shard != 0)];
+        let at = out.len();
+        out.extend_from_slice(&t.frame);
+        let frame = &mut out[at..];
+        if let Some(i) = t.id_at {
+            frame[i..i + 8].copy_from_slice(&id.to_le_bytes());
+        }
+        if let Some(i) = t.shard_at {
+            frame[i..i + 2].copy_from_slice(&shard.to_le_bytes());
+        }
+        frame[t.first_lsn_at..t.first_lsn_at + 8].copy_from_slice(&first_lsn.to_le_bytes());
+        frame[t.count_at..t.count_at + 4].copy_from_slice(&count.to_le_bytes());
+        true
+    }
+}
+
+impl AppendedTemplate {
+    fn build(fbb: &mut FlatBufferBuilder<'static>, has_id: bool, has_shard: bool) -> AppendedTemplate {
+        let body = Appended::create(
+            fbb,
+            &AppendedArgs {
+                shard: u16::from(has_shard),
+                first_lsn: 1,
+                count: 1,
+            },
+        );
+        let root = Response::create(
+            fbb,
+            &ResponseArgs {
+                id: u64::from(has_id),
+                body_type: ResponseBody::Appended,
+                body: Some(body.as_union_value()),
+            },
+        );
+        fbb.finish(root, None);
+        let mut frame = Vec::new();
+        encode_frame(fbb.finished_data(), &mut frame);
+        fbb.reset();
+        let payload = &frame[crate::frame::FRAME_HEADER_BYTES..];
+        let response = flatbuffers::root::<Response>(payload).expect("the builder's own output verifies");
+        let appended = response.body_as_appended().expect("built as Appended");
+        // A field's place in the frame: its table's place plus the offset its vtable gives
+        // (zero when the field was left out).
+        let place = |table: &flatbuffers::Table, voffset: flatbuffers::VOffsetT| {
+            let offset = table.vtable().get(voffset);
+            (offset != 0).then(|| crate::frame::FRAME_HEADER_BYTES + table.loc() + usize::from(offset))
+        };
+        let t = AppendedTemplate {
+            id_at: place(&response._tab, Response::VT_ID),
+            shard_at: place(&appended._tab, Appended::VT_SHARD),
+            first_lsn_at: place(&appended._tab, Appended::VT_FIRST_LSN).expect("first_lsn is written"),
+            count_at: place(&appended._tab, Appended::VT_COUNT).expect("count is written"),
+            frame,
+        };
+        assert_eq!(t.id_at.is_some(), has_id);
+        assert_eq!(t.shard_at.is_some(), has_shard);
+        t
+    }
+}
+
 /// The name of a response body, for error messages.
 pub fn response_kind(body: &crate::wire::ResponseBodyT) -> &'static str {
     use crate::wire::ResponseBodyT as B;
@@ -320,5 +432,89 @@ pub fn response_kind(body: &crate::wire::ResponseBodyT) -> &'static str {
         B::StatsReply(_) => "StatsReply",
         B::Pong(_) => "Pong",
         B::Error(_) => "Error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::frame::{decode_whole_frame, FRAME_BYTES_MAX_DEFAULT};
+    use crate::wire::{AppendedT, ResponseBodyT};
+
+    /// Values with a good share of the zeros and extremes that change the builder's layout.
+    fn arb_u64() -> impl Strategy<Value = u64> {
+        prop_oneof![Just(0), Just(1), Just(u64::MAX), any::<u64>()]
+    }
+
+    fn arb_u32() -> impl Strategy<Value = u32> {
+        prop_oneof![Just(0), Just(1), Just(u32::MAX), any::<u32>()]
+    }
+
+    fn arb_u16() -> impl Strategy<Value = u16> {
+        prop_oneof![Just(0), Just(1), Just(u16::MAX), any::<u16>()]
+    }
+
+    #[test]
+    fn every_template_is_the_builders_output() {
+        for id in [0, 1, u64::MAX] {
+            for shard in [0, 1, u16::MAX] {
+                let mut enc = Encoder::new();
+                let (mut patched, mut built) = (Vec::new(), Vec::new());
+                enc.appended(id, shard, 1, 1, &mut patched);
+                enc.appended_built(id, shard, 1, 1, &mut built);
+                assert_eq!(patched, built, "id {id} shard {shard}");
+            }
+        }
+    }
+
+    proptest! {
+        /// The patched template is byte for byte what the builder makes, whatever the values
+        /// and whatever the encoder encoded before (its builder's state must not matter), and
+        /// it decodes to those values.
+        #[test]
+        fn patched_appended_equals_builder(
+            id in arb_u64(),
+            shard in arb_u16(),
+            first_lsn in arb_u64(),
+            count in arb_u32(),
+            before in proptest::option::of(0usize..300),
+            prefix in proptest::collection::vec(any::<u8>(), 0..16),
+        ) {
+            let mut enc = Encoder::new();
+            let mut scratch = Vec::new();
+            if let Some(len) = before {
+                // Leaves the builder grown and reset, as the daemon's encoder is.
+                enc.error(3, ErrorCode::Busy, &"x".repeat(len), &mut scratch);
+            }
+            let mut patched = prefix.clone();
+            enc.appended(id, shard, first_lsn, count, &mut patched);
+            let mut built = prefix.clone();
+            Encoder::new().appended_built(id, shard, first_lsn, count, &mut built);
+            prop_assert_eq!(&patched, &built);
+
+            let payload = decode_whole_frame(&patched[prefix.len()..], FRAME_BYTES_MAX_DEFAULT).unwrap();
+            let resp = decode_response(payload).unwrap();
+            prop_assert_eq!(
+                resp,
+                ResponseT {
+                    id,
+                    body: ResponseBodyT::Appended(Box::new(AppendedT { shard, first_lsn, count })),
+                }
+            );
+        }
+
+        /// Several answers appended to one buffer, as a connection's writer collects them.
+        #[test]
+        fn patched_appended_concatenate(values in proptest::collection::vec((arb_u64(), arb_u16(), 1..u64::MAX, 1..u32::MAX), 1..20)) {
+            let mut enc = Encoder::new();
+            let (mut patched, mut built) = (Vec::new(), Vec::new());
+            for &(id, shard, first_lsn, count) in &values {
+                enc.appended(id, shard, first_lsn, count, &mut patched);
+                enc.appended_built(id, shard, first_lsn, count, &mut built);
+            }
+            prop_assert_eq!(patched, built);
+        }
     }
 }

@@ -35,6 +35,11 @@ pub const fn jump_hash(mut key: u64, buckets: u32) -> u32 {
 /// If `shard_count` is zero.
 pub const fn shard_for(stream: u64, shard_count: u16) -> u16 {
     assert!(shard_count > 0, "shard_count must be positive");
+    // The jump hash of one bucket is always bucket 0; skipping it saves a floating-point
+    // division on every append of a one-shard daemon (the default on two cores).
+    if shard_count == 1 {
+        return 0;
+    }
     jump_hash(mix64(stream), shard_count as u32) as u16
 }
 
@@ -65,7 +70,17 @@ pub fn home_for(stream: u64, shard_counts: &[u16]) -> (u32, u16) {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+
+    proptest! {
+        #[test]
+        fn one_shard_owns_every_stream_as_the_jump_hash_says(stream in any::<u64>()) {
+            prop_assert_eq!(jump_hash(mix64(stream), 1), 0);
+            prop_assert_eq!(shard_for(stream, 1), 0);
+        }
+    }
 
     #[test]
     fn a_daemon_and_its_shards_are_chosen_independently() {

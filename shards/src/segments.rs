@@ -165,11 +165,11 @@ impl Segment {
         }
     }
 
-    /// Books the streams of one commit handed to the device at `offset`, whose records are
-    /// `body`, in the stream index.
-    pub(crate) fn note_streams(&self, first_lsn: u64, offset: u64, body: &[u8]) {
+    /// Books the streams of one commit of `commit_bytes` handed to the device at `offset`,
+    /// whose records belong to `streams` in order, in the stream index.
+    pub(crate) fn note_stream_ids(&self, first_lsn: u64, offset: u64, commit_bytes: usize, streams: &[u64]) {
         if let Some(index) = self.streams.borrow_mut().as_mut() {
-            index.note_commit(first_lsn - self.base_lsn, offset, body);
+            index.note_commit_streams(first_lsn - self.base_lsn, offset, commit_bytes, streams.iter().copied());
         }
     }
 

@@ -253,6 +253,10 @@ struct Batch {
     crc_bytes: usize,
     /// Shared by the batch's acknowledged appends; `None` while it has none.
     slot: Option<Rc<BatchSlot>>,
+    /// [stream_index] The stream of each append, in order, repeats side by side dropped: what
+    /// the stream index books when the batch is sealed, noted while the appends' bytes are in
+    /// the cache rather than read back from the buffer then.
+    streams: Vec<u64>,
 }
 
 impl Batch {
@@ -293,6 +297,8 @@ pub(crate) struct State {
     pending_appends: usize,
     /// Batch slots for reuse.
     slots: VecDeque<Rc<BatchSlot>>,
+    /// [stream_index] Emptied `Batch::streams` lists for reuse (see [`STREAM_LISTS_KEPT`]).
+    stream_lists: Vec<Vec<u64>>,
     /// The segments, the active one and the spare: changed only through `Segments`' methods.
     pub segs: Segments,
     inflight: VecDeque<InFlight>,
@@ -438,6 +444,7 @@ impl Shard {
                 pending_bytes: 0,
                 pending_appends: 0,
                 slots: VecDeque::new(),
+                stream_lists: Vec::new(),
                 segs: rec.segs,
                 inflight: VecDeque::new(),
                 write_in_flight: false,
@@ -691,6 +698,12 @@ fn commit_pool(opts: &ShardOptions) -> BufPool {
     BufPool::new(buffer_bytes, buffers_max)
 }
 
+/// [stream_index] Emptied lists of a batch's streams kept for the next batches (a batch is
+/// filling while one or two are sealed and written), and the longest one kept (32 KiB): a list
+/// grown by a commit of many tiny appends of many streams goes back to the allocator.
+const STREAM_LISTS_KEPT: usize = 4;
+const STREAM_LIST_KEPT_MAX: usize = 4096;
+
 /// Bytes of a batch's body checksummed together while appends arrive: well inside the L1 cache
 /// with the payloads being copied, and large enough that the per-call cost does not show.
 const CRC_CHUNK_BYTES: usize = 16 << 10;
@@ -856,6 +869,7 @@ impl Inner {
             let Some(buf) = self.pool.take() else {
                 return Err(busy(&st));
             };
+            let streams = st.stream_lists.pop().unwrap_or_default();
             st.pending.push_back(Batch {
                 buf,
                 at,
@@ -866,6 +880,7 @@ impl Inner {
                 body_crc: 0,
                 crc_bytes: 0,
                 slot: None,
+                streams,
             });
         }
         // Nothing can fail from here on.
@@ -897,6 +912,9 @@ impl Inner {
         }
         batch.records += count;
         batch.appends += 1;
+        if batch.streams.last() != Some(&stream) {
+            batch.streams.push(stream);
+        }
         let slot = (ack != AckLevel::None).then(|| batch.slot.get_or_insert_with(|| take_slot(slots)).clone());
         st.pending_bytes += body_bytes;
         st.pending_appends += 1;
@@ -1040,6 +1058,7 @@ impl Inner {
             mut body_crc,
             crc_bytes,
             slot,
+            mut streams,
             ..
         } = batch;
         assert!(count > 0);
@@ -1114,10 +1133,24 @@ impl Inner {
             commit_offset,
             &buf.as_slice()[prefix..prefix + COMMIT_HEADER_BYTES],
         );
-        // [stream_index] The streams the commit holds, for filtered reads.
+        // [stream_index] The streams the commit holds, for filtered reads: those its appends
+        // noted, which are the ones its record headers name.
+        debug_assert!(
+            crate::stream_index::body_streams(&buf.as_slice()[body_at..body_at + body_bytes])
+                .filter({
+                    let mut previous = None;
+                    move |&s| previous.replace(s) != Some(s)
+                })
+                .eq(streams.iter().copied()),
+            "the streams noted at enqueue are the streams of the commit's records"
+        );
         active
             .seg
-            .note_streams(first_lsn, commit_offset, &buf.as_slice()[body_at..body_at + body_bytes]);
+            .note_stream_ids(first_lsn, commit_offset, commit_bytes, &streams);
+        if st.stream_lists.len() < STREAM_LISTS_KEPT && streams.capacity() <= STREAM_LIST_KEPT_MAX {
+            streams.clear();
+            st.stream_lists.push(streams);
+        }
         let seg = active.seg.clone();
         let id = st.next_commit_id;
         st.next_commit_id += 1;
