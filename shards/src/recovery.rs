@@ -69,7 +69,8 @@ use std::time::{Instant, SystemTime};
 use crate::error::ShardError;
 use crate::format::{
     align_down, align_up, chain_commit_crc, find_valid_commits, parse_commit, HeaderBlock, Manifest, ManifestEntry,
-    ParseError, SegmentHeader, SegmentSummary, SummaryKind, BLOCK_BYTES, COMMIT_HEADER_BYTES, SEGMENT_DATA_OFFSET,
+    ParseError, SegmentHeader, SegmentSummary, SummaryKind, BLOCK_BYTES, COMMIT_HEADER_BYTES, COMMIT_MAGIC,
+    SEGMENT_DATA_OFFSET,
 };
 use crate::segments::{
     segment_name, summary_name, unix_ms, Active, Segment, Segments, SummaryState, CHECKPOINT_NAME,
@@ -82,8 +83,15 @@ use crate::uring::FixableBuf;
 use crate::ShardOptions;
 
 /// Recovery reads a segment in pieces of this size ...
-pub(crate) const RECOVERY_READ_BYTES: u64 = 4 << 20;
-/// ... with this many reads in flight at once.
+///
+/// Why 2 MiB x 4: crash recoveries of a full 64 MiB active segment with a cold cache, two runs
+/// of six shapes alternated three times, scan times: 2 MiB x 4 35-42 and 39-46 ms; 4 MiB x 4
+/// 43-45 and 41-51; 2 MiB x 8 38-44; 4 MiB x 8 42-50; 8 MiB x 4 43-58; 1 MiB x 16 52-56; 1 MiB
+/// x 8 45-57; 2 MiB x 2 42-57. One buffer is one huge page ([`AlignedBuf::new_mapped`]), and five of them (10 MiB) fault in half
+/// as fast as five of 4 MiB, before and while the first reads are in flight.
+pub(crate) const RECOVERY_READ_BYTES: u64 = 2 << 20;
+/// ... with this many reads in flight at once (`scripts/restart-time.sh` gives fio the same
+/// shape, and fixed buffers as recovery has, for its baseline).
 pub(crate) const RECOVERY_READS_IN_FLIGHT: usize = 4;
 /// Segment headers and summaries are read with this many files in flight: each costs a device
 /// round trip when the page cache is cold, and a long log has thousands of them, so one at a
@@ -317,7 +325,7 @@ type ReadTask = glommio::task::JoinHandle<(io::Result<usize>, FixableBuf)>;
 /// The buffers are made as the reads first need them, and are fresh mappings that nothing
 /// writes before the device ([`AlignedBuf::new_mapped`]): so the first read goes to the device
 /// at once, while the next buffers are made, instead of after all of them have been zeroed (16
-/// ms of a 75 ms scan of 64 MiB). Each is registered with the storage's ring on its first read
+/// ms of a 75 ms scan of 64 MiB, when they were five of 4 MiB). Each is registered with the storage's ring on its first read
 /// ([`SegmentFile::read_into`]), so its pages are pinned once, not for every read.
 struct ChunkReader {
     file: Rc<dyn SegmentFile>,
@@ -439,8 +447,9 @@ impl InPlaceScan {
     }
 
     /// Scans `data` (segment bytes from `base`, following whatever was fed before); `last`: the
-    /// bytes end there. With `keep_rest`, bytes after a finished scan are kept too.
-    fn feed(&mut self, data: &[u8], base: u64, last: bool, keep_rest: bool) {
+    /// bytes end there. Once the scan is done, `carry` holds the bytes from the block holding
+    /// its end to the end of the read it ended in; nothing more may be fed.
+    fn feed(&mut self, data: &[u8], base: u64, last: bool) {
         if self.carry.bytes.is_empty() {
             self.carry.base = base;
         }
@@ -449,8 +458,8 @@ impl InPlaceScan {
             base,
             "reads follow each other"
         );
-        let was_done = self.scanner.done;
-        if !was_done {
+        assert!(!self.scanner.done, "nothing is fed after the scan is done");
+        {
             if self.scanner.offset < base {
                 // A commit started in an earlier read: complete it from the carried bytes and a
                 // copy of as much of this read as it needs.
@@ -469,16 +478,7 @@ impl InPlaceScan {
                 self.scanner.feed(data, base, last);
             }
         }
-        if self.scanner.done && (!was_done || keep_rest) {
-            let from = if was_done {
-                self.carry.base
-            } else {
-                align_down(self.scanner.offset)
-            };
-            self.keep(data, base, from);
-        } else if !self.scanner.done {
-            self.keep(data, base, align_down(self.scanner.offset));
-        }
+        self.keep(data, base, align_down(self.scanner.offset));
     }
 
     /// Keeps the bytes from `from` (clamped to what is held) to the end of `data`.
@@ -496,36 +496,212 @@ impl InPlaceScan {
     }
 }
 
-/// Scans a segment from its data offset while it is read. Returns the scan and the segment's
-/// bytes from the block holding the scan's end on (`(base, bytes)`): up to the end of the file
-/// with `read_rest`, else what had been read when the scan ended.
+/// What [`scan_segment`] found.
+struct ScannedSegment {
+    scan: Scan,
+    /// The segment's bytes from the block holding the scan's end on, at least to the end of that
+    /// block (or of the file): what had been read when the scan ended.
+    tail: Window,
+    /// With `read_rest`: the valid commits of the segment after the scan's end, as
+    /// [`find_valid_commits`] finds them in the rest of the file.
+    behind: Vec<(u64, u64)>,
+}
+
+/// Scans a segment from its data offset while it is read. With `read_rest`, reads on to the end
+/// of the file after the scan ends, looking for valid commits behind its end where each read
+/// landed ([`BehindScan`]): the rest of a segment is read, never copied, so a crash early in a
+/// fresh segment costs the device time of the zeros after its end, not a copy of them too.
 async fn scan_segment(
     storage: &dyn Storage,
     f: &Found,
     read_rest: bool,
     report: &mut RecoveryReport,
-) -> Result<(Scan, u64, Vec<u8>), ShardError> {
+) -> Result<ScannedSegment, ShardError> {
     let mut reader = ChunkReader::new(f.file.clone(), 0, f.capacity());
     let mut scanner = Scanner::new(f.header.sequence, SEGMENT_DATA_OFFSET, f.header.base_lsn);
     if f.capacity() < SEGMENT_BYTES_INDEXED_MAX {
         scanner.streams = Some((f.header.base_lsn, StreamIndex::open()));
     }
     let mut scan = InPlaceScan::new(scanner);
-    while !scan.scanner.done || read_rest {
+    let mut behind: Option<BehindScan> = None;
+    loop {
+        if scan.scanner.done && !read_rest {
+            break;
+        }
         let Some(chunk) = reader.next(storage, &f.name).await? else {
             if !scan.scanner.done {
                 // The file ended inside a commit: what is carried is all there is.
                 let rest = std::mem::take(&mut scan.carry);
-                scan.feed(&rest.bytes, rest.base, true, false);
+                scan.feed(&rest.bytes, rest.base, true);
+                if read_rest {
+                    let mut rest_scan = BehindScan::new(f.header.sequence, scan.scanner.offset, f.capacity());
+                    rest_scan.feed(&scan.carry.bytes, scan.carry.base, true);
+                    behind = Some(rest_scan);
+                }
             }
             break;
         };
         report.bytes_read += chunk.len as u64;
-        scan.feed(chunk.bytes(), chunk.offset, chunk.last, read_rest);
+        match &mut behind {
+            Some(rest_scan) => rest_scan.feed(chunk.bytes(), chunk.offset, chunk.last),
+            None => {
+                scan.feed(chunk.bytes(), chunk.offset, chunk.last);
+                if scan.scanner.done && read_rest {
+                    // The rest of this read, from the end on, is searched where it is kept.
+                    let mut rest_scan = BehindScan::new(f.header.sequence, scan.scanner.offset, f.capacity());
+                    rest_scan.feed(&scan.carry.bytes, scan.carry.base, chunk.last);
+                    behind = Some(rest_scan);
+                }
+            }
+        }
         reader.give_back(chunk);
     }
     let InPlaceScan { scanner, carry } = scan;
-    Ok((scanner.finish(), carry.base, carry.bytes))
+    let scan = scanner.finish();
+    assert!(carry.base <= align_down(scan.end_offset));
+    Ok(ScannedSegment {
+        scan,
+        tail: carry,
+        behind: behind.map(BehindScan::finish).unwrap_or_default(),
+    })
+}
+
+/// [`find_valid_commits`] over the bytes of a segment from an offset to the end of the file,
+/// fed piece by piece as they are read and searched where they are, finding what one call on
+/// all of them would: at each commit magic, the commit there if it is valid (and the search goes
+/// on after it), else the search goes on from the next byte. A candidate that runs past the end
+/// of a piece is completed from copies of the next piece's first bytes (as [`InPlaceScan`]
+/// completes a commit), so what is copied is at most a commit or two, however long the rest.
+struct BehindScan {
+    sequence: u64,
+    /// Where the search goes on: everything before it has been decided.
+    next: u64,
+    /// The end of the range: a candidate that needs bytes past it can never be valid.
+    to: u64,
+    /// Bytes from `next` (or a little before) to the end of what was fed, when they are needed
+    /// again: a candidate not yet whole, or the last bytes, which may start a magic.
+    carry: Window,
+    found: Vec<(u64, u64)>,
+    done: bool,
+}
+
+impl BehindScan {
+    fn new(sequence: u64, from: u64, to: u64) -> BehindScan {
+        BehindScan {
+            sequence,
+            next: from,
+            to,
+            carry: Window::default(),
+            found: Vec::new(),
+            done: false,
+        }
+    }
+
+    /// Searches `data` (bytes from `base`, following what was fed before, reaching back at least
+    /// to `next`, or starting there); `last`: nothing follows.
+    fn feed(&mut self, data: &[u8], base: u64, last: bool) {
+        assert!(!self.done);
+        if self.carry.bytes.is_empty() {
+            self.carry.base = base;
+        }
+        assert_eq!(
+            self.carry.base + self.carry.bytes.len() as u64,
+            base,
+            "pieces follow each other"
+        );
+        assert!(self.next >= self.carry.base);
+        if !self.carry.bytes.is_empty() {
+            // Decide what starts in the carried bytes, from copies of as much of `data` as that
+            // needs.
+            let mut carry = std::mem::take(&mut self.carry);
+            let mut take = 0;
+            while !self.done && self.next < base {
+                let more = (take * 2).max(STRADDLE_COPY_BYTES).min(data.len());
+                carry.bytes.extend_from_slice(&data[take..more]);
+                take = more;
+                self.search(&carry.bytes, carry.base, last && take == data.len());
+                if take == data.len() {
+                    break;
+                }
+            }
+            if take == data.len() {
+                // All of `data` is in the copy: keep what is still needed of it.
+                self.keep(&carry.bytes, carry.base, last);
+                return;
+            }
+        }
+        if !self.done {
+            self.search(data, base, last);
+        }
+        self.keep(data, base, last);
+    }
+
+    /// Searches `buf` (bytes from `base`) from `next` on; `last`: nothing follows. Stops where
+    /// it needs bytes after `buf`.
+    fn search(&mut self, buf: &[u8], base: u64, last: bool) {
+        let magic = COMMIT_MAGIC.to_le_bytes();
+        let end = base + buf.len() as u64;
+        while !self.done {
+            if self.next >= end {
+                // Nothing of `buf` is left to search (it may all come before where the search
+                // starts).
+                self.done = last;
+                return;
+            }
+            let from = (self.next - base) as usize;
+            let Some(pos) = memchr::memmem::find(&buf[from..], &magic) else {
+                // No magic starts before the last few bytes, which may start one.
+                self.next = self.next.max(end.saturating_sub(magic.len() as u64 - 1));
+                self.done = last;
+                return;
+            };
+            let at = from + pos;
+            let at_offset = base + at as u64;
+            if at + COMMIT_HEADER_BYTES > buf.len() {
+                // As `find_valid_commits`: a header cut off by the end is not a commit, and
+                // neither is any later candidate.
+                self.next = at_offset;
+                self.done = last;
+                return;
+            }
+            match parse_commit(&buf[at..], self.sequence) {
+                Ok(view) => {
+                    let commit_end = at_offset + view.total_bytes as u64;
+                    self.found.push((at_offset, commit_end));
+                    self.next = commit_end;
+                }
+                Err(ParseError::Short { needed }) if !last && at_offset + needed as u64 <= self.to => {
+                    // Whole only with bytes still to come.
+                    self.next = at_offset;
+                    return;
+                }
+                Err(_) => self.next = at_offset + 1,
+            }
+        }
+    }
+
+    /// Keeps the bytes of `buf` (from `base`) from `next` on, to be searched with what follows.
+    fn keep(&mut self, buf: &[u8], base: u64, last: bool) {
+        let end = base + buf.len() as u64;
+        self.carry.bytes.clear();
+        self.carry.base = end;
+        if last {
+            self.done = true;
+            return;
+        }
+        let from = self.next.clamp(base, end);
+        self.carry.base = from;
+        self.carry.bytes.extend_from_slice(&buf[(from - base) as usize..]);
+    }
+
+    /// The valid commits found; what is still carried is searched as the end of the range.
+    fn finish(mut self) -> Vec<(u64, u64)> {
+        if !self.done {
+            let carry = std::mem::take(&mut self.carry);
+            self.search(&carry.bytes, carry.base, true);
+        }
+        self.found
+    }
 }
 
 /// Bytes of a segment held across reads, from `base` on.
@@ -561,29 +737,15 @@ async fn read_range(storage: &dyn Storage, f: &Found, from: u64, to: u64) -> Res
     Ok(data)
 }
 
-/// Zeroes `[end, zero_to)` (rounded out to blocks, keeping the bytes before `end`) and syncs.
-/// `data` holds the segment from offset `base`, at most `align_down(end)`, to the end of the file.
-async fn zero_after(
-    storage: &dyn Storage,
-    f: &Found,
-    data: &[u8],
-    base: u64,
-    end: u64,
-    zero_to: u64,
-) -> Result<(), ShardError> {
-    assert!(base <= align_down(end));
-    let zero_to = zero_to.min(base + data.len() as u64);
-    if end >= zero_to
-        || data[(end - base) as usize..(zero_to - base) as usize]
-            .iter()
-            .all(|&b| b == 0)
-    {
-        return Ok(());
-    }
+/// Zeroes `[end, zero_to)` (rounded out to blocks, keeping `tail`, the bytes of the block
+/// holding `end` before it) and syncs.
+async fn zero_after(storage: &dyn Storage, f: &Found, tail: &[u8], end: u64, zero_to: u64) -> Result<(), ShardError> {
     let start = align_down(end);
+    assert_eq!(start + tail.len() as u64, end);
+    assert!(zero_to >= end);
     let stop = align_up(zero_to);
     let mut buf = storage.alloc((stop - start) as usize);
-    buf.as_mut_slice()[..(end - start) as usize].copy_from_slice(&data[(start - base) as usize..(end - base) as usize]);
+    buf.as_mut_slice()[..tail.len()].copy_from_slice(tail);
     f.file
         .write(start, buf)
         .await
@@ -781,7 +943,7 @@ async fn recover_last(
     }
     report.scanned += 1;
     let started = Instant::now();
-    let (s, base, data) = scan_segment(storage, f, true, report).await?;
+    let ScannedSegment { scan: s, tail, behind } = scan_segment(storage, f, true, report).await?;
     if let Some(t) = &trusted {
         if s.end_lsn < t.end_lsn {
             let reason = format!(
@@ -801,7 +963,6 @@ async fn recover_last(
             tracing::warn!(shard, segment = f.header.sequence, %reason, "repair: keeping what the scan found");
         }
     }
-    let behind = find_valid_commits(&data[(s.end_offset - base) as usize..], s.end_offset, f.header.sequence);
     if behind.len() >= PIPELINE_DEPTH && !opts.repair {
         return Err(ShardError::Corruption {
             shard,
@@ -820,8 +981,18 @@ async fn recover_last(
     let zero_to = behind
         .last()
         .map_or(align_up(s.end_offset), |&(_, end)| end.max(align_up(s.end_offset)));
-    zero_after(storage, f, &data, base, s.end_offset, zero_to).await?;
-    let tail = data[(align_down(s.end_offset) - base) as usize..(s.end_offset - base) as usize].to_vec();
+    // Something to zero: a valid commit behind the end, or anything but zeros in the rest of
+    // the block holding the end (up to the end of the file).
+    let block_end = align_up(s.end_offset).min(tail.base + tail.bytes.len() as u64);
+    let dirty = !behind.is_empty()
+        || tail.bytes[(s.end_offset - tail.base) as usize..(block_end - tail.base) as usize]
+            .iter()
+            .any(|&b| b != 0);
+    let tail =
+        tail.bytes[(align_down(s.end_offset) - tail.base) as usize..(s.end_offset - tail.base) as usize].to_vec();
+    if dirty {
+        zero_after(storage, f, &tail, s.end_offset, zero_to).await?;
+    }
     report.scan_us += started.elapsed().as_micros() as u64;
     Ok(Last {
         scan: s,
@@ -1124,7 +1295,7 @@ async fn recover_with(
             summary => {
                 report.scanned += 1;
                 let started = Instant::now();
-                let (mut s, _, _) = scan_segment(storage, f, false, &mut report).await?;
+                let mut s = scan_segment(storage, f, false, &mut report).await?.scan;
                 report.scan_us += started.elapsed().as_micros() as u64;
                 if !continues(s.end_lsn) {
                     let reason = s.stop.clone().unwrap_or_else(|| {
@@ -1257,7 +1428,9 @@ pub(crate) async fn load_index(storage: &dyn Storage, opts: &ShardOptions, seg: 
         size: seg.capacity,
         manifest: None,
     };
-    let (scan, _, _) = scan_segment(storage, &f, false, &mut RecoveryReport::default()).await?;
+    let scan = scan_segment(storage, &f, false, &mut RecoveryReport::default())
+        .await?
+        .scan;
     let found = (scan.end_lsn, scan.end_offset, scan.commits, scan.commits_crc);
     let want = (fixed.end_lsn, fixed.end_offset, fixed.commits, fixed.commits_crc);
     if found != want {
@@ -1369,7 +1542,7 @@ mod tests {
             if scan.scanner.done {
                 break;
             }
-            scan.feed(p, base, i + 1 == pieces.len(), false);
+            scan.feed(p, base, i + 1 == pieces.len());
             base += p.len() as u64;
             assert!(
                 scan.carry.bytes.len() <= piece + 64 * 1024,
@@ -1378,9 +1551,68 @@ mod tests {
         }
         if !scan.scanner.done {
             let rest = std::mem::take(&mut scan.carry);
-            scan.feed(&rest.bytes, rest.base, true, false);
+            scan.feed(&rest.bytes, rest.base, true);
         }
         scan.scanner.finish()
+    }
+
+    #[test]
+    fn valid_commits_behind_the_end_fed_in_pieces_are_what_one_search_finds() {
+        let whole = segment(60, 3, 10_000);
+        let end = whole.len() - 10_000;
+        // Commits after a flipped bit (the case recovery must refuse), a torn commit followed by
+        // zeros, commits of another segment, magics with garbage behind them, and a commit whose
+        // header claims more bytes than the file holds.
+        let mut flipped = whole.clone();
+        flipped[end / 2] ^= 0x40;
+        let mut other_sequence = whole.clone();
+        other_sequence.truncate(end);
+        other_sequence.extend_from_slice(&segment(3, 4, 0)[SEGMENT_DATA_OFFSET as usize..]);
+        let mut lookalikes = whole.clone();
+        for at in [end + 3, end + 100, end + 4090, end + 9_990] {
+            lookalikes[at..at + 4].copy_from_slice(&COMMIT_MAGIC.to_le_bytes());
+        }
+        let mut too_long = segment(5, 3, 0);
+        let last_start = too_long.len() - 400;
+        too_long.truncate(last_start + 60);
+        let cases = [
+            ("zeros after the end", whole.clone()),
+            ("commits after a flipped bit", flipped),
+            ("commits of another segment", other_sequence),
+            ("magics with garbage behind", lookalikes),
+            ("a commit cut short by the end of the file", too_long),
+        ];
+        for (name, data) in &cases {
+            for from in [
+                SEGMENT_DATA_OFFSET as usize,
+                data.len() / 3,
+                data.len() / 2 + 17,
+                data.len() - 5,
+            ] {
+                let want = find_valid_commits(&data[from..], from as u64, 3);
+                let start = align_down(from as u64) as usize;
+                for piece in [1, 7, 31, 32, 33, 4096, 5000, 65536, data.len()] {
+                    let mut behind = BehindScan::new(3, from as u64, data.len() as u64);
+                    let pieces: Vec<&[u8]> = data[start..].chunks(piece).collect();
+                    let mut base = start as u64;
+                    for (i, p) in pieces.iter().enumerate() {
+                        behind.feed(p, base, i + 1 == pieces.len());
+                        base += p.len() as u64;
+                        assert!(
+                            behind.carry.bytes.len() <= piece.max(STRADDLE_COPY_BYTES) + 64 * 1024,
+                            "{name}: the carry holds at most a piece and a commit"
+                        );
+                    }
+                    let got = behind.finish();
+                    assert_eq!(got, want, "{name}, from {from}, pieces of {piece}");
+                }
+            }
+        }
+        let flipped_from = cases[1].1.len() / 2;
+        assert!(
+            !find_valid_commits(&cases[1].1[flipped_from..], 0, 3).is_empty(),
+            "the cases have commits behind"
+        );
     }
 
     #[test]

@@ -1540,6 +1540,54 @@ mod tests {
     }
 
     #[test]
+    fn mapped_buf_is_aligned_zeroed_and_huge_page_aligned_when_large() {
+        for len in [1, BLOCK, 3 * BLOCK + 1, HUGE_PAGE_BYTES, 2 * HUGE_PAGE_BYTES + BLOCK] {
+            let mut buf = AlignedBuf::new_mapped(len).expect("map");
+            assert_eq!(buf.len(), len);
+            assert_eq!(buf.capacity() % BLOCK, 0);
+            assert!(buf.capacity() >= len);
+            let align = if len >= HUGE_PAGE_BYTES { HUGE_PAGE_BYTES } else { BLOCK };
+            assert_eq!(buf.as_ptr() as usize % align, 0);
+            buf.set_len(buf.capacity());
+            assert!(buf.iter().all(|&b| b == 0));
+            buf.as_mut_slice().fill(0x5a);
+            assert!(buf.iter().all(|&b| b == 0x5a));
+        }
+    }
+
+    #[test]
+    fn reads_into_a_fixable_buffer_register_it_once() {
+        let dir = data_dir();
+        let path = dir.path().join("seg");
+        let mut data = vec![0u8; 8 * BLOCK];
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = (i / BLOCK) as u8 + 1;
+        }
+        std::fs::write(&path, &data).expect("write");
+        let p = path.clone();
+        run_on_shard(move || async move {
+            let file = open_direct(&p);
+            let fd = file.as_raw_fd();
+            let ring = LinkedRing::new(8).expect("ring");
+            let mut buf = FixableBuf::new(AlignedBuf::new_mapped(4 * BLOCK).expect("map"));
+            for (offset_blocks, want) in [(0usize, 1u8), (4, 5), (6, 7)] {
+                let (read, back) = ring.read_fixed(fd, buf, 0, (offset_blocks * BLOCK) as u64).await;
+                buf = back;
+                let expect_len = (8 - offset_blocks).min(4) * BLOCK;
+                assert_eq!(read.expect("read"), expect_len, "short only at the end of the file");
+                assert!(buf.is_registered());
+                assert!(buf.buf().as_slice()[..BLOCK].iter().all(|&b| b == want));
+            }
+            assert_eq!(ring.reads_fixed(), 3, "every read went to the registered buffer");
+            // Into the middle of the buffer.
+            let (read, buf) = ring.read_fixed(fd, buf, 3 * BLOCK, 0).await;
+            assert_eq!(read.expect("read at an offset in the buffer"), BLOCK);
+            assert!(buf.buf().as_slice()[3 * BLOCK..].iter().all(|&b| b == 1));
+            assert_eq!(ring.reads_fixed(), 4);
+        });
+    }
+
+    #[test]
     fn linked_write_then_sync_is_durable_in_order() {
         let dir = data_dir();
         let path = dir.path().join("seg");
