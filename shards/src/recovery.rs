@@ -36,8 +36,9 @@
 //! the last valid-looking commit behind it is zeroed and synced. Otherwise a later commit could
 //! end exactly where an unacknowledged one began and revive it. Leftovers of a recycled file
 //! need no zeroing: their commits carry another segment sequence, which the checksum covers.
-//! The checkpoint is removed (and the directory synced) before recovery returns, so it never
-//! outlives the log it describes.
+//! The checkpoint is removed before recovery returns, so it does not outlive the log it
+//! describes; the directory sync that makes its removal durable may finish after the shard
+//! opened (`tidy_directory` says why a checkpoint that a crash brings back is still safe).
 //!
 //! The manifest (`manifest`, written by the background task after each seal) holds the summary,
 //! less its index, of every sealed segment whose `.sum` is durable. It is trusted like a summary
@@ -1370,7 +1371,7 @@ async fn recover_with(
     }
 
     tidy_directory(
-        storage,
+        storage_rc,
         &found[keep..],
         &spares,
         &summary_names,
@@ -1456,35 +1457,63 @@ pub(crate) async fn load_index(storage: &dyn Storage, opts: &ShardOptions, seg: 
 }
 
 /// Removes what recovery left out (segments after a repair cut, spares, summaries of segments
-/// that are gone, the checkpoint), gives activated segments their names, and syncs the
-/// directory, all before the first new write.
+/// that are gone, the checkpoint) and gives activated segments their names, all before the first
+/// new write. The directory is synced before this returns if anything but spares and the
+/// checkpoint changed; if only those did (a clean restart), the sync is started here and
+/// finishes in the background, after the shard is open: a clean restart does not wait for a
+/// device flush before listening.
+///
+/// Why the removal of the checkpoint (and of spares) need not be durable before new writes:
+/// - A spare that comes back after a crash is a spare again, and removed again.
+/// - A checkpoint that comes back after a crash is only trusted again if nothing was
+///   acknowledged after it. New commits go to the checkpoint's segment at exactly its end
+///   offset, one after the other, and are acknowledged in order; so if any was acknowledged,
+///   the first one, which starts at the checkpoint's end, is durable and valid, and
+///   [`verify_end`] refuses a checkpoint with a valid commit in the `PIPELINE_DEPTH` commits'
+///   worth of bytes after its end: the segment is scanned, and the scan finds every commit. (If
+///   the log moved on to a newer segment, the checkpoint does not name the last segment and is
+///   ignored.) Trusting it a second time with nothing acknowledged after it recovers exactly what
+///   the first time did; the torn, unacknowledged commits behind its end are then in the bytes
+///   `verify_end` reads, and any valid one among them makes the segment be scanned and cut.
+/// - Worked case: the restart removes the checkpoint, its removal is not yet durable, one commit
+///   is acknowledged, the machine loses power. The next open finds the checkpoint, reads its end,
+///   finds the acknowledged commit right behind it, and scans: nothing is lost.
+///
+/// Segments cut by repair and summaries of segments that are gone are different: a new segment
+/// can take the name and base lsn of a cut one, and a stale summary that came back could then
+/// describe it. So are activated segments' names, kept as they were. Their changes are synced
+/// before the first new write.
 async fn tidy_directory(
-    storage: &dyn Storage,
+    storage_rc: &Rc<dyn Storage>,
     cut: &[Found],
     spares: &[String],
     summary_names: &BTreeSet<String>,
     segments: &VecDeque<Rc<Segment>>,
     has_checkpoint: bool,
 ) -> Result<(), ShardError> {
+    let storage: &dyn Storage = &**storage_rc;
     let mut remove: Vec<String> = cut.iter().map(|f| f.name.clone()).collect();
-    remove.extend(spares.iter().cloned());
     let kept: BTreeSet<String> = segments
         .iter()
         .flat_map(|s| [summary_name(s.base_lsn), stream_index_name(s.base_lsn)])
         .collect();
     remove.extend(summary_names.iter().filter(|n| !kept.contains(*n)).cloned());
+    // Changes that must be durable before the first new write.
+    let mut must_sync = !remove.is_empty();
+    // Changes that may become durable later (see above).
+    let mut may_sync = !spares.is_empty() || has_checkpoint;
+    remove.extend(spares.iter().cloned());
     if has_checkpoint {
-        // The checkpoint describes the log as it was at the shutdown; it must be gone before the
-        // log changes, or a later open could believe it.
+        // The checkpoint describes the log as it was at the shutdown; it goes before the log
+        // changes, so that an open after this one does not find it unless its removal was lost
+        // to a crash (see above for why that is safe).
         remove.push(CHECKPOINT_NAME.to_string());
     }
-    let mut dir_changed = false;
     for name in &remove {
         storage
             .remove(name)
             .await
             .map_err(io_err(storage, "remove stale file", name))?;
-        dir_changed = true;
     }
     for seg in segments {
         let want = segment_name(seg.base_lsn);
@@ -1495,14 +1524,26 @@ async fn tidy_directory(
                 .await
                 .map_err(io_err(storage, "rename segment", &have))?;
             *seg.name.borrow_mut() = want;
-            dir_changed = true;
+            must_sync = true;
         }
     }
-    if dir_changed {
+    if must_sync {
         storage
             .sync_dir()
             .await
             .map_err(io_err(storage, "sync shard directory", ""))?;
+        may_sync = false;
+    }
+    if may_sync {
+        let sync = storage_rc.sync_dir();
+        glommio::spawn_local(async move {
+            // Nothing depends on it (see above), so a failure is reported, not fatal; the next
+            // directory sync (the background task's, or the next open's) covers it.
+            if let Err(e) = sync.await {
+                tracing::warn!(error = %e, "syncing the shard directory after a restart failed");
+            }
+        })
+        .detach();
     }
     Ok(())
 }
@@ -1554,6 +1595,86 @@ mod tests {
             scan.feed(&rest.bytes, rest.base, true);
         }
         scan.scanner.finish()
+    }
+
+    /// A clean restart does not wait for the directory sync that makes the checkpoint's removal
+    /// durable; a power loss that brings the checkpoint back after records were acknowledged
+    /// must not let it hide them (see `tidy_directory`).
+    #[test]
+    fn a_checkpoint_brought_back_by_a_crash_never_hides_acknowledged_records() {
+        use crate::storage::mem::{FaultPoint, MemStorage};
+        use crate::{AckLevel, Lsn, RecordRef, Shard};
+
+        let opts = || ShardOptions {
+            segment_bytes: 256 << 10,
+            commit_bytes_max: 16 << 10,
+            ..ShardOptions::default()
+        };
+        let mut came_back = 0;
+        for seed in 0..16u64 {
+            let back = crate::executor::run(
+                crate::executor::ExecutorOptions::new("recovery-test"),
+                move || async move {
+                    let append = |shard: &Shard, i: u64| {
+                        let payload = vec![i as u8; 100 + i as usize];
+                        let fut = shard.append(
+                            1,
+                            &[RecordRef {
+                                payload: &payload,
+                                timestamp: None,
+                            }],
+                            AckLevel::Durable,
+                        );
+                        async move { fut.await.expect("append").first_lsn }
+                    };
+                    let mem = MemStorage::new();
+                    let shard = Shard::open_with_storage(Rc::new(mem.clone()), opts())
+                        .await
+                        .expect("open");
+                    for i in 0..5 {
+                        append(&shard, i).await;
+                    }
+                    shard.close().await.expect("clean close");
+                    assert!(mem.file_names().contains(&CHECKPOINT_NAME.to_string()));
+                    // Every directory sync fails from here on, so the checkpoint's removal stays
+                    // undone for a crash to drop.
+                    mem.inject(FaultPoint::SyncDir, libc::EIO, 0, None);
+                    let shard = Shard::open_with_storage(Rc::new(mem.clone()), opts())
+                        .await
+                        .expect("reopen");
+                    assert!(shard.stats().recovery.checkpoint_used);
+                    assert!(!mem.file_names().contains(&CHECKPOINT_NAME.to_string()));
+                    let mut last = Lsn(0);
+                    for i in 5..5 + 1 + seed % 4 {
+                        last = append(&shard, i).await;
+                    }
+                    let crashed = mem.crash(seed);
+                    drop(shard);
+                    crashed.clear_faults();
+                    let back = crashed.file_names().contains(&CHECKPOINT_NAME.to_string());
+                    let shard = Shard::open_with_storage(Rc::new(crashed), opts())
+                        .await
+                        .expect("open after the crash");
+                    assert_eq!(
+                        shard.next_lsn(),
+                        Lsn(last.0 + 1),
+                        "seed {seed}: every acknowledged record is recovered (checkpoint back: {back})"
+                    );
+                    assert!(
+                        !shard.stats().recovery.checkpoint_used,
+                        "seed {seed}: the stale checkpoint was trusted"
+                    );
+                    shard.close().await.expect("close");
+                    back
+                },
+            )
+            .expect("executor ran");
+            came_back += u32::from(back);
+        }
+        assert!(
+            came_back > 0,
+            "no crash brought the checkpoint back: the test tests nothing"
+        );
     }
 
     #[test]
