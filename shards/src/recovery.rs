@@ -88,7 +88,10 @@ use crate::ShardOptions;
 /// Why 2 MiB x 4: crash recoveries of a full 64 MiB active segment with a cold cache, two runs
 /// of six shapes alternated three times, scan times: 2 MiB x 4 35-42 and 39-46 ms; 4 MiB x 4
 /// 43-45 and 41-51; 2 MiB x 8 38-44; 4 MiB x 8 42-50; 8 MiB x 4 43-58; 1 MiB x 16 52-56; 1 MiB
-/// x 8 45-57; 2 MiB x 2 42-57. One buffer is one huge page ([`AlignedBuf::new_mapped`]), and five of them (10 MiB) fault in half
+/// x 8 45-57; 2 MiB x 2 42-57. A third run, under load (load average 5-8): 2 MiB x 4 40-42,
+/// 4 MiB x 4 38-46, 2 MiB x 8 38-47, 4 MiB x 8 43-49, 2 MiB x 16 42-60. So the shapes from
+/// 8 MiB to 32 MiB in flight are within the noise of one another here, and this one takes the
+/// least memory: one buffer is one huge page ([`AlignedBuf::new_mapped`]), and five of them (10 MiB) fault in half
 /// as fast as five of 4 MiB, before and while the first reads are in flight.
 pub(crate) const RECOVERY_READ_BYTES: u64 = 2 << 20;
 /// ... with this many reads in flight at once (`scripts/restart-time.sh` gives fio the same
