@@ -30,7 +30,7 @@
 //! Dropping the ring blocks until the kernel has completed everything still in flight.
 
 use std::any::Any;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::future::{poll_fn, Future};
 use std::io;
 use std::marker::PhantomData;
@@ -346,13 +346,25 @@ pub const FIXED_BUFFERS_MAX: u32 = 256;
 pub struct FixableBuf {
     /// The ring that registered this buffer, and the buffer's slot in its table.
     fixed: RefCell<Option<(Weak<LinkedRing>, u16)>>,
+    /// A ring's kernel refused to register it: not tried again.
+    refused: Cell<bool>,
     buf: AlignedBuf,
+}
+
+/// What a refused registration stops ([`LinkedRing::fixed_slot`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Refused {
+    /// Every later registration on the ring.
+    StopTrying,
+    /// Only those of this buffer.
+    BufferOnly,
 }
 
 impl FixableBuf {
     pub fn new(buf: AlignedBuf) -> FixableBuf {
         FixableBuf {
             fixed: RefCell::new(None),
+            refused: Cell::new(false),
             buf,
         }
     }
@@ -802,7 +814,7 @@ impl LinkedRing {
         let len_u32 = u32::try_from(buf.len()).expect("write of at most 4 GiB");
         // u64::MAX would mean "the file position" to io_uring.
         assert!(offset <= i64::MAX as u64);
-        match buf.fixable().and_then(|f| self.fixed_slot(f)) {
+        match buf.fixable().and_then(|f| self.fixed_slot(f, Refused::StopTrying)) {
             Some(index) => {
                 let fixable = buf.fixable().expect("checked above");
                 // The kernel checks this too (EFAULT), but a write outside its registered
@@ -828,9 +840,18 @@ impl LinkedRing {
     /// `buf`'s slot in this ring's fixed-buffer table, registering its whole allocation in a
     /// free slot if it has none yet; `None` if it belongs to another ring or cannot be
     /// registered.
-    fn fixed_slot(self: &Rc<Self>, buf: &FixableBuf) -> Option<u16> {
+    ///
+    /// If the kernel refuses a registration, a commit buffer (`Refused::StopTrying`) stops the
+    /// ring from trying again; a read buffer of recovery (`Refused::BufferOnly`), larger and
+    /// short-lived, is only not tried again itself, so that a refusal of its 2 MiB (e.g. under a
+    /// small `RLIMIT_MEMLOCK`) does not keep the commit buffers, which come after it, from
+    /// being registered.
+    fn fixed_slot(self: &Rc<Self>, buf: &FixableBuf, refused: Refused) -> Option<u16> {
         if buf.is_registered() {
             return buf.slot_in(self);
+        }
+        if buf.refused.get() {
+            return None;
         }
         let mut inner = self.inner.borrow_mut();
         if !inner.fixed_enabled {
@@ -855,14 +876,17 @@ impl LinkedRing {
                 Some(index)
             }
             Err(e) => {
-                // Most likely RLIMIT_MEMLOCK: the pages would be locked. Unregistered writes
-                // are correct, so stop trying, and say so once.
-                tracing::warn!(
-                    error = %e,
-                    "cannot register I/O buffers with io_uring (RLIMIT_MEMLOCK?); commits and recovery's reads use unregistered buffers, which costs a page pin per I/O"
-                );
-                inner.fixed_enabled = false;
+                // Most likely RLIMIT_MEMLOCK: the pages would be locked. Unregistered I/O is
+                // correct, so stop trying, and say so once.
                 inner.fixed_free.push(index);
+                buf.refused.set(true);
+                if refused == Refused::StopTrying {
+                    tracing::warn!(
+                        error = %e,
+                        "cannot register commit buffers with io_uring (RLIMIT_MEMLOCK?); commits are written from unregistered buffers, which costs a page pin per write"
+                    );
+                    inner.fixed_enabled = false;
+                }
                 None
             }
         }
@@ -930,7 +954,7 @@ impl LinkedRing {
         offset: u64,
     ) -> (io::Result<usize>, FixableBuf) {
         let (ptr, len_u32) = read_target(buf.buf_mut(), at, offset);
-        let entry = match self.fixed_slot(&buf) {
+        let entry = match self.fixed_slot(&buf, Refused::BufferOnly) {
             Some(index) => {
                 self.inner.borrow_mut().reads_fixed += 1;
                 opcode::ReadFixed::new(types::Fd(fd), ptr, len_u32, index)
