@@ -463,24 +463,22 @@ impl InPlaceScan {
             "reads follow each other"
         );
         assert!(!self.scanner.done, "nothing is fed after the scan is done");
-        {
-            if self.scanner.offset < base {
-                // A commit started in an earlier read: complete it from the carried bytes and a
-                // copy of as much of this read as it needs.
-                let carried = self.carry.bytes.len();
-                let mut take = 0;
-                while !self.scanner.done && self.scanner.offset < base && take < data.len() {
-                    let more = (take * 2).max(STRADDLE_COPY_BYTES).min(data.len());
-                    self.carry.bytes.extend_from_slice(&data[take..more]);
-                    take = more;
-                    self.scanner
-                        .feed(&self.carry.bytes, self.carry.base, last && take == data.len());
-                }
-                self.carry.bytes.truncate(carried);
+        if self.scanner.offset < base {
+            // A commit started in an earlier read: complete it from the carried bytes and a
+            // copy of as much of this read as it needs.
+            let carried = self.carry.bytes.len();
+            let mut take = 0;
+            while !self.scanner.done && self.scanner.offset < base && take < data.len() {
+                let more = (take * 2).max(STRADDLE_COPY_BYTES).min(data.len());
+                self.carry.bytes.extend_from_slice(&data[take..more]);
+                take = more;
+                self.scanner
+                    .feed(&self.carry.bytes, self.carry.base, last && take == data.len());
             }
-            if !self.scanner.done && self.scanner.offset >= base {
-                self.scanner.feed(data, base, last);
-            }
+            self.carry.bytes.truncate(carried);
+        }
+        if !self.scanner.done && self.scanner.offset >= base {
+            self.scanner.feed(data, base, last);
         }
         self.keep(data, base, align_down(self.scanner.offset));
     }
@@ -575,7 +573,8 @@ async fn scan_segment(
 /// all of them would: at each commit magic, the commit there if it is valid (and the search goes
 /// on after it), else the search goes on from the next byte. A candidate that runs past the end
 /// of a piece is completed from copies of the next piece's first bytes (as [`InPlaceScan`]
-/// completes a commit), so what is copied is at most a commit or two, however long the rest.
+/// completes a commit), so what is copied is the candidates that straddle two pieces (at most
+/// as long as their headers claim, within the file), however long the rest.
 struct BehindScan {
     sequence: u64,
     /// Where the search goes on: everything before it has been decided.
@@ -629,8 +628,17 @@ impl BehindScan {
                 }
             }
             if take == data.len() {
-                // All of `data` is in the copy: keep what is still needed of it.
-                self.keep(&carry.bytes, carry.base, last);
+                // All of `data` is in the copy: keep what is still needed of it where it is, so
+                // that a candidate waiting for many pieces costs one copy of each.
+                if last {
+                    self.done = true;
+                    return;
+                }
+                let end = carry.base + carry.bytes.len() as u64;
+                let from = self.next.clamp(carry.base, end);
+                carry.bytes.drain(..(from - carry.base) as usize);
+                carry.base = from;
+                self.carry = carry;
                 return;
             }
         }
@@ -1699,12 +1707,22 @@ mod tests {
         let mut too_long = segment(5, 3, 0);
         let last_start = too_long.len() - 400;
         too_long.truncate(last_start + 60);
+        // A header of this segment claiming 200 KB that fail their checksum, then commits.
+        let claim = 200_000usize;
+        let mut long_claim = whole[..end].to_vec();
+        let mut header =
+            whole[SEGMENT_DATA_OFFSET as usize..SEGMENT_DATA_OFFSET as usize + COMMIT_HEADER_BYTES].to_vec();
+        header[24..28].copy_from_slice(&(claim as u32).to_le_bytes());
+        long_claim.extend_from_slice(&header);
+        long_claim.extend(std::iter::repeat_n(0u8, claim + 50_000));
+        long_claim.extend_from_slice(&segment(3, 3, 0)[SEGMENT_DATA_OFFSET as usize..]);
         let cases = [
             ("zeros after the end", whole.clone()),
             ("commits after a flipped bit", flipped),
             ("commits of another segment", other_sequence),
             ("magics with garbage behind", lookalikes),
             ("a commit cut short by the end of the file", too_long),
+            ("a long claim that fails its checksum, then commits", long_claim),
         ];
         for (name, data) in &cases {
             for from in [
@@ -1723,8 +1741,8 @@ mod tests {
                         behind.feed(p, base, i + 1 == pieces.len());
                         base += p.len() as u64;
                         assert!(
-                            behind.carry.bytes.len() <= piece.max(STRADDLE_COPY_BYTES) + 64 * 1024,
-                            "{name}: the carry holds at most a piece and a commit"
+                            behind.carry.bytes.len() <= piece.max(STRADDLE_COPY_BYTES) + COMMIT_HEADER_BYTES + claim,
+                            "{name}: the carry holds at most a piece and a candidate"
                         );
                     }
                     let got = behind.finish();
@@ -1736,6 +1754,11 @@ mod tests {
         assert!(
             !find_valid_commits(&cases[1].1[flipped_from..], 0, 3).is_empty(),
             "the cases have commits behind"
+        );
+        assert_eq!(
+            find_valid_commits(&cases[5].1[end..], 0, 3).len(),
+            3,
+            "the commits after a long claim are found"
         );
     }
 
