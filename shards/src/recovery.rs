@@ -36,8 +36,9 @@
 //! the last valid-looking commit behind it is zeroed and synced. Otherwise a later commit could
 //! end exactly where an unacknowledged one began and revive it. Leftovers of a recycled file
 //! need no zeroing: their commits carry another segment sequence, which the checksum covers.
-//! The checkpoint is removed (and the directory synced) before recovery returns, so it never
-//! outlives the log it describes.
+//! The checkpoint is removed before recovery returns, so it does not outlive the log it
+//! describes; the directory sync that makes its removal durable may finish after the shard
+//! opened (`tidy_directory` says why a checkpoint that a crash brings back is still safe).
 //!
 //! The manifest (`manifest`, written by the background task after each seal) holds the summary,
 //! less its index, of every sealed segment whose `.sum` is durable. It is trusted like a summary
@@ -69,7 +70,8 @@ use std::time::{Instant, SystemTime};
 use crate::error::ShardError;
 use crate::format::{
     align_down, align_up, chain_commit_crc, find_valid_commits, parse_commit, HeaderBlock, Manifest, ManifestEntry,
-    ParseError, SegmentHeader, SegmentSummary, SummaryKind, BLOCK_BYTES, COMMIT_HEADER_BYTES, SEGMENT_DATA_OFFSET,
+    ParseError, SegmentHeader, SegmentSummary, SummaryKind, BLOCK_BYTES, COMMIT_HEADER_BYTES, COMMIT_MAGIC,
+    SEGMENT_DATA_OFFSET,
 };
 use crate::segments::{
     segment_name, summary_name, unix_ms, Active, Segment, Segments, SummaryState, CHECKPOINT_NAME,
@@ -78,11 +80,22 @@ use crate::segments::{
 use crate::shard::PIPELINE_DEPTH;
 use crate::storage::{AlignedBuf, LazyFile, LocalBoxFuture, SegmentFile, Storage};
 use crate::stream_index::{stream_index_name, SealedIndex, StreamIndex, SEGMENT_BYTES_INDEXED_MAX};
+use crate::uring::FixableBuf;
 use crate::ShardOptions;
 
 /// Recovery reads a segment in pieces of this size ...
-pub(crate) const RECOVERY_READ_BYTES: u64 = 4 << 20;
-/// ... with this many reads in flight at once.
+///
+/// Why 2 MiB x 4: crash recoveries of a full 64 MiB active segment with a cold cache, two runs
+/// of six shapes alternated three times, scan times: 2 MiB x 4 35-42 and 39-46 ms; 4 MiB x 4
+/// 43-45 and 41-51; 2 MiB x 8 38-44; 4 MiB x 8 42-50; 8 MiB x 4 43-58; 1 MiB x 16 52-56; 1 MiB
+/// x 8 45-57; 2 MiB x 2 42-57. A third run, under load (load average 5-8): 2 MiB x 4 40-42,
+/// 4 MiB x 4 38-46, 2 MiB x 8 38-47, 4 MiB x 8 43-49, 2 MiB x 16 42-60. So the shapes from
+/// 8 MiB to 32 MiB in flight are within the noise of one another here, and this one takes the
+/// least memory: one buffer is one huge page ([`AlignedBuf::new_mapped`]), and five of them (10 MiB) fault in half
+/// as fast as five of 4 MiB, before and while the first reads are in flight.
+pub(crate) const RECOVERY_READ_BYTES: u64 = 2 << 20;
+/// ... with this many reads in flight at once (`scripts/restart-time.sh` gives fio the same
+/// shape, and fixed buffers as recovery has, for its baseline).
 pub(crate) const RECOVERY_READS_IN_FLIGHT: usize = 4;
 /// Segment headers and summaries are read with this many files in flight: each costs a device
 /// round trip when the page cache is cold, and a long log has thousands of them, so one at a
@@ -293,18 +306,18 @@ async fn bounded<T: 'static>(in_flight: usize, jobs: impl IntoIterator<Item = Lo
 struct Chunk {
     offset: u64,
     len: usize,
-    buf: AlignedBuf,
+    buf: FixableBuf,
     /// Nothing of the range follows: the range's end, or the end of the file.
     last: bool,
 }
 
 impl Chunk {
     fn bytes(&self) -> &[u8] {
-        &self.buf.as_slice()[..self.len]
+        &self.buf.buf().as_slice()[..self.len]
     }
 }
 
-type ReadTask = glommio::task::JoinHandle<(io::Result<usize>, AlignedBuf)>;
+type ReadTask = glommio::task::JoinHandle<(io::Result<usize>, FixableBuf)>;
 
 /// Reads `[from, to)` of a segment (block aligned) in order, with up to
 /// [`RECOVERY_READS_IN_FLIGHT`] reads of [`RECOVERY_READ_BYTES`] in flight, into a fixed set of
@@ -312,9 +325,19 @@ type ReadTask = glommio::task::JoinHandle<(io::Result<usize>, AlignedBuf)>;
 /// once it has scanned it, and its buffer takes the next read. The device writes straight into
 /// them: after their first use, a read allocates nothing, faults in no page and copies nothing.
 /// Stops early at the end of the file.
+///
+/// The buffers are made as the reads first need them, and are fresh mappings that nothing
+/// writes before the device ([`AlignedBuf::new_mapped`]): so the first read goes to the device
+/// at once, while the next buffers are made, instead of after all of them have been zeroed (16
+/// ms of a 75 ms scan of 64 MiB, when they were five of 4 MiB). Each is registered with the storage's ring on its first read
+/// ([`SegmentFile::read_into`]), so its pages are pinned once, not for every read.
 struct ChunkReader {
     file: Rc<dyn SegmentFile>,
-    free: Vec<AlignedBuf>,
+    free: Vec<FixableBuf>,
+    /// Buffers made so far (free or in use); at most `buffers_max`.
+    buffers: usize,
+    /// One more than in flight: the chunk being scanned (fewer for a short range).
+    buffers_max: usize,
     queue: VecDeque<(u64, usize, ReadTask)>,
     next: u64,
     to: u64,
@@ -324,31 +347,45 @@ impl ChunkReader {
     fn new(file: Rc<dyn SegmentFile>, from: u64, to: u64) -> ChunkReader {
         assert_eq!(from % BLOCK_BYTES, 0);
         let chunks = (to.saturating_sub(from)).div_ceil(RECOVERY_READ_BYTES) as usize;
-        // One more than in flight: the chunk being scanned.
-        let buffers = chunks.min(RECOVERY_READS_IN_FLIGHT + 1);
         ChunkReader {
             file,
-            free: (0..buffers)
-                .map(|_| AlignedBuf::new(RECOVERY_READ_BYTES as usize))
-                .collect(),
+            free: Vec::new(),
+            buffers: 0,
+            buffers_max: chunks.min(RECOVERY_READS_IN_FLIGHT + 1),
             queue: VecDeque::new(),
             next: from,
             to,
         }
     }
 
+    /// A free buffer, or a new one if fewer than `buffers_max` exist.
+    fn take_buffer(&mut self) -> Option<FixableBuf> {
+        if let Some(buf) = self.free.pop() {
+            return Some(buf);
+        }
+        if self.buffers == self.buffers_max {
+            return None;
+        }
+        self.buffers += 1;
+        let len = RECOVERY_READ_BYTES as usize;
+        // Out of address space for a mapping: a heap buffer reads the same, only dearer.
+        let buf = AlignedBuf::new_mapped(len).unwrap_or_else(|_| AlignedBuf::new(len));
+        Some(FixableBuf::new(buf))
+    }
+
     fn give_back(&mut self, chunk: Chunk) {
         let mut buf = chunk.buf;
-        buf.set_len(buf.capacity());
+        let capacity = buf.buf().capacity();
+        buf.buf_mut().set_len(capacity);
         self.free.push(buf);
     }
 
     /// Submits reads until [`RECOVERY_READS_IN_FLIGHT`] are in flight (or no buffer is free).
     fn submit(&mut self) {
         while self.queue.len() < RECOVERY_READS_IN_FLIGHT && self.next < self.to {
-            let Some(mut buf) = self.free.pop() else { break };
+            let Some(mut buf) = self.take_buffer() else { break };
             let len = RECOVERY_READ_BYTES.min(self.to - self.next) as usize;
-            buf.set_len(align_up(len as u64) as usize);
+            buf.buf_mut().set_len(align_up(len as u64) as usize);
             // A task per read, so that they are all submitted before the first is awaited.
             let task = glommio::spawn_local(self.file.read_into(self.next, buf)).detach();
             self.queue.push_back((self.next, len, task));
@@ -414,8 +451,9 @@ impl InPlaceScan {
     }
 
     /// Scans `data` (segment bytes from `base`, following whatever was fed before); `last`: the
-    /// bytes end there. With `keep_rest`, bytes after a finished scan are kept too.
-    fn feed(&mut self, data: &[u8], base: u64, last: bool, keep_rest: bool) {
+    /// bytes end there. Once the scan is done, `carry` holds the bytes from the block holding
+    /// its end to the end of the read it ended in; nothing more may be fed.
+    fn feed(&mut self, data: &[u8], base: u64, last: bool) {
         if self.carry.bytes.is_empty() {
             self.carry.base = base;
         }
@@ -424,36 +462,25 @@ impl InPlaceScan {
             base,
             "reads follow each other"
         );
-        let was_done = self.scanner.done;
-        if !was_done {
-            if self.scanner.offset < base {
-                // A commit started in an earlier read: complete it from the carried bytes and a
-                // copy of as much of this read as it needs.
-                let carried = self.carry.bytes.len();
-                let mut take = 0;
-                while !self.scanner.done && self.scanner.offset < base && take < data.len() {
-                    let more = (take * 2).max(STRADDLE_COPY_BYTES).min(data.len());
-                    self.carry.bytes.extend_from_slice(&data[take..more]);
-                    take = more;
-                    self.scanner
-                        .feed(&self.carry.bytes, self.carry.base, last && take == data.len());
-                }
-                self.carry.bytes.truncate(carried);
+        assert!(!self.scanner.done, "nothing is fed after the scan is done");
+        if self.scanner.offset < base {
+            // A commit started in an earlier read: complete it from the carried bytes and a
+            // copy of as much of this read as it needs.
+            let carried = self.carry.bytes.len();
+            let mut take = 0;
+            while !self.scanner.done && self.scanner.offset < base && take < data.len() {
+                let more = (take * 2).max(STRADDLE_COPY_BYTES).min(data.len());
+                self.carry.bytes.extend_from_slice(&data[take..more]);
+                take = more;
+                self.scanner
+                    .feed(&self.carry.bytes, self.carry.base, last && take == data.len());
             }
-            if !self.scanner.done && self.scanner.offset >= base {
-                self.scanner.feed(data, base, last);
-            }
+            self.carry.bytes.truncate(carried);
         }
-        if self.scanner.done && (!was_done || keep_rest) {
-            let from = if was_done {
-                self.carry.base
-            } else {
-                align_down(self.scanner.offset)
-            };
-            self.keep(data, base, from);
-        } else if !self.scanner.done {
-            self.keep(data, base, align_down(self.scanner.offset));
+        if !self.scanner.done && self.scanner.offset >= base {
+            self.scanner.feed(data, base, last);
         }
+        self.keep(data, base, align_down(self.scanner.offset));
     }
 
     /// Keeps the bytes from `from` (clamped to what is held) to the end of `data`.
@@ -471,36 +498,222 @@ impl InPlaceScan {
     }
 }
 
-/// Scans a segment from its data offset while it is read. Returns the scan and the segment's
-/// bytes from the block holding the scan's end on (`(base, bytes)`): up to the end of the file
-/// with `read_rest`, else what had been read when the scan ended.
+/// What [`scan_segment`] found.
+struct ScannedSegment {
+    scan: Scan,
+    /// The segment's bytes from the block holding the scan's end on, at least to the end of that
+    /// block (or of the file): what had been read when the scan ended.
+    tail: Window,
+    /// With `read_rest`: the valid commits of the segment after the scan's end, as
+    /// [`find_valid_commits`] finds them in the rest of the file.
+    behind: Vec<(u64, u64)>,
+}
+
+/// Scans a segment from its data offset while it is read. With `read_rest`, reads on to the end
+/// of the file after the scan ends, looking for valid commits behind its end where each read
+/// landed ([`BehindScan`]): the rest of a segment is read, never copied, so a crash early in a
+/// fresh segment costs the device time of the zeros after its end, not a copy of them too.
 async fn scan_segment(
     storage: &dyn Storage,
     f: &Found,
     read_rest: bool,
     report: &mut RecoveryReport,
-) -> Result<(Scan, u64, Vec<u8>), ShardError> {
+) -> Result<ScannedSegment, ShardError> {
     let mut reader = ChunkReader::new(f.file.clone(), 0, f.capacity());
     let mut scanner = Scanner::new(f.header.sequence, SEGMENT_DATA_OFFSET, f.header.base_lsn);
     if f.capacity() < SEGMENT_BYTES_INDEXED_MAX {
         scanner.streams = Some((f.header.base_lsn, StreamIndex::open()));
     }
     let mut scan = InPlaceScan::new(scanner);
-    while !scan.scanner.done || read_rest {
+    let mut behind: Option<BehindScan> = None;
+    loop {
+        if scan.scanner.done && !read_rest {
+            break;
+        }
         let Some(chunk) = reader.next(storage, &f.name).await? else {
             if !scan.scanner.done {
                 // The file ended inside a commit: what is carried is all there is.
                 let rest = std::mem::take(&mut scan.carry);
-                scan.feed(&rest.bytes, rest.base, true, false);
+                scan.feed(&rest.bytes, rest.base, true);
+                if read_rest {
+                    let mut rest_scan = BehindScan::new(f.header.sequence, scan.scanner.offset, f.capacity());
+                    rest_scan.feed(&scan.carry.bytes, scan.carry.base, true);
+                    behind = Some(rest_scan);
+                }
             }
             break;
         };
         report.bytes_read += chunk.len as u64;
-        scan.feed(chunk.bytes(), chunk.offset, chunk.last, read_rest);
+        match &mut behind {
+            Some(rest_scan) => rest_scan.feed(chunk.bytes(), chunk.offset, chunk.last),
+            None => {
+                scan.feed(chunk.bytes(), chunk.offset, chunk.last);
+                if scan.scanner.done && read_rest {
+                    // The rest of this read, from the end on, is searched where it is kept.
+                    let mut rest_scan = BehindScan::new(f.header.sequence, scan.scanner.offset, f.capacity());
+                    rest_scan.feed(&scan.carry.bytes, scan.carry.base, chunk.last);
+                    behind = Some(rest_scan);
+                }
+            }
+        }
         reader.give_back(chunk);
     }
     let InPlaceScan { scanner, carry } = scan;
-    Ok((scanner.finish(), carry.base, carry.bytes))
+    let scan = scanner.finish();
+    assert!(carry.base <= align_down(scan.end_offset));
+    Ok(ScannedSegment {
+        scan,
+        tail: carry,
+        behind: behind.map(BehindScan::finish).unwrap_or_default(),
+    })
+}
+
+/// [`find_valid_commits`] over the bytes of a segment from an offset to the end of the file,
+/// fed piece by piece as they are read and searched where they are, finding what one call on
+/// all of them would: at each commit magic, the commit there if it is valid (and the search goes
+/// on after it), else the search goes on from the next byte. A candidate that runs past the end
+/// of a piece is completed from copies of the next piece's first bytes (as [`InPlaceScan`]
+/// completes a commit), so what is copied is the candidates that straddle two pieces (at most
+/// as long as their headers claim, within the file), however long the rest.
+struct BehindScan {
+    sequence: u64,
+    /// Where the search goes on: everything before it has been decided.
+    next: u64,
+    /// The end of the range: a candidate that needs bytes past it can never be valid.
+    to: u64,
+    /// Bytes from `next` (or a little before) to the end of what was fed, when they are needed
+    /// again: a candidate not yet whole, or the last bytes, which may start a magic.
+    carry: Window,
+    found: Vec<(u64, u64)>,
+    done: bool,
+}
+
+impl BehindScan {
+    fn new(sequence: u64, from: u64, to: u64) -> BehindScan {
+        BehindScan {
+            sequence,
+            next: from,
+            to,
+            carry: Window::default(),
+            found: Vec::new(),
+            done: false,
+        }
+    }
+
+    /// Searches `data` (bytes from `base`, following what was fed before, reaching back at least
+    /// to `next`, or starting there); `last`: nothing follows.
+    fn feed(&mut self, data: &[u8], base: u64, last: bool) {
+        assert!(!self.done);
+        if self.carry.bytes.is_empty() {
+            self.carry.base = base;
+        }
+        assert_eq!(
+            self.carry.base + self.carry.bytes.len() as u64,
+            base,
+            "pieces follow each other"
+        );
+        assert!(self.next >= self.carry.base);
+        if !self.carry.bytes.is_empty() {
+            // Decide what starts in the carried bytes, from copies of as much of `data` as that
+            // needs.
+            let mut carry = std::mem::take(&mut self.carry);
+            let mut take = 0;
+            while !self.done && self.next < base {
+                let more = (take * 2).max(STRADDLE_COPY_BYTES).min(data.len());
+                carry.bytes.extend_from_slice(&data[take..more]);
+                take = more;
+                self.search(&carry.bytes, carry.base, last && take == data.len());
+                if take == data.len() {
+                    break;
+                }
+            }
+            if take == data.len() {
+                // All of `data` is in the copy: keep what is still needed of it where it is, so
+                // that a candidate waiting for many pieces costs one copy of each.
+                if last {
+                    self.done = true;
+                    return;
+                }
+                let end = carry.base + carry.bytes.len() as u64;
+                let from = self.next.clamp(carry.base, end);
+                carry.bytes.drain(..(from - carry.base) as usize);
+                carry.base = from;
+                self.carry = carry;
+                return;
+            }
+        }
+        if !self.done {
+            self.search(data, base, last);
+        }
+        self.keep(data, base, last);
+    }
+
+    /// Searches `buf` (bytes from `base`) from `next` on; `last`: nothing follows. Stops where
+    /// it needs bytes after `buf`.
+    fn search(&mut self, buf: &[u8], base: u64, last: bool) {
+        let magic = COMMIT_MAGIC.to_le_bytes();
+        let end = base + buf.len() as u64;
+        while !self.done {
+            if self.next >= end {
+                // Nothing of `buf` is left to search (it may all come before where the search
+                // starts).
+                self.done = last;
+                return;
+            }
+            let from = (self.next - base) as usize;
+            let Some(pos) = memchr::memmem::find(&buf[from..], &magic) else {
+                // No magic starts before the last few bytes, which may start one.
+                self.next = self.next.max(end.saturating_sub(magic.len() as u64 - 1));
+                self.done = last;
+                return;
+            };
+            let at = from + pos;
+            let at_offset = base + at as u64;
+            if at + COMMIT_HEADER_BYTES > buf.len() {
+                // As `find_valid_commits`: a header cut off by the end is not a commit, and
+                // neither is any later candidate.
+                self.next = at_offset;
+                self.done = last;
+                return;
+            }
+            match parse_commit(&buf[at..], self.sequence) {
+                Ok(view) => {
+                    let commit_end = at_offset + view.total_bytes as u64;
+                    self.found.push((at_offset, commit_end));
+                    self.next = commit_end;
+                }
+                Err(ParseError::Short { needed }) if !last && at_offset + needed as u64 <= self.to => {
+                    // Whole only with bytes still to come.
+                    self.next = at_offset;
+                    return;
+                }
+                Err(_) => self.next = at_offset + 1,
+            }
+        }
+    }
+
+    /// Keeps the bytes of `buf` (from `base`) from `next` on, to be searched with what follows.
+    fn keep(&mut self, buf: &[u8], base: u64, last: bool) {
+        let end = base + buf.len() as u64;
+        self.carry.bytes.clear();
+        self.carry.base = end;
+        if last {
+            self.done = true;
+            return;
+        }
+        let from = self.next.clamp(base, end);
+        self.carry.base = from;
+        self.carry.bytes.extend_from_slice(&buf[(from - base) as usize..]);
+    }
+
+    /// The valid commits found; what is still carried is searched as the end of the range.
+    fn finish(mut self) -> Vec<(u64, u64)> {
+        if !self.done {
+            let carry = std::mem::take(&mut self.carry);
+            self.search(&carry.bytes, carry.base, true);
+        }
+        self.found
+    }
 }
 
 /// Bytes of a segment held across reads, from `base` on.
@@ -536,29 +749,15 @@ async fn read_range(storage: &dyn Storage, f: &Found, from: u64, to: u64) -> Res
     Ok(data)
 }
 
-/// Zeroes `[end, zero_to)` (rounded out to blocks, keeping the bytes before `end`) and syncs.
-/// `data` holds the segment from offset `base`, at most `align_down(end)`, to the end of the file.
-async fn zero_after(
-    storage: &dyn Storage,
-    f: &Found,
-    data: &[u8],
-    base: u64,
-    end: u64,
-    zero_to: u64,
-) -> Result<(), ShardError> {
-    assert!(base <= align_down(end));
-    let zero_to = zero_to.min(base + data.len() as u64);
-    if end >= zero_to
-        || data[(end - base) as usize..(zero_to - base) as usize]
-            .iter()
-            .all(|&b| b == 0)
-    {
-        return Ok(());
-    }
+/// Zeroes `[end, zero_to)` (rounded out to blocks, keeping `tail`, the bytes of the block
+/// holding `end` before it) and syncs.
+async fn zero_after(storage: &dyn Storage, f: &Found, tail: &[u8], end: u64, zero_to: u64) -> Result<(), ShardError> {
     let start = align_down(end);
+    assert_eq!(start + tail.len() as u64, end);
+    assert!(zero_to >= end);
     let stop = align_up(zero_to);
     let mut buf = storage.alloc((stop - start) as usize);
-    buf.as_mut_slice()[..(end - start) as usize].copy_from_slice(&data[(start - base) as usize..(end - base) as usize]);
+    buf.as_mut_slice()[..tail.len()].copy_from_slice(tail);
     f.file
         .write(start, buf)
         .await
@@ -756,7 +955,7 @@ async fn recover_last(
     }
     report.scanned += 1;
     let started = Instant::now();
-    let (s, base, data) = scan_segment(storage, f, true, report).await?;
+    let ScannedSegment { scan: s, tail, behind } = scan_segment(storage, f, true, report).await?;
     if let Some(t) = &trusted {
         if s.end_lsn < t.end_lsn {
             let reason = format!(
@@ -776,7 +975,6 @@ async fn recover_last(
             tracing::warn!(shard, segment = f.header.sequence, %reason, "repair: keeping what the scan found");
         }
     }
-    let behind = find_valid_commits(&data[(s.end_offset - base) as usize..], s.end_offset, f.header.sequence);
     if behind.len() >= PIPELINE_DEPTH && !opts.repair {
         return Err(ShardError::Corruption {
             shard,
@@ -795,8 +993,18 @@ async fn recover_last(
     let zero_to = behind
         .last()
         .map_or(align_up(s.end_offset), |&(_, end)| end.max(align_up(s.end_offset)));
-    zero_after(storage, f, &data, base, s.end_offset, zero_to).await?;
-    let tail = data[(align_down(s.end_offset) - base) as usize..(s.end_offset - base) as usize].to_vec();
+    // Something to zero: a valid commit behind the end, or anything but zeros in the rest of
+    // the block holding the end (up to the end of the file).
+    let block_end = align_up(s.end_offset).min(tail.base + tail.bytes.len() as u64);
+    let dirty = !behind.is_empty()
+        || tail.bytes[(s.end_offset - tail.base) as usize..(block_end - tail.base) as usize]
+            .iter()
+            .any(|&b| b != 0);
+    let tail =
+        tail.bytes[(align_down(s.end_offset) - tail.base) as usize..(s.end_offset - tail.base) as usize].to_vec();
+    if dirty {
+        zero_after(storage, f, &tail, s.end_offset, zero_to).await?;
+    }
     report.scan_us += started.elapsed().as_micros() as u64;
     Ok(Last {
         scan: s,
@@ -1099,7 +1307,7 @@ async fn recover_with(
             summary => {
                 report.scanned += 1;
                 let started = Instant::now();
-                let (mut s, _, _) = scan_segment(storage, f, false, &mut report).await?;
+                let mut s = scan_segment(storage, f, false, &mut report).await?.scan;
                 report.scan_us += started.elapsed().as_micros() as u64;
                 if !continues(s.end_lsn) {
                     let reason = s.stop.clone().unwrap_or_else(|| {
@@ -1174,7 +1382,7 @@ async fn recover_with(
     }
 
     tidy_directory(
-        storage,
+        storage_rc,
         &found[keep..],
         &spares,
         &summary_names,
@@ -1232,7 +1440,9 @@ pub(crate) async fn load_index(storage: &dyn Storage, opts: &ShardOptions, seg: 
         size: seg.capacity,
         manifest: None,
     };
-    let (scan, _, _) = scan_segment(storage, &f, false, &mut RecoveryReport::default()).await?;
+    let scan = scan_segment(storage, &f, false, &mut RecoveryReport::default())
+        .await?
+        .scan;
     let found = (scan.end_lsn, scan.end_offset, scan.commits, scan.commits_crc);
     let want = (fixed.end_lsn, fixed.end_offset, fixed.commits, fixed.commits_crc);
     if found != want {
@@ -1258,35 +1468,63 @@ pub(crate) async fn load_index(storage: &dyn Storage, opts: &ShardOptions, seg: 
 }
 
 /// Removes what recovery left out (segments after a repair cut, spares, summaries of segments
-/// that are gone, the checkpoint), gives activated segments their names, and syncs the
-/// directory, all before the first new write.
+/// that are gone, the checkpoint) and gives activated segments their names, all before the first
+/// new write. The directory is synced before this returns if anything but spares and the
+/// checkpoint changed; if only those did (a clean restart), the sync is started here and
+/// finishes in the background, after the shard is open: a clean restart does not wait for a
+/// device flush before listening.
+///
+/// Why the removal of the checkpoint (and of spares) need not be durable before new writes:
+/// - A spare that comes back after a crash is a spare again, and removed again.
+/// - A checkpoint that comes back after a crash is only trusted again if nothing was
+///   acknowledged after it. New commits go to the checkpoint's segment at exactly its end
+///   offset, one after the other, and are acknowledged in order; so if any was acknowledged,
+///   the first one, which starts at the checkpoint's end, is durable and valid, and
+///   [`verify_end`] refuses a checkpoint with a valid commit in the `PIPELINE_DEPTH` commits'
+///   worth of bytes after its end: the segment is scanned, and the scan finds every commit. (If
+///   the log moved on to a newer segment, the checkpoint does not name the last segment and is
+///   ignored.) Trusting it a second time with nothing acknowledged after it recovers exactly what
+///   the first time did; the torn, unacknowledged commits behind its end are then in the bytes
+///   `verify_end` reads, and any valid one among them makes the segment be scanned and cut.
+/// - Worked case: the restart removes the checkpoint, its removal is not yet durable, one commit
+///   is acknowledged, the machine loses power. The next open finds the checkpoint, reads its end,
+///   finds the acknowledged commit right behind it, and scans: nothing is lost.
+///
+/// Segments cut by repair and summaries of segments that are gone are different: a new segment
+/// can take the name and base lsn of a cut one, and a stale summary that came back could then
+/// describe it. So are activated segments' names, kept as they were. Their changes are synced
+/// before the first new write.
 async fn tidy_directory(
-    storage: &dyn Storage,
+    storage_rc: &Rc<dyn Storage>,
     cut: &[Found],
     spares: &[String],
     summary_names: &BTreeSet<String>,
     segments: &VecDeque<Rc<Segment>>,
     has_checkpoint: bool,
 ) -> Result<(), ShardError> {
+    let storage: &dyn Storage = &**storage_rc;
     let mut remove: Vec<String> = cut.iter().map(|f| f.name.clone()).collect();
-    remove.extend(spares.iter().cloned());
     let kept: BTreeSet<String> = segments
         .iter()
         .flat_map(|s| [summary_name(s.base_lsn), stream_index_name(s.base_lsn)])
         .collect();
     remove.extend(summary_names.iter().filter(|n| !kept.contains(*n)).cloned());
+    // Changes that must be durable before the first new write.
+    let mut must_sync = !remove.is_empty();
+    // Changes that may become durable later (see above).
+    let mut may_sync = !spares.is_empty() || has_checkpoint;
+    remove.extend(spares.iter().cloned());
     if has_checkpoint {
-        // The checkpoint describes the log as it was at the shutdown; it must be gone before the
-        // log changes, or a later open could believe it.
+        // The checkpoint describes the log as it was at the shutdown; it goes before the log
+        // changes, so that an open after this one does not find it unless its removal was lost
+        // to a crash (see above for why that is safe).
         remove.push(CHECKPOINT_NAME.to_string());
     }
-    let mut dir_changed = false;
     for name in &remove {
         storage
             .remove(name)
             .await
             .map_err(io_err(storage, "remove stale file", name))?;
-        dir_changed = true;
     }
     for seg in segments {
         let want = segment_name(seg.base_lsn);
@@ -1297,14 +1535,26 @@ async fn tidy_directory(
                 .await
                 .map_err(io_err(storage, "rename segment", &have))?;
             *seg.name.borrow_mut() = want;
-            dir_changed = true;
+            must_sync = true;
         }
     }
-    if dir_changed {
+    if must_sync {
         storage
             .sync_dir()
             .await
             .map_err(io_err(storage, "sync shard directory", ""))?;
+        may_sync = false;
+    }
+    if may_sync {
+        let sync = storage_rc.sync_dir();
+        glommio::spawn_local(async move {
+            // Nothing depends on it (see above), so a failure is reported, not fatal; the next
+            // directory sync (the background task's, or the next open's) covers it.
+            if let Err(e) = sync.await {
+                tracing::warn!(error = %e, "syncing the shard directory after a restart failed");
+            }
+        })
+        .detach();
     }
     Ok(())
 }
@@ -1344,7 +1594,7 @@ mod tests {
             if scan.scanner.done {
                 break;
             }
-            scan.feed(p, base, i + 1 == pieces.len(), false);
+            scan.feed(p, base, i + 1 == pieces.len());
             base += p.len() as u64;
             assert!(
                 scan.carry.bytes.len() <= piece + 64 * 1024,
@@ -1353,9 +1603,163 @@ mod tests {
         }
         if !scan.scanner.done {
             let rest = std::mem::take(&mut scan.carry);
-            scan.feed(&rest.bytes, rest.base, true, false);
+            scan.feed(&rest.bytes, rest.base, true);
         }
         scan.scanner.finish()
+    }
+
+    /// A clean restart does not wait for the directory sync that makes the checkpoint's removal
+    /// durable; a power loss that brings the checkpoint back after records were acknowledged
+    /// must not let it hide them (see `tidy_directory`).
+    #[test]
+    fn a_checkpoint_brought_back_by_a_crash_never_hides_acknowledged_records() {
+        use crate::storage::mem::{FaultPoint, MemStorage};
+        use crate::{AckLevel, Lsn, RecordRef, Shard};
+
+        let opts = || ShardOptions {
+            segment_bytes: 256 << 10,
+            commit_bytes_max: 16 << 10,
+            ..ShardOptions::default()
+        };
+        let mut came_back = 0;
+        for seed in 0..16u64 {
+            let back = crate::executor::run(
+                crate::executor::ExecutorOptions::new("recovery-test"),
+                move || async move {
+                    let append = |shard: &Shard, i: u64| {
+                        let payload = vec![i as u8; 100 + i as usize];
+                        let fut = shard.append(
+                            1,
+                            &[RecordRef {
+                                payload: &payload,
+                                timestamp: None,
+                            }],
+                            AckLevel::Durable,
+                        );
+                        async move { fut.await.expect("append").first_lsn }
+                    };
+                    let mem = MemStorage::new();
+                    let shard = Shard::open_with_storage(Rc::new(mem.clone()), opts())
+                        .await
+                        .expect("open");
+                    for i in 0..5 {
+                        append(&shard, i).await;
+                    }
+                    shard.close().await.expect("clean close");
+                    assert!(mem.file_names().contains(&CHECKPOINT_NAME.to_string()));
+                    // Every directory sync fails from here on, so the checkpoint's removal stays
+                    // undone for a crash to drop.
+                    mem.inject(FaultPoint::SyncDir, libc::EIO, 0, None);
+                    let shard = Shard::open_with_storage(Rc::new(mem.clone()), opts())
+                        .await
+                        .expect("reopen");
+                    assert!(shard.stats().recovery.checkpoint_used);
+                    assert!(!mem.file_names().contains(&CHECKPOINT_NAME.to_string()));
+                    let mut last = Lsn(0);
+                    for i in 5..5 + 1 + seed % 4 {
+                        last = append(&shard, i).await;
+                    }
+                    let crashed = mem.crash(seed);
+                    drop(shard);
+                    crashed.clear_faults();
+                    let back = crashed.file_names().contains(&CHECKPOINT_NAME.to_string());
+                    let shard = Shard::open_with_storage(Rc::new(crashed), opts())
+                        .await
+                        .expect("open after the crash");
+                    assert_eq!(
+                        shard.next_lsn(),
+                        Lsn(last.0 + 1),
+                        "seed {seed}: every acknowledged record is recovered (checkpoint back: {back})"
+                    );
+                    assert!(
+                        !shard.stats().recovery.checkpoint_used,
+                        "seed {seed}: the stale checkpoint was trusted"
+                    );
+                    shard.close().await.expect("close");
+                    back
+                },
+            )
+            .expect("executor ran");
+            came_back += u32::from(back);
+        }
+        assert!(
+            came_back > 0,
+            "no crash brought the checkpoint back: the test tests nothing"
+        );
+    }
+
+    #[test]
+    fn valid_commits_behind_the_end_fed_in_pieces_are_what_one_search_finds() {
+        let whole = segment(60, 3, 10_000);
+        let end = whole.len() - 10_000;
+        // Commits after a flipped bit (the case recovery must refuse), a torn commit followed by
+        // zeros, commits of another segment, magics with garbage behind them, and a commit whose
+        // header claims more bytes than the file holds.
+        let mut flipped = whole.clone();
+        flipped[end / 2] ^= 0x40;
+        let mut other_sequence = whole.clone();
+        other_sequence.truncate(end);
+        other_sequence.extend_from_slice(&segment(3, 4, 0)[SEGMENT_DATA_OFFSET as usize..]);
+        let mut lookalikes = whole.clone();
+        for at in [end + 3, end + 100, end + 4090, end + 9_990] {
+            lookalikes[at..at + 4].copy_from_slice(&COMMIT_MAGIC.to_le_bytes());
+        }
+        let mut too_long = segment(5, 3, 0);
+        let last_start = too_long.len() - 400;
+        too_long.truncate(last_start + 60);
+        // A header of this segment claiming 200 KB that fail their checksum, then commits.
+        let claim = 200_000usize;
+        let mut long_claim = whole[..end].to_vec();
+        let mut header =
+            whole[SEGMENT_DATA_OFFSET as usize..SEGMENT_DATA_OFFSET as usize + COMMIT_HEADER_BYTES].to_vec();
+        header[24..28].copy_from_slice(&(claim as u32).to_le_bytes());
+        long_claim.extend_from_slice(&header);
+        long_claim.extend(std::iter::repeat_n(0u8, claim + 50_000));
+        long_claim.extend_from_slice(&segment(3, 3, 0)[SEGMENT_DATA_OFFSET as usize..]);
+        let cases = [
+            ("zeros after the end", whole.clone()),
+            ("commits after a flipped bit", flipped),
+            ("commits of another segment", other_sequence),
+            ("magics with garbage behind", lookalikes),
+            ("a commit cut short by the end of the file", too_long),
+            ("a long claim that fails its checksum, then commits", long_claim),
+        ];
+        for (name, data) in &cases {
+            for from in [
+                SEGMENT_DATA_OFFSET as usize,
+                data.len() / 3,
+                data.len() / 2 + 17,
+                data.len() - 5,
+            ] {
+                let want = find_valid_commits(&data[from..], from as u64, 3);
+                let start = align_down(from as u64) as usize;
+                for piece in [1, 7, 31, 32, 33, 4096, 5000, 65536, data.len()] {
+                    let mut behind = BehindScan::new(3, from as u64, data.len() as u64);
+                    let pieces: Vec<&[u8]> = data[start..].chunks(piece).collect();
+                    let mut base = start as u64;
+                    for (i, p) in pieces.iter().enumerate() {
+                        behind.feed(p, base, i + 1 == pieces.len());
+                        base += p.len() as u64;
+                        assert!(
+                            behind.carry.bytes.len() <= piece.max(STRADDLE_COPY_BYTES) + COMMIT_HEADER_BYTES + claim,
+                            "{name}: the carry holds at most a piece and a candidate"
+                        );
+                    }
+                    let got = behind.finish();
+                    assert_eq!(got, want, "{name}, from {from}, pieces of {piece}");
+                }
+            }
+        }
+        let flipped_from = cases[1].1.len() / 2;
+        assert!(
+            !find_valid_commits(&cases[1].1[flipped_from..], 0, 3).is_empty(),
+            "the cases have commits behind"
+        );
+        assert_eq!(
+            find_valid_commits(&cases[5].1[end..], 0, 3).len(),
+            3,
+            "the commits after a long claim are found"
+        );
     }
 
     #[test]

@@ -30,7 +30,7 @@
 //! Dropping the ring blocks until the kernel has completed everything still in flight.
 
 use std::any::Any;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::future::{poll_fn, Future};
 use std::io;
 use std::marker::PhantomData;
@@ -117,7 +117,8 @@ unsafe impl RingBuf for glommio::io::DmaBuffer {
     }
 }
 
-/// A zero-initialized heap buffer aligned to [`BUF_ALIGN_BYTES`], for O_DIRECT writes.
+/// A zero-initialized heap buffer aligned to [`BUF_ALIGN_BYTES`], for O_DIRECT writes (and
+/// recovery's reads).
 ///
 /// The allocation is rounded up to a whole number of blocks (`capacity()`); `len()` is the
 /// part that is written, and can be changed with [`AlignedBuf::set_len`] to reuse the buffer.
@@ -125,7 +126,13 @@ pub struct AlignedBuf {
     ptr: NonNull<u8>,
     len: usize,
     capacity: usize,
+    /// Mapped with `mmap` ([`AlignedBuf::new_mapped`]) rather than allocated.
+    mapped: bool,
 }
+
+/// Size of a transparent huge page on x86-64 (and the usual size on arm64): what
+/// [`AlignedBuf::new_mapped`] aligns its mappings to.
+const HUGE_PAGE_BYTES: usize = 2 << 20;
 
 impl AlignedBuf {
     /// Allocates `len` zeroed bytes, aligned to [`BUF_ALIGN_BYTES`].
@@ -138,7 +145,76 @@ impl AlignedBuf {
             std::alloc::handle_alloc_error(layout)
         };
         assert_eq!(ptr.as_ptr() as usize % BUF_ALIGN_BYTES, 0);
-        AlignedBuf { ptr, len, capacity }
+        AlignedBuf {
+            ptr,
+            len,
+            capacity,
+            mapped: false,
+        }
+    }
+
+    /// Maps `len` zero bytes (rounded up to a block) of fresh anonymous memory, aligned to a
+    /// huge page and advised to be backed by huge pages, for large buffers that the device fills
+    /// (recovery's reads).
+    ///
+    /// Why not [`AlignedBuf::new`]: an aligned `alloc_zeroed` is a `memset` of every byte, which
+    /// faults in every 4 KiB page one at a time and then writes it again. For the 20 MiB of
+    /// recovery's read buffers that was 16 ms of CPU, all of it before the first read went to the
+    /// device. A fresh mapping is zero without being written: the kernel supplies zeroed pages on
+    /// first touch (here: when the buffer is registered with the ring or read into), 2 MiB at a
+    /// time where transparent huge pages are enabled (`madvise` mode included), else 4 KiB.
+    pub fn new_mapped(len: usize) -> io::Result<AlignedBuf> {
+        let capacity = len.max(1).div_ceil(BUF_ALIGN_BYTES) * BUF_ALIGN_BYTES;
+        // Room to slide the start to a huge-page boundary; the slack is unmapped again.
+        let slack = if capacity >= HUGE_PAGE_BYTES {
+            HUGE_PAGE_BYTES
+        } else {
+            0
+        };
+        // SAFETY: a new private anonymous mapping; it aliases nothing.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                capacity + slack,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let start = raw as usize;
+        let aligned = match slack {
+            0 => start,
+            _ => start.next_multiple_of(HUGE_PAGE_BYTES),
+        };
+        let head = aligned - start;
+        let tail = slack - head;
+        // SAFETY: both ranges lie inside the mapping made above and outside the part kept; mmap
+        // returns page-aligned addresses and every length here is a multiple of the page size.
+        unsafe {
+            if head > 0 {
+                libc::munmap(raw, head);
+            }
+            if tail > 0 {
+                libc::munmap((aligned + capacity) as *mut libc::c_void, tail);
+            }
+        }
+        if slack > 0 {
+            // Advice only: without huge pages the buffer is the same, only dearer to fault in.
+            // SAFETY: the range is the mapping kept.
+            unsafe { libc::madvise(aligned as *mut libc::c_void, capacity, libc::MADV_HUGEPAGE) };
+        }
+        let ptr = NonNull::new(aligned as *mut u8).expect("mmap never returns null on success");
+        assert_eq!(aligned % BUF_ALIGN_BYTES, 0);
+        Ok(AlignedBuf {
+            ptr,
+            len,
+            capacity,
+            mapped: true,
+        })
     }
 
     fn layout(capacity: usize) -> std::alloc::Layout {
@@ -186,6 +262,13 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
+        if self.mapped {
+            // SAFETY: mapped in `new_mapped` with exactly this start and length.
+            let rc = unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.capacity) };
+            // munmap fails only for an invalid range, which would be a bug here.
+            assert_eq!(rc, 0, "munmap of a buffer mapped by new_mapped");
+            return;
+        }
         // SAFETY: allocated in `new` with exactly this layout.
         unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.capacity)) }
     }
@@ -263,13 +346,25 @@ pub const FIXED_BUFFERS_MAX: u32 = 256;
 pub struct FixableBuf {
     /// The ring that registered this buffer, and the buffer's slot in its table.
     fixed: RefCell<Option<(Weak<LinkedRing>, u16)>>,
+    /// A ring's kernel refused to register it: not tried again.
+    refused: Cell<bool>,
     buf: AlignedBuf,
+}
+
+/// What a refused registration stops ([`LinkedRing::fixed_slot`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Refused {
+    /// Every later registration on the ring.
+    StopTrying,
+    /// Only those of this buffer.
+    BufferOnly,
 }
 
 impl FixableBuf {
     pub fn new(buf: AlignedBuf) -> FixableBuf {
         FixableBuf {
             fixed: RefCell::new(None),
+            refused: Cell::new(false),
             buf,
         }
     }
@@ -397,6 +492,8 @@ struct Inner {
     /// Writes submitted from a registered buffer (`WRITE_FIXED`) and from an unregistered one.
     writes_fixed: u64,
     writes_unfixed: u64,
+    /// Reads submitted into a registered buffer (`READ_FIXED`).
+    reads_fixed: u64,
 }
 
 impl Inner {
@@ -634,6 +731,7 @@ impl LinkedRing {
                 fixed_free,
                 writes_fixed: 0,
                 writes_unfixed: 0,
+                reads_fixed: 0,
             }),
             eventfd,
             _not_send: PhantomData,
@@ -716,7 +814,7 @@ impl LinkedRing {
         let len_u32 = u32::try_from(buf.len()).expect("write of at most 4 GiB");
         // u64::MAX would mean "the file position" to io_uring.
         assert!(offset <= i64::MAX as u64);
-        match buf.fixable().and_then(|f| self.fixed_slot(f)) {
+        match buf.fixable().and_then(|f| self.fixed_slot(f, Refused::StopTrying)) {
             Some(index) => {
                 let fixable = buf.fixable().expect("checked above");
                 // The kernel checks this too (EFAULT), but a write outside its registered
@@ -742,9 +840,18 @@ impl LinkedRing {
     /// `buf`'s slot in this ring's fixed-buffer table, registering its whole allocation in a
     /// free slot if it has none yet; `None` if it belongs to another ring or cannot be
     /// registered.
-    fn fixed_slot(self: &Rc<Self>, buf: &FixableBuf) -> Option<u16> {
+    ///
+    /// If the kernel refuses a registration, a commit buffer (`Refused::StopTrying`) stops the
+    /// ring from trying again; a read buffer of recovery (`Refused::BufferOnly`), larger and
+    /// short-lived, is only not tried again itself, so that a refusal of its 2 MiB (e.g. under a
+    /// small `RLIMIT_MEMLOCK`) does not keep the commit buffers, which come after it, from
+    /// being registered.
+    fn fixed_slot(self: &Rc<Self>, buf: &FixableBuf, refused: Refused) -> Option<u16> {
         if buf.is_registered() {
             return buf.slot_in(self);
+        }
+        if buf.refused.get() {
+            return None;
         }
         let mut inner = self.inner.borrow_mut();
         if !inner.fixed_enabled {
@@ -769,14 +876,17 @@ impl LinkedRing {
                 Some(index)
             }
             Err(e) => {
-                // Most likely RLIMIT_MEMLOCK: the pages would be locked. Unregistered writes
-                // are correct, so stop trying, and say so once.
-                tracing::warn!(
-                    error = %e,
-                    "cannot register commit buffers with io_uring (RLIMIT_MEMLOCK?); commits are written from unregistered buffers, which costs a page pin per write"
-                );
-                inner.fixed_enabled = false;
+                // Most likely RLIMIT_MEMLOCK: the pages would be locked. Unregistered I/O is
+                // correct, so stop trying, and say so once.
                 inner.fixed_free.push(index);
+                buf.refused.set(true);
+                if refused == Refused::StopTrying {
+                    tracing::warn!(
+                        error = %e,
+                        "cannot register commit buffers with io_uring (RLIMIT_MEMLOCK?); commits are written from unregistered buffers, which costs a page pin per write"
+                    );
+                    inner.fixed_enabled = false;
+                }
                 None
             }
         }
@@ -825,26 +935,63 @@ impl LinkedRing {
         at: usize,
         offset: u64,
     ) -> (io::Result<usize>, AlignedBuf) {
-        assert!(at <= buf.len());
-        let len_u32 = u32::try_from(buf.len() - at).expect("read of at most 4 GiB");
-        assert!(offset <= i64::MAX as u64);
-        // SAFETY: `at <= len`, inside the allocation the buffer owns.
-        let ptr = unsafe { buf.as_mut_ptr().add(at) };
+        let (ptr, len_u32) = read_target(&mut buf, at, offset);
+        let entry = opcode::Read::new(types::Fd(fd), ptr, len_u32).offset(offset).build();
+        // SAFETY: `entry` writes only into `buf`'s allocation (`read_target`).
+        unsafe { self.read_op(entry, buf, offset).await }
+    }
+
+    /// As [`LinkedRing::read`], into a [`FixableBuf`]: registered with this ring on its first
+    /// read (as commit buffers are on their first write) and read into with `READ_FIXED` from
+    /// then on, so the kernel does not look up and pin its pages for every read
+    /// (`gup_fast_fallback` in recovery's profile). A buffer this ring cannot register is read
+    /// into with a plain read.
+    pub async fn read_fixed(
+        self: &Rc<Self>,
+        fd: RawFd,
+        mut buf: FixableBuf,
+        at: usize,
+        offset: u64,
+    ) -> (io::Result<usize>, FixableBuf) {
+        let (ptr, len_u32) = read_target(buf.buf_mut(), at, offset);
+        let entry = match self.fixed_slot(&buf, Refused::BufferOnly) {
+            Some(index) => {
+                self.inner.borrow_mut().reads_fixed += 1;
+                opcode::ReadFixed::new(types::Fd(fd), ptr, len_u32, index)
+                    .offset(offset)
+                    .build()
+            }
+            None => opcode::Read::new(types::Fd(fd), ptr, len_u32).offset(offset).build(),
+        };
+        // SAFETY: `entry` writes only into `buf`'s allocation (`read_target`), which a fixed
+        // slot covers whole (`fixed_slot` registers the whole allocation).
+        unsafe { self.read_op(entry, buf, offset).await }
+    }
+
+    /// Submits the read `entry` into `buf` and waits for it.
+    ///
+    /// # Safety
+    ///
+    /// `entry` must write only into `buf`'s allocation.
+    async unsafe fn read_op<B: RingBuf>(
+        self: &Rc<Self>,
+        entry: squeue::Entry,
+        buf: B,
+        offset: u64,
+    ) -> (io::Result<usize>, B) {
         // SAFETY: the buffer is heap-allocated and owned by the op handle until its CQE is reaped
         // (a dropped handle parks it in the ring), so the kernel writes only into memory that
         // nothing else uses meanwhile. The read's CQE is booked as the op's data CQE.
-        let slot = unsafe {
-            self.submit_op(|slot| {
-                [opcode::Read::new(types::Fd(fd), ptr, len_u32)
-                    .offset(offset)
-                    .build()
-                    .user_data(user_data(slot, CqeKind::Write))]
-            })
-        };
+        let slot = unsafe { self.submit_op(|slot| [entry.user_data(user_data(slot, CqeKind::Write))]) };
         let mut op = OpHandle::new(self, slot, buf, offset);
         poll_fn(|cx| op.poll_done(cx)).await;
         let res = op.write_res.expect("read CQE reaped");
         (errno_result(res), op.take_buf())
+    }
+
+    /// Reads submitted so far into registered buffers (`READ_FIXED`).
+    pub fn reads_fixed(&self) -> u64 {
+        self.inner.borrow().reads_fixed
     }
 
     /// fdatasync of `fd`, awaited without blocking the executor.
@@ -1151,6 +1298,16 @@ fn errno_result(res: i32) -> io::Result<usize> {
     }
 }
 
+/// Where a read into `buf[at..]` at `offset` goes: the address and the length.
+fn read_target(buf: &mut AlignedBuf, at: usize, offset: u64) -> (*mut u8, u32) {
+    assert!(at <= buf.len());
+    let len_u32 = u32::try_from(buf.len() - at).expect("read of at most 4 GiB");
+    // u64::MAX would mean "the file position" to io_uring.
+    assert!(offset <= i64::MAX as u64);
+    // SAFETY: `at <= len`, inside the allocation the buffer owns.
+    (unsafe { buf.as_mut_ptr().add(at) }, len_u32)
+}
+
 /// A submitted operation's handle: owns the buffer until every CQE has been reaped.
 struct OpHandle<B: RingBuf> {
     ring: Rc<LinkedRing>,
@@ -1404,6 +1561,54 @@ mod tests {
         let mut buf = AlignedBuf::new(10);
         buf.set_len(BLOCK);
         assert_eq!(buf.len(), BLOCK);
+    }
+
+    #[test]
+    fn mapped_buf_is_aligned_zeroed_and_huge_page_aligned_when_large() {
+        for len in [1, BLOCK, 3 * BLOCK + 1, HUGE_PAGE_BYTES, 2 * HUGE_PAGE_BYTES + BLOCK] {
+            let mut buf = AlignedBuf::new_mapped(len).expect("map");
+            assert_eq!(buf.len(), len);
+            assert_eq!(buf.capacity() % BLOCK, 0);
+            assert!(buf.capacity() >= len);
+            let align = if len >= HUGE_PAGE_BYTES { HUGE_PAGE_BYTES } else { BLOCK };
+            assert_eq!(buf.as_ptr() as usize % align, 0);
+            buf.set_len(buf.capacity());
+            assert!(buf.iter().all(|&b| b == 0));
+            buf.as_mut_slice().fill(0x5a);
+            assert!(buf.iter().all(|&b| b == 0x5a));
+        }
+    }
+
+    #[test]
+    fn reads_into_a_fixable_buffer_register_it_once() {
+        let dir = data_dir();
+        let path = dir.path().join("seg");
+        let mut data = vec![0u8; 8 * BLOCK];
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = (i / BLOCK) as u8 + 1;
+        }
+        std::fs::write(&path, &data).expect("write");
+        let p = path.clone();
+        run_on_shard(move || async move {
+            let file = open_direct(&p);
+            let fd = file.as_raw_fd();
+            let ring = LinkedRing::new(8).expect("ring");
+            let mut buf = FixableBuf::new(AlignedBuf::new_mapped(4 * BLOCK).expect("map"));
+            for (offset_blocks, want) in [(0usize, 1u8), (4, 5), (6, 7)] {
+                let (read, back) = ring.read_fixed(fd, buf, 0, (offset_blocks * BLOCK) as u64).await;
+                buf = back;
+                let expect_len = (8 - offset_blocks).min(4) * BLOCK;
+                assert_eq!(read.expect("read"), expect_len, "short only at the end of the file");
+                assert!(buf.is_registered());
+                assert!(buf.buf().as_slice()[..BLOCK].iter().all(|&b| b == want));
+            }
+            assert_eq!(ring.reads_fixed(), 3, "every read went to the registered buffer");
+            // Into the middle of the buffer.
+            let (read, buf) = ring.read_fixed(fd, buf, 3 * BLOCK, 0).await;
+            assert_eq!(read.expect("read at an offset in the buffer"), BLOCK);
+            assert!(buf.buf().as_slice()[3 * BLOCK..].iter().all(|&b| b == 1));
+            assert_eq!(ring.reads_fixed(), 4);
+        });
     }
 
     #[test]

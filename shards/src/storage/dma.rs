@@ -9,9 +9,9 @@ use std::os::fd::AsRawFd;
 
 use glommio::io::{DmaFile, OpenOptions};
 
-use super::{AlignedBuf, IoBuf, LocalBoxFuture, OnWritten, SegmentFile, Storage};
+use super::{IoBuf, LocalBoxFuture, OnWritten, SegmentFile, Storage};
 use crate::format::BLOCK_BYTES;
-use crate::uring::LinkedRing;
+use crate::uring::{FixableBuf, LinkedRing};
 use crate::Durability;
 
 /// Submission entries of the private ring: two per commit, and at most two commits in flight.
@@ -206,18 +206,20 @@ impl SegmentFile for DmaSegment {
         })
     }
 
-    fn read_into(&self, offset: u64, buf: AlignedBuf) -> LocalBoxFuture<(io::Result<usize>, AlignedBuf)> {
+    fn read_into(&self, offset: u64, buf: FixableBuf) -> LocalBoxFuture<(io::Result<usize>, FixableBuf)> {
         let file = self.file.clone();
         let ring = self.ring.clone();
         Box::pin(async move {
             assert_eq!(offset % BLOCK_BYTES, 0);
-            assert_eq!(buf.len() as u64 % BLOCK_BYTES, 0);
-            // Straight into the caller's buffer on the private ring: glommio's own reads allocate
-            // a fresh DMA buffer each, and `read` then copies it into a Vec.
+            assert_eq!(buf.buf().len() as u64 % BLOCK_BYTES, 0);
+            // Straight into the caller's buffer on the private ring, registered with it (see
+            // `LinkedRing::read_fixed`): glommio's own reads allocate a fresh DMA buffer each,
+            // and `read` then copies it into a Vec.
             let mut buf = buf;
+            let len = buf.buf().len();
             let mut done = 0;
-            while done < buf.len() {
-                let (result, back) = ring.read(file.as_raw_fd(), buf, done, offset + done as u64).await;
+            while done < len {
+                let (result, back) = ring.read_fixed(file.as_raw_fd(), buf, done, offset + done as u64).await;
                 buf = back;
                 match result {
                     Ok(0) => break,

@@ -30,7 +30,7 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::time::SystemTime;
 
-use crate::uring::RingBuf;
+use crate::uring::{FixableBuf, RingBuf};
 use crate::Durability;
 pub use pool::{BufPool, PooledBuf};
 
@@ -62,15 +62,16 @@ pub trait SegmentFile {
     fn read(&self, offset: u64, len: usize) -> LocalBoxFuture<io::Result<Vec<u8>>>;
     /// Reads `buf.len()` bytes at `offset` into `buf` and hands it back with the number of bytes
     /// read: fewer only at the end of the file. For long sequential reads into buffers the
-    /// caller reuses (recovery): no allocation and no copy per read. `offset` and `buf.len()`
-    /// are multiples of [`BLOCK_BYTES`](crate::format::BLOCK_BYTES). The default copies from
-    /// [`SegmentFile::read`].
-    fn read_into(&self, offset: u64, mut buf: AlignedBuf) -> LocalBoxFuture<(io::Result<usize>, AlignedBuf)> {
-        let read = self.read(offset, buf.len());
+    /// caller reuses (recovery): no allocation and no copy per read, and a storage with an
+    /// io_uring ring registers the buffer with it on its first read, so later reads into it do
+    /// not pin its pages again. `offset` and `buf.len()` are multiples of
+    /// [`BLOCK_BYTES`](crate::format::BLOCK_BYTES). The default copies from [`SegmentFile::read`].
+    fn read_into(&self, offset: u64, mut buf: FixableBuf) -> LocalBoxFuture<(io::Result<usize>, FixableBuf)> {
+        let read = self.read(offset, buf.buf().len());
         Box::pin(async move {
             match read.await {
                 Ok(data) => {
-                    buf.as_mut_slice()[..data.len()].copy_from_slice(&data);
+                    buf.buf_mut().as_mut_slice()[..data.len()].copy_from_slice(&data);
                     (Ok(data.len()), buf)
                 }
                 Err(e) => (Err(e), buf),
@@ -152,7 +153,7 @@ impl SegmentFile for LazyFile {
         Box::pin(async move { state.get().await?.read(offset, len).await })
     }
 
-    fn read_into(&self, offset: u64, buf: AlignedBuf) -> LocalBoxFuture<(io::Result<usize>, AlignedBuf)> {
+    fn read_into(&self, offset: u64, buf: FixableBuf) -> LocalBoxFuture<(io::Result<usize>, FixableBuf)> {
         let state = self.state.clone();
         Box::pin(async move {
             match state.get().await {
