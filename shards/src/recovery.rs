@@ -1688,6 +1688,16 @@ mod tests {
         );
     }
 
+    /// Two damaged copies of the segment `whole`, whose log ends at `end`: one bit flipped in
+    /// the middle of the log, and the end followed by the commits of another segment.
+    fn flipped_and_other_sequence(whole: &[u8], end: usize) -> (Vec<u8>, Vec<u8>) {
+        let mut flipped = whole.to_vec();
+        flipped[end / 2] ^= 0x40;
+        let mut other_sequence = whole[..end].to_vec();
+        other_sequence.extend_from_slice(&segment(3, 4, 0)[SEGMENT_DATA_OFFSET as usize..]);
+        (flipped, other_sequence)
+    }
+
     #[test]
     fn valid_commits_behind_the_end_fed_in_pieces_are_what_one_search_finds() {
         let whole = segment(60, 3, 10_000);
@@ -1695,11 +1705,7 @@ mod tests {
         // Commits after a flipped bit (the case recovery must refuse), a torn commit followed by
         // zeros, commits of another segment, magics with garbage behind them, and a commit whose
         // header claims more bytes than the file holds.
-        let mut flipped = whole.clone();
-        flipped[end / 2] ^= 0x40;
-        let mut other_sequence = whole.clone();
-        other_sequence.truncate(end);
-        other_sequence.extend_from_slice(&segment(3, 4, 0)[SEGMENT_DATA_OFFSET as usize..]);
+        let (flipped, other_sequence) = flipped_and_other_sequence(&whole, end);
         let mut lookalikes = whole.clone();
         for at in [end + 3, end + 100, end + 4090, end + 9_990] {
             lookalikes[at..at + 4].copy_from_slice(&COMMIT_MAGIC.to_le_bytes());
@@ -1766,11 +1772,7 @@ mod tests {
     fn a_scan_fed_in_pieces_finds_what_one_pass_over_the_segment_finds() {
         let whole = segment(60, 3, 10_000);
         let end = whole.len() - 10_000;
-        let mut flipped = whole.clone();
-        flipped[end / 2] ^= 0x40;
-        let mut other_sequence = whole.clone();
-        other_sequence.truncate(end);
-        other_sequence.extend_from_slice(&segment(3, 4, 0)[SEGMENT_DATA_OFFSET as usize..]);
+        let (flipped, other_sequence) = flipped_and_other_sequence(&whole, end);
         // A header that starts with zeros is garbage, not the end of the log, once read whole.
         let mut garbage = whole.clone();
         garbage[end + 5..end + 40].fill(0xab);
