@@ -401,4 +401,35 @@ mod tests {
             "no age limit by default"
         );
     }
+
+    #[test]
+    fn segment_prep_and_index_memory_flags_reach_the_shard_options() {
+        let defaults = Cli::try_parse_from(["shardlogd"])
+            .expect("no flags parse")
+            .serve
+            .shard_options(0);
+        assert_eq!(defaults.segment_prep, shards::SegmentPrep::Auto);
+        assert_eq!(
+            defaults.stream_index_memory_bytes,
+            shards::STREAM_INDEX_MEMORY_BYTES_DEFAULT
+        );
+        for (arg, prep) in [
+            ("zero-fill", shards::SegmentPrep::ZeroFill),
+            ("preallocate", shards::SegmentPrep::Preallocate),
+            ("auto", shards::SegmentPrep::Auto),
+        ] {
+            let cli = Cli::try_parse_from([
+                "shardlogd",
+                "--segment-prep",
+                arg,
+                "--stream-index-memory-bytes",
+                "4096",
+            ])
+            .expect("flags parse");
+            let opts = cli.serve.shard_options(1);
+            assert_eq!(opts.segment_prep, prep, "{arg}");
+            assert_eq!(opts.stream_index_memory_bytes, 4096);
+        }
+        assert!(Cli::try_parse_from(["shardlogd", "--segment-prep", "sparse"]).is_err());
+    }
 }
