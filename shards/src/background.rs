@@ -38,7 +38,8 @@ use crate::segments::{
 use crate::shard::Inner;
 use crate::storage::{IoBuf, SegmentFile, Storage};
 use crate::stream_index::stream_index_name;
-use crate::{Durability, SegmentPrep, PREALLOCATE_AFTER_COMMIT_BYTES};
+use crate::stream_runs::{stream_runs_name, RunsState};
+use crate::{Durability, SegmentPrep, StreamRuns, PREALLOCATE_AFTER_COMMIT_BYTES};
 
 /// After a failure to prepare a segment (e.g. no space), try again after this long.
 pub(crate) const PREPARE_RETRY_INTERVAL: Duration = Duration::from_millis(200);
@@ -60,6 +61,12 @@ pub(crate) async fn background(inner: Rc<Inner>) {
         rebuild_stream_indexes(&inner).await;
         apply_retention(&inner, &mut spare_id).await;
         ensure_spare(&inner, &mut spare_id, &mut retry_at).await;
+        // [stream_runs] One segment at a time, after everything above: it is the longest work
+        // here (two reads of the segment and a write of its sparse streams), and none of it is
+        // on the way of an append.
+        if inner.make_stream_runs().await {
+            continue;
+        }
         let summary_retry_at = summaries_failed.then(|| Instant::now() + PREPARE_RETRY_INTERVAL);
         let wake_at = [retry_at, age_retention_due_at(&inner), summary_retry_at]
             .into_iter()
@@ -149,6 +156,7 @@ async fn apply_retention(inner: &Inner, spare_id: &mut u64) {
                     inner.committer_wake.notify();
                     remove_summary(inner, &summary).await;
                     remove_summary(inner, &stream_index_name(victim.base_lsn)).await;
+                    remove_summary(inner, &stream_runs_name(victim.base_lsn)).await;
                     continue;
                 }
                 Err(e) => {
@@ -163,6 +171,7 @@ async fn apply_retention(inner: &Inner, spare_id: &mut u64) {
         }
         remove_summary(inner, &summary).await;
         remove_summary(inner, &stream_index_name(victim.base_lsn)).await;
+        remove_summary(inner, &stream_runs_name(victim.base_lsn)).await;
     }
 }
 
@@ -367,6 +376,13 @@ async fn rebuild_stream_indexes(inner: &Inner) {
     }
 }
 
+/// Whether a sealed segment with a durable summary and no runs file gets one made.
+pub(crate) fn wants_stream_runs(inner: &Inner, seg: &Segment) -> bool {
+    inner.opts.stream_runs == StreamRuns::Auto
+        && seg.runs_state.get() == RunsState::None
+        && (seg.streams.borrow().is_some() || seg.streams_on_disk.get())
+}
+
 /// Makes the summaries of sealed segments durable. Returns whether one failed (it is retried).
 async fn write_summaries(inner: &Inner) -> bool {
     let pending = inner.st.borrow().segs.summaries_pending();
@@ -389,7 +405,13 @@ async fn write_summaries(inner: &Inner) -> bool {
             inner.bound_stream_indexes(None);
         }
         match write_summary_file(storage, inner.opts.durability, &name, &summary, SummaryKind::Sealed).await {
-            Ok(()) if !seg.retired.get() => inner.st.borrow().segs.summary_written(&seg),
+            Ok(()) if !seg.retired.get() => {
+                inner.st.borrow().segs.summary_written(&seg);
+                // [stream_runs] Its runs are made from the summary it now has for good.
+                if wants_stream_runs(inner, &seg) {
+                    seg.runs_state.set(RunsState::Pending);
+                }
+            }
             // Retired while its summary was being written: the summary goes with it.
             Ok(()) => {
                 remove_summary(inner, &name).await;

@@ -81,6 +81,7 @@ mod shard;
 mod stall_guard;
 pub mod storage;
 mod stream_index;
+mod stream_runs;
 mod sync;
 pub mod uring;
 
@@ -226,6 +227,20 @@ pub enum SegmentPrep {
     Preallocate,
 }
 
+/// Whether sealed segments get stream runs ([`ShardOptions::stream_runs`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StreamRuns {
+    /// Once a segment is sealed, the background task copies the records of each stream that a
+    /// read through the stream index would read at more than twice its size (a stream whose
+    /// records arrive one at a time among other streams') next to each other, into the segment's
+    /// `.runs` file; filtered reads of those streams read that. It costs those records' bytes
+    /// written a second time.
+    #[default]
+    Auto,
+    /// No runs: filtered reads use the stream index only.
+    Off,
+}
+
 /// Default bound of the memory the stream indexes of a shard's sealed segments take once loaded
 /// (see [`ShardOptions::stream_index_memory_bytes`]).
 pub const STREAM_INDEX_MEMORY_BYTES_DEFAULT: usize = 64 << 20;
@@ -268,6 +283,8 @@ pub struct ShardOptions {
     /// segment loads its file again). The active segment's index is not bounded by it: it is
     /// what the committer books into. Default [`STREAM_INDEX_MEMORY_BYTES_DEFAULT`].
     pub stream_index_memory_bytes: usize,
+    /// Whether sealed segments get stream runs. Default [`StreamRuns::Auto`].
+    pub stream_runs: StreamRuns,
 }
 
 impl Default for ShardOptions {
@@ -284,6 +301,7 @@ impl Default for ShardOptions {
             scrub_bytes_per_sec: SCRUB_BYTES_PER_SEC_DEFAULT,
             segment_prep: SegmentPrep::Auto,
             stream_index_memory_bytes: STREAM_INDEX_MEMORY_BYTES_DEFAULT,
+            stream_runs: StreamRuns::Auto,
         }
     }
 }

@@ -80,6 +80,7 @@ use crate::segments::{
 use crate::shard::PIPELINE_DEPTH;
 use crate::storage::{AlignedBuf, LazyFile, LocalBoxFuture, SegmentFile, Storage};
 use crate::stream_index::{stream_index_name, SealedIndex, StreamIndex, SEGMENT_BYTES_INDEXED_MAX};
+use crate::stream_runs::{stream_runs_name, RunsState};
 use crate::uring::FixableBuf;
 use crate::ShardOptions;
 
@@ -1197,6 +1198,24 @@ async fn read_manifest(storage: &dyn Storage, opts: &ShardOptions) -> Option<Man
     }
 }
 
+/// Where the stream runs of a sealed segment recovery accepted from its summary stand: its
+/// `.runs` file is loaded by the first filtered read that needs it; without one, the background
+/// task makes it if the segment has a stream index file (a segment whose index is missing gets
+/// runs once the index is rebuilt and the segment sealed again: never, so a log written without
+/// indexes costs a restart no walk of every segment).
+fn runs_state_at_open(opts: &ShardOptions, names: &BTreeSet<String>, f: &Found) -> RunsState {
+    let base = f.header.base_lsn;
+    if f.capacity() >= SEGMENT_BYTES_INDEXED_MAX {
+        RunsState::None
+    } else if names.contains(&stream_runs_name(base)) {
+        RunsState::OnDisk
+    } else if opts.stream_runs == crate::StreamRuns::Auto && names.contains(&stream_index_name(base)) {
+        RunsState::Pending
+    } else {
+        RunsState::None
+    }
+}
+
 async fn recover_with(
     storage_rc: &Rc<dyn Storage>,
     opts: &ShardOptions,
@@ -1208,7 +1227,7 @@ async fn recover_with(
     // Summaries and stream indexes: read for the segments that have them, removed for the others.
     let summary_names: BTreeSet<String> = names
         .iter()
-        .filter(|n| n.ends_with(".sum") || n.ends_with(".six"))
+        .filter(|n| n.ends_with(".sum") || n.ends_with(".six") || n.ends_with(".runs"))
         .cloned()
         .collect();
     let has_checkpoint = names.iter().any(|n| n == CHECKPOINT_NAME);
@@ -1263,6 +1282,7 @@ async fn recover_with(
             if last.sealed {
                 seg.set_sealed_at(sealed_at(f));
                 seg.summary.set(SummaryState::Durable);
+                seg.runs_state.set(runs_state_at_open(opts, &summary_names, f));
             } else {
                 active = Some(Active {
                     seg: seg.clone(),
@@ -1300,6 +1320,7 @@ async fn recover_with(
                 seg.summary.set(SummaryState::Durable);
                 // [stream_index] Loaded by the first filtered read of the segment.
                 seg.streams_on_disk.set(f.capacity() < SEGMENT_BYTES_INDEXED_MAX);
+                seg.runs_state.set(runs_state_at_open(opts, &summary_names, f));
                 // From the manifest: the index is read from the `.sum` on first use.
                 seg.index_loaded.set(f.manifest.is_none());
                 seg
@@ -1507,6 +1528,13 @@ async fn tidy_directory(
     let kept: BTreeSet<String> = segments
         .iter()
         .flat_map(|s| [summary_name(s.base_lsn), stream_index_name(s.base_lsn)])
+        // A runs file is a sealed segment's only (the active one's would describe less of it).
+        .chain(
+            segments
+                .iter()
+                .filter(|s| s.summary.get() != SummaryState::Open)
+                .map(|s| stream_runs_name(s.base_lsn)),
+        )
         .collect();
     remove.extend(summary_names.iter().filter(|n| !kept.contains(*n)).cloned());
     // Changes that must be durable before the first new write.

@@ -26,6 +26,7 @@ use std::time::{Instant, SystemTime};
 use crate::format::{chain_commit_crc, Manifest, ManifestEntry, SegmentSummary, BLOCK_BYTES, SEGMENT_DATA_OFFSET};
 use crate::storage::SegmentFile;
 use crate::stream_index::{StreamIndex, SEGMENT_BYTES_INDEXED_MAX};
+use crate::stream_runs::{LoadedRuns, RunsState};
 
 /// `wall` as milliseconds since the Unix epoch (0 if before it).
 pub(crate) fn unix_ms(wall: SystemTime) -> u64 {
@@ -122,6 +123,10 @@ pub(crate) struct Segment {
     pub streams_used: Cell<u64>,
     /// Filtered reads using the index right now: it is not dropped under them.
     pub streams_readers: Cell<u32>,
+    /// Where the segment's stream runs stand ([`crate::stream_runs`]).
+    pub runs_state: Cell<RunsState>,
+    /// The table of its runs file, and the file, while [`RunsState::Loaded`].
+    pub runs: RefCell<Option<Rc<LoadedRuns>>>,
 }
 
 impl Segment {
@@ -162,6 +167,8 @@ impl Segment {
             streams_persisted: Cell::new(false),
             streams_used: Cell::new(0),
             streams_readers: Cell::new(0),
+            runs_state: Cell::new(RunsState::None),
+            runs: RefCell::new(None),
         }
     }
 
@@ -173,9 +180,10 @@ impl Segment {
         }
     }
 
-    /// Heap bytes of the segment's stream index.
+    /// Heap bytes of the segment's stream index and of its runs table.
     pub(crate) fn stream_index_bytes(&self) -> usize {
         self.streams.borrow().as_ref().map_or(0, StreamIndex::memory_bytes)
+            + self.runs.borrow().as_ref().map_or(0, |r| r.table.memory_bytes())
     }
 
     /// Books one commit handed to the device at `offset`: the sparse index and the checksum

@@ -33,12 +33,13 @@ use crate::format::{
 };
 use crate::read_pool::{ReadMemory, READ_BATCH_OVERHEAD_BYTES, READ_RECORD_OVERHEAD_BYTES};
 use crate::recovery::RecoveryReport;
-use crate::segments::{Active, Segment, Segments, Spare, INDEX_INTERVAL_BYTES};
+use crate::segments::{Active, Segment, Segments, Spare, SummaryState, INDEX_INTERVAL_BYTES};
 use crate::storage::dma::DmaStorage;
 use crate::storage::{BufPool, IoBuf, PooledBuf, SegmentFile, Storage};
 use crate::stream_index::{ReadProgress, SegmentRead};
+use crate::stream_runs::{RunsRead, RunsState};
 use crate::sync::{LsnWaiters, Notify};
-use crate::{AckLevel, Lsn, ReadBatch, ReadRecord, Receipt, RecordRef, ShardOptions};
+use crate::{AckLevel, Lsn, ReadBatch, ReadRecord, Receipt, RecordRef, ShardOptions, StreamRuns};
 
 /// At most this many commits are between submission and durability: commit k syncing while commit
 /// k+1 is written. Recovery relies on it: a power loss can leave at most this many commits at the
@@ -61,7 +62,7 @@ const READ_SCAN_FACTOR: usize = 8;
 /// and their framing, rounded up to blocks plus one block for a commit that starts mid-block,
 /// and at most [`READ_CHUNK_BYTES`]. A filtered read scans far ahead for its stream and reads
 /// whole chunks.
-fn chunk_bytes(remaining: usize, filtered: bool) -> u64 {
+pub(crate) fn chunk_bytes(remaining: usize, filtered: bool) -> u64 {
     if filtered {
         return READ_CHUNK_BYTES;
     }
@@ -359,6 +360,10 @@ pub(crate) struct Health {
     pub scrub_bytes: u64,
     pub scrub_passes: u64,
     pub recovery: RecoveryReport,
+    /// Bytes of stream runs files written since the shard opened.
+    pub runs_bytes_written: u64,
+    /// Segments that filtered reads read through a stream run since the shard opened.
+    pub runs_reads: u64,
 }
 
 /// Statistics of one shard.
@@ -397,8 +402,17 @@ pub struct ShardStats {
     /// How the last open recovered the log.
     pub recovery: RecoveryReport,
     /// Heap bytes of the stream indexes of all segments (filtered reads read only the commits
-    /// holding their stream).
+    /// holding their stream), and of the loaded tables of their stream runs.
     pub stream_index_bytes: u64,
+    /// Sealed segments whose stream runs the background task has yet to write (or whose summary,
+    /// after which it writes them).
+    pub stream_runs_pending: u64,
+    /// Bytes of stream runs files written since the shard opened: the records that were copied
+    /// next to the rest of their stream, a second write of them.
+    pub stream_runs_bytes_written: u64,
+    /// Segments that filtered reads read through a stream run (not through the stream index)
+    /// since the shard opened.
+    pub stream_runs_reads: u64,
 }
 
 /// One shard of the log. Cloning gives another handle to the same shard; it is `!Send` and lives
@@ -465,6 +479,8 @@ impl Shard {
                 scrub_bytes: 0,
                 scrub_passes: 0,
                 recovery: rec.report,
+                runs_bytes_written: 0,
+                runs_reads: 0,
             }),
             durable_waiters: LsnWaiters::default(),
             counters: RefCell::new(Counters {
@@ -642,6 +658,18 @@ impl Shard {
             scrub_passes: health.scrub_passes,
             recovery: health.recovery.clone(),
             stream_index_bytes: st.segs.stream_index_bytes(),
+            stream_runs_pending: st
+                .segs
+                .iter()
+                .filter(|s| {
+                    // A segment just sealed gets its runs once its summary is durable.
+                    let sealing =
+                        s.summary.get() == SummaryState::Pending && self.inner.opts.stream_runs == StreamRuns::Auto;
+                    s.runs_state.get() == RunsState::Pending || sealing
+                })
+                .count() as u64,
+            stream_runs_bytes_written: health.runs_bytes_written,
+            stream_runs_reads: health.runs_reads,
         }
     }
 
@@ -1315,8 +1343,39 @@ impl Inner {
             if crate::recovery::load_index(&*self.storage, &self.opts, seg).await? {
                 self.bg_wake.notify();
             }
-            if stream.is_some() && seg.streams_on_disk.get() {
-                self.load_stream_index(seg).await;
+            if let Some(stream) = stream {
+                // [stream_runs] A stream whose records this segment's runs file holds together.
+                self.load_stream_runs(seg).await;
+                let runs = seg.runs.borrow().clone();
+                if let Some((runs, run)) = runs.and_then(|r| r.table.run_of(stream).map(|run| (r, run))) {
+                    let mut progress = ReadProgress {
+                        batch: &mut batch,
+                        cursor: &mut cursor,
+                        bytes: &mut bytes,
+                        scanned: &mut scanned,
+                        held: &mut held,
+                        max_bytes,
+                        scan_max,
+                        memory,
+                    };
+                    let in_use = crate::stream_index::IndexInUse::new(self, seg);
+                    self.health.borrow_mut().runs_reads += 1;
+                    let read = self
+                        .read_run(seg, &runs, run, limit_lsn, &mut progress, &truncated)
+                        .await;
+                    drop(in_use);
+                    let read = read?;
+                    memory.shrink_to(held);
+                    match read {
+                        RunsRead::Read(SegmentRead::Next) => continue,
+                        RunsRead::Read(SegmentRead::Done) => break 'segments,
+                        // The rest of the segment through its stream index.
+                        RunsRead::Untrusted(reason) => self.distrust_stream_runs(seg, &reason).await,
+                    }
+                }
+                if seg.streams_on_disk.get() {
+                    self.load_stream_index(seg).await;
+                }
             }
             if let Some(stream) = stream.filter(|_| seg.streams.borrow().is_some()) {
                 // [stream_index] Only the commits that hold the stream.

@@ -610,8 +610,10 @@ impl Inner {
         if total <= budget {
             return;
         }
+        // An index goes with its segment's runs table (whose file is durable once loaded).
+        let index_droppable = |s: &Segment| s.streams_persisted.get() || s.streams.borrow().is_none();
         let mut droppable: Vec<&Rc<Segment>> = sealed()
-            .filter(|s| s.streams_persisted.get() && s.streams_readers.get() == 0)
+            .filter(|s| index_droppable(s) && s.streams_readers.get() == 0 && s.stream_index_bytes() > 0)
             .filter(|s| keep.is_none_or(|k| !std::ptr::eq(Rc::as_ptr(s), k)))
             .collect();
         droppable.sort_by_key(|s| s.streams_used.get());
@@ -620,9 +622,13 @@ impl Inner {
                 break;
             }
             total -= seg.stream_index_bytes();
-            *seg.streams.borrow_mut() = None;
-            seg.streams_persisted.set(false);
-            seg.streams_on_disk.set(true);
+            if seg.streams.borrow_mut().take().is_some() {
+                seg.streams_persisted.set(false);
+                seg.streams_on_disk.set(true);
+            }
+            if seg.runs.borrow_mut().take().is_some() {
+                seg.runs_state.set(crate::stream_runs::RunsState::OnDisk);
+            }
         }
     }
 

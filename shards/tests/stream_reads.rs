@@ -5,7 +5,8 @@
 //! with an index file that is torn or has a flipped bit (not trusted: scanned or rebuilt); a
 //! missing index file is rebuilt by the background task after the first filtered read. A read
 //! for a rare stream skips the commits that do not hold it, so it reaches the end of a log
-//! far longer than the scan bound in one call.
+//! far longer than the scan bound in one call. The same holds with the stream runs of sealed
+//! segments (`stream_runs.rs`): made, reopened, damaged (set aside and made again), or off.
 
 mod common;
 
@@ -120,6 +121,10 @@ fn write_and_check(appends: Vec<Append>, streams: u64, max_bytes: usize, seed: u
         let mid = shard.durable_lsn().0 / 2 + 1;
         check_reads(&shard, streams, mid, max_bytes, "first open").await;
         assert!(shard.stats().stream_index_bytes > 0, "the index's memory is reported");
+        // The same once the background task has made the sealed segments' stream runs (above,
+        // reads raced with it).
+        wait_until("the stream runs", || shard.stats().stream_runs_pending == 0).await;
+        check_reads(&shard, streams, mid, max_bytes, "with stream runs").await;
         shard.close().await.expect("close");
 
         let shard = open_mem(&mem, opts()).await;
@@ -134,11 +139,21 @@ fn write_and_check(appends: Vec<Append>, streams: u64, max_bytes: usize, seed: u
         check_reads(&shard, streams, mid, max_bytes, "after a crash").await;
         shard.close().await.expect("close");
 
-        for name in crashed.file_names().iter().filter(|n| n.ends_with(".six")) {
+        for name in crashed
+            .file_names()
+            .iter()
+            .filter(|n| n.ends_with(".six") || n.ends_with(".runs"))
+        {
             let image = crashed.live_image(name).expect("listed");
             let damaged = crashed.crash(seed);
             if seed % 2 == 0 {
-                let byte = seed % image.len().min(4096) as u64;
+                // In the table or, for a runs file, anywhere in its runs too.
+                let reach = if name.ends_with(".runs") {
+                    image.len()
+                } else {
+                    image.len().min(4096)
+                };
+                let byte = seed % reach as u64;
                 damaged.flip_bit(name, byte, (seed % 8) as u8);
             } else {
                 damaged.overwrite(name, 64, &[0u8; 16]);
@@ -334,6 +349,100 @@ fn sealed_stream_indexes_stay_within_their_memory_bound() {
         })
         .await;
         check_reads(&shard, 7, 500, 1 << 20, "bounded, after more appends").await;
+        shard.close().await.expect("close");
+    });
+}
+
+/// One-record appends, 8 in flight: commits mix the streams, and stream 9's records lie one per
+/// commit. (stream, 1 record, payload length)
+fn interleaved(appends: usize) -> Vec<Append> {
+    (0..appends)
+        .map(|i| (if i % 10 == 0 { 9 } else { 1 + i as u64 % 4 }, 1, 300))
+        .collect()
+}
+
+fn runs_files(mem: &MemStorage) -> Vec<String> {
+    mem.file_names().into_iter().filter(|n| n.ends_with(".runs")).collect()
+}
+
+/// Sealed segments of an interleaved log get runs files; filtered reads go through them (and
+/// answer as the unfiltered read does), after a reopen too without writing them again; a runs
+/// file with a flipped bit in a run is set aside, the read answers exactly through the index,
+/// and the file is made again.
+#[test]
+fn interleaved_streams_are_read_from_their_runs() {
+    run(|| async {
+        let mem = MemStorage::new();
+        let shard = open_mem(&mem, opts()).await;
+        append_all(&shard, &interleaved(1500), 21).await;
+        wait_until("the stream runs", || shard.stats().stream_runs_pending == 0).await;
+        let stats = shard.stats();
+        assert!(
+            stats.segment_count >= 4,
+            "several sealed segments: {}",
+            stats.segment_count
+        );
+        assert!(stats.stream_runs_bytes_written > 0, "runs were written");
+        let files = runs_files(&mem);
+        assert_eq!(
+            files.len(),
+            stats.segment_count - 1,
+            "a runs file per sealed segment: {files:?}"
+        );
+        check_reads(&shard, 9, 700, 1 << 20, "with runs").await;
+        check_reads(&shard, 9, 700, 500, "with runs, small pages").await;
+        assert!(shard.stats().stream_runs_reads > 0, "filtered reads went through runs");
+        shard.close().await.expect("close");
+
+        let shard = open_mem(&mem, opts()).await;
+        check_reads(&shard, 9, 700, 1 << 20, "after a reopen").await;
+        let stats = shard.stats();
+        assert!(stats.stream_runs_reads > 0, "the runs files were loaded and read");
+        assert_eq!(stats.stream_runs_bytes_written, 0, "and not written again");
+        shard.close().await.expect("close");
+
+        // A flipped bit in the first run of a runs file (the table takes the first block).
+        let victim = runs_files(&mem)[1].clone();
+        let image = mem.live_image(&victim).expect("listed");
+        assert!(image.len() > 4096, "{victim} holds runs");
+        mem.flip_bit(&victim, 4096 + 40, 3);
+        let shard = open_mem(&mem, opts()).await;
+        check_reads(&shard, 9, 700, 1 << 20, "with a damaged run").await;
+        wait_until("the damaged runs file made again", || {
+            shard.stats().stream_runs_bytes_written > 0
+        })
+        .await;
+        assert_eq!(
+            mem.live_image(&victim).expect("made again"),
+            image,
+            "the same file again"
+        );
+        check_reads(&shard, 9, 700, 1 << 20, "with the runs file made again").await;
+        shard.close().await.expect("close");
+    });
+}
+
+#[test]
+fn stream_runs_off_writes_none() {
+    run(|| async {
+        let mem = MemStorage::new();
+        let off = || shards::ShardOptions {
+            stream_runs: shards::StreamRuns::Off,
+            ..opts()
+        };
+        let shard = open_mem(&mem, off()).await;
+        append_all(&shard, &interleaved(600), 22).await;
+        check_reads(&shard, 9, 300, 1 << 20, "runs off").await;
+        let stats = shard.stats();
+        assert!(stats.segment_count >= 2);
+        assert_eq!((stats.stream_runs_pending, stats.stream_runs_reads), (0, 0));
+        shard.close().await.expect("close");
+        assert!(runs_files(&mem).is_empty(), "no runs files: {:?}", runs_files(&mem));
+        // Turned on later, the sealed segments get theirs.
+        let shard = open_mem(&mem, opts()).await;
+        wait_until("the stream runs", || shard.stats().stream_runs_pending == 0).await;
+        assert!(!runs_files(&mem).is_empty(), "runs made after turning them on");
+        check_reads(&shard, 9, 300, 1 << 20, "runs turned on").await;
         shard.close().await.expect("close");
     });
 }

@@ -1,0 +1,1026 @@
+//! Stream runs: the records of a sealed segment's sparse streams, copied together by stream, so
+//! that a read filtered to such a stream reads about the bytes the stream holds (issue #13).
+//!
+//! The stream index ([`crate::stream_index`]) takes a filtered read to the commits that hold its
+//! stream, but a stream whose records arrive one at a time among other streams' has one record in
+//! each of many commits: reading those commits is reading most of the segment, and reading just
+//! the records where they lie is a random 4 KiB read per record. The only way to read such a
+//! stream at the device's sequential rate is to have its records next to each other.
+//!
+//! So once a segment is sealed and its summary is durable, the background task walks the segment
+//! (one sequential read) and, for each stream, compares what a read through the index would fetch
+//! (the bytes of the commits holding it) with what the stream holds. Each stream for which the
+//! index read would fetch more than [`RUNS_AMPLIFICATION`] times its own bytes, and at least
+//! [`RUNS_SAVING_MIN_BYTES`] more (less in small segments), gets a *run*: its records, in lsn order, written contiguously
+//! into `<base_lsn:020>.runs` (a second sequential read copies them, [`RUNS_SWEEP_MEMORY_BYTES`]
+//! of streams at a time). Streams that batch their appends, or that fill most of the commits they
+//! are in, get none: the index already reads them at about their size. The cost is the runs'
+//! bytes written a second time, in the background, at low priority; `--stream-runs off` turns it
+//! off for a log nobody reads by stream.
+//!
+//! The segment stays the log: a runs file is a copy, checked against the segment's summary when
+//! loaded and, commit by commit, by the same checksums as the segment's commits when read. A file
+//! that is missing, torn, or fails a check is set aside: the read goes on through the index, and
+//! the background task writes the file again. So a runs file can make a read faster, never wrong.
+//!
+//! ```text
+//! <base_lsn:020>.runs, little-endian:
+//!   [0, 8)    magic "SHLGRUN\x01"
+//!   [8, 10)   version (1)
+//!   [10, 12)  shard id
+//!   [12, 16)  run count S
+//!   [16, 24)  segment sequence
+//!   [24, 32)  segment base lsn
+//!   [32, 40)  end lsn (one past the segment's last lsn)
+//!   [40, 48)  commit count of the segment
+//!   [48, 56)  end offset of the segment
+//!   [56, 60)  commits crc of the segment
+//!   [60, 64)  mark count M
+//!   [64, 68)  crc32c of bytes [0, 64) then [72, 72 + 40 S + 16 M)
+//!   [68, 72)  zero
+//!   S times:  stream u64, run offset u64, run bytes u64, record count u64, first mark u32,
+//!             mark count u32 (streams strictly ascending; runs block aligned, ascending, after the
+//!             table and not overlapping)
+//!   M times:  lsn u64, offset u64 (per run, both strictly ascending, the first at the run's start;
+//!             one about every RUNS_MARK_INTERVAL_BYTES of the run)
+//!   zeros up to a whole block; then the runs, each from a block boundary: commits in the format
+//!   of the segment's own (same sequence, lsns and checksums), each holding the records of one
+//!   stream that were next to each other in one commit of the segment.
+//! ```
+//!
+//! Bytes [16, 60) repeat the segment's summary, as in the `.six` file: a runs file is trusted only
+//! for the segment it was made from. The table is written last, after the runs are durable, so a
+//! crash part way leaves a file whose table is missing or fails its checksum.
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::io;
+use std::rc::Rc;
+
+use crate::error::ShardError;
+use crate::format::{
+    self, align_down, align_up, chain_commit_crc, CommitView, ParseError, SegmentSummary, BLOCK_BYTES,
+    COMMIT_HEADER_BYTES, RECORD_HEADER_BYTES, SEGMENT_DATA_OFFSET,
+};
+use crate::read_pool::READ_RECORD_OVERHEAD_BYTES;
+use crate::segments::Segment;
+use crate::shard::{chunk_bytes, Inner};
+use crate::storage::{IoBuf, SegmentFile};
+use crate::stream_index::{ReadProgress, SegmentRead};
+use crate::{Durability, Lsn, ReadRecord};
+
+pub(crate) const RUNS_MAGIC: [u8; 8] = *b"SHLGRUN\x01";
+pub(crate) const RUNS_VERSION: u16 = 1;
+const RUNS_FIXED_BYTES: usize = 72;
+/// stream 8 + offset 8 + bytes 8 + records 8 + first mark 4 + mark count 4.
+const RUNS_RUN_BYTES: usize = 40;
+/// lsn 8 + offset 8.
+const RUNS_MARK_BYTES: usize = 16;
+/// A stream gets a run when a read through the index would fetch more than this many times the
+/// run's bytes: the most issue #13 allows a filtered read to cost against the stream's own bytes.
+pub(crate) const RUNS_AMPLIFICATION: u64 = 2;
+/// ... and at least this many bytes more (or a 64th of the segment, if less): below it the
+/// index's read costs a few I/Os, and a run would cost a file region and a table entry for little.
+pub(crate) const RUNS_SAVING_MIN_BYTES: u64 = 128 << 10;
+/// A mark about every this many bytes of a run (or a 64th of the segment, if less), so a read
+/// that starts inside a long run starts near its first record.
+const RUNS_MARK_INTERVAL_BYTES: u64 = 256 << 10;
+/// The walks read the segment this much at a time.
+const RUNS_WALK_CHUNK_BYTES: u64 = 1 << 20;
+/// Each run being copied buffers up to this much before it is written.
+const RUNS_BUFFER_BYTES: usize = 128 << 10;
+/// The copy handles as many runs at once as their buffers fit in this; more runs take more walks
+/// of the segment (a segment has at most a few hundred runs: each saves
+/// [`RUNS_SAVING_MIN_BYTES`]).
+const RUNS_SWEEP_MEMORY_BYTES: usize = 8 << 20;
+
+/// Name of the runs file of the segment that starts at `base_lsn`.
+pub(crate) fn stream_runs_name(base_lsn: u64) -> String {
+    format!("{base_lsn:020}.runs")
+}
+
+/// Where a segment's runs stand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RunsState {
+    /// None to make: the active segment, a segment without a stream index, runs turned off, or a
+    /// segment the walk found disagreeing with its summary (the scrub reports that).
+    None,
+    /// Sealed with a durable summary and no runs file yet: the background task makes it.
+    Pending,
+    /// Its runs file is on disk, not loaded: the next filtered read loads its table.
+    OnDisk,
+    /// A read is loading the table.
+    Loading,
+    /// The table is in [`Segment::runs`].
+    Loaded,
+}
+
+/// One stream's run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Run {
+    pub stream: u64,
+    /// Where it starts in the runs file (block aligned).
+    pub offset: u64,
+    /// Its bytes (commits, without the padding to the next block).
+    pub bytes: u64,
+    pub records: u64,
+    first_mark: u32,
+    marks: u32,
+}
+
+/// The table of a runs file: which streams have a run, and where.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct RunsTable {
+    runs: Vec<Run>,
+    /// (first lsn of a commit of the run, its offset), per run ascending.
+    marks: Vec<(u64, u64)>,
+}
+
+/// A loaded runs table and the file it describes, open for reading.
+pub(crate) struct LoadedRuns {
+    pub table: RunsTable,
+    pub file: Rc<dyn SegmentFile>,
+}
+
+impl RunsTable {
+    pub(crate) fn run_of(&self, stream: u64) -> Option<Run> {
+        let i = self.runs.binary_search_by_key(&stream, |r| r.stream).ok()?;
+        Some(self.runs[i])
+    }
+
+    fn marks_of(&self, run: &Run) -> &[(u64, u64)] {
+        &self.marks[run.first_mark as usize..(run.first_mark + run.marks) as usize]
+    }
+
+    /// Where a read of `run` from lsn `cursor` starts: the last mark at or before it.
+    pub(crate) fn start_of(&self, run: &Run, cursor: u64) -> (u64, u64) {
+        let marks = self.marks_of(run);
+        let i = marks.partition_point(|&(lsn, _)| lsn <= cursor);
+        marks[i.saturating_sub(1)]
+    }
+
+    fn table_bytes(&self) -> usize {
+        RUNS_FIXED_BYTES + self.runs.len() * RUNS_RUN_BYTES + self.marks.len() * RUNS_MARK_BYTES
+    }
+
+    /// Where the first run starts: the block after the table.
+    fn data_offset(&self) -> u64 {
+        align_up(self.table_bytes() as u64)
+    }
+
+    pub(crate) fn memory_bytes(&self) -> usize {
+        self.runs.capacity() * std::mem::size_of::<Run>() + self.marks.capacity() * std::mem::size_of::<(u64, u64)>()
+    }
+
+    /// Encodes the table (header included) of the runs of the segment `summary` describes, into
+    /// `out` of [`RunsTable::data_offset`] bytes.
+    fn encode(&self, summary: &SegmentSummary, out: &mut [u8]) {
+        assert_eq!(out.len() as u64, self.data_offset());
+        out.fill(0);
+        out[0..8].copy_from_slice(&RUNS_MAGIC);
+        out[8..10].copy_from_slice(&RUNS_VERSION.to_le_bytes());
+        out[10..12].copy_from_slice(&summary.shard_id.to_le_bytes());
+        out[12..16].copy_from_slice(&(self.runs.len() as u32).to_le_bytes());
+        out[16..24].copy_from_slice(&summary.sequence.to_le_bytes());
+        out[24..32].copy_from_slice(&summary.base_lsn.to_le_bytes());
+        out[32..40].copy_from_slice(&summary.end_lsn.to_le_bytes());
+        out[40..48].copy_from_slice(&summary.commits.to_le_bytes());
+        out[48..56].copy_from_slice(&summary.end_offset.to_le_bytes());
+        out[56..60].copy_from_slice(&summary.commits_crc.to_le_bytes());
+        out[60..64].copy_from_slice(&(self.marks.len() as u32).to_le_bytes());
+        let mut at = RUNS_FIXED_BYTES;
+        for run in &self.runs {
+            out[at..at + 8].copy_from_slice(&run.stream.to_le_bytes());
+            out[at + 8..at + 16].copy_from_slice(&run.offset.to_le_bytes());
+            out[at + 16..at + 24].copy_from_slice(&run.bytes.to_le_bytes());
+            out[at + 24..at + 32].copy_from_slice(&run.records.to_le_bytes());
+            out[at + 32..at + 36].copy_from_slice(&run.first_mark.to_le_bytes());
+            out[at + 36..at + 40].copy_from_slice(&run.marks.to_le_bytes());
+            at += RUNS_RUN_BYTES;
+        }
+        for &(lsn, offset) in &self.marks {
+            out[at..at + 8].copy_from_slice(&lsn.to_le_bytes());
+            out[at + 8..at + 16].copy_from_slice(&offset.to_le_bytes());
+            at += RUNS_MARK_BYTES;
+        }
+        let crc = runs_crc(&out[..at]);
+        out[64..68].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    /// The bytes of the table of a runs file whose first block is `head`: how much to read to
+    /// decode it.
+    fn table_bytes_of(head: &[u8]) -> Result<u64, String> {
+        if head.len() < RUNS_FIXED_BYTES || head[0..8] != RUNS_MAGIC {
+            return Err("bad stream runs magic".into());
+        }
+        let u32_at = |at: usize| u64::from(u32::from_le_bytes(head[at..at + 4].try_into().expect("4 bytes")));
+        Ok(RUNS_FIXED_BYTES as u64 + u32_at(12) * RUNS_RUN_BYTES as u64 + u32_at(60) * RUNS_MARK_BYTES as u64)
+    }
+
+    /// Decodes a runs file's table and checks it against `summary`, the segment's accepted
+    /// summary, and against `file_bytes`, the file's size: `Err` says why it is not trusted.
+    fn decode(buf: &[u8], summary: &SegmentSummary, file_bytes: u64) -> Result<RunsTable, String> {
+        let end = RunsTable::table_bytes_of(buf)?;
+        if end > buf.len() as u64 {
+            return Err(format!(
+                "stream runs table of {end} bytes does not fit in {}",
+                buf.len()
+            ));
+        }
+        let version = u16::from_le_bytes([buf[8], buf[9]]);
+        if version != RUNS_VERSION {
+            return Err(format!(
+                "stream runs version {version}, this build reads {RUNS_VERSION}"
+            ));
+        }
+        let end = end as usize;
+        let u32_at = |at: usize| u32::from_le_bytes(buf[at..at + 4].try_into().expect("4 bytes"));
+        let u64_at = |at: usize| u64::from_le_bytes(buf[at..at + 8].try_into().expect("8 bytes"));
+        if runs_crc(&buf[..end]) != u32_at(64) {
+            return Err("stream runs checksum mismatch".into());
+        }
+        if u32_at(68) != 0 {
+            return Err("stream runs reserved bytes are not zero".into());
+        }
+        let identity = (
+            u16::from_le_bytes([buf[10], buf[11]]),
+            u64_at(16),
+            u64_at(24),
+            u64_at(32),
+            u64_at(40),
+            u64_at(48),
+            u32_at(56),
+        );
+        let want = (
+            summary.shard_id,
+            summary.sequence,
+            summary.base_lsn,
+            summary.end_lsn,
+            summary.commits,
+            summary.end_offset,
+            summary.commits_crc,
+        );
+        if identity != want {
+            return Err(format!("stream runs describe {identity:?}, the segment is {want:?}"));
+        }
+        let (s, m) = (u32_at(12) as usize, u32_at(60) as usize);
+        let mut table = RunsTable {
+            runs: Vec::with_capacity(s),
+            marks: Vec::with_capacity(m),
+        };
+        let mut at = RUNS_FIXED_BYTES;
+        let mut next_free = align_up(end as u64);
+        let mut marks_total = 0u64;
+        for _ in 0..s {
+            let run = Run {
+                stream: u64_at(at),
+                offset: u64_at(at + 8),
+                bytes: u64_at(at + 16),
+                records: u64_at(at + 24),
+                first_mark: u32_at(at + 32),
+                marks: u32_at(at + 36),
+            };
+            let placed = run.offset % BLOCK_BYTES == 0
+                && run.offset >= next_free
+                && run.bytes >= (COMMIT_HEADER_BYTES + RECORD_HEADER_BYTES) as u64
+                && run.offset.checked_add(run.bytes).is_some_and(|e| e <= file_bytes)
+                && run.records > 0
+                && u64::from(run.first_mark) == marks_total
+                && run.marks > 0;
+            if !placed || table.runs.last().is_some_and(|p| p.stream >= run.stream) {
+                return Err(format!("stream runs entry {run:?} out of place"));
+            }
+            next_free = align_up(run.offset + run.bytes);
+            marks_total += u64::from(run.marks);
+            table.runs.push(run);
+            at += RUNS_RUN_BYTES;
+        }
+        if marks_total != m as u64 {
+            return Err(format!("stream runs hold {marks_total} marks, header says {m}"));
+        }
+        for run in &table.runs {
+            let mut prev: Option<(u64, u64)> = None;
+            for k in 0..run.marks {
+                let mark = (u64_at(at), u64_at(at + 8));
+                let inside = mark.0 >= summary.base_lsn
+                    && mark.0 < summary.end_lsn
+                    && mark.1 >= run.offset
+                    && mark.1 < run.offset + run.bytes
+                    && (k > 0 || mark.1 == run.offset);
+                let ascending = prev.is_none_or(|p| p.0 < mark.0 && p.1 < mark.1);
+                if !inside || !ascending {
+                    return Err(format!(
+                        "stream runs mark {mark:?} of stream {} out of place",
+                        run.stream
+                    ));
+                }
+                table.marks.push(mark);
+                prev = Some(mark);
+                at += RUNS_MARK_BYTES;
+            }
+        }
+        Ok(table)
+    }
+}
+
+fn runs_crc(encoded: &[u8]) -> u32 {
+    let crc = crc32c::crc32c(&encoded[..64]);
+    crc32c::crc32c_append(crc, &encoded[RUNS_FIXED_BYTES..])
+}
+
+/// The groups of records of one stream next to each other in a commit's `body` (framed and
+/// valid): (stream, index of the first record, records, byte range in the body).
+fn body_runs(body: &[u8]) -> impl Iterator<Item = (u64, u32, u32, std::ops::Range<usize>)> + '_ {
+    let mut at = 0;
+    let mut index = 0u32;
+    std::iter::from_fn(move || {
+        if at == body.len() {
+            return None;
+        }
+        let (from, first) = (at, index);
+        let mut stream = None;
+        while at < body.len() {
+            assert!(body.len() - at >= RECORD_HEADER_BYTES, "record framing checked");
+            let len = u32::from_le_bytes(body[at..at + 4].try_into().expect("4 bytes")) as usize;
+            let s = u64::from_le_bytes(body[at + 8..at + 16].try_into().expect("8 bytes"));
+            if stream.is_some_and(|prev| prev != s) {
+                break;
+            }
+            stream = Some(s);
+            at += RECORD_HEADER_BYTES + len;
+            assert!(at <= body.len(), "record framing checked");
+            index += 1;
+        }
+        Some((stream.expect("one record at least"), first, index - first, from..at))
+    })
+}
+
+/// A walk over the commits of a sealed segment, [`RUNS_WALK_CHUNK_BYTES`] at a time, checking
+/// them against the segment's summary as it goes.
+struct Walk<'a> {
+    seg: &'a Segment,
+    /// The shard is closing: the walk stops (`Interrupted`).
+    stop: &'a Cell<bool>,
+    summary: SegmentSummary,
+    buf: Vec<u8>,
+    /// Segment offset of `buf[0]`, where the next read starts (block aligned), and where it ends.
+    buf_start: u64,
+    read_at: u64,
+    read_end: u64,
+    /// The next commit's offset and first lsn; commits so far and their chained checksum.
+    offset: u64,
+    lsn: u64,
+    commits: u64,
+    crc: u32,
+}
+
+/// The next commit of a [`Walk`]: where it is in the walk's buffer ([`Walk::body`]), its first
+/// lsn and its bytes.
+#[derive(Clone, Copy)]
+struct Walked {
+    at: usize,
+    first_lsn: u64,
+    total: usize,
+}
+
+impl<'a> Walk<'a> {
+    fn new(seg: &'a Segment, stop: &'a Cell<bool>, summary: SegmentSummary) -> Walk<'a> {
+        let read_end = align_up(summary.end_offset).min(seg.capacity);
+        Walk {
+            seg,
+            stop,
+            summary,
+            buf: Vec::new(),
+            buf_start: SEGMENT_DATA_OFFSET,
+            read_at: SEGMENT_DATA_OFFSET,
+            read_end,
+            offset: SEGMENT_DATA_OFFSET,
+            lsn: seg.base_lsn,
+            commits: 0,
+            crc: 0,
+        }
+    }
+
+    /// The next commit, or `None` at the end of the segment. `Ok(None)` only if every commit
+    /// agreed with the summary; a disagreement (or a segment retired meanwhile, whose file may
+    /// be recycled) is an `InvalidData` error.
+    async fn next(&mut self) -> io::Result<Option<Walked>> {
+        let disagree = |why: &str| Err(io::Error::new(io::ErrorKind::InvalidData, why.to_string()));
+        loop {
+            if self.stop.get() {
+                return Err(io::Error::new(io::ErrorKind::Interrupted, "shard closing"));
+            }
+            if self.seg.retired.get() {
+                return disagree("the segment was retired");
+            }
+            if self.offset >= self.summary.end_offset {
+                let found = (self.lsn, self.offset, self.commits, self.crc);
+                let s = &self.summary;
+                if found != (s.end_lsn, s.end_offset, s.commits, s.commits_crc) {
+                    return disagree("the segment disagrees with its summary");
+                }
+                return Ok(None);
+            }
+            let at = (self.offset - self.buf_start) as usize;
+            let parsed = match format::parse_commit(&self.buf[at..], self.seg.sequence) {
+                Ok(view) if view.first_lsn == self.lsn => Some((view.count, view.total_bytes)),
+                Err(ParseError::Short { .. }) if self.read_at < self.read_end => None,
+                _ => return disagree("the segment disagrees with its summary"),
+            };
+            if let Some((count, total)) = parsed {
+                let walked = Walked {
+                    at,
+                    first_lsn: self.lsn,
+                    total,
+                };
+                self.commits += 1;
+                self.crc = chain_commit_crc(self.crc, &self.buf[at..at + COMMIT_HEADER_BYTES]);
+                self.lsn += u64::from(count);
+                self.offset += total as u64;
+                return Ok(Some(walked));
+            }
+            let len = RUNS_WALK_CHUNK_BYTES.min(self.read_end - self.read_at);
+            let chunk = self.seg.file.read(self.read_at, len as usize).await?;
+            if chunk.is_empty() {
+                return disagree("the segment file ends before its summary");
+            }
+            if at == self.buf.len() {
+                self.buf = chunk;
+            } else {
+                self.buf.drain(..at);
+                self.buf.extend_from_slice(&chunk);
+            }
+            self.buf_start = self.offset;
+            self.read_at += len;
+            glommio::yield_if_needed().await;
+        }
+    }
+
+    fn body(&self, w: &Walked) -> &[u8] {
+        &self.buf[w.at + COMMIT_HEADER_BYTES..w.at + w.total]
+    }
+}
+
+/// What the first walk learns of one stream.
+#[derive(Default)]
+struct StreamPlan {
+    /// Bytes of the commits holding it: what a read through the index fetches.
+    commit_bytes: u64,
+    /// The offset of the last commit counted in `commit_bytes`, plus one (0: none yet).
+    last_commit: u64,
+    /// Bytes its run would take, records and the commits' headers.
+    run_bytes: u64,
+    records: u64,
+    /// (lsn, offset in the run) of its marks.
+    marks: Vec<(u64, u64)>,
+}
+
+/// Plans the runs of `seg` (the first walk): which streams get one, and where.
+async fn plan(seg: &Segment, stop: &Cell<bool>, summary: &SegmentSummary) -> io::Result<RunsTable> {
+    let saving_min = RUNS_SAVING_MIN_BYTES.min(seg.capacity / 64);
+    let mark_interval = RUNS_MARK_INTERVAL_BYTES.min(seg.capacity / 64);
+    let mut streams: HashMap<u64, StreamPlan, foldhash::fast::RandomState> = HashMap::default();
+    let mut walk = Walk::new(seg, stop, summary.clone());
+    while let Some(w) = walk.next().await? {
+        let commit_offset = walk.offset - w.total as u64;
+        for (stream, first, count, bytes) in body_runs(walk.body(&w)) {
+            let p = streams.entry(stream).or_default();
+            if p.last_commit != commit_offset + 1 {
+                p.commit_bytes += w.total as u64;
+                p.last_commit = commit_offset + 1;
+            }
+            let last_mark = p.marks.last().map(|&(_, at)| at);
+            if last_mark.is_none_or(|at| p.run_bytes - at >= mark_interval) {
+                p.marks.push((w.first_lsn + u64::from(first), p.run_bytes));
+            }
+            p.run_bytes += (COMMIT_HEADER_BYTES + bytes.len()) as u64;
+            p.records += u64::from(count);
+        }
+    }
+    let mut chosen: Vec<(u64, StreamPlan)> = streams
+        .into_iter()
+        .filter(|(_, p)| p.commit_bytes >= RUNS_AMPLIFICATION * p.run_bytes + saving_min)
+        .collect();
+    chosen.sort_unstable_by_key(|&(stream, _)| stream);
+    let mut table = RunsTable::default();
+    for (stream, p) in &chosen {
+        table.runs.push(Run {
+            stream: *stream,
+            offset: 0,
+            bytes: p.run_bytes,
+            records: p.records,
+            first_mark: table.marks.len() as u32,
+            marks: p.marks.len() as u32,
+        });
+        table.marks.extend(p.marks.iter().copied());
+    }
+    // Now that the table's size is known, place the runs after it.
+    let mut next = table.data_offset();
+    let mut m = 0;
+    for run in &mut table.runs {
+        run.offset = next;
+        for mark in &mut table.marks[m..m + run.marks as usize] {
+            mark.1 += next;
+        }
+        m += run.marks as usize;
+        next = align_up(next + run.bytes);
+    }
+    Ok(table)
+}
+
+/// A run being copied: its buffer, and how much of the run is already written.
+struct RunWriter {
+    run: Run,
+    buf: Vec<u8>,
+    written: u64,
+}
+
+/// Copies `runs` (the second walk): each stream's groups of records, as commits, into its run.
+/// Returns the bytes written.
+async fn copy(
+    seg: &Segment,
+    stop: &Cell<bool>,
+    summary: &SegmentSummary,
+    file: &dyn SegmentFile,
+    alloc: &dyn Fn(usize) -> IoBuf,
+    runs: &[Run],
+) -> io::Result<u64> {
+    let mut writers: HashMap<u64, RunWriter, foldhash::fast::RandomState> = runs
+        .iter()
+        .map(|&run| {
+            let cap = RUNS_BUFFER_BYTES.min(align_up(run.bytes) as usize) + COMMIT_HEADER_BYTES;
+            (
+                run.stream,
+                RunWriter {
+                    run,
+                    buf: Vec::with_capacity(cap),
+                    written: 0,
+                },
+            )
+        })
+        .collect();
+    let mut written = 0u64;
+    let mut full: Vec<u64> = Vec::new();
+    let mut walk = Walk::new(seg, stop, summary.clone());
+    while let Some(w) = walk.next().await? {
+        let body = walk.body(&w);
+        for (stream, first, count, bytes) in body_runs(body) {
+            let Some(writer) = writers.get_mut(&stream) else {
+                continue;
+            };
+            let at = writer.buf.len();
+            writer.buf.resize(at + COMMIT_HEADER_BYTES, 0);
+            writer.buf.extend_from_slice(&body[bytes.clone()]);
+            format::seal_commit(
+                &mut writer.buf[at..],
+                seg.sequence,
+                w.first_lsn + u64::from(first),
+                count,
+                bytes.len(),
+            );
+            if writer.buf.len() >= RUNS_BUFFER_BYTES {
+                full.push(stream);
+            }
+        }
+        for stream in full.drain(..) {
+            let writer = writers.get_mut(&stream).expect("a run being copied");
+            written += flush(file, alloc, writer, false).await?;
+        }
+    }
+    for writer in writers.values_mut() {
+        written += flush(file, alloc, writer, true).await?;
+        if writer.written != writer.run.bytes {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "the run of stream {} came out {} bytes, planned {}",
+                    writer.run.stream, writer.written, writer.run.bytes
+                ),
+            ));
+        }
+    }
+    Ok(written)
+}
+
+/// Writes a run writer's whole blocks (all of its buffer, zero-padded to a block, when `last`)
+/// and keeps the rest for the next flush.
+async fn flush(
+    file: &dyn SegmentFile,
+    alloc: &dyn Fn(usize) -> IoBuf,
+    writer: &mut RunWriter,
+    last: bool,
+) -> io::Result<u64> {
+    let n = if last {
+        writer.buf.len()
+    } else {
+        align_down(writer.buf.len() as u64) as usize
+    };
+    if n == 0 {
+        return Ok(0);
+    }
+    let len = align_up(n as u64) as usize;
+    let mut io = alloc(len);
+    let slice = io.as_mut_slice();
+    slice[..n].copy_from_slice(&writer.buf[..n]);
+    slice[n..].fill(0);
+    let offset = writer.run.offset + writer.written;
+    if writer.written + n as u64 > writer.run.bytes {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("the run of stream {} outgrew its plan", writer.run.stream),
+        ));
+    }
+    file.write(offset, io).await?;
+    writer.written += n as u64;
+    writer.buf.drain(..n);
+    Ok(len as u64)
+}
+
+/// Why a read of a run returned.
+pub(crate) enum RunsRead {
+    Read(SegmentRead),
+    /// The runs file failed a check or a read: the read goes on through the stream index.
+    Untrusted(String),
+}
+
+impl Inner {
+    /// Makes the runs file of the oldest segment whose runs are pending. Returns whether it did
+    /// any work (the caller looks for more before it sleeps).
+    pub(crate) async fn make_stream_runs(&self) -> bool {
+        let seg = {
+            let st = self.st.borrow();
+            let next = st
+                .segs
+                .iter()
+                .find(|s| s.runs_state.get() == RunsState::Pending && !s.retired.get());
+            match next {
+                Some(seg) => seg.clone(),
+                None => return false,
+            }
+        };
+        let name = stream_runs_name(seg.base_lsn);
+        let summary = seg.summary(self.opts.shard_id);
+        match self.write_stream_runs(&seg, &summary, &name).await {
+            Ok(loaded) if !seg.retired.get() => {
+                let runs = loaded.table.runs.len();
+                tracing::debug!(shard = self.opts.shard_id, %name, runs, "stream runs written");
+                *seg.runs.borrow_mut() = Some(Rc::new(loaded));
+                seg.runs_state.set(RunsState::Loaded);
+                self.bound_stream_indexes(None);
+            }
+            Ok(_) => self.remove_runs_file(&name).await,
+            Err(e) => {
+                self.remove_runs_file(&name).await;
+                if self.bg_stop.get() || seg.retired.get() {
+                    // Closing: the next open finds no runs file, and makes it then.
+                    return true;
+                }
+                tracing::warn!(shard = self.opts.shard_id, %name, error = %e, "no stream runs for this segment");
+                seg.runs_state.set(RunsState::None);
+            }
+        }
+        true
+    }
+
+    async fn remove_runs_file(&self, name: &str) {
+        match self.storage.remove(name).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(%name, error = %e, "removing a stream runs file failed"),
+        }
+    }
+
+    /// Plans and writes the runs file of `seg`, makes it durable, and returns its table with the
+    /// file open for reads.
+    async fn write_stream_runs(&self, seg: &Segment, summary: &SegmentSummary, name: &str) -> io::Result<LoadedRuns> {
+        let table = plan(seg, &self.bg_stop, summary).await?;
+        self.remove_runs_file(name).await;
+        // Not `O_DSYNC`: one sync once the runs are written, another after the table.
+        let file = self.storage.open(name, true, Durability::Linked).await?;
+        let storage = self.storage.clone();
+        let alloc = move |len: usize| storage.alloc(len);
+        let written = async {
+            let mut bytes = 0;
+            let mut i = 0;
+            while i < table.runs.len() {
+                // As many runs as their buffers fit in the sweep's memory (at least one).
+                let mut j = i;
+                let mut memory = 0;
+                while j < table.runs.len() {
+                    let need = RUNS_BUFFER_BYTES.min(align_up(table.runs[j].bytes) as usize);
+                    if j > i && memory + need > RUNS_SWEEP_MEMORY_BYTES {
+                        break;
+                    }
+                    memory += need;
+                    j += 1;
+                }
+                bytes += copy(seg, &self.bg_stop, summary, &*file, &alloc, &table.runs[i..j]).await?;
+                i = j;
+            }
+            file.sync().await?;
+            let mut head = self.storage.alloc(table.data_offset() as usize);
+            table.encode(summary, head.as_mut_slice());
+            bytes += head.len() as u64;
+            file.write(0, head).await?;
+            file.sync().await?;
+            Ok::<u64, io::Error>(bytes)
+        }
+        .await;
+        let bytes = match written {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                let _ = file.close().await;
+                return Err(e);
+            }
+        };
+        self.storage.sync_dir().await?;
+        self.health.borrow_mut().runs_bytes_written += bytes;
+        Ok(LoadedRuns { table, file })
+    }
+
+    /// Loads the table of a sealed segment's runs file, which recovery found on disk, if it is
+    /// valid and describes the segment's summary; otherwise removes the file and has the
+    /// background task make it again. Tried once per load.
+    pub(crate) async fn load_stream_runs(&self, seg: &Segment) {
+        if seg.runs_state.get() != RunsState::OnDisk {
+            return;
+        }
+        seg.runs_state.set(RunsState::Loading);
+        let name = stream_runs_name(seg.base_lsn);
+        let summary = seg.summary(self.opts.shard_id);
+        let loaded = async {
+            let file = self.storage.open(&name, false, Durability::Linked).await?;
+            let read = async {
+                let size = file.size().await?;
+                let head = file.read(0, BLOCK_BYTES.min(align_down(size)) as usize).await?;
+                let table_bytes = match RunsTable::table_bytes_of(&head) {
+                    Ok(n) if n <= size => n,
+                    Ok(n) => return Ok(Err(format!("stream runs table of {n} bytes, file of {size}"))),
+                    Err(reason) => return Ok(Err(reason)),
+                };
+                let buf = match align_up(table_bytes) <= head.len() as u64 {
+                    true => head,
+                    false => file.read(0, align_up(table_bytes) as usize).await?,
+                };
+                Ok::<_, io::Error>(RunsTable::decode(&buf, &summary, size))
+            }
+            .await;
+            match read {
+                Ok(Ok(table)) => Ok(Ok(LoadedRuns { table, file })),
+                Ok(Err(reason)) => {
+                    let _ = file.close().await;
+                    Ok(Err(reason))
+                }
+                Err(e) => {
+                    let _ = file.close().await;
+                    Err(e)
+                }
+            }
+        }
+        .await;
+        let reason = match loaded {
+            Ok(Ok(runs)) if !seg.retired.get() => {
+                *seg.runs.borrow_mut() = Some(Rc::new(runs));
+                seg.runs_state.set(RunsState::Loaded);
+                self.bound_stream_indexes(Some(seg));
+                return;
+            }
+            Ok(Ok(_)) => return,
+            Ok(Err(reason)) => reason,
+            Err(e) => e.to_string(),
+        };
+        self.distrust_stream_runs(seg, &reason).await;
+    }
+
+    /// Sets aside a runs file that failed a check: filtered reads use the stream index, and the
+    /// background task writes the file again.
+    pub(crate) async fn distrust_stream_runs(&self, seg: &Segment, reason: &str) {
+        let name = stream_runs_name(seg.base_lsn);
+        tracing::warn!(shard = self.opts.shard_id, %name, %reason, "stream runs not trusted; making them again");
+        *seg.runs.borrow_mut() = None;
+        seg.runs_state.set(RunsState::None);
+        self.remove_runs_file(&name).await;
+        if !seg.retired.get() && self.opts.stream_runs == crate::StreamRuns::Auto {
+            seg.runs_state.set(RunsState::Pending);
+            self.bg_wake.notify();
+        }
+    }
+
+    /// The part of a read filtered to `stream` that falls in `seg`, whose runs file holds the
+    /// stream's `run`: the run is read from the mark at or before the cursor, in chunks as an
+    /// unfiltered read takes them, and every record of the stream in the segment is in it.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn read_run(
+        &self,
+        seg: &Segment,
+        runs: &LoadedRuns,
+        run: Run,
+        limit_lsn: u64,
+        p: &mut ReadProgress<'_>,
+        truncated: &dyn Fn() -> ShardError,
+    ) -> Result<RunsRead, ShardError> {
+        let (mut lsn_floor, mut offset) = runs.table.start_of(&run, *p.cursor);
+        let end = run.offset + run.bytes;
+        let seg_end_lsn = seg.durable_end.get().0;
+        let mut want = chunk_bytes(p.max_bytes.saturating_sub(*p.bytes), false);
+        while offset < end {
+            let read_from = align_down(offset);
+            let read_to = align_up((offset + want).min(end));
+            // The storage seam holds the chunk twice while it copies it out of the DMA buffer.
+            let need = *p.held + 2 * (read_to - read_from) as usize;
+            if !p.memory.try_grow_to(need) {
+                if !p.batch.records.is_empty() {
+                    return Ok(RunsRead::Read(SegmentRead::Done));
+                }
+                p.memory.shrink_to(0);
+                p.memory.acquire(need).await;
+            }
+            let data = match runs.file.read(read_from, (read_to - read_from) as usize).await {
+                Ok(d) => d,
+                Err(_) if seg.retired.get() => return Err(truncated()),
+                Err(e) => {
+                    return Ok(RunsRead::Untrusted(format!(
+                        "reading the run of stream {}: {e}",
+                        run.stream
+                    )))
+                }
+            };
+            let avail = ((read_from + data.len() as u64).min(end) - read_from) as usize;
+            let mut pos = (offset - read_from) as usize;
+            let mut short = 0;
+            while offset < end {
+                let view: CommitView<'_> = match format::parse_commit(&data[pos..avail], seg.sequence) {
+                    Ok(v) => v,
+                    Err(ParseError::Short { needed }) if offset + needed as u64 <= end && pos < avail => {
+                        short = needed as u64 + BLOCK_BYTES;
+                        break;
+                    }
+                    Err(e) => {
+                        return Ok(RunsRead::Untrusted(format!(
+                            "the run of stream {} at offset {offset}: {e:?}",
+                            run.stream
+                        )))
+                    }
+                };
+                if view.first_lsn < lsn_floor || view.end_lsn() > seg_end_lsn {
+                    return Ok(RunsRead::Untrusted(format!(
+                        "the run of stream {} has lsns {}..{} after {lsn_floor}",
+                        run.stream,
+                        view.first_lsn,
+                        view.end_lsn()
+                    )));
+                }
+                lsn_floor = view.end_lsn();
+                *p.scanned += view.total_bytes;
+                for (i, record) in view.records().enumerate() {
+                    let lsn = view.first_lsn + i as u64;
+                    if lsn < *p.cursor {
+                        continue;
+                    }
+                    if lsn >= limit_lsn {
+                        return Ok(RunsRead::Read(SegmentRead::Done));
+                    }
+                    let record = record.expect("framing validated by parse_commit");
+                    if record.stream != run.stream {
+                        return Ok(RunsRead::Untrusted(format!(
+                            "the run of stream {} holds a record of stream {} at lsn {lsn}",
+                            run.stream, record.stream
+                        )));
+                    }
+                    // Every record of the stream in this segment is in the run: the lsns in
+                    // between are other streams'.
+                    *p.cursor = lsn;
+                    let charge = READ_RECORD_OVERHEAD_BYTES + record.payload.len();
+                    if !p.batch.records.is_empty() {
+                        if *p.bytes + record.payload.len() > p.max_bytes {
+                            return Ok(RunsRead::Read(SegmentRead::Done));
+                        }
+                        if !p.memory.try_grow_to(*p.held + charge + 2 * data.len()) {
+                            return Ok(RunsRead::Read(SegmentRead::Done));
+                        }
+                    }
+                    *p.bytes += record.payload.len();
+                    *p.held += charge;
+                    p.batch.records.push(ReadRecord {
+                        lsn: Lsn(lsn),
+                        stream: record.stream,
+                        timestamp: record.timestamp,
+                        payload: record.payload.to_vec(),
+                    });
+                    *p.cursor = lsn + 1;
+                }
+                offset += view.total_bytes as u64;
+                pos += view.total_bytes;
+                if *p.bytes >= p.max_bytes || *p.scanned >= p.scan_max {
+                    return Ok(RunsRead::Read(SegmentRead::Done));
+                }
+            }
+            drop(data);
+            p.memory.shrink_to(*p.held);
+            want = chunk_bytes(p.max_bytes.saturating_sub(*p.bytes), false).max(short);
+        }
+        *p.cursor = (*p.cursor).max(limit_lsn);
+        Ok(RunsRead::Read(SegmentRead::Next))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::encode_record;
+
+    fn summary() -> SegmentSummary {
+        SegmentSummary {
+            shard_id: 3,
+            sequence: 7,
+            base_lsn: 1000,
+            end_lsn: 5000,
+            commits: 40,
+            end_offset: 1 << 20,
+            commits_crc: 0xbeef,
+            index: vec![(1000, 4096)],
+        }
+    }
+
+    fn table() -> RunsTable {
+        let mut t = RunsTable::default();
+        t.runs.push(Run {
+            stream: 5,
+            offset: 0,
+            bytes: 300_000,
+            records: 290,
+            first_mark: 0,
+            marks: 2,
+        });
+        t.runs.push(Run {
+            stream: 9,
+            offset: 0,
+            bytes: 100,
+            records: 1,
+            first_mark: 2,
+            marks: 1,
+        });
+        t.marks = vec![(1000, 0), (3000, 270_000), (4999, 0)];
+        let mut next = t.data_offset();
+        let mut m = 0;
+        for run in &mut t.runs {
+            run.offset = next;
+            for mark in &mut t.marks[m..m + run.marks as usize] {
+                mark.1 += next;
+            }
+            m += run.marks as usize;
+            next = align_up(next + run.bytes);
+        }
+        t
+    }
+
+    #[test]
+    fn runs_table_round_trips_and_rejects_flips_and_other_segments() {
+        let t = table();
+        let s = summary();
+        let mut buf = vec![0u8; t.data_offset() as usize];
+        t.encode(&s, &mut buf);
+        let size = 1 << 20;
+        assert_eq!(RunsTable::decode(&buf, &s, size), Ok(t.clone()));
+        let used = t.table_bytes();
+        for byte in 0..used {
+            let mut flipped = buf.clone();
+            flipped[byte] ^= 0x10;
+            assert!(RunsTable::decode(&flipped, &s, size).is_err(), "flip at {byte}");
+        }
+        let mut other = s.clone();
+        other.end_lsn += 1;
+        assert!(RunsTable::decode(&buf, &other, size).is_err(), "another segment's runs");
+        assert!(RunsTable::decode(&buf, &s, 300_000).is_err(), "a file cut short");
+        assert!(
+            RunsTable::decode(&buf[..used - 1], &s, size).is_err(),
+            "a table cut short"
+        );
+    }
+
+    #[test]
+    fn a_read_starts_at_the_mark_before_the_cursor() {
+        let t = table();
+        let run = t.run_of(5).expect("stream 5 has a run");
+        let base = run.offset;
+        assert_eq!(t.start_of(&run, 0), (1000, base));
+        assert_eq!(t.start_of(&run, 2999), (1000, base));
+        assert_eq!(t.start_of(&run, 3000), (3000, base + 270_000));
+        assert_eq!(t.start_of(&run, 4500), (3000, base + 270_000));
+        assert!(t.run_of(6).is_none());
+    }
+
+    #[test]
+    fn body_runs_group_neighbours_of_one_stream() {
+        let mut body = Vec::new();
+        for s in [4u64, 4, 8, 4, 4, 4] {
+            encode_record(&mut body, s, None, &[s as u8; 3]);
+        }
+        let r = RECORD_HEADER_BYTES + 3;
+        let got: Vec<_> = body_runs(&body).collect();
+        assert_eq!(
+            got,
+            vec![(4, 0, 2, 0..2 * r), (8, 2, 1, 2 * r..3 * r), (4, 3, 3, 3 * r..6 * r)]
+        );
+    }
+}
