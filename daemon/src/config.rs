@@ -181,6 +181,25 @@ impl From<SegmentPrepArg> for shards::SegmentPrep {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StreamRunsArg {
+    /// Once a segment is sealed, copy the records of each stream that a filtered read would
+    /// otherwise read at more than twice their size (records that arrived one at a time among
+    /// other streams') next to each other: a second write of those records, in the background.
+    Auto,
+    /// No copies: filtered reads use the stream index only.
+    Off,
+}
+
+impl From<StreamRunsArg> for shards::StreamRuns {
+    fn from(r: StreamRunsArg) -> Self {
+        match r {
+            StreamRunsArg::Auto => shards::StreamRuns::Auto,
+            StreamRunsArg::Off => shards::StreamRuns::Off,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     /// Address to listen on; port 0 picks a free port (the bound address is printed on stdout).
@@ -256,6 +275,12 @@ pub struct ServeArgs {
     /// and loaded again when next needed. The segment being written keeps its index regardless.
     #[arg(long, env = "SHARDLOG_STREAM_INDEX_MEMORY_BYTES", default_value_t = shards::STREAM_INDEX_MEMORY_BYTES_DEFAULT)]
     pub stream_index_memory_bytes: usize,
+
+    /// Per shard: whether sealed segments get stream runs (a `.runs` file next to the segment),
+    /// so that reading a stream whose records are scattered one per commit costs about its own
+    /// bytes.
+    #[arg(long, env = "SHARDLOG_STREAM_RUNS", value_enum, default_value_t = StreamRunsArg::Auto)]
+    pub stream_runs: StreamRunsArg,
 
     /// How a commit is made durable.
     #[arg(long, env = "SHARDLOG_DURABILITY", value_enum, default_value_t = DurabilityArg::Dsync)]
@@ -344,6 +369,7 @@ impl ServeArgs {
             scrub_bytes_per_sec: self.scrub_bytes_per_sec,
             segment_prep: self.segment_prep.into(),
             stream_index_memory_bytes: self.stream_index_memory_bytes,
+            stream_runs: self.stream_runs.into(),
             ..shards::ShardOptions::default()
         };
         if let Some(bytes) = self.segment_bytes {
@@ -431,5 +457,17 @@ mod tests {
             assert_eq!(opts.stream_index_memory_bytes, 4096);
         }
         assert!(Cli::try_parse_from(["shardlogd", "--segment-prep", "sparse"]).is_err());
+    }
+
+    #[test]
+    fn the_stream_runs_flag_reaches_the_shard_options() {
+        let defaults = Cli::try_parse_from(["shardlogd"])
+            .expect("no flags parse")
+            .serve
+            .shard_options(0);
+        assert_eq!(defaults.stream_runs, shards::StreamRuns::Auto);
+        let off = Cli::try_parse_from(["shardlogd", "--stream-runs", "off"]).expect("flags parse");
+        assert_eq!(off.serve.shard_options(0).stream_runs, shards::StreamRuns::Off);
+        assert!(Cli::try_parse_from(["shardlogd", "--stream-runs", "always"]).is_err());
     }
 }

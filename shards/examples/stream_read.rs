@@ -176,13 +176,20 @@ async fn measure(args: &Args, shape: Shape) -> Result<String, ShardError> {
     assert_eq!(only, rare_records, "the second shard holds the same records");
     let rare = reopen(&rare_dir, rare).await?;
     let index_bytes_at_open = all.stats().stream_index_bytes;
+    // The sealed segments' stream runs: the background task makes them as segments are sealed;
+    // those it had not finished when the shard closed, it makes after the reopen.
+    let runs_wait_us = wait_for_runs(&all).await;
+    let runs_file_bytes = file_bytes(&all_dir, ".runs");
+    let log_file_bytes = file_bytes(&all_dir, ".wal");
     let (mut filtered_us, mut baseline_us, mut scan_us) = (u64::MAX, u64::MAX, u64::MAX);
+    let mut first_filtered_us = None;
     let mut rare_bytes = 0;
     for _ in 0..args.rounds {
         let (n, bytes, us) = read_all(&all, Some(RARE)).await?;
         assert_eq!(n, rare_records, "the filtered read returns every record of the stream");
         rare_bytes = bytes;
         filtered_us = filtered_us.min(us);
+        first_filtered_us.get_or_insert(us);
         let (n, _, us) = read_all(&rare, None).await?;
         assert_eq!(n, rare_records);
         baseline_us = baseline_us.min(us);
@@ -197,14 +204,37 @@ async fn measure(args: &Args, shape: Shape) -> Result<String, ShardError> {
         "{{\"shape\": \"{}\", \"log_bytes\": {}, \"segments\": {}, \"records\": {records}, \"rare_records\": {rare_records}, \
          \"rare_bytes\": {rare_bytes}, \"filtered_us\": {filtered_us}, \"baseline_us\": {baseline_us}, \
          \"unfiltered_us\": {scan_us}, \"ratio\": {:.3}, \"index_bytes_at_open\": {index_bytes_at_open}, \
-         \"index_bytes\": {}, \"rounds\": {}}}",
+         \"index_bytes\": {}, \"rounds\": {}, \"first_filtered_us\": {}, \"runs_reads\": {}, \
+         \"runs_wait_us\": {runs_wait_us}, \"runs_file_bytes\": {runs_file_bytes}, \"log_file_bytes\": {log_file_bytes}}}",
         shape.name(),
         records * PAYLOAD_BYTES as u64,
         stats.segment_count,
         filtered_us as f64 / baseline_us.max(1) as f64,
         stats.stream_index_bytes,
-        args.rounds
+        args.rounds,
+        first_filtered_us.unwrap_or(0),
+        stats.stream_runs_reads,
     ))
+}
+
+/// Waits until the shard has made every sealed segment's stream runs; returns how long that took.
+async fn wait_for_runs(shard: &Shard) -> u64 {
+    let started = Instant::now();
+    while shard.stats().stream_runs_pending > 0 {
+        assert!(started.elapsed().as_secs() < 600, "stream runs made within 10 minutes");
+        glommio::timer::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    started.elapsed().as_micros() as u64
+}
+
+/// Bytes of the files in `dir` whose names end with `suffix`.
+fn file_bytes(dir: &Path, suffix: &str) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("list {}: {e}", dir.display()))
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().ends_with(suffix))
+        .map(|e| e.metadata().map_or(0, |m| m.len()))
+        .sum()
 }
 
 fn main() {
