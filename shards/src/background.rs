@@ -64,7 +64,7 @@ pub(crate) async fn background(inner: Rc<Inner>) {
         // [stream_runs] One segment at a time, after everything above: it is the longest work
         // here (two reads of the segment and a write of its sparse streams), and none of it is
         // on the way of an append.
-        if inner.make_stream_runs().await {
+        if inner.walk_tails().await | inner.make_stream_runs().await {
             continue;
         }
         let summary_retry_at = summaries_failed.then(|| Instant::now() + PREPARE_RETRY_INTERVAL);

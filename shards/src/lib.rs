@@ -241,6 +241,10 @@ pub enum StreamRuns {
     Off,
 }
 
+/// Default bound of the memory the runs of a shard's active segment take while they are made
+/// ([`ShardOptions::stream_tail_memory_bytes`]).
+pub const STREAM_TAIL_MEMORY_BYTES_DEFAULT: usize = 8 << 20;
+
 /// Default bound of the memory the stream indexes of a shard's sealed segments take once loaded
 /// (see [`ShardOptions::stream_index_memory_bytes`]).
 pub const STREAM_INDEX_MEMORY_BYTES_DEFAULT: usize = 64 << 20;
@@ -285,6 +289,10 @@ pub struct ShardOptions {
     pub stream_index_memory_bytes: usize,
     /// Whether sealed segments get stream runs. Default [`StreamRuns::Auto`].
     pub stream_runs: StreamRuns,
+    /// Memory the runs of the segment being written may take while they are made (its tail):
+    /// beyond it, the runs of the streams the stream index reads best are dropped first. Default
+    /// [`STREAM_TAIL_MEMORY_BYTES_DEFAULT`].
+    pub stream_tail_memory_bytes: usize,
 }
 
 impl Default for ShardOptions {
@@ -302,6 +310,7 @@ impl Default for ShardOptions {
             segment_prep: SegmentPrep::Auto,
             stream_index_memory_bytes: STREAM_INDEX_MEMORY_BYTES_DEFAULT,
             stream_runs: StreamRuns::Auto,
+            stream_tail_memory_bytes: STREAM_TAIL_MEMORY_BYTES_DEFAULT,
         }
     }
 }

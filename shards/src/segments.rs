@@ -26,7 +26,7 @@ use std::time::{Instant, SystemTime};
 use crate::format::{chain_commit_crc, Manifest, ManifestEntry, SegmentSummary, BLOCK_BYTES, SEGMENT_DATA_OFFSET};
 use crate::storage::SegmentFile;
 use crate::stream_index::{StreamIndex, SEGMENT_BYTES_INDEXED_MAX};
-use crate::stream_runs::{LoadedRuns, RunsState};
+use crate::stream_runs::{LoadedRuns, RunsState, Tail, TailState};
 
 /// `wall` as milliseconds since the Unix epoch (0 if before it).
 pub(crate) fn unix_ms(wall: SystemTime) -> u64 {
@@ -127,6 +127,13 @@ pub(crate) struct Segment {
     pub runs_state: Cell<RunsState>,
     /// The table of its runs file, and the file, while [`RunsState::Loaded`].
     pub runs: RefCell<Option<Rc<LoadedRuns>>>,
+    /// Its runs so far, in memory, while it is the active segment and until its runs file is
+    /// made ([`crate::stream_runs::Tail`]).
+    pub tail: RefCell<Option<Tail>>,
+    pub tail_state: Cell<TailState>,
+    /// The committer wakes the background task once the durable end reaches this offset, to
+    /// walk the tail further.
+    pub tail_due: Cell<u64>,
 }
 
 impl Segment {
@@ -169,6 +176,9 @@ impl Segment {
             streams_readers: Cell::new(0),
             runs_state: Cell::new(RunsState::None),
             runs: RefCell::new(None),
+            tail: RefCell::new(None),
+            tail_state: Cell::new(TailState::NotStarted),
+            tail_due: Cell::new(u64::MAX),
         }
     }
 
@@ -178,6 +188,13 @@ impl Segment {
         if let Some(index) = self.streams.borrow_mut().as_mut() {
             index.note_commit_streams(first_lsn - self.base_lsn, offset, commit_bytes, streams.iter().copied());
         }
+    }
+
+    /// Drops the segment's tail for good: `state` says why.
+    pub(crate) fn drop_tail(&self, state: TailState) {
+        *self.tail.borrow_mut() = None;
+        self.tail_state.set(state);
+        self.tail_due.set(u64::MAX);
     }
 
     /// Heap bytes of the segment's stream index and of its runs table.

@@ -37,7 +37,7 @@ use crate::segments::{Active, Segment, Segments, Spare, SummaryState, INDEX_INTE
 use crate::storage::dma::DmaStorage;
 use crate::storage::{BufPool, IoBuf, PooledBuf, SegmentFile, Storage};
 use crate::stream_index::{ReadProgress, SegmentRead};
-use crate::stream_runs::{RunsRead, RunsState};
+use crate::stream_runs::{RunsRead, RunsState, TailRead};
 use crate::sync::{LsnWaiters, Notify};
 use crate::{AckLevel, Lsn, ReadBatch, ReadRecord, Receipt, RecordRef, ShardOptions, StreamRuns};
 
@@ -364,6 +364,8 @@ pub(crate) struct Health {
     pub runs_bytes_written: u64,
     /// Segments that filtered reads read through a stream run since the shard opened.
     pub runs_reads: u64,
+    /// Segments that filtered reads read (in part) from a tail since the shard opened.
+    pub tail_reads: u64,
 }
 
 /// Statistics of one shard.
@@ -413,6 +415,11 @@ pub struct ShardStats {
     /// Segments that filtered reads read through a stream run (not through the stream index)
     /// since the shard opened.
     pub stream_runs_reads: u64,
+    /// Segments that filtered reads read (in part) from the in-memory runs of the segment being
+    /// written (its tail) since the shard opened.
+    pub stream_tail_reads: u64,
+    /// Memory of those tails (at most `stream_tail_memory_bytes`).
+    pub stream_tail_bytes: u64,
 }
 
 /// One shard of the log. Cloning gives another handle to the same shard; it is `!Send` and lives
@@ -481,6 +488,7 @@ impl Shard {
                 recovery: rec.report,
                 runs_bytes_written: 0,
                 runs_reads: 0,
+                tail_reads: 0,
             }),
             durable_waiters: LsnWaiters::default(),
             counters: RefCell::new(Counters {
@@ -670,6 +678,12 @@ impl Shard {
                 .count() as u64,
             stream_runs_bytes_written: health.runs_bytes_written,
             stream_runs_reads: health.runs_reads,
+            stream_tail_reads: health.tail_reads,
+            stream_tail_bytes: st
+                .segs
+                .iter()
+                .map(|s| s.tail.borrow().as_ref().map_or(0, |t| t.memory_bytes() as u64))
+                .sum(),
         }
     }
 
@@ -1250,11 +1264,14 @@ impl Inner {
         }
         let mut st = self.st.borrow_mut();
         let mut c = self.counters.borrow_mut();
+        let mut tail_due = false;
         while st.inflight.front().is_some_and(|f| matches!(f.result, Some(Ok(())))) {
             let f = st.inflight.pop_front().expect("front exists");
             assert!(f.end_lsn - 1 > self.durable_lsn.get(), "durability advances");
             self.durable_lsn.set(f.end_lsn - 1);
             f.seg.durable_end.set((f.end_lsn, f.end_offset));
+            // [stream_runs] Enough more of the segment for its tail to walk.
+            tail_due |= f.end_offset >= f.seg.tail_due.get();
             c.commits += 1;
             c.records_per_commit.saturating_record(f.records);
             c.bytes_per_commit.saturating_record(f.bytes);
@@ -1266,6 +1283,9 @@ impl Inner {
         }
         drop(c);
         drop(st);
+        if tail_due {
+            self.bg_wake.notify();
+        }
         self.durable_waiters.wake_upto(self.durable_lsn.get());
         self.committer_wake.notify();
     }
@@ -1372,6 +1392,30 @@ impl Inner {
                         // The rest of the segment through its stream index.
                         RunsRead::Untrusted(reason) => self.distrust_stream_runs(seg, &reason).await,
                     }
+                }
+                // [stream_runs] The part of the segment its tail has walked, from memory.
+                loop {
+                    let mut progress = ReadProgress {
+                        batch: &mut batch,
+                        cursor: &mut cursor,
+                        bytes: &mut bytes,
+                        scanned: &mut scanned,
+                        held: &mut held,
+                        max_bytes,
+                        scan_max,
+                        memory,
+                    };
+                    match self.read_tail(seg, stream, limit_lsn, &mut progress) {
+                        TailRead::Rest => break,
+                        TailRead::Done => break 'segments,
+                        TailRead::NeedMemory(need) => {
+                            memory.shrink_to(0);
+                            memory.acquire(need).await;
+                        }
+                    }
+                }
+                if cursor >= limit_lsn {
+                    continue;
                 }
                 if seg.streams_on_disk.get() {
                     self.load_stream_index(seg).await;

@@ -63,7 +63,7 @@ use crate::format::{
     COMMIT_HEADER_BYTES, RECORD_HEADER_BYTES, SEGMENT_DATA_OFFSET,
 };
 use crate::read_pool::READ_RECORD_OVERHEAD_BYTES;
-use crate::segments::Segment;
+use crate::segments::{Segment, SummaryState};
 use crate::shard::{chunk_bytes, Inner};
 use crate::storage::{IoBuf, SegmentFile};
 use crate::stream_index::{ReadProgress, SegmentRead};
@@ -355,45 +355,55 @@ fn body_runs(body: &[u8]) -> impl Iterator<Item = (u64, u32, u32, std::ops::Rang
     })
 }
 
-/// A walk over the commits of a sealed segment, [`RUNS_WALK_CHUNK_BYTES`] at a time, checking
-/// them against the segment's summary as it goes.
+/// A walk over the commits of a segment, [`RUNS_WALK_CHUNK_BYTES`] at a time, from one commit
+/// boundary to another, checking that the lsns follow on and (over a whole sealed segment) that
+/// the commits agree with its summary.
 struct Walk<'a> {
     seg: &'a Segment,
     /// The shard is closing: the walk stops (`Interrupted`).
     stop: &'a Cell<bool>,
-    summary: SegmentSummary,
+    /// Where it ends: one past the last commit, and its lsn.
+    end_offset: u64,
+    end_lsn: u64,
+    /// The commit count and checksum chain the walk must find at its end (a sealed segment's
+    /// summary), if any.
+    check: Option<(u64, u32)>,
     buf: Vec<u8>,
     /// Segment offset of `buf[0]`, where the next read starts (block aligned), and where it ends.
     buf_start: u64,
     read_at: u64,
     read_end: u64,
-    /// The next commit's offset and first lsn; commits so far and their chained checksum.
+    /// The next commit's offset and first lsn; commits so far and their chained checksum (from
+    /// the segment's start).
     offset: u64,
     lsn: u64,
     commits: u64,
     crc: u32,
 }
 
-/// The next commit of a [`Walk`]: where it is in the walk's buffer ([`Walk::body`]), its first
-/// lsn and its bytes.
+/// The next commit of a [`Walk`]: where it is in the walk's buffer ([`Walk::body`]), its offset
+/// in the segment, its first lsn and its bytes.
 #[derive(Clone, Copy)]
 struct Walked {
     at: usize,
+    offset: u64,
     first_lsn: u64,
     total: usize,
 }
 
-impl<'a> Walk<'a> {
-    fn new(seg: &'a Segment, stop: &'a Cell<bool>, summary: SegmentSummary) -> Walk<'a> {
-        let read_end = align_up(summary.end_offset).min(seg.capacity);
-        Walk {
-            seg,
-            stop,
-            summary,
-            buf: Vec::new(),
-            buf_start: SEGMENT_DATA_OFFSET,
-            read_at: SEGMENT_DATA_OFFSET,
-            read_end,
+/// Where a walk stands: the next commit's offset and first lsn, and the commits before it with
+/// their chained checksum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct WalkPoint {
+    pub offset: u64,
+    pub lsn: u64,
+    pub commits: u64,
+    pub crc: u32,
+}
+
+impl WalkPoint {
+    fn start(seg: &Segment) -> WalkPoint {
+        WalkPoint {
             offset: SEGMENT_DATA_OFFSET,
             lsn: seg.base_lsn,
             commits: 0,
@@ -401,9 +411,57 @@ impl<'a> Walk<'a> {
         }
     }
 
-    /// The next commit, or `None` at the end of the segment. `Ok(None)` only if every commit
-    /// agreed with the summary; a disagreement (or a segment retired meanwhile, whose file may
-    /// be recycled) is an `InvalidData` error.
+    fn matches(&self, summary: &SegmentSummary) -> bool {
+        (self.offset, self.lsn, self.commits, self.crc)
+            == (
+                summary.end_offset,
+                summary.end_lsn,
+                summary.commits,
+                summary.commits_crc,
+            )
+    }
+}
+
+impl<'a> Walk<'a> {
+    /// All of a sealed segment, checked against its summary.
+    fn whole(seg: &'a Segment, stop: &'a Cell<bool>, summary: &SegmentSummary) -> Walk<'a> {
+        let mut walk = Walk::range(seg, stop, WalkPoint::start(seg), (summary.end_offset, summary.end_lsn));
+        walk.check = Some((summary.commits, summary.commits_crc));
+        walk
+    }
+
+    /// From `from` to the commit boundary `to` (offset, lsn), both durable.
+    fn range(seg: &'a Segment, stop: &'a Cell<bool>, from: WalkPoint, to: (u64, u64)) -> Walk<'a> {
+        let start = align_down(from.offset);
+        Walk {
+            seg,
+            stop,
+            end_offset: to.0,
+            end_lsn: to.1,
+            check: None,
+            buf: Vec::new(),
+            buf_start: start,
+            read_at: start,
+            read_end: align_up(to.0).min(seg.capacity),
+            offset: from.offset,
+            lsn: from.lsn,
+            commits: from.commits,
+            crc: from.crc,
+        }
+    }
+
+    fn point(&self) -> WalkPoint {
+        WalkPoint {
+            offset: self.offset,
+            lsn: self.lsn,
+            commits: self.commits,
+            crc: self.crc,
+        }
+    }
+
+    /// The next commit, or `None` at the end. `Ok(None)` only if every commit followed on and
+    /// the end is where it should be; a disagreement (or a segment retired meanwhile, whose file
+    /// may be recycled) is an `InvalidData` error.
     async fn next(&mut self) -> io::Result<Option<Walked>> {
         let disagree = |why: &str| Err(io::Error::new(io::ErrorKind::InvalidData, why.to_string()));
         loop {
@@ -413,16 +471,17 @@ impl<'a> Walk<'a> {
             if self.seg.retired.get() {
                 return disagree("the segment was retired");
             }
-            if self.offset >= self.summary.end_offset {
-                let found = (self.lsn, self.offset, self.commits, self.crc);
-                let s = &self.summary;
-                if found != (s.end_lsn, s.end_offset, s.commits, s.commits_crc) {
+            if self.offset >= self.end_offset {
+                let found = (self.lsn, self.offset, Some((self.commits, self.crc)));
+                if found != (self.end_lsn, self.end_offset, self.check.or(found.2)) {
                     return disagree("the segment disagrees with its summary");
                 }
                 return Ok(None);
             }
             let at = (self.offset - self.buf_start) as usize;
-            let parsed = match format::parse_commit(&self.buf[at..], self.seg.sequence) {
+            // Before the first read of a walk that starts inside a block, `at` is past the
+            // (empty) buffer.
+            let parsed = match format::parse_commit(self.buf.get(at..).unwrap_or(&[]), self.seg.sequence) {
                 Ok(view) if view.first_lsn == self.lsn => Some((view.count, view.total_bytes)),
                 Err(ParseError::Short { .. }) if self.read_at < self.read_end => None,
                 _ => return disagree("the segment disagrees with its summary"),
@@ -430,6 +489,7 @@ impl<'a> Walk<'a> {
             if let Some((count, total)) = parsed {
                 let walked = Walked {
                     at,
+                    offset: self.offset,
                     first_lsn: self.lsn,
                     total,
                 };
@@ -444,13 +504,14 @@ impl<'a> Walk<'a> {
             if chunk.is_empty() {
                 return disagree("the segment file ends before its summary");
             }
-            if at == self.buf.len() {
+            if at >= self.buf.len() {
                 self.buf = chunk;
+                self.buf_start = self.read_at;
             } else {
                 self.buf.drain(..at);
                 self.buf.extend_from_slice(&chunk);
+                self.buf_start = self.offset;
             }
-            self.buf_start = self.offset;
             self.read_at += len;
             glommio::yield_if_needed().await;
         }
@@ -461,8 +522,8 @@ impl<'a> Walk<'a> {
     }
 }
 
-/// What the first walk learns of one stream.
-#[derive(Default)]
+/// What a walk learns of one stream.
+#[derive(Debug, Default, Clone)]
 struct StreamPlan {
     /// Bytes of the commits holding it: what a read through the index fetches.
     commit_bytes: u64,
@@ -475,32 +536,49 @@ struct StreamPlan {
     marks: Vec<(u64, u64)>,
 }
 
-/// Plans the runs of `seg` (the first walk): which streams get one, and where.
-async fn plan(seg: &Segment, stop: &Cell<bool>, summary: &SegmentSummary) -> io::Result<RunsTable> {
-    let saving_min = RUNS_SAVING_MIN_BYTES.min(seg.capacity / 64);
-    let mark_interval = RUNS_MARK_INTERVAL_BYTES.min(seg.capacity / 64);
-    let mut streams: HashMap<u64, StreamPlan, foldhash::fast::RandomState> = HashMap::default();
-    let mut walk = Walk::new(seg, stop, summary.clone());
-    while let Some(w) = walk.next().await? {
-        let commit_offset = walk.offset - w.total as u64;
-        for (stream, first, count, bytes) in body_runs(walk.body(&w)) {
-            let p = streams.entry(stream).or_default();
-            if p.last_commit != commit_offset + 1 {
-                p.commit_bytes += w.total as u64;
-                p.last_commit = commit_offset + 1;
-            }
-            let last_mark = p.marks.last().map(|&(_, at)| at);
-            if last_mark.is_none_or(|at| p.run_bytes - at >= mark_interval) {
-                p.marks.push((w.first_lsn + u64::from(first), p.run_bytes));
-            }
-            p.run_bytes += (COMMIT_HEADER_BYTES + bytes.len()) as u64;
-            p.records += u64::from(count);
+impl StreamPlan {
+    /// Books a group of `count` records of the stream, `body_bytes` long, from lsn `first_lsn`,
+    /// in the commit of `commit_bytes` at `commit_offset`.
+    fn note(
+        &mut self,
+        commit_offset: u64,
+        commit_bytes: usize,
+        first_lsn: u64,
+        count: u32,
+        body_bytes: usize,
+        mark_interval: u64,
+    ) {
+        if self.last_commit != commit_offset + 1 {
+            self.commit_bytes += commit_bytes as u64;
+            self.last_commit = commit_offset + 1;
         }
+        let last_mark = self.marks.last().map(|&(_, at)| at);
+        if last_mark.is_none_or(|at| self.run_bytes - at >= mark_interval) {
+            self.marks.push((first_lsn, self.run_bytes));
+        }
+        self.run_bytes += (COMMIT_HEADER_BYTES + body_bytes) as u64;
+        self.records += u64::from(count);
     }
-    let mut chosen: Vec<(u64, StreamPlan)> = streams
-        .into_iter()
-        .filter(|(_, p)| p.commit_bytes >= RUNS_AMPLIFICATION * p.run_bytes + saving_min)
-        .collect();
+
+    /// Whether the stream gets a run (see the module).
+    fn wanted(&self, saving_min: u64) -> bool {
+        self.commit_bytes >= RUNS_AMPLIFICATION * self.run_bytes + saving_min
+    }
+}
+
+/// A run gets a mark about every this many bytes in a segment of `capacity`.
+fn mark_interval(capacity: u64) -> u64 {
+    RUNS_MARK_INTERVAL_BYTES.min(capacity / 64)
+}
+
+/// A run must save at least this many bytes in a segment of `capacity`.
+fn saving_min(capacity: u64) -> u64 {
+    RUNS_SAVING_MIN_BYTES.min(capacity / 64)
+}
+
+/// The table of the runs of the streams `plans` says get one, placed after the table.
+fn table_of<'a>(plans: impl Iterator<Item = (u64, &'a StreamPlan)>, capacity: u64) -> RunsTable {
+    let mut chosen: Vec<(u64, &StreamPlan)> = plans.filter(|(_, p)| p.wanted(saving_min(capacity))).collect();
     chosen.sort_unstable_by_key(|&(stream, _)| stream);
     let mut table = RunsTable::default();
     for (stream, p) in &chosen {
@@ -525,7 +603,144 @@ async fn plan(seg: &Segment, stop: &Cell<bool>, summary: &SegmentSummary) -> io:
         m += run.marks as usize;
         next = align_up(next + run.bytes);
     }
-    Ok(table)
+    table
+}
+
+/// Plans the runs of a sealed segment by walking it: which streams get one, and where.
+async fn plan(seg: &Segment, stop: &Cell<bool>, summary: &SegmentSummary) -> io::Result<RunsTable> {
+    let interval = mark_interval(seg.capacity);
+    let mut streams: HashMap<u64, StreamPlan, foldhash::fast::RandomState> = HashMap::default();
+    let mut walk = Walk::whole(seg, stop, summary);
+    while let Some(w) = walk.next().await? {
+        for (stream, first, count, bytes) in body_runs(walk.body(&w)) {
+            let p = streams.entry(stream).or_default();
+            p.note(
+                w.offset,
+                w.total,
+                w.first_lsn + u64::from(first),
+                count,
+                bytes.len(),
+                interval,
+            );
+        }
+    }
+    Ok(table_of(streams.iter().map(|(&s, p)| (s, p)), seg.capacity))
+}
+
+/// The tail is walked again once this much more of its segment is durable (or a 16th of the
+/// segment, if less): reads of the part not walked yet go through the stream index.
+const TAIL_STEP_BYTES: u64 = 256 << 10;
+
+fn tail_step(capacity: u64) -> u64 {
+    TAIL_STEP_BYTES.min(capacity / 16)
+}
+
+/// Where a segment's tail stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TailState {
+    /// Not the active segment since the shard opened, or not started yet.
+    NotStarted,
+    /// In [`Segment::tail`], walked as the segment grows (and to its end once sealed).
+    Walking,
+    /// Given up: its streams' plans alone took more than the memory bound, or its walk failed.
+    /// The runs of the segment are planned by walking it once it is sealed.
+    Abandoned,
+    /// The segment's runs file is made; the tail is gone.
+    Done,
+}
+
+/// The runs of the segment being written, in memory, made as it grows (and kept once it is
+/// sealed until its runs file is made from them): a read filtered to a stream whose records are
+/// scattered over the active segment reads them from here, and sealing writes the runs file from
+/// here instead of walking the segment twice.
+///
+/// The background task walks each newly durable part of the segment ([`TAIL_STEP_BYTES`] at a
+/// time), reading back what the committer wrote and checking each commit's checksum, and copies
+/// every stream's groups of records into that stream's run. Within
+/// `ShardOptions::stream_tail_memory_bytes`: beyond it, the runs of the streams that the stream
+/// index reads best (the fewest commit bytes per byte of the stream) are dropped first; the
+/// plans of all streams stay, so that the runs file can still be planned without a walk.
+pub(crate) struct Tail {
+    /// Walked up to here.
+    point: WalkPoint,
+    streams: HashMap<u64, TailStream, foldhash::fast::RandomState>,
+    /// Memory held: the streams' plans and runs.
+    bytes: usize,
+}
+
+struct TailStream {
+    plan: StreamPlan,
+    /// The run so far, as it will be in the runs file; `None` once dropped.
+    data: Option<Vec<u8>>,
+}
+
+impl Tail {
+    fn new(seg: &Segment) -> Tail {
+        Tail {
+            point: WalkPoint::start(seg),
+            streams: HashMap::default(),
+            bytes: 0,
+        }
+    }
+
+    pub(crate) fn memory_bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Books one walked commit of segment sequence `sequence`, whose body is `body`.
+    fn note_commit(&mut self, w: &Walked, body: &[u8], sequence: u64, interval: u64) {
+        for (stream, first, count, range) in body_runs(body) {
+            let t = self.streams.entry(stream).or_insert_with(|| {
+                self.bytes += std::mem::size_of::<(u64, TailStream)>();
+                TailStream {
+                    plan: StreamPlan::default(),
+                    data: Some(Vec::new()),
+                }
+            });
+            let marks = t.plan.marks.capacity();
+            let first_lsn = w.first_lsn + u64::from(first);
+            t.plan.note(w.offset, w.total, first_lsn, count, range.len(), interval);
+            self.bytes += (t.plan.marks.capacity() - marks) * std::mem::size_of::<(u64, u64)>();
+            if let Some(data) = &mut t.data {
+                let (at, capacity) = (data.len(), data.capacity());
+                data.resize(at + COMMIT_HEADER_BYTES, 0);
+                data.extend_from_slice(&body[range.clone()]);
+                format::seal_commit(&mut data[at..], sequence, first_lsn, count, range.len());
+                self.bytes += data.capacity() - capacity;
+            }
+        }
+    }
+
+    /// Drops runs, those the index reads best first, until the tail takes at most three
+    /// quarters of `budget`. Returns whether it fits in `budget` (without runs it may not).
+    fn shed(&mut self, budget: usize) -> bool {
+        let mut holding: Vec<(u64, u64)> = self
+            .streams
+            .iter()
+            .filter(|(_, t)| t.data.is_some())
+            .map(|(&stream, t)| (t.plan.commit_bytes * 16 / t.plan.run_bytes.max(1), stream))
+            .collect();
+        holding.sort_unstable();
+        for (_, stream) in holding {
+            if self.bytes <= budget / 4 * 3 {
+                break;
+            }
+            let t = self.streams.get_mut(&stream).expect("listed above");
+            self.bytes -= t.data.take().map_or(0, |d| d.capacity());
+        }
+        self.bytes <= budget
+    }
+}
+
+/// What a read of a segment's tail did.
+pub(crate) enum TailRead {
+    /// Every lsn of the stream the tail holds, from the cursor, is in the batch (or there was
+    /// nothing for the tail to give): the rest of the segment through the index.
+    Rest,
+    /// The batch is full.
+    Done,
+    /// The batch is empty and its first record needs this much memory: acquire it and try again.
+    NeedMemory(usize),
 }
 
 /// A run being copied: its buffer, and how much of the run is already written.
@@ -561,7 +776,7 @@ async fn copy(
         .collect();
     let mut written = 0u64;
     let mut full: Vec<u64> = Vec::new();
-    let mut walk = Walk::new(seg, stop, summary.clone());
+    let mut walk = Walk::whole(seg, stop, summary);
     while let Some(w) = walk.next().await? {
         let body = walk.body(&w);
         for (stream, first, count, bytes) in body_runs(body) {
@@ -666,6 +881,7 @@ impl Inner {
                 tracing::debug!(shard = self.opts.shard_id, %name, runs, "stream runs written");
                 *seg.runs.borrow_mut() = Some(Rc::new(loaded));
                 seg.runs_state.set(RunsState::Loaded);
+                seg.drop_tail(TailState::Done);
                 self.bound_stream_indexes(None);
             }
             Ok(_) => self.remove_runs_file(&name).await,
@@ -677,6 +893,7 @@ impl Inner {
                 }
                 tracing::warn!(shard = self.opts.shard_id, %name, error = %e, "no stream runs for this segment");
                 seg.runs_state.set(RunsState::None);
+                seg.drop_tail(TailState::Done);
             }
         }
         true
@@ -693,7 +910,25 @@ impl Inner {
     /// Plans and writes the runs file of `seg`, makes it durable, and returns its table with the
     /// file open for reads.
     async fn write_stream_runs(&self, seg: &Segment, summary: &SegmentSummary, name: &str) -> io::Result<LoadedRuns> {
-        let table = plan(seg, &self.bg_stop, summary).await?;
+        // From the tail if it walked the whole segment: no walk to plan, and the runs it still
+        // holds need none to copy either.
+        let from_tail = {
+            let tail = seg.tail.borrow();
+            tail.as_ref()
+                .filter(|t| t.point.matches(summary))
+                .map(|t| table_of(t.streams.iter().map(|(&s, t)| (s, &t.plan)), seg.capacity))
+        };
+        let table = match from_tail {
+            Some(table) => table,
+            None => plan(seg, &self.bg_stop, summary).await?,
+        };
+        let in_tail = |stream: u64| {
+            let tail = seg.tail.borrow();
+            tail.as_ref()
+                .filter(|t| t.point.matches(summary))
+                .and_then(|t| t.streams.get(&stream))
+                .is_some_and(|t| t.data.is_some())
+        };
         self.remove_runs_file(name).await;
         // Not `O_DSYNC`: one sync once the runs are written, another after the table.
         let file = self.storage.open(name, true, Durability::Linked).await?;
@@ -701,20 +936,24 @@ impl Inner {
         let alloc = move |len: usize| storage.alloc(len);
         let written = async {
             let mut bytes = 0;
+            for run in table.runs.iter().filter(|r| in_tail(r.stream)) {
+                bytes += self.write_run_from_tail(seg, &*file, run).await?;
+            }
+            let walked: Vec<Run> = table.runs.iter().filter(|r| !in_tail(r.stream)).copied().collect();
             let mut i = 0;
-            while i < table.runs.len() {
+            while i < walked.len() {
                 // As many runs as their buffers fit in the sweep's memory (at least one).
                 let mut j = i;
                 let mut memory = 0;
-                while j < table.runs.len() {
-                    let need = RUNS_BUFFER_BYTES.min(align_up(table.runs[j].bytes) as usize);
+                while j < walked.len() {
+                    let need = RUNS_BUFFER_BYTES.min(align_up(walked[j].bytes) as usize);
                     if j > i && memory + need > RUNS_SWEEP_MEMORY_BYTES {
                         break;
                     }
                     memory += need;
                     j += 1;
                 }
-                bytes += copy(seg, &self.bg_stop, summary, &*file, &alloc, &table.runs[i..j]).await?;
+                bytes += copy(seg, &self.bg_stop, summary, &*file, &alloc, &walked[i..j]).await?;
                 i = j;
             }
             file.sync().await?;
@@ -736,6 +975,176 @@ impl Inner {
         self.storage.sync_dir().await?;
         self.health.borrow_mut().runs_bytes_written += bytes;
         Ok(LoadedRuns { table, file })
+    }
+
+    /// Writes `run` from the segment's tail, [`RUNS_BUFFER_BYTES`] at a time (the tail stays for
+    /// reads meanwhile). Returns the bytes written.
+    async fn write_run_from_tail(&self, seg: &Segment, file: &dyn SegmentFile, run: &Run) -> io::Result<u64> {
+        let mut at = 0usize;
+        let mut written = 0;
+        while (at as u64) < run.bytes {
+            let buf = {
+                let tail = seg.tail.borrow();
+                let data = tail
+                    .as_ref()
+                    .and_then(|t| t.streams.get(&run.stream))
+                    .and_then(|t| t.data.as_ref())
+                    .filter(|d| d.len() as u64 == run.bytes)
+                    .ok_or_else(|| io::Error::other("the tail's run changed under its write"))?;
+                let n = RUNS_BUFFER_BYTES.min(data.len() - at);
+                let mut buf = self.storage.alloc(align_up(n as u64) as usize);
+                let slice = buf.as_mut_slice();
+                slice[..n].copy_from_slice(&data[at..at + n]);
+                slice[n..].fill(0);
+                buf
+            };
+            let n = buf.len();
+            file.write(run.offset + at as u64, buf).await?;
+            at += RUNS_BUFFER_BYTES;
+            written += n as u64;
+        }
+        Ok(written)
+    }
+
+    /// Walks the tails that are behind: the active segment's once [`TAIL_STEP_BYTES`] more of it
+    /// is durable (starting it first), a sealed segment's to its end. Returns whether it walked.
+    pub(crate) async fn walk_tails(&self) -> bool {
+        if self.opts.stream_runs != crate::StreamRuns::Auto || self.poisoned_cause().is_some() {
+            return false;
+        }
+        let todo: Vec<Rc<Segment>> = {
+            let st = self.st.borrow();
+            if let Some(active) = &st.segs.active {
+                let seg = &active.seg;
+                if seg.tail_state.get() == TailState::NotStarted && seg.streams.borrow().is_some() {
+                    *seg.tail.borrow_mut() = Some(Tail::new(seg));
+                    seg.tail_state.set(TailState::Walking);
+                    seg.tail_due.set(SEGMENT_DATA_OFFSET + tail_step(seg.capacity));
+                }
+            }
+            st.segs
+                .iter()
+                .filter(|s| {
+                    let end = s.durable_end.get().1;
+                    let walked = s.tail.borrow().as_ref().map_or(end, |t| t.point.offset);
+                    s.tail_state.get() == TailState::Walking
+                        && end > walked
+                        && (end >= s.tail_due.get() || s.summary.get() != SummaryState::Open)
+                })
+                .cloned()
+                .collect()
+        };
+        for seg in &todo {
+            if let Err(e) = self.walk_tail(seg).await {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    return false;
+                }
+                if !seg.retired.get() {
+                    tracing::warn!(shard = self.opts.shard_id, segment = seg.sequence, error = %e, "stopped the segment's tail");
+                }
+                seg.drop_tail(TailState::Abandoned);
+            }
+        }
+        !todo.is_empty()
+    }
+
+    /// Walks `seg`'s tail up to the durable end as it is now.
+    async fn walk_tail(&self, seg: &Segment) -> io::Result<()> {
+        let Some(from) = seg.tail.borrow().as_ref().map(|t| t.point) else {
+            return Ok(());
+        };
+        let (end_lsn, end_offset) = seg.durable_end.get();
+        let interval = mark_interval(seg.capacity);
+        let budget = self.opts.stream_tail_memory_bytes;
+        let mut walk = Walk::range(seg, &self.bg_stop, from, (end_offset, end_lsn));
+        while let Some(w) = walk.next().await? {
+            let mut tail = seg.tail.borrow_mut();
+            let Some(t) = tail.as_mut() else {
+                return Ok(());
+            };
+            t.note_commit(&w, walk.body(&w), seg.sequence, interval);
+            t.point = walk.point();
+            if t.bytes > budget && !t.shed(budget) {
+                // Too many streams to keep even their plans: this segment's runs are planned by
+                // walking it once it is sealed.
+                tracing::debug!(
+                    shard = self.opts.shard_id,
+                    segment = seg.sequence,
+                    "the segment's tail outgrew its memory"
+                );
+                drop(tail);
+                seg.drop_tail(TailState::Abandoned);
+                return Ok(());
+            }
+        }
+        seg.tail_due.set(end_offset + tail_step(seg.capacity));
+        Ok(())
+    }
+
+    /// The part of a read filtered to `stream` that the tail of `seg` holds: the stream's records
+    /// from the cursor up to where the tail has walked (and below `limit_lsn`), from memory. With
+    /// [`TailRead::Rest`] the cursor is where the rest of the segment is to be read from.
+    pub(crate) fn read_tail(&self, seg: &Segment, stream: u64, limit_lsn: u64, p: &mut ReadProgress<'_>) -> TailRead {
+        let tail = seg.tail.borrow();
+        let Some(tail) = tail.as_ref() else {
+            return TailRead::Rest;
+        };
+        let covered = tail.point.lsn.min(limit_lsn);
+        if *p.cursor >= covered {
+            return TailRead::Rest;
+        }
+        let Some(t) = tail.streams.get(&stream) else {
+            // None of the stream's records lie below the covered part.
+            *p.cursor = covered;
+            return TailRead::Rest;
+        };
+        let Some(data) = t.data.as_ref() else {
+            return TailRead::Rest;
+        };
+        self.health.borrow_mut().tail_reads += 1;
+        let marks = &t.plan.marks;
+        let i = marks.partition_point(|&(lsn, _)| lsn <= *p.cursor).saturating_sub(1);
+        let mut pos = marks.get(i).map_or(0, |&(_, at)| at as usize);
+        while pos < data.len() {
+            let view = format::parse_commit(&data[pos..], seg.sequence).expect("the tail's own commits");
+            for (k, record) in view.records().enumerate() {
+                let lsn = view.first_lsn + k as u64;
+                if lsn < *p.cursor {
+                    continue;
+                }
+                if lsn >= covered {
+                    *p.cursor = covered;
+                    return TailRead::Rest;
+                }
+                let record = record.expect("framing validated by parse_commit");
+                *p.cursor = lsn;
+                let charge = READ_RECORD_OVERHEAD_BYTES + record.payload.len();
+                if !p.batch.records.is_empty() && *p.bytes + record.payload.len() > p.max_bytes {
+                    return TailRead::Done;
+                }
+                if !p.memory.try_grow_to(*p.held + charge) {
+                    return match p.batch.records.is_empty() {
+                        true => TailRead::NeedMemory(*p.held + charge),
+                        false => TailRead::Done,
+                    };
+                }
+                *p.bytes += record.payload.len();
+                *p.held += charge;
+                p.batch.records.push(ReadRecord {
+                    lsn: Lsn(lsn),
+                    stream: record.stream,
+                    timestamp: record.timestamp,
+                    payload: record.payload.to_vec(),
+                });
+                *p.cursor = lsn + 1;
+            }
+            pos += view.total_bytes;
+            if *p.bytes >= p.max_bytes {
+                return TailRead::Done;
+            }
+        }
+        *p.cursor = (*p.cursor).max(covered);
+        TailRead::Rest
     }
 
     /// Loads the table of a sealed segment's runs file, which recovery found on disk, if it is

@@ -6,7 +6,8 @@
 //! missing index file is rebuilt by the background task after the first filtered read. A read
 //! for a rare stream skips the commits that do not hold it, so it reaches the end of a log
 //! far longer than the scan bound in one call. The same holds with the stream runs of sealed
-//! segments (`stream_runs.rs`): made, reopened, damaged (set aside and made again), or off.
+//! segments (`stream_runs.rs`): made, reopened, damaged (set aside and made again), or off; and
+//! with the runs of the active segment kept in memory as it grows (its tail), whole or in part.
 
 mod common;
 
@@ -108,9 +109,17 @@ fn opts() -> shards::ShardOptions {
 /// Writes `appends`, checks, closes and reopens (checks), writes more and crashes (checks),
 /// then flips a bit in or tears each index file (checks). Sealed segments' indexes may keep
 /// `index_memory` bytes loaded: a small bound drops and reloads them all the time.
-fn write_and_check(appends: Vec<Append>, streams: u64, max_bytes: usize, seed: u64, index_memory: usize) {
+fn write_and_check(
+    appends: Vec<Append>,
+    streams: u64,
+    max_bytes: usize,
+    seed: u64,
+    index_memory: usize,
+    tail_memory: usize,
+) {
     let opts = move || shards::ShardOptions {
         stream_index_memory_bytes: index_memory,
+        stream_tail_memory_bytes: tail_memory,
         ..opts()
     };
     run(move || async move {
@@ -183,8 +192,10 @@ proptest! {
         max_bytes in prop_oneof![Just(1usize), 1usize..5000, Just(1usize << 20)],
         seed in 0u64..1_000_000,
         index_memory in prop_oneof![Just(shards::STREAM_INDEX_MEMORY_BYTES_DEFAULT), 0usize..2048],
+        // The active segment's tail: kept whole, shedding runs, or given up.
+        tail_memory in prop_oneof![Just(shards::STREAM_TAIL_MEMORY_BYTES_DEFAULT), 4096usize..40_000, 0usize..1024],
     ) {
-        write_and_check(appends, 5, max_bytes, seed, index_memory);
+        write_and_check(appends, 5, max_bytes, seed, index_memory, tail_memory);
     }
 }
 
@@ -444,5 +455,52 @@ fn stream_runs_off_writes_none() {
         assert!(!runs_files(&mem).is_empty(), "runs made after turning them on");
         check_reads(&shard, 9, 300, 1 << 20, "runs turned on").await;
         shard.close().await.expect("close");
+    });
+}
+
+/// A log that stays in its active segment: filtered reads take the part the tail has walked from
+/// memory (and the rest through the index), on the first open and after a reopen; a tail bound
+/// too small for one stream's run leaves reads to the index, still exact.
+#[test]
+fn the_active_segment_is_read_from_its_tail() {
+    run(|| async {
+        for tail_memory in [shards::STREAM_TAIL_MEMORY_BYTES_DEFAULT, 2048] {
+            let mem = MemStorage::new();
+            let big = move || shards::ShardOptions {
+                segment_bytes: 4 << 20,
+                stream_tail_memory_bytes: tail_memory,
+                ..opts()
+            };
+            let shard = open_mem(&mem, big()).await;
+            append_all(&shard, &interleaved(2500), 23).await;
+            assert_eq!(shard.stats().segment_count, 1, "one active segment");
+            if tail_memory == shards::STREAM_TAIL_MEMORY_BYTES_DEFAULT {
+                // The background task walks the tail at low priority.
+                wait_until("the tail walked", || shard.stats().stream_tail_bytes > 0).await;
+            }
+            check_reads(&shard, 9, 1200, 1 << 20, "first open").await;
+            check_reads(&shard, 9, 1200, 700, "first open, small pages").await;
+            let stats = shard.stats();
+            if tail_memory == shards::STREAM_TAIL_MEMORY_BYTES_DEFAULT {
+                assert!(stats.stream_tail_reads > 0, "reads from the tail");
+                assert!(stats.stream_tail_bytes > 0, "its memory is reported");
+            } else {
+                assert!(stats.stream_tail_bytes <= 2048, "{} bytes", stats.stream_tail_bytes);
+            }
+            shard.close().await.expect("close");
+            let shard = open_mem(&mem, big()).await;
+            wait_until("the tail walked after the reopen", || {
+                shard.stats().stream_tail_bytes > 0 || tail_memory < 4096
+            })
+            .await;
+            check_reads(&shard, 9, 1200, 1 << 20, "after a reopen").await;
+            if tail_memory == shards::STREAM_TAIL_MEMORY_BYTES_DEFAULT {
+                assert!(
+                    shard.stats().stream_tail_reads > 0,
+                    "reads from the tail after a reopen"
+                );
+            }
+            shard.close().await.expect("close");
+        }
     });
 }
