@@ -61,12 +61,6 @@ pub(crate) async fn background(inner: Rc<Inner>) {
         rebuild_stream_indexes(&inner).await;
         apply_retention(&inner, &mut spare_id).await;
         ensure_spare(&inner, &mut spare_id, &mut retry_at).await;
-        // [stream_runs] One segment at a time, after everything above: it is the longest work
-        // here (two reads of the segment and a write of its sparse streams), and none of it is
-        // on the way of an append.
-        if inner.walk_tails().await | inner.make_stream_runs().await {
-            continue;
-        }
         let summary_retry_at = summaries_failed.then(|| Instant::now() + PREPARE_RETRY_INTERVAL);
         let wake_at = [retry_at, age_retention_due_at(&inner), summary_retry_at]
             .into_iter()
@@ -410,6 +404,7 @@ async fn write_summaries(inner: &Inner) -> bool {
                 // [stream_runs] Its runs are made from the summary it now has for good.
                 if wants_stream_runs(inner, &seg) {
                     seg.runs_state.set(RunsState::Pending);
+                    inner.runs_wake.notify();
                 }
             }
             // Retired while its summary was being written: the summary goes with it.

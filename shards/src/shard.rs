@@ -344,6 +344,9 @@ pub(crate) struct Inner {
     pub bg_wake: Notify,
     /// Wakes the scrub from its pacing sleep when the shard closes.
     pub scrub_wake: Notify,
+    /// Wakes the stream runs task ([`crate::stream_runs`]): a tail to walk, runs to make, or the
+    /// shard closing.
+    pub runs_wake: Notify,
     /// Corruption findings, scrub progress and how the last open recovered.
     pub health: RefCell<Health>,
     durable_waiters: LsnWaiters,
@@ -480,6 +483,7 @@ impl Shard {
             committer_wake: Notify::default(),
             bg_wake: Notify::default(),
             scrub_wake: Notify::default(),
+            runs_wake: Notify::default(),
             health: RefCell::new(Health {
                 corrupt_segments: rec.findings.len() as u64,
                 last_corruption: rec.findings.last().cloned(),
@@ -519,7 +523,10 @@ impl Shard {
         // preparing the next segment.
         let scrub = glommio::spawn_local_into(crate::background::scrub(inner.clone()), background_queue())
             .map_err(spawn_err)?;
-        inner.tasks.borrow_mut().extend([committer, background, scrub]);
+        // A task of its own, so that its long walks never hold up the next segment's preparation.
+        let runs = glommio::spawn_local_into(crate::stream_runs::stream_runs_task(inner.clone()), background_queue())
+            .map_err(spawn_err)?;
+        inner.tasks.borrow_mut().extend([committer, background, scrub, runs]);
         Ok(Shard { inner })
     }
 
@@ -702,6 +709,7 @@ impl Shard {
         inner.bg_stop.set(true);
         inner.bg_wake.notify();
         inner.scrub_wake.notify();
+        inner.runs_wake.notify();
         for task in tasks {
             task.await;
         }
@@ -1080,8 +1088,10 @@ impl Inner {
         st.segs.activate(base_lsn, name, file, capacity);
         st.assert_invariants();
         // The background task renames the file, writes the sealed segment's summary and
-        // prepares the next spare.
+        // prepares the next spare; the stream runs task starts the new segment's tail and walks
+        // the sealed one's to its end.
         self.bg_wake.notify();
+        self.runs_wake.notify();
     }
 
     /// Seals the batch at the front of the queue as one commit and submits it.
@@ -1284,7 +1294,7 @@ impl Inner {
         drop(c);
         drop(st);
         if tail_due {
-            self.bg_wake.notify();
+            self.runs_wake.notify();
         }
         self.durable_waiters.wake_upto(self.durable_lsn.get());
         self.committer_wake.notify();

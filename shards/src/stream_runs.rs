@@ -7,16 +7,27 @@
 //! the records where they lie is a random 4 KiB read per record. The only way to read such a
 //! stream at the device's sequential rate is to have its records next to each other.
 //!
-//! So once a segment is sealed and its summary is durable, the background task walks the segment
-//! (one sequential read) and, for each stream, compares what a read through the index would fetch
-//! (the bytes of the commits holding it) with what the stream holds. Each stream for which the
-//! index read would fetch more than [`RUNS_AMPLIFICATION`] times its own bytes, and at least
-//! [`RUNS_SAVING_MIN_BYTES`] more (less in small segments), gets a *run*: its records, in lsn order, written contiguously
-//! into `<base_lsn:020>.runs` (a second sequential read copies them, [`RUNS_SWEEP_MEMORY_BYTES`]
-//! of streams at a time). Streams that batch their appends, or that fill most of the commits they
-//! are in, get none: the index already reads them at about their size. The cost is the runs'
-//! bytes written a second time, in the background, at low priority; `--stream-runs off` turns it
-//! off for a log nobody reads by stream.
+//! So the records of such streams are copied next to each other, by a task of their own in the
+//! background queue, in two steps:
+//!
+//! - **The tail.** As the active segment grows, the task reads back each newly durable part
+//!   (checking every commit's checksum) and appends each stream's groups of records, as commits,
+//!   to that stream's *run* in memory ([`Tail`]), within `stream_tail_memory_bytes`: beyond it,
+//!   the runs of the streams that the index reads best (the fewest commit bytes per byte of the
+//!   stream) are dropped first. Filtered reads of the active segment take the walked part from
+//!   there.
+//! - **The runs file.** Once the segment is sealed and its summary durable, each stream whose run
+//!   the tail still holds, and for which a read through the index would fetch more than
+//!   [`RUNS_AMPLIFICATION`] times its run's bytes and at least [`RUNS_SAVING_MIN_BYTES`] more
+//!   (less in small segments), gets its run written contiguously into `<base_lsn:020>.runs`. A
+//!   sealed segment without a tail (sealed before the shard was opened, or whose tail was given
+//!   up) is walked twice instead: once to plan, once to copy as many runs as
+//!   [`RUNS_SWEEP_MEMORY_BYTES`] of buffers allow, the worst-read streams first.
+//!
+//! Streams that batch their appends, or that fill most of the commits they are in, get no run:
+//! the index already reads them at about their size. The cost is a read-back of the log and a
+//! second write of the runs' records, in the background, at low priority, bounded per segment by
+//! the tail's memory; `--stream-runs off` turns it off for a log nobody reads by stream.
 //!
 //! The segment stays the log: a runs file is a copy, checked against the segment's summary when
 //! loaded and, commit by commit, by the same checksums as the segment's commits when read. A file
@@ -576,9 +587,23 @@ fn saving_min(capacity: u64) -> u64 {
     RUNS_SAVING_MIN_BYTES.min(capacity / 64)
 }
 
-/// The table of the runs of the streams `plans` says get one, placed after the table.
-fn table_of<'a>(plans: impl Iterator<Item = (u64, &'a StreamPlan)>, capacity: u64) -> RunsTable {
+/// The table of the runs of the streams `plans` says get one, placed after the table. With
+/// `memory`, only as many as one walk can copy with that much memory for their buffers: those
+/// the index reads worst (the most commit bytes per byte of the stream) first.
+fn table_of<'a>(plans: impl Iterator<Item = (u64, &'a StreamPlan)>, capacity: u64, memory: Option<usize>) -> RunsTable {
     let mut chosen: Vec<(u64, &StreamPlan)> = plans.filter(|(_, p)| p.wanted(saving_min(capacity))).collect();
+    if let Some(memory) = memory {
+        chosen.sort_unstable_by_key(|&(_, p)| std::cmp::Reverse(p.commit_bytes * 16 / p.run_bytes.max(1)));
+        let mut used = 0;
+        let fits = chosen
+            .iter()
+            .take_while(|(_, p)| {
+                used += copy_buffer_bytes(p.run_bytes);
+                used <= memory
+            })
+            .count();
+        chosen.truncate(fits.max(1).min(chosen.len()));
+    }
     chosen.sort_unstable_by_key(|&(stream, _)| stream);
     let mut table = RunsTable::default();
     for (stream, p) in &chosen {
@@ -606,7 +631,13 @@ fn table_of<'a>(plans: impl Iterator<Item = (u64, &'a StreamPlan)>, capacity: u6
     table
 }
 
-/// Plans the runs of a sealed segment by walking it: which streams get one, and where.
+/// The buffer a run of `run_bytes` takes while a walk copies it.
+fn copy_buffer_bytes(run_bytes: u64) -> usize {
+    RUNS_BUFFER_BYTES.min(align_up(run_bytes) as usize)
+}
+
+/// Plans the runs of a sealed segment by walking it: which streams get one (as many as one more
+/// walk can copy), and where.
 async fn plan(seg: &Segment, stop: &Cell<bool>, summary: &SegmentSummary) -> io::Result<RunsTable> {
     let interval = mark_interval(seg.capacity);
     let mut streams: HashMap<u64, StreamPlan, foldhash::fast::RandomState> = HashMap::default();
@@ -624,7 +655,8 @@ async fn plan(seg: &Segment, stop: &Cell<bool>, summary: &SegmentSummary) -> io:
             );
         }
     }
-    Ok(table_of(streams.iter().map(|(&s, p)| (s, p)), seg.capacity))
+    let memory = Some(RUNS_SWEEP_MEMORY_BYTES);
+    Ok(table_of(streams.iter().map(|(&s, p)| (s, p)), seg.capacity, memory))
 }
 
 /// The tail is walked again once this much more of its segment is durable (or a 16th of the
@@ -858,6 +890,18 @@ pub(crate) enum RunsRead {
     Untrusted(String),
 }
 
+/// The stream runs task, in the background queue next to the background task and the scrub:
+/// walks the active segment's tail as it grows and makes each sealed segment's runs file, one
+/// segment at a time.
+pub(crate) async fn stream_runs_task(inner: Rc<Inner>) {
+    while !inner.bg_stop.get() {
+        if inner.walk_tails().await | inner.make_stream_runs().await {
+            continue;
+        }
+        inner.runs_wake.wait().await;
+    }
+}
+
 impl Inner {
     /// Makes the runs file of the oldest segment whose runs are pending. Returns whether it did
     /// any work (the caller looks for more before it sleeps).
@@ -910,13 +954,14 @@ impl Inner {
     /// Plans and writes the runs file of `seg`, makes it durable, and returns its table with the
     /// file open for reads.
     async fn write_stream_runs(&self, seg: &Segment, summary: &SegmentSummary, name: &str) -> io::Result<LoadedRuns> {
-        // From the tail if it walked the whole segment: no walk to plan, and the runs it still
-        // holds need none to copy either.
+        // From the tail if it walked the whole segment: the runs it still holds, which need no
+        // walk (the streams it shed, those the index reads best, get none).
         let from_tail = {
             let tail = seg.tail.borrow();
-            tail.as_ref()
-                .filter(|t| t.point.matches(summary))
-                .map(|t| table_of(t.streams.iter().map(|(&s, t)| (s, &t.plan)), seg.capacity))
+            tail.as_ref().filter(|t| t.point.matches(summary)).map(|t| {
+                let held = t.streams.iter().filter(|(_, t)| t.data.is_some());
+                table_of(held.map(|(&s, t)| (s, &t.plan)), seg.capacity, None)
+            })
         };
         let table = match from_tail {
             Some(table) => table,
@@ -939,22 +984,10 @@ impl Inner {
             for run in table.runs.iter().filter(|r| in_tail(r.stream)) {
                 bytes += self.write_run_from_tail(seg, &*file, run).await?;
             }
+            // The others (all of them, or none) in one walk: `plan` chose no more than fit.
             let walked: Vec<Run> = table.runs.iter().filter(|r| !in_tail(r.stream)).copied().collect();
-            let mut i = 0;
-            while i < walked.len() {
-                // As many runs as their buffers fit in the sweep's memory (at least one).
-                let mut j = i;
-                let mut memory = 0;
-                while j < walked.len() {
-                    let need = RUNS_BUFFER_BYTES.min(align_up(walked[j].bytes) as usize);
-                    if j > i && memory + need > RUNS_SWEEP_MEMORY_BYTES {
-                        break;
-                    }
-                    memory += need;
-                    j += 1;
-                }
-                bytes += copy(seg, &self.bg_stop, summary, &*file, &alloc, &walked[i..j]).await?;
-                i = j;
+            if !walked.is_empty() {
+                bytes += copy(seg, &self.bg_stop, summary, &*file, &alloc, &walked).await?;
             }
             file.sync().await?;
             let mut head = self.storage.alloc(table.data_offset() as usize);
@@ -1211,7 +1244,7 @@ impl Inner {
         self.remove_runs_file(&name).await;
         if !seg.retired.get() && self.opts.stream_runs == crate::StreamRuns::Auto {
             seg.runs_state.set(RunsState::Pending);
-            self.bg_wake.notify();
+            self.runs_wake.notify();
         }
     }
 
