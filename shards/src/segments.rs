@@ -131,9 +131,6 @@ pub(crate) struct Segment {
     /// made ([`crate::stream_runs::Tail`]).
     pub tail: RefCell<Option<Tail>>,
     pub tail_state: Cell<TailState>,
-    /// The committer wakes the background task once the durable end reaches this offset, to
-    /// walk the tail further.
-    pub tail_due: Cell<u64>,
 }
 
 impl Segment {
@@ -178,7 +175,6 @@ impl Segment {
             runs: RefCell::new(None),
             tail: RefCell::new(None),
             tail_state: Cell::new(TailState::NotStarted),
-            tail_due: Cell::new(u64::MAX),
         }
     }
 
@@ -194,7 +190,34 @@ impl Segment {
     pub(crate) fn drop_tail(&self, state: TailState) {
         *self.tail.borrow_mut() = None;
         self.tail_state.set(state);
-        self.tail_due.set(u64::MAX);
+    }
+
+    /// Books one commit handed to the device in the segment's tail (starting it with the
+    /// segment's first commit): `at` is its (offset, first lsn, bytes).
+    pub(crate) fn note_tail(&self, at: (u64, u64, usize), header: &[u8], body: &[u8], budget: usize) {
+        if self.tail_state.get() == TailState::NotStarted
+            && at.0 == SEGMENT_DATA_OFFSET
+            && self.streams.borrow().is_some()
+        {
+            *self.tail.borrow_mut() = Some(Tail::new(self));
+            self.tail_state.set(TailState::Booking);
+        }
+        if self.tail_state.get() != TailState::Booking {
+            return;
+        }
+        let interval = crate::stream_runs::mark_interval(self.capacity);
+        let fits = self.tail.borrow_mut().as_mut().expect("a booking tail").note_commit(
+            at,
+            header,
+            body,
+            self.sequence,
+            (interval, budget),
+        );
+        if !fits {
+            // Too many streams to keep even their plans: this segment's runs are planned by
+            // walking it once it is sealed.
+            self.drop_tail(TailState::Abandoned);
+        }
     }
 
     /// Heap bytes of the segment's stream index and of its runs table.

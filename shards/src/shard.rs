@@ -1088,10 +1088,8 @@ impl Inner {
         st.segs.activate(base_lsn, name, file, capacity);
         st.assert_invariants();
         // The background task renames the file, writes the sealed segment's summary and
-        // prepares the next spare; the stream runs task starts the new segment's tail and walks
-        // the sealed one's to its end.
+        // prepares the next spare.
         self.bg_wake.notify();
-        self.runs_wake.notify();
     }
 
     /// Seals the batch at the front of the queue as one commit and submits it.
@@ -1199,6 +1197,16 @@ impl Inner {
         active
             .seg
             .note_stream_ids(first_lsn, commit_offset, commit_bytes, &streams);
+        // [stream_runs] The commit's groups of records, into the segment's tail.
+        if self.opts.stream_runs == StreamRuns::Auto {
+            let b = buf.as_slice();
+            active.seg.note_tail(
+                (commit_offset, first_lsn, commit_bytes),
+                &b[prefix..prefix + COMMIT_HEADER_BYTES],
+                &b[body_at..body_at + body_bytes],
+                self.opts.stream_tail_memory_bytes,
+            );
+        }
         if st.stream_lists.len() < STREAM_LISTS_KEPT && streams.capacity() <= STREAM_LIST_KEPT_MAX {
             streams.clear();
             st.stream_lists.push(streams);
@@ -1274,14 +1282,11 @@ impl Inner {
         }
         let mut st = self.st.borrow_mut();
         let mut c = self.counters.borrow_mut();
-        let mut tail_due = false;
         while st.inflight.front().is_some_and(|f| matches!(f.result, Some(Ok(())))) {
             let f = st.inflight.pop_front().expect("front exists");
             assert!(f.end_lsn - 1 > self.durable_lsn.get(), "durability advances");
             self.durable_lsn.set(f.end_lsn - 1);
             f.seg.durable_end.set((f.end_lsn, f.end_offset));
-            // [stream_runs] Enough more of the segment for its tail to walk.
-            tail_due |= f.end_offset >= f.seg.tail_due.get();
             c.commits += 1;
             c.records_per_commit.saturating_record(f.records);
             c.bytes_per_commit.saturating_record(f.bytes);
@@ -1293,9 +1298,6 @@ impl Inner {
         }
         drop(c);
         drop(st);
-        if tail_due {
-            self.runs_wake.notify();
-        }
         self.durable_waiters.wake_upto(self.durable_lsn.get());
         self.committer_wake.notify();
     }

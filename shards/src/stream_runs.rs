@@ -74,7 +74,7 @@ use crate::format::{
     COMMIT_HEADER_BYTES, RECORD_HEADER_BYTES, SEGMENT_DATA_OFFSET,
 };
 use crate::read_pool::READ_RECORD_OVERHEAD_BYTES;
-use crate::segments::{Segment, SummaryState};
+use crate::segments::Segment;
 use crate::shard::{chunk_bytes, Inner};
 use crate::storage::{IoBuf, SegmentFile};
 use crate::stream_index::{ReadProgress, SegmentRead};
@@ -461,15 +461,6 @@ impl<'a> Walk<'a> {
         }
     }
 
-    fn point(&self) -> WalkPoint {
-        WalkPoint {
-            offset: self.offset,
-            lsn: self.lsn,
-            commits: self.commits,
-            crc: self.crc,
-        }
-    }
-
     /// The next commit, or `None` at the end. `Ok(None)` only if every commit followed on and
     /// the end is where it should be; a disagreement (or a segment retired meanwhile, whose file
     /// may be recycled) is an `InvalidData` error.
@@ -578,7 +569,7 @@ impl StreamPlan {
 }
 
 /// A run gets a mark about every this many bytes in a segment of `capacity`.
-fn mark_interval(capacity: u64) -> u64 {
+pub(crate) fn mark_interval(capacity: u64) -> u64 {
     RUNS_MARK_INTERVAL_BYTES.min(capacity / 64)
 }
 
@@ -659,41 +650,34 @@ async fn plan(seg: &Segment, stop: &Cell<bool>, summary: &SegmentSummary) -> io:
     Ok(table_of(streams.iter().map(|(&s, p)| (s, p)), seg.capacity, memory))
 }
 
-/// The tail is walked again once this much more of its segment is durable (or a 16th of the
-/// segment, if less): reads of the part not walked yet go through the stream index.
-const TAIL_STEP_BYTES: u64 = 256 << 10;
-
-fn tail_step(capacity: u64) -> u64 {
-    TAIL_STEP_BYTES.min(capacity / 16)
-}
-
 /// Where a segment's tail stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum TailState {
-    /// Not the active segment since the shard opened, or not started yet.
+    /// No tail: not started (a segment recovered at open has none), or runs are off.
     NotStarted,
-    /// In [`Segment::tail`], walked as the segment grows (and to its end once sealed).
-    Walking,
-    /// Given up: its streams' plans alone took more than the memory bound, or its walk failed.
-    /// The runs of the segment are planned by walking it once it is sealed.
+    /// In [`Segment::tail`]: the committer books each commit into it.
+    Booking,
+    /// Given up: its streams' plans alone took more than the memory bound. The runs of the
+    /// segment are planned by walking it once it is sealed.
     Abandoned,
-    /// The segment's runs file is made; the tail is gone.
+    /// The segment's runs file is made (or given up); the tail is gone.
     Done,
 }
 
 /// The runs of the segment being written, in memory, made as it grows (and kept once it is
 /// sealed until its runs file is made from them): a read filtered to a stream whose records are
 /// scattered over the active segment reads them from here, and sealing writes the runs file from
-/// here instead of walking the segment twice.
+/// here without reading the segment back.
 ///
-/// The background task walks each newly durable part of the segment ([`TAIL_STEP_BYTES`] at a
-/// time), reading back what the committer wrote and checking each commit's checksum, and copies
-/// every stream's groups of records into that stream's run. Within
-/// `ShardOptions::stream_tail_memory_bytes`: beyond it, the runs of the streams that the stream
-/// index reads best (the fewest commit bytes per byte of the stream) are dropped first; the
-/// plans of all streams stay, so that the runs file can still be planned without a walk.
+/// The committer books each commit it hands to the device (the body is in its buffer, hot in
+/// the cache): every stream's groups of records are appended to that stream's run, as commits
+/// whose checksum is left for the runs file's write to fill in. Reads take records below the
+/// durable end only. Within `ShardOptions::stream_tail_memory_bytes`: beyond it, the runs of the
+/// streams that the index reads best (the fewest commit bytes per byte of the stream) are
+/// dropped first; the plans of all streams stay, so that the runs file is planned without a
+/// walk. A segment whose plans alone outgrow the bound gives its tail up.
 pub(crate) struct Tail {
-    /// Walked up to here.
+    /// Booked up to here.
     point: WalkPoint,
     streams: HashMap<u64, TailStream, foldhash::fast::RandomState>,
     /// Memory held: the streams' plans and runs.
@@ -707,7 +691,7 @@ struct TailStream {
 }
 
 impl Tail {
-    fn new(seg: &Segment) -> Tail {
+    pub(crate) fn new(seg: &Segment) -> Tail {
         Tail {
             point: WalkPoint::start(seg),
             streams: HashMap::default(),
@@ -719,8 +703,23 @@ impl Tail {
         self.bytes
     }
 
-    /// Books one walked commit of segment sequence `sequence`, whose body is `body`.
-    fn note_commit(&mut self, w: &Walked, body: &[u8], sequence: u64, interval: u64) {
+    /// Books one commit of `commit_bytes` at `offset`, from lsn `first_lsn`, whose header (as
+    /// written) and body are given, of segment sequence `sequence`. Returns whether the tail
+    /// still fits in `budget` (shedding runs if it must).
+    pub(crate) fn note_commit(
+        &mut self,
+        (offset, first_lsn, commit_bytes): (u64, u64, usize),
+        header: &[u8],
+        body: &[u8],
+        sequence: u64,
+        (interval, budget): (u64, usize),
+    ) -> bool {
+        assert_eq!(
+            (offset, first_lsn),
+            (self.point.offset, self.point.lsn),
+            "commits are booked in order"
+        );
+        let mut count_total = 0u64;
         for (stream, first, count, range) in body_runs(body) {
             let t = self.streams.entry(stream).or_insert_with(|| {
                 self.bytes += std::mem::size_of::<(u64, TailStream)>();
@@ -730,17 +729,31 @@ impl Tail {
                 }
             });
             let marks = t.plan.marks.capacity();
-            let first_lsn = w.first_lsn + u64::from(first);
-            t.plan.note(w.offset, w.total, first_lsn, count, range.len(), interval);
+            let lsn = first_lsn + u64::from(first);
+            t.plan.note(offset, commit_bytes, lsn, count, range.len(), interval);
             self.bytes += (t.plan.marks.capacity() - marks) * std::mem::size_of::<(u64, u64)>();
             if let Some(data) = &mut t.data {
-                let (at, capacity) = (data.len(), data.capacity());
-                data.resize(at + COMMIT_HEADER_BYTES, 0);
+                let capacity = data.capacity();
+                // A commit header without its checksum: `write_run_from_tail` fills it in.
+                let mut head = [0u8; COMMIT_HEADER_BYTES];
+                head[0..4].copy_from_slice(&format::COMMIT_MAGIC.to_le_bytes());
+                head[4..8].copy_from_slice(&count.to_le_bytes());
+                head[8..16].copy_from_slice(&sequence.to_le_bytes());
+                head[16..24].copy_from_slice(&lsn.to_le_bytes());
+                head[24..28].copy_from_slice(&(range.len() as u32).to_le_bytes());
+                data.extend_from_slice(&head);
                 data.extend_from_slice(&body[range.clone()]);
-                format::seal_commit(&mut data[at..], sequence, first_lsn, count, range.len());
                 self.bytes += data.capacity() - capacity;
             }
+            count_total += u64::from(count);
         }
+        self.point = WalkPoint {
+            offset: offset + commit_bytes as u64,
+            lsn: first_lsn + count_total,
+            commits: self.point.commits + 1,
+            crc: chain_commit_crc(self.point.crc, header),
+        };
+        self.bytes <= budget || self.shed(budget)
     }
 
     /// Drops runs, those the index reads best first, until the tail takes at most three
@@ -761,6 +774,18 @@ impl Tail {
             self.bytes -= t.data.take().map_or(0, |d| d.capacity());
         }
         self.bytes <= budget
+    }
+}
+
+/// The commit at the start of `data`, a tail's run (its own bytes: framed, checksum not filled in).
+fn tail_commit(data: &[u8]) -> CommitView<'_> {
+    let u32_at = |at: usize| u32::from_le_bytes(data[at..at + 4].try_into().expect("4 bytes"));
+    let body = u32_at(24) as usize;
+    CommitView {
+        first_lsn: u64::from_le_bytes(data[16..24].try_into().expect("8 bytes")),
+        count: u32_at(4),
+        total_bytes: COMMIT_HEADER_BYTES + body,
+        body: &data[COMMIT_HEADER_BYTES..COMMIT_HEADER_BYTES + body],
     }
 }
 
@@ -891,11 +916,10 @@ pub(crate) enum RunsRead {
 }
 
 /// The stream runs task, in the background queue next to the background task and the scrub:
-/// walks the active segment's tail as it grows and makes each sealed segment's runs file, one
-/// segment at a time.
+/// makes each sealed segment's runs file, one segment at a time.
 pub(crate) async fn stream_runs_task(inner: Rc<Inner>) {
     while !inner.bg_stop.get() {
-        if inner.walk_tails().await | inner.make_stream_runs().await {
+        if inner.make_stream_runs().await {
             continue;
         }
         inner.runs_wake.wait().await;
@@ -1010,13 +1034,16 @@ impl Inner {
         Ok(LoadedRuns { table, file })
     }
 
-    /// Writes `run` from the segment's tail, [`RUNS_BUFFER_BYTES`] at a time (the tail stays for
-    /// reads meanwhile). Returns the bytes written.
+    /// Writes `run` from the segment's tail, about [`RUNS_BUFFER_BYTES`] at a time (whole
+    /// commits, the tail stays for reads meanwhile), filling in the commits' checksums. Returns
+    /// the bytes written.
     async fn write_run_from_tail(&self, seg: &Segment, file: &dyn SegmentFile, run: &Run) -> io::Result<u64> {
         let mut at = 0usize;
         let mut written = 0;
+        // The part-filled block a piece ends with, written again at the start of the next.
+        let mut carry: Vec<u8> = Vec::new();
         while (at as u64) < run.bytes {
-            let buf = {
+            let (buf, next) = {
                 let tail = seg.tail.borrow();
                 let data = tail
                     .as_ref()
@@ -1024,94 +1051,36 @@ impl Inner {
                     .and_then(|t| t.data.as_ref())
                     .filter(|d| d.len() as u64 == run.bytes)
                     .ok_or_else(|| io::Error::other("the tail's run changed under its write"))?;
-                let n = RUNS_BUFFER_BYTES.min(data.len() - at);
+                // Whole commits, at least one.
+                let mut end = at;
+                while end < data.len() && (end == at || end - at < RUNS_BUFFER_BYTES) {
+                    end += tail_commit(&data[end..]).total_bytes;
+                }
+                let n = carry.len() + (end - at);
                 let mut buf = self.storage.alloc(align_up(n as u64) as usize);
                 let slice = buf.as_mut_slice();
-                slice[..n].copy_from_slice(&data[at..at + n]);
+                slice[..carry.len()].copy_from_slice(&carry);
+                let mut pos = carry.len();
+                slice[pos..n].copy_from_slice(&data[at..end]);
+                while pos < n {
+                    let view = tail_commit(&slice[pos..n]);
+                    let (total, body) = (view.total_bytes, view.body.len());
+                    let (first_lsn, count) = (view.first_lsn, view.count);
+                    format::seal_commit(&mut slice[pos..pos + total], seg.sequence, first_lsn, count, body);
+                    pos += total;
+                }
                 slice[n..].fill(0);
-                buf
+                let block_start = align_down(n as u64) as usize;
+                carry = slice[block_start..n].to_vec();
+                (buf, end)
             };
             let n = buf.len();
-            file.write(run.offset + at as u64, buf).await?;
-            at += RUNS_BUFFER_BYTES;
+            // The piece starts with the carried block: at the block boundary before `at`.
+            file.write(run.offset + align_down(at as u64), buf).await?;
             written += n as u64;
+            at = next;
         }
         Ok(written)
-    }
-
-    /// Walks the tails that are behind: the active segment's once [`TAIL_STEP_BYTES`] more of it
-    /// is durable (starting it first), a sealed segment's to its end. Returns whether it walked.
-    pub(crate) async fn walk_tails(&self) -> bool {
-        if self.opts.stream_runs != crate::StreamRuns::Auto || self.poisoned_cause().is_some() {
-            return false;
-        }
-        let todo: Vec<Rc<Segment>> = {
-            let st = self.st.borrow();
-            if let Some(active) = &st.segs.active {
-                let seg = &active.seg;
-                if seg.tail_state.get() == TailState::NotStarted && seg.streams.borrow().is_some() {
-                    *seg.tail.borrow_mut() = Some(Tail::new(seg));
-                    seg.tail_state.set(TailState::Walking);
-                    seg.tail_due.set(SEGMENT_DATA_OFFSET + tail_step(seg.capacity));
-                }
-            }
-            st.segs
-                .iter()
-                .filter(|s| {
-                    let end = s.durable_end.get().1;
-                    let walked = s.tail.borrow().as_ref().map_or(end, |t| t.point.offset);
-                    s.tail_state.get() == TailState::Walking
-                        && end > walked
-                        && (end >= s.tail_due.get() || s.summary.get() != SummaryState::Open)
-                })
-                .cloned()
-                .collect()
-        };
-        for seg in &todo {
-            if let Err(e) = self.walk_tail(seg).await {
-                if e.kind() == io::ErrorKind::Interrupted {
-                    return false;
-                }
-                if !seg.retired.get() {
-                    tracing::warn!(shard = self.opts.shard_id, segment = seg.sequence, error = %e, "stopped the segment's tail");
-                }
-                seg.drop_tail(TailState::Abandoned);
-            }
-        }
-        !todo.is_empty()
-    }
-
-    /// Walks `seg`'s tail up to the durable end as it is now.
-    async fn walk_tail(&self, seg: &Segment) -> io::Result<()> {
-        let Some(from) = seg.tail.borrow().as_ref().map(|t| t.point) else {
-            return Ok(());
-        };
-        let (end_lsn, end_offset) = seg.durable_end.get();
-        let interval = mark_interval(seg.capacity);
-        let budget = self.opts.stream_tail_memory_bytes;
-        let mut walk = Walk::range(seg, &self.bg_stop, from, (end_offset, end_lsn));
-        while let Some(w) = walk.next().await? {
-            let mut tail = seg.tail.borrow_mut();
-            let Some(t) = tail.as_mut() else {
-                return Ok(());
-            };
-            t.note_commit(&w, walk.body(&w), seg.sequence, interval);
-            t.point = walk.point();
-            if t.bytes > budget && !t.shed(budget) {
-                // Too many streams to keep even their plans: this segment's runs are planned by
-                // walking it once it is sealed.
-                tracing::debug!(
-                    shard = self.opts.shard_id,
-                    segment = seg.sequence,
-                    "the segment's tail outgrew its memory"
-                );
-                drop(tail);
-                seg.drop_tail(TailState::Abandoned);
-                return Ok(());
-            }
-        }
-        seg.tail_due.set(end_offset + tail_step(seg.capacity));
-        Ok(())
     }
 
     /// The part of a read filtered to `stream` that the tail of `seg` holds: the stream's records
@@ -1139,7 +1108,7 @@ impl Inner {
         let i = marks.partition_point(|&(lsn, _)| lsn <= *p.cursor).saturating_sub(1);
         let mut pos = marks.get(i).map_or(0, |&(_, at)| at as usize);
         while pos < data.len() {
-            let view = format::parse_commit(&data[pos..], seg.sequence).expect("the tail's own commits");
+            let view = tail_commit(&data[pos..]);
             for (k, record) in view.records().enumerate() {
                 let lsn = view.first_lsn + k as u64;
                 if lsn < *p.cursor {
