@@ -1032,6 +1032,54 @@ mod tests {
         }
     }
 
+    /// An open index of `commits` commits, each holding `per_commit` distinct streams drawn
+    /// from `streams` (a deterministic pseudo-random walk).
+    fn large_open_index(commits: u32, per_commit: u32, streams: u64) -> StreamIndex {
+        let mut index = StreamIndex::open();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut picked = Vec::with_capacity(per_commit as usize);
+        for c in 0..u64::from(commits) {
+            picked.clear();
+            while picked.len() < per_commit as usize {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let stream = x % streams;
+                if !picked.contains(&stream) {
+                    picked.push(stream);
+                }
+            }
+            let offset = SEGMENT_DATA_OFFSET + c * 256;
+            index.note_commit_streams(c * u64::from(per_commit), offset, 256, picked.iter().copied());
+        }
+        index
+    }
+
+    /// Not a test: prints how long sealing holds the CPU (`cargo test -p shards --lib --release
+    /// -- --ignored --nocapture sealing_time`). Before sealing yielded, the whole seal was one
+    /// step.
+    #[test]
+    #[ignore]
+    fn sealing_time() {
+        for (commits, per_commit, streams) in [(16_384, 4, 10_000), (262_144, 4, 100_000)] {
+            let open = large_open_index(commits, per_commit, streams);
+            let mut whole = Vec::new();
+            for _ in 0..7 {
+                let mut index = open.clone();
+                let started = std::time::Instant::now();
+                index.seal();
+                whole.push(started.elapsed());
+            }
+            whole.sort();
+            println!(
+                "{} entries, {streams} streams: whole seal min {:?} median {:?}",
+                commits * per_commit,
+                whole[0],
+                whole[whole.len() / 2]
+            );
+        }
+    }
+
     #[test]
     fn index_file_round_trips_and_rejects_flips_and_other_segments() {
         let sealed = index().sealed();
