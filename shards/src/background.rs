@@ -29,7 +29,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::error::{is_no_space, ShardError};
 use crate::format::{
-    align_up, chain_commit_crc, parse_commit, HeaderBlock, Manifest, ParseError, SegmentHeader, SegmentSummary,
+    align_down, align_up, chain_commit_crc, parse_commit, HeaderBlock, Manifest, ParseError, SegmentHeader, SegmentSummary,
     SummaryKind, BLOCK_BYTES, COMMIT_HEADER_BYTES, SEGMENT_DATA_OFFSET,
 };
 use crate::segments::{
@@ -37,7 +37,7 @@ use crate::segments::{
 };
 use crate::shard::Inner;
 use crate::storage::{IoBuf, SegmentFile, Storage};
-use crate::stream_index::stream_index_name;
+use crate::stream_index::{seal_in_steps, stream_index_name, SealedIndex};
 use crate::{Durability, SegmentPrep, PREALLOCATE_AFTER_COMMIT_BYTES};
 
 /// After a failure to prepare a segment (e.g. no space), try again after this long.
@@ -311,14 +311,16 @@ async fn write_file_durably(storage: &dyn Storage, durability: Durability, name:
 /// recovery does not trust (checksum, or a segment description that is not the summary's).
 async fn write_stream_index(inner: &Inner, seg: &Segment, summary: &SegmentSummary, seal: bool) -> io::Result<()> {
     let storage = &*inner.storage;
+    if seal {
+        // In steps: sealing a large index in one go would hold the committer off for
+        // milliseconds.
+        seal_in_steps(&seg.streams).await;
+    }
     let buf = {
-        let mut streams = seg.streams.borrow_mut();
-        let Some(index) = streams.as_mut() else {
+        let streams = seg.streams.borrow();
+        let Some(index) = streams.as_ref() else {
             return Ok(());
         };
-        if seal {
-            index.seal();
-        }
         index.with_sealed(|sealed| {
             let mut buf = storage.alloc(sealed.encoded_bytes());
             sealed.encode(summary, buf.as_mut_slice());
@@ -664,5 +666,87 @@ async fn scrub_segment(inner: &Inner, seg: &Segment, rate: u64) -> io::Result<Op
             ),
         )));
     }
+    // [stream_index] The body is sound: now the index file that describes it.
+    scrub_stream_index(inner, seg, rate).await;
     Ok(None)
+}
+
+/// Whether a sealed segment's `.six` file should be on disk and durable: its index is there and
+/// not loaded, or loaded and its file durable; and no rebuild of it is pending or under way
+/// (`rebuild_stream_indexes` clears `streams_rebuild` when it starts, but sets
+/// `streams_persisted` only once the file it writes is durable).
+fn has_stream_index_file(seg: &Segment) -> bool {
+    !seg.retired.get()
+        && !seg.streams_rebuild.get()
+        && (seg.streams_on_disk.get() || seg.streams_persisted.get())
+}
+
+/// Checks the `.six` file of a sealed segment whose body the scrub has just verified against its
+/// summary, reading it at the scrub's rate. One that is missing, unreadable or untrusted
+/// ([`SealedIndex::decode`]) is rebuilt from the segment by the background task and written again,
+/// as when a filtered read finds it so. The log itself is fine, so this is not corruption: it is
+/// logged as a warning and counted in `stats` (`scrub_bad_stream_indexes`).
+async fn scrub_stream_index(inner: &Inner, seg: &Segment, rate: u64) {
+    if !has_stream_index_file(seg) {
+        return;
+    }
+    let name = stream_index_name(seg.base_lsn);
+    let summary = seg.summary(inner.opts.shard_id);
+    let checked = match read_index_file(inner, &name, rate).await {
+        Ok(data) => SealedIndex::decode(&data, &summary).map(drop),
+        Err(e) => Err(e.to_string()),
+    };
+    let Err(reason) = checked else {
+        return;
+    };
+    // Closing (the read was cut short), retired, or rebuilt meanwhile: nothing to repair.
+    if inner.bg_stop.get() || !has_stream_index_file(seg) {
+        return;
+    }
+    tracing::warn!(
+        shard = inner.opts.shard_id,
+        segment = seg.sequence,
+        %name,
+        %reason,
+        "the scrub found a stream index file missing or untrusted (the log is intact); rebuilding it"
+    );
+    // The loaded index, if any, came from the committer or from a file that was valid when it
+    // was read; it goes (filtered reads scan the segment until the rebuild) so that the rebuilt
+    // one replaces it, unless a read is using it right now. Either way it no longer counts as
+    // durable, so the memory bound does not drop it and send the next read to the bad file.
+    if seg.streams_readers.get() == 0 {
+        *seg.streams.borrow_mut() = None;
+    }
+    seg.streams_persisted.set(false);
+    seg.streams_on_disk.set(false);
+    seg.streams_rebuild.set(true);
+    inner.health.borrow_mut().scrub_bad_stream_indexes += 1;
+    inner.bg_wake.notify();
+}
+
+/// Reads a stream index file whole, [`SCRUB_CHUNK_BYTES`] at a time, counting it in the scrub's
+/// bytes and pacing it at `rate` like the segments' bytes.
+async fn read_index_file(inner: &Inner, name: &str, rate: u64) -> io::Result<Vec<u8>> {
+    let file = inner.storage.open(name, false, inner.opts.durability).await?;
+    let read = async {
+        let size = align_down(file.size().await?);
+        let mut data = Vec::with_capacity(size as usize);
+        while (data.len() as u64) < size {
+            if inner.bg_stop.get() {
+                return Err(io::Error::new(io::ErrorKind::Interrupted, "shard closing"));
+            }
+            let len = SCRUB_CHUNK_BYTES.min(size - data.len() as u64);
+            let chunk = file.read(data.len() as u64, len as usize).await?;
+            if chunk.is_empty() {
+                break;
+            }
+            data.extend_from_slice(&chunk);
+            inner.health.borrow_mut().scrub_bytes += chunk.len() as u64;
+            pace(inner, Duration::from_secs_f64(chunk.len() as f64 / rate as f64)).await;
+        }
+        Ok(data)
+    }
+    .await;
+    let _ = file.close().await;
+    read
 }

@@ -46,8 +46,10 @@
 //! equal the summary it accepted: the commits crc covers every commit header, and each header
 //! the checksum of its body, so an index that matches describes exactly the commits on disk.
 
+use std::cell::RefCell;
+use std::cmp::Reverse;
 use std::collections::hash_map::Entry as MapEntry;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::rc::Rc;
 
 use crate::error::ShardError;
@@ -124,6 +126,10 @@ pub(crate) struct OpenIndex {
     entries: Vec<Entry>,
     /// For each entry, the next entry of its stream ([`CHAIN_END`] for the last).
     next: Vec<u32>,
+    /// The keys of `chains` in the order they came: sealing walks them a slice at a time
+    /// ([`Sealer`]), which an iterator over the map, borrowed from the segment, cannot do across
+    /// the yields in between.
+    order: Vec<u64>,
 }
 
 /// The index of a sealed segment: streams ascending, each with its entries contiguous and
@@ -268,6 +274,7 @@ impl StreamIndex {
                 open.chains.capacity() * (std::mem::size_of::<(u64, Chain)>() + 1)
                     + open.entries.capacity() * std::mem::size_of::<Entry>()
                     + open.next.capacity() * std::mem::size_of::<u32>()
+                    + open.order.capacity() * std::mem::size_of::<u64>()
             }
             StreamIndex::Sealed(sealed) => {
                 sealed.streams.capacity() * std::mem::size_of::<(u64, u32)>()
@@ -301,33 +308,175 @@ impl OpenIndex {
                     last: index,
                     count: 1,
                 });
+                self.order.push(stream);
             }
         }
         self.entries.push(entry);
         self.next.push(CHAIN_END);
     }
 
+    /// The sealed form, in one go (see [`Sealer`] for the same in steps).
     fn to_sealed(&self) -> SealedIndex {
-        let mut streams: Vec<(u64, Chain)> = self.chains.iter().map(|(&s, &c)| (s, c)).collect();
-        streams.sort_unstable_by_key(|&(s, _)| s);
-        let mut sealed = SealedIndex {
-            streams: Vec::with_capacity(streams.len()),
-            entries: Vec::with_capacity(self.entries.len()),
-        };
-        for (stream, chain) in streams {
-            sealed.streams.push((stream, sealed.entries.len() as u32));
-            let mut i = chain.first;
-            while i != CHAIN_END {
-                sealed.entries.push(self.entries[i as usize]);
-                i = self.next[i as usize];
-            }
-            assert_eq!(
-                sealed.entries.len() - sealed.streams.last().expect("pushed").1 as usize,
-                chain.count as usize
-            );
+        let mut sealer = Sealer::new(self);
+        let done = sealer.step(self, usize::MAX);
+        assert!(done);
+        sealer.finish(self)
+    }
+}
+
+/// Work units (streams sorted or entries copied) of one [`Sealer::step`] of the background
+/// task: a few tens of microseconds, so that it can yield to the committer in between.
+const SEAL_STEP_WORK: usize = 4096;
+/// Streams sorted in one step: [`Sealer`] sorts runs of this many, then merges the runs.
+const SEAL_RUN_STREAMS: usize = 4096;
+
+/// Builds the sealed form of an [`OpenIndex`] a bounded amount of work at a time, so that sealing
+/// a large index (a 64 MiB segment of small records of many streams) does not hold the CPU from
+/// the committer on the same executor for milliseconds. The result is the one
+/// [`OpenIndex::to_sealed`] gives, which is this run to the end in one step:
+///
+/// 1. copy the streams (in the order they came, [`OpenIndex::order`]) and sort them
+///    [`SEAL_RUN_STREAMS`] at a time;
+/// 2. merge the sorted runs (a heap of each run's next stream) and, stream by stream, copy its
+///    chain of entries into the sealed form, resuming part way through a chain if need be.
+///
+/// Between steps the open index must not change: a sealed segment takes no more commits.
+#[derive(Debug)]
+pub(crate) struct Sealer {
+    /// The open index's entry count when sealing began, to check that it did not change.
+    entries: usize,
+    /// The streams, copied and sorted in runs of [`SEAL_RUN_STREAMS`].
+    runs: Vec<u64>,
+    /// Set up once every run is sorted: each run's next stream as (stream, run), least first.
+    heap: Option<BinaryHeap<Reverse<(u64, u32)>>>,
+    /// Each run's next position in `runs`.
+    run_next: Vec<u32>,
+    /// The chain being copied: its next entry in the open index ([`CHAIN_END`]: none).
+    chain_at: u32,
+    /// The entries the chain being copied holds, to check it was copied whole.
+    chain_count: u32,
+    sealed: SealedIndex,
+}
+
+impl Sealer {
+    pub(crate) fn new(open: &OpenIndex) -> Sealer {
+        assert_eq!(open.order.len(), open.chains.len(), "each stream is in the order once");
+        Sealer {
+            entries: open.entries.len(),
+            runs: Vec::with_capacity(open.order.len()),
+            heap: None,
+            run_next: Vec::new(),
+            chain_at: CHAIN_END,
+            chain_count: 0,
+            sealed: SealedIndex {
+                streams: Vec::with_capacity(open.order.len()),
+                entries: Vec::with_capacity(open.entries.len()),
+            },
         }
-        assert_eq!(sealed.entries.len(), self.entries.len());
-        sealed
+    }
+
+    /// Does about `work` units (at least one) of sealing `open`, the index [`Sealer::new`] was
+    /// given. Returns whether the sealed form is complete.
+    pub(crate) fn step(&mut self, open: &OpenIndex, work: usize) -> bool {
+        assert!(work > 0, "a step makes progress");
+        assert_eq!(open.entries.len(), self.entries, "a sealed segment's index takes no more commits");
+        let mut done = 0usize;
+        // 1. Sort runs.
+        while self.runs.len() < open.order.len() {
+            if done >= work {
+                return false;
+            }
+            let from = self.runs.len();
+            let to = (from + SEAL_RUN_STREAMS).min(open.order.len());
+            self.runs.extend_from_slice(&open.order[from..to]);
+            self.runs[from..].sort_unstable();
+            done += to - from;
+        }
+        let heap = self.heap.get_or_insert_with(|| {
+            let run_count = self.runs.len().div_ceil(SEAL_RUN_STREAMS);
+            self.run_next = (0..run_count).map(|r| (r * SEAL_RUN_STREAMS) as u32).collect();
+            (0..run_count)
+                .map(|r| Reverse((self.runs[r * SEAL_RUN_STREAMS], r as u32)))
+                .collect()
+        });
+        // 2. Merge, copying each stream's chain.
+        loop {
+            while self.chain_at != CHAIN_END {
+                if done >= work {
+                    return false;
+                }
+                self.sealed.entries.push(open.entries[self.chain_at as usize]);
+                self.chain_at = open.next[self.chain_at as usize];
+                done += 1;
+            }
+            if let Some(&(_, from)) = self.sealed.streams.last() {
+                assert_eq!(
+                    self.sealed.entries.len() - from as usize,
+                    self.chain_count as usize,
+                    "a chain holds its count of entries"
+                );
+            }
+            if done >= work {
+                return false;
+            }
+            let Some(Reverse((stream, run))) = heap.pop() else {
+                break;
+            };
+            let at = &mut self.run_next[run as usize];
+            *at += 1;
+            let run_end = ((run as usize + 1) * SEAL_RUN_STREAMS).min(self.runs.len());
+            if (*at as usize) < run_end {
+                heap.push(Reverse((self.runs[*at as usize], run)));
+            }
+            assert!(
+                self.sealed.streams.last().is_none_or(|&(prev, _)| prev < stream),
+                "streams ascend"
+            );
+            let chain = open.chains[&stream];
+            self.sealed.streams.push((stream, self.sealed.entries.len() as u32));
+            self.chain_at = chain.first;
+            self.chain_count = chain.count;
+            done += 1;
+        }
+        true
+    }
+
+    /// The sealed form, once [`Sealer::step`] said it is complete.
+    pub(crate) fn finish(self, open: &OpenIndex) -> SealedIndex {
+        assert!(self.heap.as_ref().is_some_and(BinaryHeap::is_empty) && self.chain_at == CHAIN_END);
+        assert_eq!(self.sealed.streams.len(), open.chains.len());
+        assert_eq!(self.sealed.entries.len(), open.entries.len());
+        self.sealed
+    }
+}
+
+/// Seals the open index in `cell` (a segment's, which takes no more commits) in steps of
+/// [`SEAL_STEP_WORK`], letting the committer run in between once the background queue's
+/// preemption timer says so; readers meanwhile use the open form. No-op when there is no index
+/// or it is sealed already; gives up if it was replaced meanwhile (by a rebuilt or loaded sealed
+/// one, which is as good).
+pub(crate) async fn seal_in_steps(cell: &RefCell<Option<StreamIndex>>) {
+    let mut sealer = match cell.borrow().as_ref() {
+        Some(StreamIndex::Open(open)) => Sealer::new(open),
+        _ => return,
+    };
+    loop {
+        let done = {
+            let index = cell.borrow();
+            let Some(StreamIndex::Open(open)) = index.as_ref() else {
+                return;
+            };
+            sealer.step(open, SEAL_STEP_WORK)
+        };
+        if done {
+            break;
+        }
+        glommio::yield_if_needed().await;
+    }
+    let mut index = cell.borrow_mut();
+    if let Some(StreamIndex::Open(open)) = index.as_ref() {
+        let sealed = sealer.finish(open);
+        *index = Some(StreamIndex::Sealed(sealed));
     }
 }
 
@@ -1055,27 +1204,153 @@ mod tests {
         index
     }
 
-    /// Not a test: prints how long sealing holds the CPU (`cargo test -p shards --lib --release
-    /// -- --ignored --nocapture sealing_time`). Before sealing yielded, the whole seal was one
-    /// step.
+    /// The sealed form as it was built before sealing went in steps: streams sorted in one go,
+    /// then each chain walked. [`Sealer`] must give exactly this.
+    fn sealed_in_one_go(open: &OpenIndex) -> SealedIndex {
+        let mut streams: Vec<(u64, Chain)> = open.chains.iter().map(|(&s, &c)| (s, c)).collect();
+        streams.sort_unstable_by_key(|&(s, _)| s);
+        let mut sealed = SealedIndex {
+            streams: Vec::with_capacity(streams.len()),
+            entries: Vec::with_capacity(open.entries.len()),
+        };
+        for (stream, chain) in streams {
+            sealed.streams.push((stream, sealed.entries.len() as u32));
+            let mut i = chain.first;
+            while i != CHAIN_END {
+                sealed.entries.push(open.entries[i as usize]);
+                i = open.next[i as usize];
+            }
+        }
+        sealed
+    }
+
+    fn open_of(index: &StreamIndex) -> &OpenIndex {
+        match index {
+            StreamIndex::Open(open) => open,
+            StreamIndex::Sealed(_) => panic!("an open index"),
+        }
+    }
+
+    /// Seals `open` in steps of `work`, returning the sealed form and the number of steps.
+    fn seal_in_steps_of(open: &OpenIndex, work: usize) -> (SealedIndex, usize) {
+        let mut sealer = Sealer::new(open);
+        let mut steps = 1;
+        while !sealer.step(open, work) {
+            steps += 1;
+        }
+        (sealer.finish(open), steps)
+    }
+
+    #[test]
+    fn sealing_in_steps_gives_the_one_go_form() {
+        let cases = [
+            (0, 1, 1),
+            (1, 1, 1),
+            (50, 3, 7),
+            // More streams than a run, chains longer than a step.
+            (3000, 4, 10_000),
+            (2000, 5, 9),
+        ];
+        for (commits, per_commit, streams) in cases {
+            let index = large_open_index(commits, per_commit, streams);
+            let open = open_of(&index);
+            let want = sealed_in_one_go(open);
+            assert_eq!(open.to_sealed(), want, "{commits} commits, {streams} streams");
+            for work in [1, 2, 3, 17, 4096, usize::MAX] {
+                let (got, steps) = seal_in_steps_of(open, work);
+                assert_eq!(got, want, "{commits} commits, {streams} streams, steps of {work}");
+                let units = open.order.len() * 2 + open.entries.len();
+                assert!(steps <= units / work + 2, "{steps} steps of {work} for {units} units");
+            }
+        }
+        // The small index of the other tests, reopened from its sealed form (the order of its
+        // streams is then the sealed one).
+        let mut reopened = index();
+        reopened.seal();
+        let sealed = reopened.sealed();
+        reopened.reopen();
+        assert_eq!(seal_in_steps_of(open_of(&reopened), 1).0, sealed);
+    }
+
+    #[test]
+    fn a_segment_index_is_sealed_in_steps_in_its_cell() {
+        let index = large_open_index(3000, 4, 10_000);
+        let want = sealed_in_one_go(open_of(&index));
+        let got = glommio::LocalExecutor::default().run(async move {
+            let cell = RefCell::new(Some(index));
+            seal_in_steps(&cell).await;
+            // Sealed already: nothing to do.
+            seal_in_steps(&cell).await;
+            cell.into_inner()
+        });
+        match got {
+            Some(StreamIndex::Sealed(got)) => assert_eq!(got, want),
+            other => panic!("sealed, not {other:?}"),
+        }
+    }
+
+    /// Not a test: prints how long sealing holds the CPU, in one go (as before it went in steps)
+    /// and per step (`cargo test -p shards --lib --release -- --ignored --nocapture
+    /// sealing_time`).
     #[test]
     #[ignore]
     fn sealing_time() {
+        use std::time::{Duration, Instant};
+        fn median(mut v: Vec<Duration>) -> (Duration, Duration) {
+            v.sort();
+            (v[0], v[v.len() / 2])
+        }
         for (commits, per_commit, streams) in [(16_384, 4, 10_000), (262_144, 4, 100_000)] {
-            let open = large_open_index(commits, per_commit, streams);
-            let mut whole = Vec::new();
+            let index = large_open_index(commits, per_commit, streams);
+            let open = open_of(&index);
+            let (mut one_go, mut whole, mut longest_step, mut encode, mut decode) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let mut step_count = 0;
             for _ in 0..7 {
-                let mut index = open.clone();
-                let started = std::time::Instant::now();
-                index.seal();
+                let started = Instant::now();
+                let reference = sealed_in_one_go(open);
+                one_go.push(started.elapsed());
+                let started = Instant::now();
+                let sealed = open.to_sealed();
                 whole.push(started.elapsed());
+                assert_eq!(sealed, reference);
+                let mut sealer = Sealer::new(open);
+                let mut longest = Duration::ZERO;
+                step_count = 0;
+                loop {
+                    let started = Instant::now();
+                    let done = sealer.step(open, SEAL_STEP_WORK);
+                    longest = longest.max(started.elapsed());
+                    step_count += 1;
+                    if done {
+                        break;
+                    }
+                }
+                longest_step.push(longest);
+                let s = SegmentSummary {
+                    end_lsn: 100 + u64::from(commits * per_commit),
+                    commits: u64::from(commits),
+                    end_offset: SEGMENT_DATA_OFFSET + u64::from(commits) * 256,
+                    ..summary()
+                };
+                let mut buf = vec![0u8; sealed.encoded_bytes()];
+                let started = Instant::now();
+                sealed.encode(&s, &mut buf);
+                encode.push(started.elapsed());
+                let started = Instant::now();
+                let decoded = SealedIndex::decode(&buf, &s);
+                decode.push(started.elapsed());
+                assert_eq!(decoded.as_ref(), Ok(&sealed));
             }
-            whole.sort();
             println!(
-                "{} entries, {streams} streams: whole seal min {:?} median {:?}",
+                "{} entries, {streams} streams (min, median): one go {:?}, to_sealed {:?}, \
+                 longest of {step_count} steps {:?}; encode {:?}, decode {:?}",
                 commits * per_commit,
-                whole[0],
-                whole[whole.len() / 2]
+                median(one_go),
+                median(whole),
+                median(longest_step),
+                median(encode),
+                median(decode),
             );
         }
     }
