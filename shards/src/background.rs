@@ -29,8 +29,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::error::{is_no_space, ShardError};
 use crate::format::{
-    align_down, align_up, chain_commit_crc, parse_commit, HeaderBlock, Manifest, ParseError, SegmentHeader, SegmentSummary,
-    SummaryKind, BLOCK_BYTES, COMMIT_HEADER_BYTES, SEGMENT_DATA_OFFSET,
+    align_down, align_up, chain_commit_crc, parse_commit, HeaderBlock, Manifest, ParseError, SegmentHeader,
+    SegmentSummary, SummaryKind, BLOCK_BYTES, COMMIT_HEADER_BYTES, SEGMENT_DATA_OFFSET,
 };
 use crate::segments::{
     segment_name, summary_name, Segment, Spare, SummaryState, CHECKPOINT_NAME, MANIFEST_NAME, MANIFEST_TMP_NAME,
@@ -676,9 +676,7 @@ async fn scrub_segment(inner: &Inner, seg: &Segment, rate: u64) -> io::Result<Op
 /// (`rebuild_stream_indexes` clears `streams_rebuild` when it starts, but sets
 /// `streams_persisted` only once the file it writes is durable).
 fn has_stream_index_file(seg: &Segment) -> bool {
-    !seg.retired.get()
-        && !seg.streams_rebuild.get()
-        && (seg.streams_on_disk.get() || seg.streams_persisted.get())
+    !seg.retired.get() && !seg.streams_rebuild.get() && (seg.streams_on_disk.get() || seg.streams_persisted.get())
 }
 
 /// Checks the `.six` file of a sealed segment whose body the scrub has just verified against its

@@ -46,7 +46,10 @@ async fn check_reads(shard: &Shard, when: &str) {
     let mut at = shard.first_available_lsn().0;
     while at <= end {
         let batch = shard.read(Lsn(at), 1 << 20, None).await.expect("unfiltered read");
-        assert!(!batch.records.is_empty(), "{when}: a read below the durable end returns records");
+        assert!(
+            !batch.records.is_empty(),
+            "{when}: a read below the durable end returns records"
+        );
         at = batch.next_lsn.0;
         all.extend(batch.records);
     }
@@ -55,10 +58,7 @@ async fn check_reads(shard: &Shard, when: &str) {
         let mut got: Vec<ReadRecord> = Vec::new();
         let mut at = shard.first_available_lsn().0;
         while at <= end {
-            let batch = shard
-                .read(Lsn(at), 1 << 20, Some(stream))
-                .await
-                .expect("filtered read");
+            let batch = shard.read(Lsn(at), 1 << 20, Some(stream)).await.expect("filtered read");
             assert!(batch.next_lsn.0 > at, "{when}: a filtered read advances");
             at = batch.next_lsn.0;
             got.extend(batch.records);
