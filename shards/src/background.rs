@@ -37,7 +37,7 @@ use crate::segments::{
 };
 use crate::shard::Inner;
 use crate::storage::{IoBuf, SegmentFile, Storage};
-use crate::stream_index::{seal_in_steps, stream_index_name, SealedIndex};
+use crate::stream_index::{check_in_steps, seal_in_steps, stream_index_name};
 use crate::{Durability, SegmentPrep, PREALLOCATE_AFTER_COMMIT_BYTES};
 
 /// After a failure to prepare a segment (e.g. no space), try again after this long.
@@ -680,10 +680,11 @@ fn has_stream_index_file(seg: &Segment) -> bool {
 }
 
 /// Checks the `.six` file of a sealed segment whose body the scrub has just verified against its
-/// summary, reading it at the scrub's rate. One that is missing, unreadable or untrusted
-/// ([`SealedIndex::decode`]) is rebuilt from the segment by the background task and written again,
-/// as when a filtered read finds it so. The log itself is fine, so this is not corruption: it is
-/// logged as a warning and counted in `stats` (`scrub_bad_stream_indexes`).
+/// summary, reading it at the scrub's rate and checking it in steps
+/// ([`crate::stream_index::IndexDecoder`]). One that is missing, unreadable or untrusted is
+/// rebuilt from the segment by the background task and written again, as when a filtered read
+/// finds it so. The log itself is fine, so this is not corruption: it is logged as a warning and
+/// counted in `stats` (`scrub_bad_stream_indexes`).
 async fn scrub_stream_index(inner: &Inner, seg: &Segment, rate: u64) {
     if !has_stream_index_file(seg) {
         return;
@@ -691,7 +692,7 @@ async fn scrub_stream_index(inner: &Inner, seg: &Segment, rate: u64) {
     let name = stream_index_name(seg.base_lsn);
     let summary = seg.summary(inner.opts.shard_id);
     let checked = match read_index_file(inner, &name, rate).await {
-        Ok(data) => SealedIndex::decode(&data, &summary).map(drop),
+        Ok(data) => check_in_steps(&data, &summary).await,
         Err(e) => Err(e.to_string()),
     };
     let Err(reason) = checked else {

@@ -571,8 +571,53 @@ impl SealedIndex {
     }
 
     /// Decodes an index file and checks it against `summary`, the segment's accepted summary or
-    /// checkpoint: `Err` says why it is not trusted.
+    /// checkpoint: `Err` says why it is not trusted. In one go; [`IndexDecoder`] does the same in
+    /// steps.
     pub(crate) fn decode(buf: &[u8], summary: &SegmentSummary) -> Result<SealedIndex, String> {
+        let mut decoder = IndexDecoder::new(buf, summary)?;
+        let done = decoder.step(usize::MAX)?;
+        assert!(done);
+        Ok(decoder.finish())
+    }
+}
+
+/// Work units (streams or entries decoded, [`DECODE_CRC_BYTES_PER_UNIT`] bytes checksummed) of
+/// one [`IndexDecoder::step`] of the scrub: tens of microseconds.
+const DECODE_STEP_WORK: usize = 4096;
+/// Bytes checksummed per unit of a decoder's work, and in one piece.
+const DECODE_CRC_BYTES_PER_UNIT: usize = 16;
+const DECODE_CRC_CHUNK_BYTES: usize = 16 << 10;
+
+/// Decodes an index file and checks it against a segment's summary a bounded amount of work at a
+/// time ([`SealedIndex::decode`] is this in one step): the file of a 64 MiB segment of small
+/// records of many streams takes milliseconds to check, which the scrub spreads over steps so
+/// that the committer on the same executor runs in between. The checks, in order: the fixed
+/// fields, the checksum, the segment's identity, the streams, the entries.
+pub(crate) struct IndexDecoder<'a> {
+    buf: &'a [u8],
+    summary: &'a SegmentSummary,
+    /// Stream count, entry count, and the end of the bytes the checksum covers.
+    s: usize,
+    e: usize,
+    end: usize,
+    /// The checksum so far, and the next byte it covers.
+    crc: u32,
+    crc_at: usize,
+    /// The checksum, reserved bytes and segment identity passed.
+    header_checked: bool,
+    /// The entry count of the streams decoded so far.
+    total: u64,
+    /// Where the entries of the stream of the next entry end, and the index of the stream after
+    /// it; the previous entry of that stream.
+    stream_end: usize,
+    stream_next: usize,
+    prev: Option<Entry>,
+    sealed: SealedIndex,
+}
+
+impl<'a> IndexDecoder<'a> {
+    /// Checks the fixed fields that say how large the file is.
+    pub(crate) fn new(buf: &'a [u8], summary: &'a SegmentSummary) -> Result<IndexDecoder<'a>, String> {
         if buf.len() < STREAM_INDEX_FIXED_BYTES {
             return Err(format!("stream index is {} bytes", buf.len()));
         }
@@ -585,9 +630,7 @@ impl SealedIndex {
                 "stream index version {version}, this build reads {STREAM_INDEX_VERSION}"
             ));
         }
-        let u32_at = |at: usize| u32::from_le_bytes(buf[at..at + 4].try_into().expect("4 bytes"));
-        let u64_at = |at: usize| u64::from_le_bytes(buf[at..at + 8].try_into().expect("8 bytes"));
-        let (s, e) = (u32_at(12) as usize, u32_at(60) as usize);
+        let (s, e) = (le_u32(buf, 12) as usize, le_u32(buf, 60) as usize);
         let end = STREAM_INDEX_FIXED_BYTES as u64
             + s as u64 * STREAM_INDEX_STREAM_BYTES as u64
             + e as u64 * STREAM_INDEX_ENTRY_BYTES as u64;
@@ -597,22 +640,130 @@ impl SealedIndex {
                 buf.len()
             ));
         }
-        let end = end as usize;
-        if index_crc(&buf[..end]) != u32_at(64) {
+        Ok(IndexDecoder {
+            buf,
+            summary,
+            s,
+            e,
+            end: end as usize,
+            crc: crc32c::crc32c(&buf[..64]),
+            crc_at: STREAM_INDEX_FIXED_BYTES,
+            header_checked: false,
+            total: 0,
+            stream_end: 0,
+            stream_next: 0,
+            prev: None,
+            sealed: SealedIndex::default(),
+        })
+    }
+
+    /// Does about `work` units (at least one) of decoding. Returns whether the file is decoded
+    /// and every check passed; `Err` says why it is not trusted.
+    pub(crate) fn step(&mut self, work: usize) -> Result<bool, String> {
+        assert!(work > 0, "a step makes progress");
+        let buf = self.buf;
+        let mut done = 0usize;
+        // 1. The checksum.
+        while self.crc_at < self.end {
+            if done >= work {
+                return Ok(false);
+            }
+            let to = (self.crc_at + DECODE_CRC_CHUNK_BYTES).min(self.end);
+            self.crc = crc32c::crc32c_append(self.crc, &buf[self.crc_at..to]);
+            done += (to - self.crc_at).div_ceil(DECODE_CRC_BYTES_PER_UNIT);
+            self.crc_at = to;
+        }
+        if !self.header_checked {
+            self.check_header()?;
+            self.header_checked = true;
+        }
+        // 2. The streams.
+        while self.sealed.streams.len() < self.s {
+            if done >= work {
+                return Ok(false);
+            }
+            let at = STREAM_INDEX_FIXED_BYTES + self.sealed.streams.len() * STREAM_INDEX_STREAM_BYTES;
+            let stream = le_u64(buf, at);
+            let count = le_u32(buf, at + 8);
+            if self.sealed.streams.last().is_some_and(|&(prev, _)| prev >= stream) || count == 0 {
+                return Err(format!("stream index entry for stream {stream} out of place"));
+            }
+            self.sealed.streams.push((stream, self.total as u32));
+            self.total += u64::from(count);
+            done += 1;
+            if self.sealed.streams.len() == self.s && self.total != self.e as u64 {
+                return Err(format!(
+                    "stream index streams hold {} entries, header says {}",
+                    self.total, self.e
+                ));
+            }
+        }
+        if self.s == 0 && self.e != 0 {
+            return Err(format!("stream index streams hold 0 entries, header says {}", self.e));
+        }
+        // 3. The entries, each stream's ascending and all inside the segment.
+        let records = self.summary.end_lsn - self.summary.base_lsn;
+        let end_offset = self.summary.end_offset;
+        let entries_at = STREAM_INDEX_FIXED_BYTES + self.s * STREAM_INDEX_STREAM_BYTES;
+        let (streams, entries) = (&self.sealed.streams, &mut self.sealed.entries);
+        let (mut stream_end, mut stream_next, mut prev) = (self.stream_end, self.stream_next, self.prev);
+        let decoded = loop {
+            let k = entries.len();
+            if k == self.e {
+                break Ok(true);
+            }
+            if done >= work {
+                break Ok(false);
+            }
+            if k == stream_end {
+                // The first entry of the next stream.
+                stream_next += 1;
+                stream_end = streams.get(stream_next).map_or(self.e, |&(_, from)| from as usize);
+                prev = None;
+            }
+            let at = entries_at + k * STREAM_INDEX_ENTRY_BYTES;
+            let entry = Entry {
+                lsn_delta: le_u32(buf, at),
+                offset: le_u32(buf, at + 4),
+                len: le_u32(buf, at + 8),
+            };
+            let inside = u64::from(entry.lsn_delta) < records
+                && u64::from(entry.offset) >= SEGMENT_DATA_OFFSET
+                && entry.len as usize >= COMMIT_HEADER_BYTES + RECORD_HEADER_BYTES
+                && u64::from(entry.offset) + u64::from(entry.len) <= end_offset;
+            let ascending = prev.is_none_or(|p| {
+                p.lsn_delta < entry.lsn_delta && u64::from(p.offset) + u64::from(p.len) <= u64::from(entry.offset)
+            });
+            if !inside || !ascending {
+                break Err(format!("stream index entry {entry:?} out of place"));
+            }
+            entries.push(entry);
+            prev = Some(entry);
+            done += 1;
+        };
+        (self.stream_end, self.stream_next, self.prev) = (stream_end, stream_next, prev);
+        decoded
+    }
+
+    /// The checksum, the reserved bytes, and the segment the file describes.
+    fn check_header(&mut self) -> Result<(), String> {
+        let buf = self.buf;
+        if self.crc != le_u32(buf, 64) {
             return Err("stream index checksum mismatch".into());
         }
-        if u32_at(68) != 0 {
+        if le_u32(buf, 68) != 0 {
             return Err("stream index reserved bytes are not zero".into());
         }
         let identity = (
             u16::from_le_bytes([buf[10], buf[11]]),
-            u64_at(16),
-            u64_at(24),
-            u64_at(32),
-            u64_at(40),
-            u64_at(48),
-            u32_at(56),
+            le_u64(buf, 16),
+            le_u64(buf, 24),
+            le_u64(buf, 32),
+            le_u64(buf, 40),
+            le_u64(buf, 48),
+            le_u32(buf, 56),
         );
+        let summary = self.summary;
         let want = (
             summary.shard_id,
             summary.sequence,
@@ -625,53 +776,39 @@ impl SealedIndex {
         if identity != want {
             return Err(format!("stream index describes {identity:?}, the segment is {want:?}"));
         }
-        let records = summary.end_lsn - summary.base_lsn;
-        let mut sealed = SealedIndex {
-            streams: Vec::with_capacity(s),
-            entries: Vec::with_capacity(e),
+        // Trusted sizes from here on: the checksum holds.
+        self.sealed = SealedIndex {
+            streams: Vec::with_capacity(self.s),
+            entries: Vec::with_capacity(self.e),
         };
-        let mut at = STREAM_INDEX_FIXED_BYTES;
-        let mut counts = Vec::with_capacity(s);
-        let mut total = 0u64;
-        for _ in 0..s {
-            let stream = u64_at(at);
-            let count = u32_at(at + 8);
-            if sealed.streams.last().is_some_and(|&(prev, _)| prev >= stream) || count == 0 {
-                return Err(format!("stream index entry for stream {stream} out of place"));
-            }
-            sealed.streams.push((stream, total as u32));
-            counts.push(count);
-            total += u64::from(count);
-            at += STREAM_INDEX_STREAM_BYTES;
-        }
-        if total != e as u64 {
-            return Err(format!("stream index streams hold {total} entries, header says {e}"));
-        }
-        for count in counts {
-            let mut prev: Option<Entry> = None;
-            for _ in 0..count {
-                let entry = Entry {
-                    lsn_delta: u32_at(at),
-                    offset: u32_at(at + 4),
-                    len: u32_at(at + 8),
-                };
-                let inside = u64::from(entry.lsn_delta) < records
-                    && u64::from(entry.offset) >= SEGMENT_DATA_OFFSET
-                    && entry.len as usize >= COMMIT_HEADER_BYTES + RECORD_HEADER_BYTES
-                    && u64::from(entry.offset) + u64::from(entry.len) <= summary.end_offset;
-                let ascending = prev.is_none_or(|p| {
-                    p.lsn_delta < entry.lsn_delta && u64::from(p.offset) + u64::from(p.len) <= u64::from(entry.offset)
-                });
-                if !inside || !ascending {
-                    return Err(format!("stream index entry {entry:?} out of place"));
-                }
-                sealed.entries.push(entry);
-                prev = Some(entry);
-                at += STREAM_INDEX_ENTRY_BYTES;
-            }
-        }
-        Ok(sealed)
+        Ok(())
     }
+
+    /// The decoded index, once [`IndexDecoder::step`] said it is complete.
+    pub(crate) fn finish(self) -> SealedIndex {
+        assert!(self.header_checked);
+        assert_eq!((self.sealed.streams.len(), self.sealed.entries.len()), (self.s, self.e));
+        self.sealed
+    }
+}
+
+/// Checks an index file against a segment's summary in steps of [`DECODE_STEP_WORK`], letting
+/// the committer run in between once the background queue's preemption timer says so: `Err`
+/// says why it is not trusted.
+pub(crate) async fn check_in_steps(buf: &[u8], summary: &SegmentSummary) -> Result<(), String> {
+    let mut decoder = IndexDecoder::new(buf, summary)?;
+    while !decoder.step(DECODE_STEP_WORK)? {
+        glommio::yield_if_needed().await;
+    }
+    Ok(())
+}
+
+fn le_u32(buf: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(buf[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn le_u64(buf: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(buf[at..at + 8].try_into().expect("8 bytes"))
 }
 
 /// A stream index rebuild reads its segment this much at a time.
@@ -1286,6 +1423,51 @@ mod tests {
         assert_eq!(seal_in_steps_of(open_of(&reopened), 1).0, sealed);
     }
 
+    /// Decodes `buf` in steps of `work`.
+    fn decode_in_steps_of(buf: &[u8], summary: &SegmentSummary, work: usize) -> Result<SealedIndex, String> {
+        let mut decoder = IndexDecoder::new(buf, summary)?;
+        while !decoder.step(work)? {}
+        Ok(decoder.finish())
+    }
+
+    #[test]
+    fn decoding_in_steps_gives_what_decoding_in_one_go_does() {
+        let small = (index().sealed(), summary());
+        let large = {
+            let sealed = large_open_index(3000, 4, 1000).sealed();
+            let summary = SegmentSummary {
+                end_lsn: 100 + 3000 * 4,
+                commits: 3000,
+                end_offset: SEGMENT_DATA_OFFSET + 3000 * 256,
+                ..summary()
+            };
+            (sealed, summary)
+        };
+        for (sealed, summary) in [small, large] {
+            let mut buf = vec![0u8; sealed.encoded_bytes()];
+            sealed.encode(&summary, &mut buf);
+            let used = STREAM_INDEX_FIXED_BYTES
+                + sealed.streams.len() * STREAM_INDEX_STREAM_BYTES
+                + sealed.entries.len() * STREAM_INDEX_ENTRY_BYTES;
+            let mut damaged = vec![buf.clone()];
+            for byte in (0..used).step_by(used / 97 + 1) {
+                let mut flipped = buf.clone();
+                flipped[byte] ^= 0x08;
+                damaged.push(flipped);
+            }
+            for work in [1, 2, 7, 4096] {
+                assert_eq!(decode_in_steps_of(&buf, &summary, work), Ok(sealed.clone()));
+                for bytes in &damaged {
+                    assert_eq!(
+                        decode_in_steps_of(bytes, &summary, work),
+                        SealedIndex::decode(bytes, &summary),
+                        "steps of {work}"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn a_segment_index_is_sealed_in_steps_in_its_cell() {
         let index = large_open_index(3000, 4, 10_000);
@@ -1319,7 +1501,8 @@ mod tests {
             let open = open_of(&index);
             let (mut one_go, mut whole, mut longest_step, mut encode, mut decode) =
                 (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            let mut step_count = 0;
+            let mut longest_decode_step = Vec::new();
+            let (mut step_count, mut decode_step_count) = (0, 0);
             for round in 0..8 {
                 // Each measured with nothing else held, first and second in turn (the second
                 // finds part of the open index in the cache).
@@ -1363,16 +1546,31 @@ mod tests {
                 let decoded = SealedIndex::decode(&buf, &s);
                 decode.push(started.elapsed());
                 assert_eq!(decoded.as_ref(), Ok(&sealed));
+                let mut decoder = IndexDecoder::new(&buf, &s).expect("valid");
+                let mut longest = Duration::ZERO;
+                decode_step_count = 0;
+                loop {
+                    let started = Instant::now();
+                    let done = decoder.step(DECODE_STEP_WORK).expect("valid");
+                    longest = longest.max(started.elapsed());
+                    decode_step_count += 1;
+                    if done {
+                        break;
+                    }
+                }
+                longest_decode_step.push(longest);
             }
             println!(
                 "{} entries, {streams} streams (min, median): one go {:?}, to_sealed {:?}, \
-                 longest of {step_count} steps {:?}; encode {:?}, decode {:?}",
+                 longest of {step_count} steps {:?}; encode {:?}; decode {:?}, longest of \
+                 {decode_step_count} steps {:?}",
                 commits * per_commit,
                 median(one_go),
                 median(whole),
                 median(longest_step),
                 median(encode),
                 median(decode),
+                median(longest_decode_step),
             );
         }
     }
