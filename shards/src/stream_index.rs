@@ -927,7 +927,7 @@ impl Inner {
     }
 
     /// Rebuilds the stream index of a sealed segment by reading it, [`REBUILD_CHUNK_BYTES`] at a
-    /// time, and installs it if the segment's commits agree with its summary (end lsn, end
+    /// time, and installs it (open) if the segment's commits agree with its summary (end lsn, end
     /// offset, commit count, commits checksum); `Ok(None)` if they do not (the scrub reports
     /// that), or if the segment was retired meanwhile. Returns the summary the index describes.
     pub(crate) async fn rebuild_stream_index(&self, seg: &Segment) -> std::io::Result<Option<SegmentSummary>> {
@@ -974,7 +974,8 @@ impl Inner {
         {
             return Ok(None);
         }
-        index.seal();
+        // Open: the caller seals it in steps as it writes the file (`write_stream_index`), and
+        // reads meanwhile use the open form.
         *seg.streams.borrow_mut() = Some(index);
         Ok(Some(summary))
     }
