@@ -195,7 +195,9 @@ impl StreamIndex {
         }
     }
 
-    /// Makes the index of a sealed segment out of an open one (no-op when already sealed).
+    /// Makes the index of a sealed segment out of an open one (no-op when already sealed), in one
+    /// go: the shard seals a segment's index in steps instead ([`seal_in_steps`]).
+    #[cfg(test)]
     pub(crate) fn seal(&mut self) {
         if let StreamIndex::Open(open) = self {
             *self = StreamIndex::Sealed(open.to_sealed());
