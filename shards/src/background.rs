@@ -1,10 +1,11 @@
 //! The shard's background work, in the executor's low-priority task queue (see
 //! `Shard::open_with_storage`): one task keeps the next segment ready, names activated segments,
 //! makes the summaries of sealed segments durable and applies retention; a second task scrubs
-//! sealed segments against their summaries at a bounded rate. Both stay I/O-bound: the work is
-//! large awaited reads and writes, syncs and directory operations, so between two of the
-//! committer's turns they hold the CPU for tens of microseconds (the scrub's checksums run over
-//! one chunk at a time).
+//! sealed segments (and their stream index files) against their summaries at a bounded rate.
+//! Both stay I/O-bound: the work is large awaited reads and writes, syncs and directory
+//! operations, so between two of the committer's turns they hold the CPU for tens of
+//! microseconds (the scrub's checksums run over one chunk at a time; sealing a stream index and
+//! checking an index file go in steps, `stream_index::Sealer` and `IndexDecoder`).
 //!
 //! Summaries: when the committer seals a segment (full, and everything in it durable), this task
 //! writes `<base_lsn:020>.sum`, syncs it and its directory, and only then marks the summary
@@ -495,7 +496,8 @@ const SCRUB_IDLE_INTERVAL: Duration = Duration::from_secs(1);
 /// first, round and round, at most `scrub_bytes_per_sec`. A segment whose body fails (a commit
 /// that fails its checksum, lsns that do not follow, or a body that disagrees with the summary)
 /// is reported: logged, counted in `stats`, and never scrubbed again. Reads of it verify every
-/// commit they return, so its bad range answers `Corruption` while the rest is served.
+/// commit they return, so its bad range answers `Corruption` while the rest is served. A segment
+/// whose body passes has its stream index file checked too ([`scrub_stream_index`]).
 pub(crate) async fn scrub(inner: Rc<Inner>) {
     let rate = inner.opts.scrub_bytes_per_sec;
     if rate == 0 {
