@@ -38,7 +38,7 @@ use crate::segments::{
 };
 use crate::shard::Inner;
 use crate::storage::{IoBuf, SegmentFile, Storage};
-use crate::stream_index::{check_in_steps, seal_in_steps, stream_index_name};
+use crate::stream_index::{check_in_steps, seal_in_steps, stream_index_name, STREAM_INDEX_FIXED_BYTES};
 use crate::{Durability, SegmentPrep, PREALLOCATE_AFTER_COMMIT_BYTES};
 
 /// After a failure to prepare a segment (e.g. no space), try again after this long.
@@ -693,7 +693,11 @@ async fn scrub_stream_index(inner: &Inner, seg: &Segment, rate: u64) {
     }
     let name = stream_index_name(seg.base_lsn);
     let summary = seg.summary(inner.opts.shard_id);
-    let checked = match read_index_file(inner, &name, rate).await {
+    // Each stream of the file has an entry (16 + 12 bytes), and each entry a record of its own in
+    // the segment (at least its 24-byte header), so a valid file is smaller than 28 / 24 of the
+    // segment: a larger one is not read, only rebuilt.
+    let max_bytes = align_up(STREAM_INDEX_FIXED_BYTES as u64 + 2 * seg.capacity);
+    let checked = match read_index_file(inner, &name, max_bytes, rate).await {
         Ok(data) => check_in_steps(&data, &summary).await,
         Err(e) => Err(e.to_string()),
     };
@@ -726,11 +730,17 @@ async fn scrub_stream_index(inner: &Inner, seg: &Segment, rate: u64) {
 }
 
 /// Reads a stream index file whole, [`SCRUB_CHUNK_BYTES`] at a time, counting it in the scrub's
-/// bytes and pacing it at `rate` like the segments' bytes.
-async fn read_index_file(inner: &Inner, name: &str, rate: u64) -> io::Result<Vec<u8>> {
+/// bytes and pacing it at `rate` like the segments' bytes. A file larger than `max_bytes` is an
+/// error.
+async fn read_index_file(inner: &Inner, name: &str, max_bytes: u64, rate: u64) -> io::Result<Vec<u8>> {
     let file = inner.storage.open(name, false, inner.opts.durability).await?;
     let read = async {
         let size = align_down(file.size().await?);
+        if size > max_bytes {
+            return Err(io::Error::other(format!(
+                "{size} bytes, more than a stream index of this segment can take ({max_bytes})"
+            )));
+        }
         let mut data = Vec::with_capacity(size as usize);
         while (data.len() as u64) < size {
             if inner.bg_stop.get() {
