@@ -1,10 +1,11 @@
 //! The shard's background work, in the executor's low-priority task queue (see
 //! `Shard::open_with_storage`): one task keeps the next segment ready, names activated segments,
 //! makes the summaries of sealed segments durable and applies retention; a second task scrubs
-//! sealed segments against their summaries at a bounded rate. Both stay I/O-bound: the work is
-//! large awaited reads and writes, syncs and directory operations, so between two of the
-//! committer's turns they hold the CPU for tens of microseconds (the scrub's checksums run over
-//! one chunk at a time).
+//! sealed segments (and their stream index files) against their summaries at a bounded rate.
+//! Both stay I/O-bound: the work is large awaited reads and writes, syncs and directory
+//! operations, so between two of the committer's turns they hold the CPU for tens of
+//! microseconds (the scrub's checksums run over one chunk at a time; sealing a stream index and
+//! checking an index file go in steps, `stream_index::Sealer` and `IndexDecoder`).
 //!
 //! Summaries: when the committer seals a segment (full, and everything in it durable), this task
 //! writes `<base_lsn:020>.sum`, syncs it and its directory, and only then marks the summary
@@ -29,15 +30,15 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::error::{is_no_space, ShardError};
 use crate::format::{
-    align_up, chain_commit_crc, parse_commit, HeaderBlock, Manifest, ParseError, SegmentHeader, SegmentSummary,
-    SummaryKind, BLOCK_BYTES, COMMIT_HEADER_BYTES, SEGMENT_DATA_OFFSET,
+    align_down, align_up, chain_commit_crc, parse_commit, HeaderBlock, Manifest, ParseError, SegmentHeader,
+    SegmentSummary, SummaryKind, BLOCK_BYTES, COMMIT_HEADER_BYTES, SEGMENT_DATA_OFFSET,
 };
 use crate::segments::{
     segment_name, summary_name, Segment, Spare, SummaryState, CHECKPOINT_NAME, MANIFEST_NAME, MANIFEST_TMP_NAME,
 };
 use crate::shard::Inner;
 use crate::storage::{IoBuf, SegmentFile, Storage};
-use crate::stream_index::stream_index_name;
+use crate::stream_index::{check_in_steps, seal_in_steps, stream_index_name, STREAM_INDEX_FIXED_BYTES};
 use crate::stream_runs::{stream_runs_name, RunsState};
 use crate::{Durability, SegmentPrep, StreamRuns, PREALLOCATE_AFTER_COMMIT_BYTES};
 
@@ -314,14 +315,16 @@ async fn write_file_durably(storage: &dyn Storage, durability: Durability, name:
 /// recovery does not trust (checksum, or a segment description that is not the summary's).
 async fn write_stream_index(inner: &Inner, seg: &Segment, summary: &SegmentSummary, seal: bool) -> io::Result<()> {
     let storage = &*inner.storage;
+    if seal {
+        // In steps: sealing a large index in one go would hold the committer off for
+        // milliseconds.
+        seal_in_steps(&seg.streams).await;
+    }
     let buf = {
-        let mut streams = seg.streams.borrow_mut();
-        let Some(index) = streams.as_mut() else {
+        let streams = seg.streams.borrow();
+        let Some(index) = streams.as_ref() else {
             return Ok(());
         };
-        if seal {
-            index.seal();
-        }
         index.with_sealed(|sealed| {
             let mut buf = storage.alloc(sealed.encoded_bytes());
             sealed.encode(summary, buf.as_mut_slice());
@@ -510,7 +513,8 @@ const SCRUB_IDLE_INTERVAL: Duration = Duration::from_secs(1);
 /// first, round and round, at most `scrub_bytes_per_sec`. A segment whose body fails (a commit
 /// that fails its checksum, lsns that do not follow, or a body that disagrees with the summary)
 /// is reported: logged, counted in `stats`, and never scrubbed again. Reads of it verify every
-/// commit they return, so its bad range answers `Corruption` while the rest is served.
+/// commit they return, so its bad range answers `Corruption` while the rest is served. A segment
+/// whose body passes has its stream index file checked too ([`scrub_stream_index`]).
 pub(crate) async fn scrub(inner: Rc<Inner>) {
     let rate = inner.opts.scrub_bytes_per_sec;
     if rate == 0 {
@@ -681,5 +685,96 @@ async fn scrub_segment(inner: &Inner, seg: &Segment, rate: u64) -> io::Result<Op
             ),
         )));
     }
+    // [stream_index] The body is sound: now the index file that describes it.
+    scrub_stream_index(inner, seg, rate).await;
     Ok(None)
+}
+
+/// Whether a sealed segment's `.six` file should be on disk and durable: its index is there and
+/// not loaded, or loaded and its file durable; and no rebuild of it is pending or under way
+/// (`rebuild_stream_indexes` clears `streams_rebuild` when it starts, but sets
+/// `streams_persisted` only once the file it writes is durable).
+fn has_stream_index_file(seg: &Segment) -> bool {
+    !seg.retired.get() && !seg.streams_rebuild.get() && (seg.streams_on_disk.get() || seg.streams_persisted.get())
+}
+
+/// Checks the `.six` file of a sealed segment whose body the scrub has just verified against its
+/// summary, reading it at the scrub's rate and checking it in steps
+/// ([`crate::stream_index::IndexDecoder`]). One that is missing, unreadable or untrusted is
+/// rebuilt from the segment by the background task and written again, as when a filtered read
+/// finds it so. The log itself is fine, so this is not corruption: it is logged as a warning and
+/// counted in `stats` (`scrub_bad_stream_indexes`).
+async fn scrub_stream_index(inner: &Inner, seg: &Segment, rate: u64) {
+    if !has_stream_index_file(seg) {
+        return;
+    }
+    let name = stream_index_name(seg.base_lsn);
+    let summary = seg.summary(inner.opts.shard_id);
+    // Each stream of the file has an entry (16 + 12 bytes), and each entry a record of its own in
+    // the segment (at least its 24-byte header), so a valid file is smaller than 28 / 24 of the
+    // segment: a larger one is not read, only rebuilt.
+    let max_bytes = align_up(STREAM_INDEX_FIXED_BYTES as u64 + 2 * seg.capacity);
+    let checked = match read_index_file(inner, &name, max_bytes, rate).await {
+        Ok(data) => check_in_steps(&data, &summary).await,
+        Err(e) => Err(e.to_string()),
+    };
+    let Err(reason) = checked else {
+        return;
+    };
+    // Closing (the read was cut short), retired, or rebuilt meanwhile: nothing to repair.
+    if inner.bg_stop.get() || !has_stream_index_file(seg) {
+        return;
+    }
+    tracing::warn!(
+        shard = inner.opts.shard_id,
+        segment = seg.sequence,
+        %name,
+        %reason,
+        "the scrub found a stream index file missing or untrusted (the log is intact); rebuilding it"
+    );
+    // The loaded index, if any, came from the committer or from a file that was valid when it
+    // was read; it goes (filtered reads scan the segment until the rebuild) so that the rebuilt
+    // one replaces it, unless a read is using it right now. Either way it no longer counts as
+    // durable, so the memory bound does not drop it and send the next read to the bad file.
+    if seg.streams_readers.get() == 0 {
+        *seg.streams.borrow_mut() = None;
+    }
+    seg.streams_persisted.set(false);
+    seg.streams_on_disk.set(false);
+    seg.streams_rebuild.set(true);
+    inner.health.borrow_mut().scrub_bad_stream_indexes += 1;
+    inner.bg_wake.notify();
+}
+
+/// Reads a stream index file whole, [`SCRUB_CHUNK_BYTES`] at a time, counting it in the scrub's
+/// bytes and pacing it at `rate` like the segments' bytes. A file larger than `max_bytes` is an
+/// error.
+async fn read_index_file(inner: &Inner, name: &str, max_bytes: u64, rate: u64) -> io::Result<Vec<u8>> {
+    let file = inner.storage.open(name, false, inner.opts.durability).await?;
+    let read = async {
+        let size = align_down(file.size().await?);
+        if size > max_bytes {
+            return Err(io::Error::other(format!(
+                "{size} bytes, more than a stream index of this segment can take ({max_bytes})"
+            )));
+        }
+        let mut data = Vec::with_capacity(size as usize);
+        while (data.len() as u64) < size {
+            if inner.bg_stop.get() {
+                return Err(io::Error::new(io::ErrorKind::Interrupted, "shard closing"));
+            }
+            let len = SCRUB_CHUNK_BYTES.min(size - data.len() as u64);
+            let chunk = file.read(data.len() as u64, len as usize).await?;
+            if chunk.is_empty() {
+                break;
+            }
+            data.extend_from_slice(&chunk);
+            inner.health.borrow_mut().scrub_bytes += chunk.len() as u64;
+            pace(inner, Duration::from_secs_f64(chunk.len() as f64 / rate as f64)).await;
+        }
+        Ok(data)
+    }
+    .await;
+    let _ = file.close().await;
+    read
 }

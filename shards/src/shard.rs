@@ -362,6 +362,7 @@ pub(crate) struct Health {
     pub last_corruption: Option<String>,
     pub scrub_bytes: u64,
     pub scrub_passes: u64,
+    pub scrub_bad_stream_indexes: u64,
     pub recovery: RecoveryReport,
     /// Bytes of stream runs files written since the shard opened.
     pub runs_bytes_written: u64,
@@ -404,6 +405,10 @@ pub struct ShardStats {
     pub scrub_bytes: u64,
     /// Complete scrub passes over every sealed segment.
     pub scrub_passes: u64,
+    /// Sealed segments' stream index files the scrub found missing or untrusted, and had rebuilt
+    /// and written again. Not corruption of the log: filtered reads of the segment scan it
+    /// meanwhile.
+    pub scrub_bad_stream_indexes: u64,
     /// How the last open recovered the log.
     pub recovery: RecoveryReport,
     /// Heap bytes of the stream indexes of all segments (filtered reads read only the commits
@@ -489,6 +494,7 @@ impl Shard {
                 last_corruption: rec.findings.last().cloned(),
                 scrub_bytes: 0,
                 scrub_passes: 0,
+                scrub_bad_stream_indexes: 0,
                 recovery: rec.report,
                 runs_bytes_written: 0,
                 runs_reads: 0,
@@ -671,6 +677,7 @@ impl Shard {
             last_corruption: health.last_corruption.clone(),
             scrub_bytes: health.scrub_bytes,
             scrub_passes: health.scrub_passes,
+            scrub_bad_stream_indexes: health.scrub_bad_stream_indexes,
             recovery: health.recovery.clone(),
             stream_index_bytes: st.segs.stream_index_bytes(),
             stream_runs_pending: st

@@ -46,8 +46,10 @@
 //! equal the summary it accepted: the commits crc covers every commit header, and each header
 //! the checksum of its body, so an index that matches describes exactly the commits on disk.
 
+use std::cell::RefCell;
+use std::cmp::Reverse;
 use std::collections::hash_map::Entry as MapEntry;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::rc::Rc;
 
 use crate::error::ShardError;
@@ -124,6 +126,10 @@ pub(crate) struct OpenIndex {
     entries: Vec<Entry>,
     /// For each entry, the next entry of its stream ([`CHAIN_END`] for the last).
     next: Vec<u32>,
+    /// Each key of `chains` with its first entry, in the order they came: sealing walks them a
+    /// slice at a time ([`Sealer`]), which an iterator over the map, borrowed from the segment,
+    /// cannot do across the yields in between; and without a lookup in the map per stream.
+    order: Vec<(u64, u32)>,
 }
 
 /// The index of a sealed segment: streams ascending, each with its entries contiguous and
@@ -189,7 +195,9 @@ impl StreamIndex {
         }
     }
 
-    /// Makes the index of a sealed segment out of an open one (no-op when already sealed).
+    /// Makes the index of a sealed segment out of an open one (no-op when already sealed), in one
+    /// go: the shard seals a segment's index in steps instead ([`seal_in_steps`]).
+    #[cfg(test)]
     pub(crate) fn seal(&mut self) {
         if let StreamIndex::Open(open) = self {
             *self = StreamIndex::Sealed(open.to_sealed());
@@ -268,6 +276,7 @@ impl StreamIndex {
                 open.chains.capacity() * (std::mem::size_of::<(u64, Chain)>() + 1)
                     + open.entries.capacity() * std::mem::size_of::<Entry>()
                     + open.next.capacity() * std::mem::size_of::<u32>()
+                    + open.order.capacity() * std::mem::size_of::<(u64, u32)>()
             }
             StreamIndex::Sealed(sealed) => {
                 sealed.streams.capacity() * std::mem::size_of::<(u64, u32)>()
@@ -301,33 +310,189 @@ impl OpenIndex {
                     last: index,
                     count: 1,
                 });
+                self.order.push((stream, index));
             }
         }
         self.entries.push(entry);
         self.next.push(CHAIN_END);
     }
 
+    /// The sealed form, in one go (see [`Sealer`] for the same in steps).
     fn to_sealed(&self) -> SealedIndex {
-        let mut streams: Vec<(u64, Chain)> = self.chains.iter().map(|(&s, &c)| (s, c)).collect();
-        streams.sort_unstable_by_key(|&(s, _)| s);
-        let mut sealed = SealedIndex {
-            streams: Vec::with_capacity(streams.len()),
-            entries: Vec::with_capacity(self.entries.len()),
-        };
-        for (stream, chain) in streams {
-            sealed.streams.push((stream, sealed.entries.len() as u32));
-            let mut i = chain.first;
-            while i != CHAIN_END {
-                sealed.entries.push(self.entries[i as usize]);
-                i = self.next[i as usize];
-            }
-            assert_eq!(
-                sealed.entries.len() - sealed.streams.last().expect("pushed").1 as usize,
-                chain.count as usize
-            );
+        let mut sealer = Sealer::new(self);
+        let done = sealer.step(self, usize::MAX);
+        assert!(done);
+        sealer.finish(self)
+    }
+}
+
+/// Work units (streams sorted or merged, entries copied) of one [`Sealer::step`] of the
+/// background task: tens of microseconds even when every entry copied misses the cache (about
+/// 50-90 ns each for an index of a million entries here), so that it can yield to the committer
+/// in between.
+const SEAL_STEP_WORK: usize = 1024;
+/// Streams sorted in one step: [`Sealer`] sorts runs of this many, then merges the runs.
+const SEAL_RUN_STREAMS: usize = 1024;
+
+/// Builds the sealed form of an [`OpenIndex`] a bounded amount of work at a time, so that sealing
+/// a large index (a 64 MiB segment of small records of many streams) does not hold the CPU from
+/// the committer on the same executor for milliseconds. The result is the one
+/// [`OpenIndex::to_sealed`] gives, which is this run to the end in one step:
+///
+/// 1. copy the streams with their first entries (in the order they came, [`OpenIndex::order`])
+///    and sort them [`SEAL_RUN_STREAMS`] at a time;
+/// 2. merge the sorted runs into one list (a heap of each run's next stream);
+/// 3. stream by stream, copy its chain of entries into the sealed form, resuming part way
+///    through a chain if need be. This walk is the bulk of the work, and bound by the latency
+///    of loads that miss the cache: its loop is kept as tight as sealing's was in one go, so
+///    that the processor can start on the next chain's loads while the last ones complete.
+///
+/// Between steps the open index must not change: a sealed segment takes no more commits.
+#[derive(Debug)]
+pub(crate) struct Sealer {
+    /// The open index's entry count when sealing began, to check that it did not change.
+    entries: usize,
+    /// 1: the streams with their first entries, copied and sorted in runs of
+    /// [`SEAL_RUN_STREAMS`].
+    runs: Vec<(u64, u32)>,
+    /// 2: set up once every run is sorted: each run's next stream as (stream, run), least first.
+    heap: Option<BinaryHeap<Reverse<(u64, u32)>>>,
+    /// Each run's next position in `runs`.
+    run_next: Vec<u32>,
+    /// The merged runs: every stream with its first entry, ascending.
+    sorted: Vec<(u64, u32)>,
+    /// 3: the next stream of `sorted` to copy the chain of.
+    walk_next: usize,
+    /// The chain being copied: its next entry in the open index ([`CHAIN_END`]: none).
+    chain_at: u32,
+    sealed: SealedIndex,
+}
+
+impl Sealer {
+    pub(crate) fn new(open: &OpenIndex) -> Sealer {
+        assert_eq!(open.order.len(), open.chains.len(), "each stream is in the order once");
+        debug_assert!(open.order.iter().all(|(s, first)| open.chains[s].first == *first));
+        Sealer {
+            entries: open.entries.len(),
+            runs: Vec::with_capacity(open.order.len()),
+            heap: None,
+            run_next: Vec::new(),
+            sorted: Vec::with_capacity(open.order.len()),
+            walk_next: 0,
+            chain_at: CHAIN_END,
+            sealed: SealedIndex {
+                streams: Vec::with_capacity(open.order.len()),
+                entries: Vec::with_capacity(open.entries.len()),
+            },
         }
-        assert_eq!(sealed.entries.len(), self.entries.len());
-        sealed
+    }
+
+    /// Does about `work` units (at least one) of sealing `open`, the index [`Sealer::new`] was
+    /// given. Returns whether the sealed form is complete.
+    pub(crate) fn step(&mut self, open: &OpenIndex, work: usize) -> bool {
+        assert!(work > 0, "a step makes progress");
+        assert_eq!(
+            open.entries.len(),
+            self.entries,
+            "a sealed segment's index takes no more commits"
+        );
+        let mut done = 0usize;
+        // 1. Sort runs.
+        while self.runs.len() < open.order.len() {
+            if done >= work {
+                return false;
+            }
+            let from = self.runs.len();
+            let to = (from + SEAL_RUN_STREAMS).min(open.order.len());
+            self.runs.extend_from_slice(&open.order[from..to]);
+            // Streams are distinct: sorting the pairs sorts the streams.
+            self.runs[from..].sort_unstable();
+            done += to - from;
+        }
+        // 2. Merge them.
+        let heap = self.heap.get_or_insert_with(|| {
+            let run_count = self.runs.len().div_ceil(SEAL_RUN_STREAMS);
+            self.run_next = (0..run_count).map(|r| (r * SEAL_RUN_STREAMS) as u32).collect();
+            (0..run_count)
+                .map(|r| Reverse((self.runs[r * SEAL_RUN_STREAMS].0, r as u32)))
+                .collect()
+        });
+        while let Some(Reverse((stream, run))) = heap.pop() {
+            let at = &mut self.run_next[run as usize];
+            let (found, first) = self.runs[*at as usize];
+            assert_eq!(found, stream);
+            *at += 1;
+            let run_end = ((run as usize + 1) * SEAL_RUN_STREAMS).min(self.runs.len());
+            if (*at as usize) < run_end {
+                heap.push(Reverse((self.runs[*at as usize].0, run)));
+            }
+            assert!(
+                self.sorted.last().is_none_or(|&(prev, _)| prev < stream),
+                "streams ascend"
+            );
+            self.sorted.push((stream, first));
+            done += 1;
+            if done >= work {
+                return false;
+            }
+        }
+        // 3. Copy each stream's chain. Locals, not fields, in this loop: it is the hot one.
+        let (streams, entries) = (&mut self.sealed.streams, &mut self.sealed.entries);
+        let (mut at, mut next) = (self.chain_at, self.walk_next);
+        loop {
+            while at != CHAIN_END && done < work {
+                entries.push(open.entries[at as usize]);
+                at = open.next[at as usize];
+                done += 1;
+            }
+            if at != CHAIN_END || next == self.sorted.len() {
+                break;
+            }
+            let (stream, first) = self.sorted[next];
+            streams.push((stream, entries.len() as u32));
+            (at, next) = (first, next + 1);
+        }
+        (self.chain_at, self.walk_next) = (at, next);
+        at == CHAIN_END && next == self.sorted.len()
+    }
+
+    /// The sealed form, once [`Sealer::step`] said it is complete.
+    pub(crate) fn finish(self, open: &OpenIndex) -> SealedIndex {
+        assert!(self.heap.as_ref().is_some_and(BinaryHeap::is_empty));
+        assert!(self.chain_at == CHAIN_END && self.walk_next == self.sorted.len());
+        assert_eq!(self.sealed.streams.len(), open.chains.len());
+        assert_eq!(self.sealed.entries.len(), open.entries.len());
+        self.sealed
+    }
+}
+
+/// Seals the open index in `cell` (a segment's, which takes no more commits) in steps of
+/// [`SEAL_STEP_WORK`], letting the committer run in between once the background queue's
+/// preemption timer says so; readers meanwhile use the open form. No-op when there is no index
+/// or it is sealed already; gives up if it was replaced meanwhile (by a rebuilt or loaded sealed
+/// one, which is as good).
+pub(crate) async fn seal_in_steps(cell: &RefCell<Option<StreamIndex>>) {
+    let mut sealer = match cell.borrow().as_ref() {
+        Some(StreamIndex::Open(open)) => Sealer::new(open),
+        _ => return,
+    };
+    loop {
+        let done = {
+            let index = cell.borrow();
+            let Some(StreamIndex::Open(open)) = index.as_ref() else {
+                return;
+            };
+            sealer.step(open, SEAL_STEP_WORK)
+        };
+        if done {
+            break;
+        }
+        glommio::yield_if_needed().await;
+    }
+    let mut index = cell.borrow_mut();
+    if let Some(StreamIndex::Open(open)) = index.as_ref() {
+        let sealed = sealer.finish(open);
+        *index = Some(StreamIndex::Sealed(sealed));
     }
 }
 
@@ -408,8 +573,53 @@ impl SealedIndex {
     }
 
     /// Decodes an index file and checks it against `summary`, the segment's accepted summary or
-    /// checkpoint: `Err` says why it is not trusted.
+    /// checkpoint: `Err` says why it is not trusted. In one go; [`IndexDecoder`] does the same in
+    /// steps.
     pub(crate) fn decode(buf: &[u8], summary: &SegmentSummary) -> Result<SealedIndex, String> {
+        let mut decoder = IndexDecoder::new(buf, summary)?;
+        let done = decoder.step(usize::MAX)?;
+        assert!(done);
+        Ok(decoder.finish())
+    }
+}
+
+/// Work units (streams or entries decoded, [`DECODE_CRC_BYTES_PER_UNIT`] bytes checksummed) of
+/// one [`IndexDecoder::step`] of the scrub: tens of microseconds.
+const DECODE_STEP_WORK: usize = 4096;
+/// Bytes checksummed per unit of a decoder's work, and in one piece.
+const DECODE_CRC_BYTES_PER_UNIT: usize = 16;
+const DECODE_CRC_CHUNK_BYTES: usize = 16 << 10;
+
+/// Decodes an index file and checks it against a segment's summary a bounded amount of work at a
+/// time ([`SealedIndex::decode`] is this in one step): the file of a 64 MiB segment of small
+/// records of many streams takes milliseconds to check, which the scrub spreads over steps so
+/// that the committer on the same executor runs in between. The checks, in order: the fixed
+/// fields, the checksum, the segment's identity, the streams, the entries.
+pub(crate) struct IndexDecoder<'a> {
+    buf: &'a [u8],
+    summary: &'a SegmentSummary,
+    /// Stream count, entry count, and the end of the bytes the checksum covers.
+    s: usize,
+    e: usize,
+    end: usize,
+    /// The checksum so far, and the next byte it covers.
+    crc: u32,
+    crc_at: usize,
+    /// The checksum, reserved bytes and segment identity passed.
+    header_checked: bool,
+    /// The entry count of the streams decoded so far.
+    total: u64,
+    /// Where the entries of the stream of the next entry end, and the index of the stream after
+    /// it; the previous entry of that stream.
+    stream_end: usize,
+    stream_next: usize,
+    prev: Option<Entry>,
+    sealed: SealedIndex,
+}
+
+impl<'a> IndexDecoder<'a> {
+    /// Checks the fixed fields that say how large the file is.
+    pub(crate) fn new(buf: &'a [u8], summary: &'a SegmentSummary) -> Result<IndexDecoder<'a>, String> {
         if buf.len() < STREAM_INDEX_FIXED_BYTES {
             return Err(format!("stream index is {} bytes", buf.len()));
         }
@@ -422,9 +632,7 @@ impl SealedIndex {
                 "stream index version {version}, this build reads {STREAM_INDEX_VERSION}"
             ));
         }
-        let u32_at = |at: usize| u32::from_le_bytes(buf[at..at + 4].try_into().expect("4 bytes"));
-        let u64_at = |at: usize| u64::from_le_bytes(buf[at..at + 8].try_into().expect("8 bytes"));
-        let (s, e) = (u32_at(12) as usize, u32_at(60) as usize);
+        let (s, e) = (le_u32(buf, 12) as usize, le_u32(buf, 60) as usize);
         let end = STREAM_INDEX_FIXED_BYTES as u64
             + s as u64 * STREAM_INDEX_STREAM_BYTES as u64
             + e as u64 * STREAM_INDEX_ENTRY_BYTES as u64;
@@ -434,22 +642,130 @@ impl SealedIndex {
                 buf.len()
             ));
         }
-        let end = end as usize;
-        if index_crc(&buf[..end]) != u32_at(64) {
+        Ok(IndexDecoder {
+            buf,
+            summary,
+            s,
+            e,
+            end: end as usize,
+            crc: crc32c::crc32c(&buf[..64]),
+            crc_at: STREAM_INDEX_FIXED_BYTES,
+            header_checked: false,
+            total: 0,
+            stream_end: 0,
+            stream_next: 0,
+            prev: None,
+            sealed: SealedIndex::default(),
+        })
+    }
+
+    /// Does about `work` units (at least one) of decoding. Returns whether the file is decoded
+    /// and every check passed; `Err` says why it is not trusted.
+    pub(crate) fn step(&mut self, work: usize) -> Result<bool, String> {
+        assert!(work > 0, "a step makes progress");
+        let buf = self.buf;
+        let mut done = 0usize;
+        // 1. The checksum.
+        while self.crc_at < self.end {
+            if done >= work {
+                return Ok(false);
+            }
+            let to = (self.crc_at + DECODE_CRC_CHUNK_BYTES).min(self.end);
+            self.crc = crc32c::crc32c_append(self.crc, &buf[self.crc_at..to]);
+            done += (to - self.crc_at).div_ceil(DECODE_CRC_BYTES_PER_UNIT);
+            self.crc_at = to;
+        }
+        if !self.header_checked {
+            self.check_header()?;
+            self.header_checked = true;
+        }
+        // 2. The streams.
+        while self.sealed.streams.len() < self.s {
+            if done >= work {
+                return Ok(false);
+            }
+            let at = STREAM_INDEX_FIXED_BYTES + self.sealed.streams.len() * STREAM_INDEX_STREAM_BYTES;
+            let stream = le_u64(buf, at);
+            let count = le_u32(buf, at + 8);
+            if self.sealed.streams.last().is_some_and(|&(prev, _)| prev >= stream) || count == 0 {
+                return Err(format!("stream index entry for stream {stream} out of place"));
+            }
+            self.sealed.streams.push((stream, self.total as u32));
+            self.total += u64::from(count);
+            done += 1;
+            if self.sealed.streams.len() == self.s && self.total != self.e as u64 {
+                return Err(format!(
+                    "stream index streams hold {} entries, header says {}",
+                    self.total, self.e
+                ));
+            }
+        }
+        if self.s == 0 && self.e != 0 {
+            return Err(format!("stream index streams hold 0 entries, header says {}", self.e));
+        }
+        // 3. The entries, each stream's ascending and all inside the segment.
+        let records = self.summary.end_lsn - self.summary.base_lsn;
+        let end_offset = self.summary.end_offset;
+        let entries_at = STREAM_INDEX_FIXED_BYTES + self.s * STREAM_INDEX_STREAM_BYTES;
+        let (streams, entries) = (&self.sealed.streams, &mut self.sealed.entries);
+        let (mut stream_end, mut stream_next, mut prev) = (self.stream_end, self.stream_next, self.prev);
+        let decoded = loop {
+            let k = entries.len();
+            if k == self.e {
+                break Ok(true);
+            }
+            if done >= work {
+                break Ok(false);
+            }
+            if k == stream_end {
+                // The first entry of the next stream.
+                stream_next += 1;
+                stream_end = streams.get(stream_next).map_or(self.e, |&(_, from)| from as usize);
+                prev = None;
+            }
+            let at = entries_at + k * STREAM_INDEX_ENTRY_BYTES;
+            let entry = Entry {
+                lsn_delta: le_u32(buf, at),
+                offset: le_u32(buf, at + 4),
+                len: le_u32(buf, at + 8),
+            };
+            let inside = u64::from(entry.lsn_delta) < records
+                && u64::from(entry.offset) >= SEGMENT_DATA_OFFSET
+                && entry.len as usize >= COMMIT_HEADER_BYTES + RECORD_HEADER_BYTES
+                && u64::from(entry.offset) + u64::from(entry.len) <= end_offset;
+            let ascending = prev.is_none_or(|p| {
+                p.lsn_delta < entry.lsn_delta && u64::from(p.offset) + u64::from(p.len) <= u64::from(entry.offset)
+            });
+            if !inside || !ascending {
+                break Err(format!("stream index entry {entry:?} out of place"));
+            }
+            entries.push(entry);
+            prev = Some(entry);
+            done += 1;
+        };
+        (self.stream_end, self.stream_next, self.prev) = (stream_end, stream_next, prev);
+        decoded
+    }
+
+    /// The checksum, the reserved bytes, and the segment the file describes.
+    fn check_header(&mut self) -> Result<(), String> {
+        let buf = self.buf;
+        if self.crc != le_u32(buf, 64) {
             return Err("stream index checksum mismatch".into());
         }
-        if u32_at(68) != 0 {
+        if le_u32(buf, 68) != 0 {
             return Err("stream index reserved bytes are not zero".into());
         }
         let identity = (
             u16::from_le_bytes([buf[10], buf[11]]),
-            u64_at(16),
-            u64_at(24),
-            u64_at(32),
-            u64_at(40),
-            u64_at(48),
-            u32_at(56),
+            le_u64(buf, 16),
+            le_u64(buf, 24),
+            le_u64(buf, 32),
+            le_u64(buf, 40),
+            le_u64(buf, 48),
+            le_u32(buf, 56),
         );
+        let summary = self.summary;
         let want = (
             summary.shard_id,
             summary.sequence,
@@ -462,53 +778,39 @@ impl SealedIndex {
         if identity != want {
             return Err(format!("stream index describes {identity:?}, the segment is {want:?}"));
         }
-        let records = summary.end_lsn - summary.base_lsn;
-        let mut sealed = SealedIndex {
-            streams: Vec::with_capacity(s),
-            entries: Vec::with_capacity(e),
+        // Trusted sizes from here on: the checksum holds.
+        self.sealed = SealedIndex {
+            streams: Vec::with_capacity(self.s),
+            entries: Vec::with_capacity(self.e),
         };
-        let mut at = STREAM_INDEX_FIXED_BYTES;
-        let mut counts = Vec::with_capacity(s);
-        let mut total = 0u64;
-        for _ in 0..s {
-            let stream = u64_at(at);
-            let count = u32_at(at + 8);
-            if sealed.streams.last().is_some_and(|&(prev, _)| prev >= stream) || count == 0 {
-                return Err(format!("stream index entry for stream {stream} out of place"));
-            }
-            sealed.streams.push((stream, total as u32));
-            counts.push(count);
-            total += u64::from(count);
-            at += STREAM_INDEX_STREAM_BYTES;
-        }
-        if total != e as u64 {
-            return Err(format!("stream index streams hold {total} entries, header says {e}"));
-        }
-        for count in counts {
-            let mut prev: Option<Entry> = None;
-            for _ in 0..count {
-                let entry = Entry {
-                    lsn_delta: u32_at(at),
-                    offset: u32_at(at + 4),
-                    len: u32_at(at + 8),
-                };
-                let inside = u64::from(entry.lsn_delta) < records
-                    && u64::from(entry.offset) >= SEGMENT_DATA_OFFSET
-                    && entry.len as usize >= COMMIT_HEADER_BYTES + RECORD_HEADER_BYTES
-                    && u64::from(entry.offset) + u64::from(entry.len) <= summary.end_offset;
-                let ascending = prev.is_none_or(|p| {
-                    p.lsn_delta < entry.lsn_delta && u64::from(p.offset) + u64::from(p.len) <= u64::from(entry.offset)
-                });
-                if !inside || !ascending {
-                    return Err(format!("stream index entry {entry:?} out of place"));
-                }
-                sealed.entries.push(entry);
-                prev = Some(entry);
-                at += STREAM_INDEX_ENTRY_BYTES;
-            }
-        }
-        Ok(sealed)
+        Ok(())
     }
+
+    /// The decoded index, once [`IndexDecoder::step`] said it is complete.
+    pub(crate) fn finish(self) -> SealedIndex {
+        assert!(self.header_checked);
+        assert_eq!((self.sealed.streams.len(), self.sealed.entries.len()), (self.s, self.e));
+        self.sealed
+    }
+}
+
+/// Checks an index file against a segment's summary in steps of [`DECODE_STEP_WORK`], letting
+/// the committer run in between once the background queue's preemption timer says so: `Err`
+/// says why it is not trusted.
+pub(crate) async fn check_in_steps(buf: &[u8], summary: &SegmentSummary) -> Result<(), String> {
+    let mut decoder = IndexDecoder::new(buf, summary)?;
+    while !decoder.step(DECODE_STEP_WORK)? {
+        glommio::yield_if_needed().await;
+    }
+    Ok(())
+}
+
+fn le_u32(buf: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(buf[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn le_u64(buf: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(buf[at..at + 8].try_into().expect("8 bytes"))
 }
 
 /// A stream index rebuild reads its segment this much at a time.
@@ -633,7 +935,7 @@ impl Inner {
     }
 
     /// Rebuilds the stream index of a sealed segment by reading it, [`REBUILD_CHUNK_BYTES`] at a
-    /// time, and installs it if the segment's commits agree with its summary (end lsn, end
+    /// time, and installs it (open) if the segment's commits agree with its summary (end lsn, end
     /// offset, commit count, commits checksum); `Ok(None)` if they do not (the scrub reports
     /// that), or if the segment was retired meanwhile. Returns the summary the index describes.
     pub(crate) async fn rebuild_stream_index(&self, seg: &Segment) -> std::io::Result<Option<SegmentSummary>> {
@@ -680,7 +982,8 @@ impl Inner {
         {
             return Ok(None);
         }
-        index.seal();
+        // Open: the caller seals it in steps as it writes the file (`write_stream_index`), and
+        // reads meanwhile use the open form.
         *seg.streams.borrow_mut() = Some(index);
         Ok(Some(summary))
     }
@@ -1035,6 +1338,249 @@ mod tests {
         );
         for &(from, to, _) in &planned {
             assert!(from % 4096 == 0 && to % 4096 == 0, "reads are block aligned");
+        }
+    }
+
+    /// An open index of `commits` commits, each holding `per_commit` distinct streams drawn
+    /// from `streams` (a deterministic pseudo-random walk).
+    fn large_open_index(commits: u32, per_commit: u32, streams: u64) -> StreamIndex {
+        let mut index = StreamIndex::open();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut picked = Vec::with_capacity(per_commit as usize);
+        for c in 0..u64::from(commits) {
+            picked.clear();
+            while picked.len() < per_commit as usize {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let stream = x % streams;
+                if !picked.contains(&stream) {
+                    picked.push(stream);
+                }
+            }
+            let offset = SEGMENT_DATA_OFFSET + c * 256;
+            index.note_commit_streams(c * u64::from(per_commit), offset, 256, picked.iter().copied());
+        }
+        index
+    }
+
+    /// The sealed form as it was built before sealing went in steps: streams sorted in one go,
+    /// then each chain walked. [`Sealer`] must give exactly this.
+    fn sealed_in_one_go(open: &OpenIndex) -> SealedIndex {
+        let mut streams: Vec<(u64, Chain)> = open.chains.iter().map(|(&s, &c)| (s, c)).collect();
+        streams.sort_unstable_by_key(|&(s, _)| s);
+        let mut sealed = SealedIndex {
+            streams: Vec::with_capacity(streams.len()),
+            entries: Vec::with_capacity(open.entries.len()),
+        };
+        for (stream, chain) in streams {
+            sealed.streams.push((stream, sealed.entries.len() as u32));
+            let mut i = chain.first;
+            while i != CHAIN_END {
+                sealed.entries.push(open.entries[i as usize]);
+                i = open.next[i as usize];
+            }
+        }
+        sealed
+    }
+
+    fn open_of(index: &StreamIndex) -> &OpenIndex {
+        match index {
+            StreamIndex::Open(open) => open,
+            StreamIndex::Sealed(_) => panic!("an open index"),
+        }
+    }
+
+    /// Seals `open` in steps of `work`, returning the sealed form and the number of steps.
+    fn seal_in_steps_of(open: &OpenIndex, work: usize) -> (SealedIndex, usize) {
+        let mut sealer = Sealer::new(open);
+        let mut steps = 1;
+        while !sealer.step(open, work) {
+            steps += 1;
+        }
+        (sealer.finish(open), steps)
+    }
+
+    #[test]
+    fn sealing_in_steps_gives_the_one_go_form() {
+        let cases = [
+            (0, 1, 1),
+            (1, 1, 1),
+            (50, 3, 7),
+            // More streams than a run, chains longer than a step.
+            (3000, 4, 10_000),
+            (2000, 5, 9),
+        ];
+        for (commits, per_commit, streams) in cases {
+            let index = large_open_index(commits, per_commit, streams);
+            let open = open_of(&index);
+            let want = sealed_in_one_go(open);
+            assert_eq!(open.to_sealed(), want, "{commits} commits, {streams} streams");
+            for work in [1, 2, 3, 17, 4096, usize::MAX] {
+                let (got, steps) = seal_in_steps_of(open, work);
+                assert_eq!(got, want, "{commits} commits, {streams} streams, steps of {work}");
+                let units = open.order.len() * 2 + open.entries.len();
+                assert!(steps <= units / work + 2, "{steps} steps of {work} for {units} units");
+            }
+        }
+        // The small index of the other tests, reopened from its sealed form (the order of its
+        // streams is then the sealed one).
+        let mut reopened = index();
+        reopened.seal();
+        let sealed = reopened.sealed();
+        reopened.reopen();
+        assert_eq!(seal_in_steps_of(open_of(&reopened), 1).0, sealed);
+    }
+
+    /// Decodes `buf` in steps of `work`.
+    fn decode_in_steps_of(buf: &[u8], summary: &SegmentSummary, work: usize) -> Result<SealedIndex, String> {
+        let mut decoder = IndexDecoder::new(buf, summary)?;
+        while !decoder.step(work)? {}
+        Ok(decoder.finish())
+    }
+
+    #[test]
+    fn decoding_in_steps_gives_what_decoding_in_one_go_does() {
+        let small = (index().sealed(), summary());
+        let large = {
+            let sealed = large_open_index(3000, 4, 1000).sealed();
+            let summary = SegmentSummary {
+                end_lsn: 100 + 3000 * 4,
+                commits: 3000,
+                end_offset: SEGMENT_DATA_OFFSET + 3000 * 256,
+                ..summary()
+            };
+            (sealed, summary)
+        };
+        for (sealed, summary) in [small, large] {
+            let mut buf = vec![0u8; sealed.encoded_bytes()];
+            sealed.encode(&summary, &mut buf);
+            let used = STREAM_INDEX_FIXED_BYTES
+                + sealed.streams.len() * STREAM_INDEX_STREAM_BYTES
+                + sealed.entries.len() * STREAM_INDEX_ENTRY_BYTES;
+            let mut damaged = vec![buf.clone()];
+            for byte in (0..used).step_by(used / 97 + 1) {
+                let mut flipped = buf.clone();
+                flipped[byte] ^= 0x08;
+                damaged.push(flipped);
+            }
+            for work in [1, 2, 7, 4096] {
+                assert_eq!(decode_in_steps_of(&buf, &summary, work), Ok(sealed.clone()));
+                for bytes in &damaged {
+                    assert_eq!(
+                        decode_in_steps_of(bytes, &summary, work),
+                        SealedIndex::decode(bytes, &summary),
+                        "steps of {work}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_segment_index_is_sealed_in_steps_in_its_cell() {
+        let index = large_open_index(3000, 4, 10_000);
+        let want = sealed_in_one_go(open_of(&index));
+        let got = glommio::LocalExecutor::default().run(async move {
+            let cell = RefCell::new(Some(index));
+            seal_in_steps(&cell).await;
+            // Sealed already: nothing to do.
+            seal_in_steps(&cell).await;
+            cell.into_inner()
+        });
+        match got {
+            Some(StreamIndex::Sealed(got)) => assert_eq!(got, want),
+            other => panic!("sealed, not {other:?}"),
+        }
+    }
+
+    /// Not a test: prints how long sealing holds the CPU, in one go (as before it went in steps)
+    /// and per step (`cargo test -p shards --lib --release -- --ignored --nocapture
+    /// sealing_time`).
+    #[test]
+    #[ignore]
+    fn sealing_time() {
+        use std::time::{Duration, Instant};
+        fn median(mut v: Vec<Duration>) -> (Duration, Duration) {
+            v.sort();
+            (v[0], v[v.len() / 2])
+        }
+        for (commits, per_commit, streams) in [(16_384, 4, 10_000), (262_144, 4, 100_000)] {
+            let index = large_open_index(commits, per_commit, streams);
+            let open = open_of(&index);
+            let (mut one_go, mut whole, mut longest_step, mut encode, mut decode) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let mut longest_decode_step = Vec::new();
+            let (mut step_count, mut decode_step_count) = (0, 0);
+            for round in 0..8 {
+                // Each measured with nothing else held, first and second in turn (the second
+                // finds part of the open index in the cache).
+                for k in 0..2 {
+                    let started = Instant::now();
+                    if (round + k) % 2 == 0 {
+                        drop(open.to_sealed());
+                        whole.push(started.elapsed());
+                    } else {
+                        drop(sealed_in_one_go(open));
+                        one_go.push(started.elapsed());
+                    }
+                }
+                let sealed = open.to_sealed();
+                let reference = sealed_in_one_go(open);
+                assert_eq!(sealed, reference);
+                let mut sealer = Sealer::new(open);
+                let mut longest = Duration::ZERO;
+                step_count = 0;
+                loop {
+                    let started = Instant::now();
+                    let done = sealer.step(open, SEAL_STEP_WORK);
+                    longest = longest.max(started.elapsed());
+                    step_count += 1;
+                    if done {
+                        break;
+                    }
+                }
+                longest_step.push(longest);
+                let s = SegmentSummary {
+                    end_lsn: 100 + u64::from(commits * per_commit),
+                    commits: u64::from(commits),
+                    end_offset: SEGMENT_DATA_OFFSET + u64::from(commits) * 256,
+                    ..summary()
+                };
+                let mut buf = vec![0u8; sealed.encoded_bytes()];
+                let started = Instant::now();
+                sealed.encode(&s, &mut buf);
+                encode.push(started.elapsed());
+                let started = Instant::now();
+                let decoded = SealedIndex::decode(&buf, &s);
+                decode.push(started.elapsed());
+                assert_eq!(decoded.as_ref(), Ok(&sealed));
+                let mut decoder = IndexDecoder::new(&buf, &s).expect("valid");
+                let mut longest = Duration::ZERO;
+                decode_step_count = 0;
+                loop {
+                    let started = Instant::now();
+                    let done = decoder.step(DECODE_STEP_WORK).expect("valid");
+                    longest = longest.max(started.elapsed());
+                    decode_step_count += 1;
+                    if done {
+                        break;
+                    }
+                }
+                longest_decode_step.push(longest);
+            }
+            println!(
+                "{} entries, {streams} streams (min, median): one go {:?}, to_sealed {:?}, \
+                 longest of {step_count} steps {:?}; encode {:?}; decode {:?}, longest of \
+                 {decode_step_count} steps {:?}",
+                commits * per_commit,
+                median(one_go),
+                median(whole),
+                median(longest_step),
+                median(encode),
+                median(decode),
+                median(longest_decode_step),
+            );
         }
     }
 
