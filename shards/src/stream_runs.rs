@@ -670,8 +670,10 @@ pub(crate) enum TailState {
 /// here without reading the segment back.
 ///
 /// The committer books each commit it hands to the device (the body is in its buffer, hot in
-/// the cache): every stream's groups of records are appended to that stream's run, as commits
-/// whose checksum is left for the runs file's write to fill in. Reads take records below the
+/// the cache): the groups of records of every stream the index reads badly so far (its commits
+/// hold more than [`RUNS_AMPLIFICATION`] times its bytes) are appended to that stream's run, as
+/// commits whose checksum is left for the runs file's write to fill in; a stream that fills the
+/// commits it is in is never copied. Reads take records below the
 /// durable end only. Within `ShardOptions::stream_tail_memory_bytes`: beyond it, the runs of the
 /// streams that the index reads best (the fewest commit bytes per byte of the stream) are
 /// dropped first; the plans of all streams stay, so that the runs file is planned without a
@@ -701,9 +703,10 @@ struct RunData {
     len: u64,
 }
 
-/// Chunks of a run grow from 4 KiB to 64 KiB (a larger commit gets a chunk of its own size).
+/// Chunks of a run grow from 4 KiB to 256 KiB (a larger commit gets a chunk of its own size),
+/// so a run allocates once per 256 KiB in the long run, and a small one takes little.
 const RUN_CHUNK_MIN_BYTES: usize = 4 << 10;
-const RUN_CHUNK_MAX_BYTES: usize = 64 << 10;
+const RUN_CHUNK_MAX_BYTES: usize = 256 << 10;
 
 impl RunData {
     /// Appends a commit (`head`, then `body`); returns the bytes newly allocated.
@@ -712,7 +715,7 @@ impl RunData {
         let room = self.chunks.last().map_or(0, |c| c.capacity() - c.len());
         let mut allocated = 0;
         if need > room {
-            let size = (RUN_CHUNK_MIN_BYTES << self.chunks.len().min(4)).min(RUN_CHUNK_MAX_BYTES);
+            let size = (RUN_CHUNK_MIN_BYTES << self.chunks.len().min(6)).min(RUN_CHUNK_MAX_BYTES);
             self.chunks.push(Vec::with_capacity(size.max(need)));
             self.starts.push(self.len);
             allocated = size.max(need);
@@ -792,6 +795,12 @@ impl Tail {
             let lsn = first_lsn + u64::from(first);
             t.plan.note(offset, commit_bytes, lsn, count, range.len(), interval);
             self.bytes += (t.plan.marks.capacity() - marks) * std::mem::size_of::<(u64, u64)>();
+            if t.plan.commit_bytes < RUNS_AMPLIFICATION * t.plan.run_bytes {
+                // The index reads this stream well so far (it fills the commits it is in): no
+                // run, and no copy of it on the committer's way (a stream is never copied in
+                // part, so it gets none in this segment even if it thins out later).
+                self.bytes -= t.data.take().map_or(0, |d| d.capacity());
+            }
             if let Some(data) = &mut t.data {
                 // A commit header without its checksum: `write_run_from_tail` fills it in.
                 let mut head = [0u8; COMMIT_HEADER_BYTES];
