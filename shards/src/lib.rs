@@ -243,7 +243,7 @@ pub enum StreamRuns {
 
 /// Default bound of the memory the runs of a shard's active segment take while they are made
 /// ([`ShardOptions::stream_tail_memory_bytes`]).
-pub const STREAM_TAIL_MEMORY_BYTES_DEFAULT: usize = 8 << 20;
+pub const STREAM_TAIL_MEMORY_BYTES_DEFAULT: usize = 4 << 20;
 
 /// Default bound of the memory the stream indexes of a shard's sealed segments take once loaded
 /// (see [`ShardOptions::stream_index_memory_bytes`]).

@@ -26,7 +26,7 @@ use std::time::{Instant, SystemTime};
 use crate::format::{chain_commit_crc, Manifest, ManifestEntry, SegmentSummary, BLOCK_BYTES, SEGMENT_DATA_OFFSET};
 use crate::storage::SegmentFile;
 use crate::stream_index::{StreamIndex, SEGMENT_BYTES_INDEXED_MAX};
-use crate::stream_runs::{LoadedRuns, RunsState, Tail, TailState};
+use crate::stream_runs::{Group, LoadedRuns, RunsState, Tail, TailState};
 
 /// `wall` as milliseconds since the Unix epoch (0 if before it).
 pub(crate) fn unix_ms(wall: SystemTime) -> u64 {
@@ -180,9 +180,14 @@ impl Segment {
 
     /// Books the streams of one commit of `commit_bytes` handed to the device at `offset`,
     /// whose records belong to `streams` in order, in the stream index.
-    pub(crate) fn note_stream_ids(&self, first_lsn: u64, offset: u64, commit_bytes: usize, streams: &[u64]) {
+    pub(crate) fn note_stream_ids(&self, first_lsn: u64, offset: u64, commit_bytes: usize, groups: &[Group]) {
         if let Some(index) = self.streams.borrow_mut().as_mut() {
-            index.note_commit_streams(first_lsn - self.base_lsn, offset, commit_bytes, streams.iter().copied());
+            index.note_commit_streams(
+                first_lsn - self.base_lsn,
+                offset,
+                commit_bytes,
+                groups.iter().map(|g| g.stream),
+            );
         }
     }
 
@@ -194,7 +199,7 @@ impl Segment {
 
     /// Books one commit handed to the device in the segment's tail (starting it with the
     /// segment's first commit): `at` is its (offset, first lsn, bytes).
-    pub(crate) fn note_tail(&self, at: (u64, u64, usize), header: &[u8], body: &[u8], budget: usize) {
+    pub(crate) fn note_tail(&self, at: (u64, u64, usize), header: &[u8], body: &[u8], groups: &[Group], budget: usize) {
         if self.tail_state.get() == TailState::NotStarted
             && at.0 == SEGMENT_DATA_OFFSET
             && self.streams.borrow().is_some()
@@ -210,6 +215,7 @@ impl Segment {
             at,
             header,
             body,
+            groups,
             self.sequence,
             (interval, budget),
         );

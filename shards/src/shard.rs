@@ -37,7 +37,7 @@ use crate::segments::{Active, Segment, Segments, Spare, SummaryState, INDEX_INTE
 use crate::storage::dma::DmaStorage;
 use crate::storage::{BufPool, IoBuf, PooledBuf, SegmentFile, Storage};
 use crate::stream_index::{ReadProgress, SegmentRead};
-use crate::stream_runs::{RunsRead, RunsState, TailRead};
+use crate::stream_runs::{Group, RunsRead, RunsState, TailRead};
 use crate::sync::{LsnWaiters, Notify};
 use crate::{AckLevel, Lsn, ReadBatch, ReadRecord, Receipt, RecordRef, ShardOptions, StreamRuns};
 
@@ -254,10 +254,11 @@ struct Batch {
     crc_bytes: usize,
     /// Shared by the batch's acknowledged appends; `None` while it has none.
     slot: Option<Rc<BatchSlot>>,
-    /// [stream_index] The stream of each append, in order, repeats side by side dropped: what
-    /// the stream index books when the batch is sealed, noted while the appends' bytes are in
-    /// the cache rather than read back from the buffer then.
-    streams: Vec<u64>,
+    /// [stream_index] The stream of each append, in order, with its records and bytes, appends
+    /// of one stream side by side merged: what the stream index and the tail book when the batch
+    /// is sealed, noted while the appends' bytes are in the cache rather than read back from the
+    /// buffer then.
+    streams: Vec<Group>,
 }
 
 impl Batch {
@@ -299,7 +300,7 @@ pub(crate) struct State {
     /// Batch slots for reuse.
     slots: VecDeque<Rc<BatchSlot>>,
     /// [stream_index] Emptied `Batch::streams` lists for reuse (see [`STREAM_LISTS_KEPT`]).
-    stream_lists: Vec<Vec<u64>>,
+    stream_lists: Vec<Vec<Group>>,
     /// The segments, the active one and the spare: changed only through `Segments`' methods.
     pub segs: Segments,
     inflight: VecDeque<InFlight>,
@@ -969,8 +970,16 @@ impl Inner {
         }
         batch.records += count;
         batch.appends += 1;
-        if batch.streams.last() != Some(&stream) {
-            batch.streams.push(stream);
+        match batch.streams.last_mut() {
+            Some(g) if g.stream == stream => {
+                g.records += count;
+                g.bytes += body_bytes as u32;
+            }
+            _ => batch.streams.push(Group {
+                stream,
+                records: count,
+                bytes: body_bytes as u32,
+            }),
         }
         let slot = (ack != AckLevel::None).then(|| batch.slot.get_or_insert_with(|| take_slot(slots)).clone());
         st.pending_bytes += body_bytes;
@@ -1198,7 +1207,7 @@ impl Inner {
                     let mut previous = None;
                     move |&s| previous.replace(s) != Some(s)
                 })
-                .eq(streams.iter().copied()),
+                .eq(streams.iter().map(|g| g.stream)),
             "the streams noted at enqueue are the streams of the commit's records"
         );
         active
@@ -1211,6 +1220,7 @@ impl Inner {
                 (commit_offset, first_lsn, commit_bytes),
                 &b[prefix..prefix + COMMIT_HEADER_BYTES],
                 &b[body_at..body_at + body_bytes],
+                &streams,
                 self.opts.stream_tail_memory_bytes,
             );
         }

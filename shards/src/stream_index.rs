@@ -912,7 +912,7 @@ impl Inner {
         if total <= budget {
             return;
         }
-        // An index goes with its segment's runs table (whose file is durable once loaded).
+        // An index goes with its segment's runs table (whose file is on disk once loaded).
         let index_droppable = |s: &Segment| s.streams_persisted.get() || s.streams.borrow().is_none();
         let mut droppable: Vec<&Rc<Segment>> = sealed()
             .filter(|s| index_droppable(s) && s.streams_readers.get() == 0 && s.stream_index_bytes() > 0)

@@ -10,16 +10,15 @@
 //! So the records of such streams are copied next to each other, by a task of their own in the
 //! background queue, in two steps:
 //!
-//! - **The tail.** As the active segment grows, the task reads back each newly durable part
-//!   (checking every commit's checksum) and appends each stream's groups of records, as commits,
-//!   to that stream's *run* in memory ([`Tail`]), within `stream_tail_memory_bytes`: beyond it,
-//!   the runs of the streams that the index reads best (the fewest commit bytes per byte of the
-//!   stream) are dropped first. Filtered reads of the active segment take the walked part from
-//!   there.
+//! - **The tail.** As the committer hands each commit of the active segment to the device, it
+//!   appends the groups of records of each stream that the index reads badly so far to that
+//!   stream's *run* in memory ([`Tail`]), within `stream_tail_memory_bytes`: beyond it, the runs
+//!   of the streams that the index reads best (the fewest commit bytes per byte of the stream)
+//!   are dropped first. Filtered reads of the active segment take the durable part from there.
 //! - **The runs file.** Once the segment is sealed and its summary durable, each stream whose run
-//!   the tail still holds, and for which a read through the index would fetch more than
-//!   [`RUNS_AMPLIFICATION`] times its run's bytes and at least [`RUNS_SAVING_MIN_BYTES`] more
-//!   (less in small segments), gets its run written contiguously into `<base_lsn:020>.runs`. A
+//!   the tail still holds, that lies in at least [`RUNS_COMMITS_MIN`] commits, and for which a
+//!   read through the index would fetch more than [`RUNS_AMPLIFICATION`] times its run's bytes
+//!   and at least [`RUNS_SAVING_MIN_BYTES`] more (less in small segments), gets its run written contiguously into `<base_lsn:020>.runs`. A
 //!   sealed segment without a tail (sealed before the shard was opened, or whose tail was given
 //!   up) is walked twice instead: once to plan, once to copy as many runs as
 //!   [`RUNS_SWEEP_MEMORY_BYTES`] of buffers allow, the worst-read streams first.
@@ -60,8 +59,9 @@
 //! ```
 //!
 //! Bytes [16, 60) repeat the segment's summary, as in the `.six` file: a runs file is trusted only
-//! for the segment it was made from. The table is written last, after the runs are durable, so a
-//! crash part way leaves a file whose table is missing or fails its checksum.
+//! for the segment it was made from. The table is written last, and the file is never synced: a
+//! crash can leave it missing, without its table, or with runs that fail their checksums, and
+//! each of those sends reads to the index and has the file made again.
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -93,6 +93,10 @@ pub(crate) const RUNS_AMPLIFICATION: u64 = 2;
 /// ... and at least this many bytes more (or a 64th of the segment, if less): below it the
 /// index's read costs a few I/Os, and a run would cost a file region and a table entry for little.
 pub(crate) const RUNS_SAVING_MIN_BYTES: u64 = 128 << 10;
+/// ... and only if it lies in at least this many commits: a stream in fewer is read through the
+/// index in about as few device round trips as a run would take (each commit's whole bytes, but
+/// at the device's sequential rate), and its run would be a second write for little.
+pub(crate) const RUNS_COMMITS_MIN: u64 = 4;
 /// A mark about every this many bytes of a run (or a 64th of the segment, if less), so a read
 /// that starts inside a long run starts near its first record.
 const RUNS_MARK_INTERVAL_BYTES: u64 = 256 << 10;
@@ -531,6 +535,8 @@ struct StreamPlan {
     commit_bytes: u64,
     /// The offset of the last commit counted in `commit_bytes`, plus one (0: none yet).
     last_commit: u64,
+    /// Commits holding it.
+    commits: u64,
     /// Bytes its run would take, records and the commits' headers.
     run_bytes: u64,
     records: u64,
@@ -553,6 +559,7 @@ impl StreamPlan {
         if self.last_commit != commit_offset + 1 {
             self.commit_bytes += commit_bytes as u64;
             self.last_commit = commit_offset + 1;
+            self.commits += 1;
         }
         let last_mark = self.marks.last().map(|&(_, at)| at);
         if last_mark.is_none_or(|at| self.run_bytes - at >= mark_interval) {
@@ -564,7 +571,7 @@ impl StreamPlan {
 
     /// Whether the stream gets a run (see the module).
     fn wanted(&self, saving_min: u64) -> bool {
-        self.commit_bytes >= RUNS_AMPLIFICATION * self.run_bytes + saving_min
+        self.commits >= RUNS_COMMITS_MIN && self.commit_bytes >= RUNS_AMPLIFICATION * self.run_bytes + saving_min
     }
 }
 
@@ -650,6 +657,17 @@ async fn plan(seg: &Segment, stop: &Cell<bool>, summary: &SegmentSummary) -> io:
     Ok(table_of(streams.iter().map(|(&s, p)| (s, p)), seg.capacity, memory))
 }
 
+/// Records of one stream side by side in a commit: what the committer notes of each append as
+/// it joins a batch (consecutive appends of one stream merged), so that booking the commit in
+/// the stream index and the tail reads no record header back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Group {
+    pub stream: u64,
+    pub records: u32,
+    /// Bytes of the records in the commit's body.
+    pub bytes: u32,
+}
+
 /// Where a segment's tail stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum TailState {
@@ -673,17 +691,22 @@ pub(crate) enum TailState {
 /// the cache): the groups of records of every stream the index reads badly so far (its commits
 /// hold more than [`RUNS_AMPLIFICATION`] times its bytes) are appended to that stream's run, as
 /// commits whose checksum is left for the runs file's write to fill in; a stream that fills the
-/// commits it is in is never copied. Reads take records below the
-/// durable end only. Within `ShardOptions::stream_tail_memory_bytes`: beyond it, the runs of the
-/// streams that the index reads best (the fewest commit bytes per byte of the stream) are
-/// dropped first; the plans of all streams stay, so that the runs file is planned without a
-/// walk. A segment whose plans alone outgrow the bound gives its tail up.
+/// commits it is in is never copied. Reads take records below the durable end only. Within
+/// `ShardOptions::stream_tail_memory_bytes`: beyond it, the runs of the streams that the index
+/// reads best (the fewest commit bytes per byte of the stream) are dropped first, and then only
+/// streams it reads worse than those are taken in. Only the runs it holds at the seal go into
+/// the runs file, so the file is planned and written without a walk, and its bytes are bounded
+/// by the same memory. A segment whose streams alone (an entry each) outgrow the bound gives its
+/// tail up.
 pub(crate) struct Tail {
     /// Booked up to here.
     point: WalkPoint,
     streams: HashMap<u64, TailStream, foldhash::fast::RandomState>,
     /// Memory held: the streams' plans and runs.
     bytes: usize,
+    /// A new stream gets a run only if the commits of its first group of records are more than
+    /// this many sixteenths of the group (the worst ratio of the runs shed so far, 0 before).
+    admit_above: u64,
 }
 
 struct TailStream {
@@ -759,6 +782,7 @@ impl Tail {
             point: WalkPoint::start(seg),
             streams: HashMap::default(),
             bytes: 0,
+            admit_above: 0,
         }
     }
 
@@ -767,13 +791,15 @@ impl Tail {
     }
 
     /// Books one commit of `commit_bytes` at `offset`, from lsn `first_lsn`, whose header (as
-    /// written) and body are given, of segment sequence `sequence`. Returns whether the tail
-    /// still fits in `budget` (shedding runs if it must).
+    /// written) and body are given, the body made of `groups`, of segment sequence `sequence`.
+    /// Returns whether the tail still fits in `budget` (shedding runs if it must).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn note_commit(
         &mut self,
         (offset, first_lsn, commit_bytes): (u64, u64, usize),
         header: &[u8],
         body: &[u8],
+        groups: &[Group],
         sequence: u64,
         (interval, budget): (u64, usize),
     ) -> bool {
@@ -783,16 +809,29 @@ impl Tail {
             "commits are booked in order"
         );
         let mut count_total = 0u64;
-        for (stream, first, count, range) in body_runs(body) {
+        let mut at = 0usize;
+        for g in groups {
+            let (stream, count, range) = (g.stream, g.records, at..at + g.bytes as usize);
+            at = range.end;
+            let lsn = first_lsn + count_total;
+            let admit_above = self.admit_above;
             let t = self.streams.entry(stream).or_insert_with(|| {
                 self.bytes += std::mem::size_of::<(u64, TailStream)>();
+                // Once runs have been shed, only a stream the index reads worse than every
+                // stream shed so far gets one: new streams would only push out the ones kept.
+                let amplification = commit_bytes as u64 * 16 / (COMMIT_HEADER_BYTES + range.len()) as u64;
                 TailStream {
                     plan: StreamPlan::default(),
-                    data: Some(RunData::default()),
+                    data: (amplification > admit_above).then(RunData::default),
                 }
             });
+            count_total += u64::from(count);
+            if t.data.is_none() {
+                // No run for it in this segment: nothing more to book (its entry only keeps it
+                // from being admitted again).
+                continue;
+            }
             let marks = t.plan.marks.capacity();
-            let lsn = first_lsn + u64::from(first);
             t.plan.note(offset, commit_bytes, lsn, count, range.len(), interval);
             self.bytes += (t.plan.marks.capacity() - marks) * std::mem::size_of::<(u64, u64)>();
             if t.plan.commit_bytes < RUNS_AMPLIFICATION * t.plan.run_bytes {
@@ -811,8 +850,8 @@ impl Tail {
                 head[24..28].copy_from_slice(&(range.len() as u32).to_le_bytes());
                 self.bytes += data.push(&head, &body[range.clone()]);
             }
-            count_total += u64::from(count);
         }
+        assert_eq!(at, body.len(), "the groups cover the body");
         self.point = WalkPoint {
             offset: offset + commit_bytes as u64,
             lsn: first_lsn + count_total,
@@ -832,12 +871,13 @@ impl Tail {
             .map(|(&stream, t)| (t.plan.commit_bytes * 16 / t.plan.run_bytes.max(1), stream))
             .collect();
         holding.sort_unstable();
-        for (_, stream) in holding {
+        for (amplification, stream) in holding {
             if self.bytes <= budget / 4 * 3 {
                 break;
             }
             let t = self.streams.get_mut(&stream).expect("listed above");
             self.bytes -= t.data.take().map_or(0, |d| d.capacity());
+            self.admit_above = self.admit_above.max(amplification);
         }
         self.bytes <= budget
     }
@@ -1041,8 +1081,8 @@ impl Inner {
         }
     }
 
-    /// Plans and writes the runs file of `seg`, makes it durable, and returns its table with the
-    /// file open for reads.
+    /// Plans and writes the runs file of `seg`, and returns its table with the file open for
+    /// reads.
     async fn write_stream_runs(&self, seg: &Segment, summary: &SegmentSummary, name: &str) -> io::Result<LoadedRuns> {
         // From the tail if it walked the whole segment: the runs it still holds, which need no
         // walk (the streams it shed, those the index reads best, get none).
@@ -1065,7 +1105,10 @@ impl Inner {
                 .is_some_and(|t| t.data.is_some())
         };
         self.remove_runs_file(name).await;
-        // Not `O_DSYNC`: one sync once the runs are written, another after the table.
+        // Never synced (nor its directory entry): the file is a copy that every read checks, so
+        // a crash that tears it or loses it costs a read through the index and the file made
+        // again, while a sync per segment would hold up the commits' own (a new file's sync
+        // commits the file system's journal, which every commit's sync then waits behind).
         let file = self.storage.open(name, true, Durability::Linked).await?;
         let storage = self.storage.clone();
         let alloc = move |len: usize| storage.alloc(len);
@@ -1079,12 +1122,12 @@ impl Inner {
             if !walked.is_empty() {
                 bytes += copy(seg, &self.bg_stop, summary, &*file, &alloc, &walked).await?;
             }
-            file.sync().await?;
+            // The table last: a file cut short by a crash has none, or one whose runs fail
+            // their checksums.
             let mut head = self.storage.alloc(table.data_offset() as usize);
             table.encode(summary, head.as_mut_slice());
             bytes += head.len() as u64;
             file.write(0, head).await?;
-            file.sync().await?;
             Ok::<u64, io::Error>(bytes)
         }
         .await;
@@ -1095,7 +1138,6 @@ impl Inner {
                 return Err(e);
             }
         };
-        self.storage.sync_dir().await?;
         self.health.borrow_mut().runs_bytes_written += bytes;
         Ok(LoadedRuns { table, file })
     }
