@@ -1284,6 +1284,11 @@ async fn recover_with(
                 seg.summary.set(SummaryState::Durable);
                 seg.runs_state.set(runs_state_at_open(opts, &summary_names, f));
             } else {
+                // [stream_runs] Its tail books the commits from here on; the runs task walks the
+                // part before and joins the two.
+                if opts.stream_runs == crate::StreamRuns::Auto && seg.streams.borrow().is_some() {
+                    crate::stream_runs::resume_tail(&seg);
+                }
                 active = Some(Active {
                     seg: seg.clone(),
                     offset: last.scan.end_offset,

@@ -207,11 +207,11 @@ impl Segment {
             *self.tail.borrow_mut() = Some(Tail::new(self));
             self.tail_state.set(TailState::Booking);
         }
-        if self.tail_state.get() != TailState::Booking {
+        if !matches!(self.tail_state.get(), TailState::Booking | TailState::CatchingUp) {
             return;
         }
         let interval = crate::stream_runs::mark_interval(self.capacity);
-        let fits = self.tail.borrow_mut().as_mut().expect("a booking tail").note_commit(
+        let fits = self.tail.borrow_mut().as_mut().expect("a tail that books").note_commit(
             at,
             header,
             body,

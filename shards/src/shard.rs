@@ -37,7 +37,7 @@ use crate::segments::{Active, Segment, Segments, Spare, SummaryState, INDEX_INTE
 use crate::storage::dma::DmaStorage;
 use crate::storage::{BufPool, IoBuf, PooledBuf, SegmentFile, Storage};
 use crate::stream_index::{ReadProgress, SegmentRead};
-use crate::stream_runs::{Group, RunsRead, RunsState, TailRead};
+use crate::stream_runs::{Group, RunsRead, RunsState, TailRead, TailState};
 use crate::sync::{LsnWaiters, Notify};
 use crate::{AckLevel, Lsn, ReadBatch, ReadRecord, Receipt, RecordRef, ShardOptions, StreamRuns};
 
@@ -416,7 +416,7 @@ pub struct ShardStats {
     /// holding their stream), and of the loaded tables of their stream runs.
     pub stream_index_bytes: u64,
     /// Sealed segments whose stream runs the background task has yet to write (or whose summary,
-    /// after which it writes them).
+    /// after which it writes them), and a segment recovered at open whose tail is not caught up.
     pub stream_runs_pending: u64,
     /// Bytes of stream runs files written since the shard opened: the records that were copied
     /// next to the rest of their stream, a second write of them.
@@ -688,7 +688,8 @@ impl Shard {
                     // A segment just sealed gets its runs once its summary is durable.
                     let sealing =
                         s.summary.get() == SummaryState::Pending && self.inner.opts.stream_runs == StreamRuns::Auto;
-                    s.runs_state.get() == RunsState::Pending || sealing
+                    let catching_up = s.tail_state.get() == TailState::CatchingUp;
+                    s.runs_state.get() == RunsState::Pending || sealing || catching_up
                 })
                 .count() as u64,
             stream_runs_bytes_written: health.runs_bytes_written,

@@ -675,6 +675,10 @@ pub(crate) enum TailState {
     NotStarted,
     /// In [`Segment::tail`]: the committer books each commit into it.
     Booking,
+    /// A segment recovered at open: the committer books its new commits into the tail, which
+    /// has none of the commits before until the runs task has walked them and joined the two
+    /// ([`Inner::catch_up_tails`]). Reads and the runs file use the tail only after that.
+    CatchingUp,
     /// Given up: its streams' plans alone took more than the memory bound. The runs of the
     /// segment are planned by walking it once it is sealed.
     Abandoned,
@@ -699,6 +703,9 @@ pub(crate) enum TailState {
 /// by the same memory. A segment whose streams alone (an entry each) outgrow the bound gives its
 /// tail up.
 pub(crate) struct Tail {
+    /// Where its booking started: the segment's start, or for a segment recovered at open, its
+    /// end then (until the part before is joined in).
+    from: WalkPoint,
     /// Booked up to here.
     point: WalkPoint,
     streams: HashMap<u64, TailStream, foldhash::fast::RandomState>,
@@ -778,8 +785,13 @@ impl RunData {
 
 impl Tail {
     pub(crate) fn new(seg: &Segment) -> Tail {
+        Tail::starting_at(WalkPoint::start(seg))
+    }
+
+    fn starting_at(from: WalkPoint) -> Tail {
         Tail {
-            point: WalkPoint::start(seg),
+            from,
+            point: from,
             streams: HashMap::default(),
             bytes: 0,
             admit_above: 0,
@@ -881,6 +893,62 @@ impl Tail {
         }
         self.bytes <= budget
     }
+}
+
+impl Tail {
+    /// Whether it holds every commit of its segment up to where it has booked.
+    fn whole(&self, seg: &Segment) -> bool {
+        self.from == WalkPoint::start(seg)
+    }
+
+    /// Puts `before`, the tail of the commits up to where this one started, in front of it.
+    fn join_after(&mut self, before: Tail) {
+        assert_eq!(before.point, self.from, "the parts meet");
+        let mut joined = before.streams;
+        for (stream, later) in self.streams.drain() {
+            let Some(first) = joined.get_mut(&stream) else {
+                joined.insert(stream, later);
+                continue;
+            };
+            let (Some(a), Some(b)) = (first.data.as_mut(), later.data) else {
+                first.data = None;
+                continue;
+            };
+            let shift = first.plan.run_bytes;
+            first
+                .plan
+                .marks
+                .extend(later.plan.marks.iter().map(|&(lsn, at)| (lsn, at + shift)));
+            first.plan.commit_bytes += later.plan.commit_bytes;
+            first.plan.commits += later.plan.commits;
+            first.plan.run_bytes += later.plan.run_bytes;
+            first.plan.records += later.plan.records;
+            first.plan.last_commit = later.plan.last_commit.max(first.plan.last_commit);
+            for (chunk, start) in b.chunks.into_iter().zip(b.starts) {
+                a.chunks.push(chunk);
+                a.starts.push(start + a.len);
+            }
+            a.len += b.len;
+        }
+        self.streams = joined;
+        self.from = before.from;
+        self.bytes += before.bytes;
+        self.admit_above = self.admit_above.max(before.admit_above);
+    }
+}
+
+/// Starts the tail of `seg`, recovered at open as the active segment, at its end: the committer
+/// books from there, and the runs task walks the part before ([`Inner::catch_up_tails`]).
+pub(crate) fn resume_tail(seg: &Segment) {
+    let (lsn, offset) = seg.durable_end.get();
+    let from = WalkPoint {
+        offset,
+        lsn,
+        commits: seg.commits.get(),
+        crc: seg.commits_crc.get(),
+    };
+    *seg.tail.borrow_mut() = Some(Tail::starting_at(from));
+    seg.tail_state.set(TailState::CatchingUp);
 }
 
 /// The commit at the start of `data`, a tail's run (its own bytes: framed, checksum not filled in).
@@ -1025,7 +1093,7 @@ pub(crate) enum RunsRead {
 /// makes each sealed segment's runs file, one segment at a time.
 pub(crate) async fn stream_runs_task(inner: Rc<Inner>) {
     while !inner.bg_stop.get() {
-        if inner.make_stream_runs().await {
+        if inner.catch_up_tails().await | inner.make_stream_runs().await {
             continue;
         }
         inner.runs_wake.wait().await;
@@ -1033,6 +1101,76 @@ pub(crate) async fn stream_runs_task(inner: Rc<Inner>) {
 }
 
 impl Inner {
+    /// Walks the part before the tail of a segment recovered at open and joins it in front.
+    /// Returns whether there was one to walk.
+    pub(crate) async fn catch_up_tails(&self) -> bool {
+        let seg = {
+            let st = self.st.borrow();
+            let next = st.segs.iter().find(|s| s.tail_state.get() == TailState::CatchingUp);
+            match next {
+                Some(seg) => seg.clone(),
+                None => return false,
+            }
+        };
+        let Some(to) = seg.tail.borrow().as_ref().map(|t| t.from) else {
+            return true;
+        };
+        let budget = self.opts.stream_tail_memory_bytes;
+        let interval = mark_interval(seg.capacity);
+        let mut before = Tail::new(&seg);
+        let mut walk = Walk::range(&seg, &self.bg_stop, WalkPoint::start(&seg), (to.offset, to.lsn));
+        let walked = async {
+            let mut groups = Vec::new();
+            while let Some(w) = walk.next().await? {
+                let body = walk.body(&w);
+                groups.clear();
+                groups.extend(body_runs(body).map(|(stream, _, records, range)| Group {
+                    stream,
+                    records,
+                    bytes: range.len() as u32,
+                }));
+                let header = &walk.buf[w.at..w.at + COMMIT_HEADER_BYTES];
+                if !before.note_commit(
+                    (w.offset, w.first_lsn, w.total),
+                    header,
+                    body,
+                    &groups,
+                    seg.sequence,
+                    (interval, budget),
+                ) {
+                    return Ok(false);
+                }
+            }
+            Ok::<bool, io::Error>(true)
+        }
+        .await;
+        // Nothing was awaited between the last commit walked and here: the tail is as the
+        // committer left it.
+        match walked {
+            Ok(true) if seg.tail_state.get() == TailState::CatchingUp && before.point == to => {
+                let fits = {
+                    let mut tail = seg.tail.borrow_mut();
+                    let tail = tail.as_mut().expect("a tail catching up");
+                    tail.join_after(before);
+                    tail.bytes <= budget || tail.shed(budget)
+                };
+                match fits {
+                    true => seg.tail_state.set(TailState::Booking),
+                    false => seg.drop_tail(TailState::Abandoned),
+                }
+            }
+            Ok(_) => seg.drop_tail(TailState::Abandoned),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return false,
+            Err(e) => {
+                if !seg.retired.get() {
+                    tracing::warn!(shard = self.opts.shard_id, segment = seg.sequence, error = %e, "no tail for the recovered segment");
+                }
+                seg.drop_tail(TailState::Abandoned);
+            }
+        }
+        true
+    }
+
     /// Makes the runs file of the oldest segment whose runs are pending. Returns whether it did
     /// any work (the caller looks for more before it sleeps).
     pub(crate) async fn make_stream_runs(&self) -> bool {
@@ -1088,10 +1226,12 @@ impl Inner {
         // walk (the streams it shed, those the index reads best, get none).
         let from_tail = {
             let tail = seg.tail.borrow();
-            tail.as_ref().filter(|t| t.point.matches(summary)).map(|t| {
-                let held = t.streams.iter().filter(|(_, t)| t.data.is_some());
-                table_of(held.map(|(&s, t)| (s, &t.plan)), seg.capacity, None)
-            })
+            tail.as_ref()
+                .filter(|t| t.whole(seg) && t.point.matches(summary))
+                .map(|t| {
+                    let held = t.streams.iter().filter(|(_, t)| t.data.is_some());
+                    table_of(held.map(|(&s, t)| (s, &t.plan)), seg.capacity, None)
+                })
         };
         let table = match from_tail {
             Some(table) => table,
@@ -1100,7 +1240,7 @@ impl Inner {
         let in_tail = |stream: u64| {
             let tail = seg.tail.borrow();
             tail.as_ref()
-                .filter(|t| t.point.matches(summary))
+                .filter(|t| t.whole(seg) && t.point.matches(summary))
                 .and_then(|t| t.streams.get(&stream))
                 .is_some_and(|t| t.data.is_some())
         };
@@ -1201,7 +1341,7 @@ impl Inner {
     /// [`TailRead::Rest`] the cursor is where the rest of the segment is to be read from.
     pub(crate) fn read_tail(&self, seg: &Segment, stream: u64, limit_lsn: u64, p: &mut ReadProgress<'_>) -> TailRead {
         let tail = seg.tail.borrow();
-        let Some(tail) = tail.as_ref() else {
+        let Some(tail) = tail.as_ref().filter(|t| t.whole(seg)) else {
             return TailRead::Rest;
         };
         let covered = tail.point.lsn.min(limit_lsn);
