@@ -84,6 +84,9 @@ fn stats_json(s: &StatsReplyT) -> Value {
                 "segment_count": sh.segment_count,
                 "segment_bytes": sh.segment_bytes,
                 "stream_index_bytes": sh.stream_index_bytes,
+                "stream_tail_bytes": sh.stream_tail_bytes,
+                "stream_runs_bytes_written": sh.stream_runs_bytes_written,
+                "scrub_bad_stream_indexes": sh.scrub_bad_stream_indexes,
                 "poisoned": sh.poisoned,
             })
         })

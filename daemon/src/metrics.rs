@@ -260,9 +260,30 @@ impl Collector for Snapshot {
         family(
             e,
             "stream_index_bytes",
-            "Heap bytes of the stream indexes of the shard's segments.",
+            "Heap bytes of the stream indexes of the shard's segments and of their loaded stream runs tables.",
             Gauge,
             by_shard(|s| s.stream_index_bytes),
+        )?;
+        family(
+            e,
+            "stream_tail_bytes",
+            "Memory of the stream runs of the shard's active segment (its tail).",
+            Gauge,
+            by_shard(|s| s.stream_tail_bytes),
+        )?;
+        family(
+            e,
+            "stream_runs_written_bytes",
+            "Bytes of stream runs files written: records of scattered streams written a second time, side by side.",
+            Counter,
+            by_shard(|s| s.stream_runs_bytes_written),
+        )?;
+        family(
+            e,
+            "scrub_bad_stream_indexes",
+            "Stream index files the scrub found missing or wrong (each is rebuilt).",
+            Counter,
+            by_shard(|s| s.scrub_bad_stream_indexes),
         )?;
         family(
             e,

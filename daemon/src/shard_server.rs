@@ -651,6 +651,9 @@ pub fn wire_stats(shard: u16, s: &ShardStats) -> wire::ShardStatsT {
         recovery_scanned_segments: s.recovery.scanned,
         recovery_us: s.recovery.elapsed_us,
         stream_index_bytes: s.stream_index_bytes,
+        stream_tail_bytes: s.stream_tail_bytes,
+        stream_runs_bytes_written: s.stream_runs_bytes_written,
+        scrub_bad_stream_indexes: s.scrub_bad_stream_indexes,
     }
 }
 

@@ -159,6 +159,9 @@ fn every_response_round_trips() {
                 recovery_scanned_segments: 15,
                 recovery_us: 16,
                 stream_index_bytes: 17,
+                stream_tail_bytes: 18,
+                stream_runs_bytes_written: 19,
+                scrub_bad_stream_indexes: 20,
             }]),
             executors: Some(vec![ExecutorStatsT {
                 name: Some("shard-0".into()),

@@ -3303,6 +3303,9 @@ impl<'a> ShardStats<'a> {
   pub const VT_RECOVERY_SCANNED_SEGMENTS: ::flatbuffers::VOffsetT = 44;
   pub const VT_RECOVERY_US: ::flatbuffers::VOffsetT = 46;
   pub const VT_STREAM_INDEX_BYTES: ::flatbuffers::VOffsetT = 48;
+  pub const VT_STREAM_TAIL_BYTES: ::flatbuffers::VOffsetT = 50;
+  pub const VT_STREAM_RUNS_BYTES_WRITTEN: ::flatbuffers::VOffsetT = 52;
+  pub const VT_SCRUB_BAD_STREAM_INDEXES: ::flatbuffers::VOffsetT = 54;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -3314,6 +3317,9 @@ impl<'a> ShardStats<'a> {
     args: &'args ShardStatsArgs<'args>
   ) -> ::flatbuffers::WIPOffset<ShardStats<'bldr>> {
     let mut builder = ShardStatsBuilder::new(_fbb);
+    builder.add_scrub_bad_stream_indexes(args.scrub_bad_stream_indexes);
+    builder.add_stream_runs_bytes_written(args.stream_runs_bytes_written);
+    builder.add_stream_tail_bytes(args.stream_tail_bytes);
     builder.add_stream_index_bytes(args.stream_index_bytes);
     builder.add_recovery_us(args.recovery_us);
     builder.add_recovery_scanned_segments(args.recovery_scanned_segments);
@@ -3378,6 +3384,9 @@ impl<'a> ShardStats<'a> {
     let recovery_scanned_segments = self.recovery_scanned_segments();
     let recovery_us = self.recovery_us();
     let stream_index_bytes = self.stream_index_bytes();
+    let stream_tail_bytes = self.stream_tail_bytes();
+    let stream_runs_bytes_written = self.stream_runs_bytes_written();
+    let scrub_bad_stream_indexes = self.scrub_bad_stream_indexes();
     ShardStatsT {
       shard,
       appends,
@@ -3402,6 +3411,9 @@ impl<'a> ShardStats<'a> {
       recovery_scanned_segments,
       recovery_us,
       stream_index_bytes,
+      stream_tail_bytes,
+      stream_runs_bytes_written,
+      scrub_bad_stream_indexes,
     }
   }
 
@@ -3570,14 +3582,42 @@ impl<'a> ShardStats<'a> {
     unsafe { self._tab.get::<u64>(ShardStats::VT_RECOVERY_US, Some(0)).unwrap()}
   }
   /// Heap bytes of the stream indexes of the shard's segments (a read
-  /// filtered to a stream reads only the commits that hold it). Absent (0)
-  /// from older servers.
+  /// filtered to a stream reads only the commits that hold it), and of the
+  /// loaded tables of their stream runs. Absent (0) from older servers.
   #[inline]
   pub fn stream_index_bytes(&self) -> u64 {
     // Safety:
     // Created from valid Table for this object
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u64>(ShardStats::VT_STREAM_INDEX_BYTES, Some(0)).unwrap()}
+  }
+  /// Memory of the stream runs of the segment being written (its tail),
+  /// at most the daemon's tail bound. Absent (0) from older servers.
+  #[inline]
+  pub fn stream_tail_bytes(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ShardStats::VT_STREAM_TAIL_BYTES, Some(0)).unwrap()}
+  }
+  /// Bytes of stream runs files written since the shard opened: records of
+  /// scattered streams written a second time, side by side. Absent (0) from
+  /// older servers.
+  #[inline]
+  pub fn stream_runs_bytes_written(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ShardStats::VT_STREAM_RUNS_BYTES_WRITTEN, Some(0)).unwrap()}
+  }
+  /// Stream index files the scrub found missing or wrong since the shard
+  /// opened (each is rebuilt). Absent (0) from older servers.
+  #[inline]
+  pub fn scrub_bad_stream_indexes(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ShardStats::VT_SCRUB_BAD_STREAM_INDEXES, Some(0)).unwrap()}
   }
 }
 
@@ -3610,6 +3650,9 @@ impl ::flatbuffers::Verifiable for ShardStats<'_> {
      .visit_field::<u64>("recovery_scanned_segments", Self::VT_RECOVERY_SCANNED_SEGMENTS, false)?
      .visit_field::<u64>("recovery_us", Self::VT_RECOVERY_US, false)?
      .visit_field::<u64>("stream_index_bytes", Self::VT_STREAM_INDEX_BYTES, false)?
+     .visit_field::<u64>("stream_tail_bytes", Self::VT_STREAM_TAIL_BYTES, false)?
+     .visit_field::<u64>("stream_runs_bytes_written", Self::VT_STREAM_RUNS_BYTES_WRITTEN, false)?
+     .visit_field::<u64>("scrub_bad_stream_indexes", Self::VT_SCRUB_BAD_STREAM_INDEXES, false)?
      .finish();
     Ok(())
   }
@@ -3638,6 +3681,9 @@ pub struct ShardStatsArgs<'a> {
     pub recovery_scanned_segments: u64,
     pub recovery_us: u64,
     pub stream_index_bytes: u64,
+    pub stream_tail_bytes: u64,
+    pub stream_runs_bytes_written: u64,
+    pub scrub_bad_stream_indexes: u64,
 }
 impl<'a> Default for ShardStatsArgs<'a> {
   #[inline]
@@ -3666,6 +3712,9 @@ impl<'a> Default for ShardStatsArgs<'a> {
       recovery_scanned_segments: 0,
       recovery_us: 0,
       stream_index_bytes: 0,
+      stream_tail_bytes: 0,
+      stream_runs_bytes_written: 0,
+      scrub_bad_stream_indexes: 0,
     }
   }
 }
@@ -3768,6 +3817,18 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ShardStatsBuilder<'a, 'b, A> 
     self.fbb_.push_slot::<u64>(ShardStats::VT_STREAM_INDEX_BYTES, stream_index_bytes, 0);
   }
   #[inline]
+  pub fn add_stream_tail_bytes(&mut self, stream_tail_bytes: u64) {
+    self.fbb_.push_slot::<u64>(ShardStats::VT_STREAM_TAIL_BYTES, stream_tail_bytes, 0);
+  }
+  #[inline]
+  pub fn add_stream_runs_bytes_written(&mut self, stream_runs_bytes_written: u64) {
+    self.fbb_.push_slot::<u64>(ShardStats::VT_STREAM_RUNS_BYTES_WRITTEN, stream_runs_bytes_written, 0);
+  }
+  #[inline]
+  pub fn add_scrub_bad_stream_indexes(&mut self, scrub_bad_stream_indexes: u64) {
+    self.fbb_.push_slot::<u64>(ShardStats::VT_SCRUB_BAD_STREAM_INDEXES, scrub_bad_stream_indexes, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ShardStatsBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     ShardStatsBuilder {
@@ -3808,6 +3869,9 @@ impl ::core::fmt::Debug for ShardStats<'_> {
       ds.field("recovery_scanned_segments", &self.recovery_scanned_segments());
       ds.field("recovery_us", &self.recovery_us());
       ds.field("stream_index_bytes", &self.stream_index_bytes());
+      ds.field("stream_tail_bytes", &self.stream_tail_bytes());
+      ds.field("stream_runs_bytes_written", &self.stream_runs_bytes_written());
+      ds.field("scrub_bad_stream_indexes", &self.scrub_bad_stream_indexes());
       ds.finish()
   }
 }
@@ -3836,6 +3900,9 @@ pub struct ShardStatsT {
   pub recovery_scanned_segments: u64,
   pub recovery_us: u64,
   pub stream_index_bytes: u64,
+  pub stream_tail_bytes: u64,
+  pub stream_runs_bytes_written: u64,
+  pub scrub_bad_stream_indexes: u64,
 }
 impl Default for ShardStatsT {
   fn default() -> Self {
@@ -3863,6 +3930,9 @@ impl Default for ShardStatsT {
       recovery_scanned_segments: 0,
       recovery_us: 0,
       stream_index_bytes: 0,
+      stream_tail_bytes: 0,
+      stream_runs_bytes_written: 0,
+      scrub_bad_stream_indexes: 0,
     }
   }
 }
@@ -3905,6 +3975,9 @@ impl ShardStatsT {
     let recovery_scanned_segments = self.recovery_scanned_segments;
     let recovery_us = self.recovery_us;
     let stream_index_bytes = self.stream_index_bytes;
+    let stream_tail_bytes = self.stream_tail_bytes;
+    let stream_runs_bytes_written = self.stream_runs_bytes_written;
+    let scrub_bad_stream_indexes = self.scrub_bad_stream_indexes;
     ShardStats::create(_fbb, &ShardStatsArgs{
       shard,
       appends,
@@ -3929,6 +4002,9 @@ impl ShardStatsT {
       recovery_scanned_segments,
       recovery_us,
       stream_index_bytes,
+      stream_tail_bytes,
+      stream_runs_bytes_written,
+      scrub_bad_stream_indexes,
     })
   }
 }

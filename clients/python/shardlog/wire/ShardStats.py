@@ -209,8 +209,8 @@ class ShardStats(object):
         return 0
 
     # Heap bytes of the stream indexes of the shard's segments (a read
-    # filtered to a stream reads only the commits that hold it). Absent (0)
-    # from older servers.
+    # filtered to a stream reads only the commits that hold it), and of the
+    # loaded tables of their stream runs. Absent (0) from older servers.
     # ShardStats
     def StreamIndexBytes(self):
         o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(48))
@@ -218,8 +218,36 @@ class ShardStats(object):
             return self._tab.Get(flatbuffers.number_types.Uint64Flags, o + self._tab.Pos)
         return 0
 
+    # Memory of the stream runs of the segment being written (its tail),
+    # at most the daemon's tail bound. Absent (0) from older servers.
+    # ShardStats
+    def StreamTailBytes(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(50))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Uint64Flags, o + self._tab.Pos)
+        return 0
+
+    # Bytes of stream runs files written since the shard opened: records of
+    # scattered streams written a second time, side by side. Absent (0) from
+    # older servers.
+    # ShardStats
+    def StreamRunsBytesWritten(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(52))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Uint64Flags, o + self._tab.Pos)
+        return 0
+
+    # Stream index files the scrub found missing or wrong since the shard
+    # opened (each is rebuilt). Absent (0) from older servers.
+    # ShardStats
+    def ScrubBadStreamIndexes(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(54))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Uint64Flags, o + self._tab.Pos)
+        return 0
+
 def ShardStatsStart(builder):
-    builder.StartObject(23)
+    builder.StartObject(26)
 
 def Start(builder):
     ShardStatsStart(builder)
@@ -362,6 +390,24 @@ def ShardStatsAddStreamIndexBytes(builder, streamIndexBytes):
 def AddStreamIndexBytes(builder, streamIndexBytes):
     ShardStatsAddStreamIndexBytes(builder, streamIndexBytes)
 
+def ShardStatsAddStreamTailBytes(builder, streamTailBytes):
+    builder.PrependUint64Slot(23, streamTailBytes, 0)
+
+def AddStreamTailBytes(builder, streamTailBytes):
+    ShardStatsAddStreamTailBytes(builder, streamTailBytes)
+
+def ShardStatsAddStreamRunsBytesWritten(builder, streamRunsBytesWritten):
+    builder.PrependUint64Slot(24, streamRunsBytesWritten, 0)
+
+def AddStreamRunsBytesWritten(builder, streamRunsBytesWritten):
+    ShardStatsAddStreamRunsBytesWritten(builder, streamRunsBytesWritten)
+
+def ShardStatsAddScrubBadStreamIndexes(builder, scrubBadStreamIndexes):
+    builder.PrependUint64Slot(25, scrubBadStreamIndexes, 0)
+
+def AddScrubBadStreamIndexes(builder, scrubBadStreamIndexes):
+    ShardStatsAddScrubBadStreamIndexes(builder, scrubBadStreamIndexes)
+
 def ShardStatsEnd(builder):
     return builder.EndObject()
 
@@ -403,6 +449,9 @@ class ShardStatsT(object):
         recoveryScannedSegments = 0,
         recoveryUs = 0,
         streamIndexBytes = 0,
+        streamTailBytes = 0,
+        streamRunsBytesWritten = 0,
+        scrubBadStreamIndexes = 0,
     ):
         self.shard = shard  # type: int
         self.appends = appends  # type: int
@@ -427,6 +476,9 @@ class ShardStatsT(object):
         self.recoveryScannedSegments = recoveryScannedSegments  # type: int
         self.recoveryUs = recoveryUs  # type: int
         self.streamIndexBytes = streamIndexBytes  # type: int
+        self.streamTailBytes = streamTailBytes  # type: int
+        self.streamRunsBytesWritten = streamRunsBytesWritten  # type: int
+        self.scrubBadStreamIndexes = scrubBadStreamIndexes  # type: int
 
     @classmethod
     def InitFromBuf(cls, buf, pos):
@@ -477,6 +529,9 @@ class ShardStatsT(object):
         self.recoveryScannedSegments = shardStats.RecoveryScannedSegments()
         self.recoveryUs = shardStats.RecoveryUs()
         self.streamIndexBytes = shardStats.StreamIndexBytes()
+        self.streamTailBytes = shardStats.StreamTailBytes()
+        self.streamRunsBytesWritten = shardStats.StreamRunsBytesWritten()
+        self.scrubBadStreamIndexes = shardStats.ScrubBadStreamIndexes()
 
     # ShardStatsT
     def Pack(self, builder):
@@ -522,5 +577,8 @@ class ShardStatsT(object):
         ShardStatsAddRecoveryScannedSegments(builder, self.recoveryScannedSegments)
         ShardStatsAddRecoveryUs(builder, self.recoveryUs)
         ShardStatsAddStreamIndexBytes(builder, self.streamIndexBytes)
+        ShardStatsAddStreamTailBytes(builder, self.streamTailBytes)
+        ShardStatsAddStreamRunsBytesWritten(builder, self.streamRunsBytesWritten)
+        ShardStatsAddScrubBadStreamIndexes(builder, self.scrubBadStreamIndexes)
         shardStats = ShardStatsEnd(builder)
         return shardStats
