@@ -15,8 +15,8 @@
 #     the overhead of running more daemons, not scaling;
 #   - restart: shardlogd's clean and crash restart times as the log grows to 100 GB worth of segments, and
 #     its crash recovery rate next to fio's sequential read (scripts/restart-time.sh);
-#   - filtered reads: reading a stream that holds 1% of a shard's records through the stream index, against
-#     reading just those records (shards/examples/stream_read.rs);
+#   - filtered reads: reading a stream that holds 1% of a shard's records through the stream index and the
+#     stream runs, against reading just those records (shards/examples/stream_read.rs);
 # then writes docs/BENCHMARKS.md (tables with ratios against fio and Redis) and docs/benchmarks.svg.
 #
 # Usage: scripts/bench.sh [--quick | --cluster-only] [--work-dir DIR] [--no-install]
@@ -957,40 +957,47 @@ else:
     w("(not measured in this run)")
     w("")
 
-w("## Filtered reads (stream index)")
+w("## Filtered reads (stream index and stream runs)")
 w("")
 if stream_reads:
     w("`shards/examples/stream_read.rs`, through the engine on this filesystem: a shard of 1 KiB records in which one")
     w("stream holds 1% of the records, and a second shard holding only that stream's records, appended the same way;")
-    w("both closed and opened again, so the indexes come from their files. Each round reads, from lsn 1 to the end in")
-    w("reads of 1 MiB: the stream through the filter, the second shard unfiltered (just those records' bytes,")
-    w("contiguous), and the first shard unfiltered (what a filtered read cost before the index: every commit in")
-    w("between). Reads are O_DIRECT, so the page cache plays no part. Fastest of the rounds.")
+    w("both closed and opened again, so the indexes and runs come from their files, and the example waits until the")
+    w("shard has made its stream runs (`stream_runs_pending` 0). Each round reads, from lsn 1 to the end in reads of")
+    w("1 MiB: the stream through the filter, the second shard unfiltered (just those records' bytes, contiguous), and")
+    w("the first shard unfiltered (what a filtered read cost before the index: every commit in between). Reads are")
+    w("O_DIRECT, so the page cache plays no part. Fastest of the rounds; the first round (which loads the sealed")
+    w("segments' index and runs tables from their files) is its own column.")
     w("")
-    w("| shape | log | stream's records | filtered read | its records alone | ratio | whole shard unfiltered | index memory after |")
-    w("|---|---|---|---|---|---|---|---|")
+    w("| shape | log | stream's records | filtered read | its records alone | ratio | first round | whole shard unfiltered | runs files (x log) | index memory after |")
+    w("|---|---|---|---|---|---|---|---|---|---|")
     for shape in ("batched", "interleaved"):
         r = stream_reads.get(shape)
         if not r:
             continue
+        runs = r.get("runs_file_bytes", 0)
         w(f"| {shape} | {r['log_bytes'] / 2**20:.0f} MiB, {r['segments']} segments | {r['rare_records']:,} "
           f"({r['rare_bytes'] / 2**20:.1f} MiB) | {fmt_us(r['filtered_us'])} | {fmt_us(r['baseline_us'])} | "
-          f"{r['filtered_us'] / max(r['baseline_us'], 1):.2f}x | {fmt_us(r['unfiltered_us'])} | "
+          f"{r['filtered_us'] / max(r['baseline_us'], 1):.2f}x | {fmt_us(r.get('first_filtered_us', 0))} | "
+          f"{fmt_us(r['unfiltered_us'])} | {runs / 2**20:.1f} MiB ({runs / max(r['log_bytes'], 1):.3f}x) | "
           f"{r['index_bytes'] / 1024:.1f} KiB |")
     w("")
     w("- batched: every append is 64 records of one stream, one append in flight, so a commit holds one stream; the")
     w("  index takes the read to exactly the commits of the stream (several close ones per I/O, 4 I/Os in flight).")
+    w("  No stream gets a run (each fills the commits it is in).")
     w("- interleaved: appends of one record, 64 in flight, so group commit mixes the streams and about half of the")
-    w("  commits hold a record of the 1% stream. The index reads only those commits, but they are half the log.")
+    w("  commits hold a record of the 1% stream: through the index alone, the read would be of half the log. Its")
+    w("  records are read from the sealed segments' runs files and the active segment's tail instead (README,")
+    w("  \"Stream runs\"); the runs files hold its records a second time. The 8 other streams, 12% each, would")
+    w("  take 8 MiB each per segment: the tail's 4 MiB shed them first, as the index reads them best.")
     ri = stream_reads.get("interleaved")
     if ri and randread_us:
-        w(f"  The device's floor for this shape, with the records where group commit put them: {ri['rare_records']:,} random")
+        w(f"  For scale, the device's floor for reading the stream where group commit put it: {ri['rare_records']:,} random")
         w(f"  4 KiB O_DIRECT reads (one per record) from a {ri['log_bytes'] / 2**20:.0f} MiB file, 4 in flight, took")
-        w(f"  {fmt_us(randread_us)} with fio in this run, {randread_us / max(ri['baseline_us'], 1):.1f}x the read of the records alone: no")
-        w("  index reaches 2x here while the stream's records lie one per commit; they would have to be moved together")
-        w("  (rewritten by stream when a segment is sealed, or written to a log per stream).")
-    w("- Index memory: the sealed segments' indexes load on their first filtered read (a restart reads only the")
-    w("  active segment's), so the figure is after the reads; `stats` reports it per shard (`stream_index_bytes`).")
+        w(f"  {fmt_us(randread_us)} with fio in this run, {randread_us / max(ri['baseline_us'], 1):.1f}x the read of the records alone.")
+    w("- Index memory: the sealed segments' indexes and runs tables load on their first filtered read (a restart reads")
+    w("  only the active segment's index), so the figure is after the reads; `stats` reports it per shard")
+    w("  (`stream_index_bytes`; the tail's memory is `stream_tail_bytes`).")
 else:
     w("(not measured in this run)")
 w("")

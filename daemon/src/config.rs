@@ -282,6 +282,12 @@ pub struct ServeArgs {
     #[arg(long, env = "SHARDLOG_STREAM_RUNS", value_enum, default_value_t = StreamRunsArg::Auto)]
     pub stream_runs: StreamRunsArg,
 
+    /// Per shard: memory for the stream runs of the segment being written (kept as it grows, and
+    /// written out when it is sealed); beyond it, the runs of the streams the index reads best
+    /// are dropped first. It also bounds each runs file.
+    #[arg(long, env = "SHARDLOG_STREAM_TAIL_MEMORY_BYTES", default_value_t = shards::STREAM_TAIL_MEMORY_BYTES_DEFAULT)]
+    pub stream_tail_memory_bytes: usize,
+
     /// How a commit is made durable.
     #[arg(long, env = "SHARDLOG_DURABILITY", value_enum, default_value_t = DurabilityArg::Dsync)]
     pub durability: DurabilityArg,
@@ -370,6 +376,7 @@ impl ServeArgs {
             segment_prep: self.segment_prep.into(),
             stream_index_memory_bytes: self.stream_index_memory_bytes,
             stream_runs: self.stream_runs.into(),
+            stream_tail_memory_bytes: self.stream_tail_memory_bytes,
             ..shards::ShardOptions::default()
         };
         if let Some(bytes) = self.segment_bytes {
@@ -460,14 +467,26 @@ mod tests {
     }
 
     #[test]
-    fn the_stream_runs_flag_reaches_the_shard_options() {
+    fn the_stream_runs_flags_reach_the_shard_options() {
         let defaults = Cli::try_parse_from(["shardlogd"])
             .expect("no flags parse")
             .serve
             .shard_options(0);
         assert_eq!(defaults.stream_runs, shards::StreamRuns::Auto);
-        let off = Cli::try_parse_from(["shardlogd", "--stream-runs", "off"]).expect("flags parse");
+        assert_eq!(
+            defaults.stream_tail_memory_bytes,
+            shards::STREAM_TAIL_MEMORY_BYTES_DEFAULT
+        );
+        let off = Cli::try_parse_from([
+            "shardlogd",
+            "--stream-runs",
+            "off",
+            "--stream-tail-memory-bytes",
+            "65536",
+        ])
+        .expect("flags parse");
         assert_eq!(off.serve.shard_options(0).stream_runs, shards::StreamRuns::Off);
+        assert_eq!(off.serve.shard_options(0).stream_tail_memory_bytes, 65536);
         assert!(Cli::try_parse_from(["shardlogd", "--stream-runs", "always"]).is_err());
     }
 }

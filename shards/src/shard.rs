@@ -1447,8 +1447,12 @@ impl Inner {
                 if cursor >= limit_lsn {
                     continue;
                 }
-                if seg.streams_on_disk.get() {
-                    self.load_stream_index(seg).await;
+                if seg.streams_on_disk.get()
+                    && !self
+                        .load_stream_index(seg, memory, held, batch.records.is_empty())
+                        .await
+                {
+                    break 'segments;
                 }
             }
             if let Some(stream) = stream.filter(|_| seg.streams.borrow().is_some()) {

@@ -865,24 +865,52 @@ impl Inner {
     /// Loads the stream index of a sealed segment from its `.six` file, which recovery left on
     /// disk, if it is valid and describes the segment's summary; otherwise filtered reads scan the
     /// segment until the background task has rebuilt its index ([`Inner::rebuild_stream_index`]).
-    /// Tried once per segment.
-    pub(crate) async fn load_stream_index(&self, seg: &Segment) {
+    /// Tried once per segment. The read holding `held` of `memory` (and no records if `empty`)
+    /// is charged for the file while it is read and decoded; `false` if it holds records and
+    /// there is no room now (it answers with them, and the next read loads the index).
+    pub(crate) async fn load_stream_index(
+        &self,
+        seg: &Segment,
+        memory: &mut ReadMemory,
+        held: usize,
+        empty: bool,
+    ) -> bool {
         if !seg.streams_on_disk.replace(false) {
-            return;
+            return true;
         }
         let name = stream_index_name(seg.base_lsn);
         let summary = seg.summary(self.opts.shard_id);
         let read = async {
             let file = self.storage.open(&name, false, self.opts.durability).await?;
-            let size = file.size().await?;
-            let data = file.read(0, align_down(size) as usize).await;
+            let read = async {
+                let size = align_down(file.size().await?) as usize;
+                // The file is read into the read's memory (twice while the storage seam copies
+                // it out of its DMA buffer) until it is decoded: a read holding records answers
+                // with them rather than wait for room.
+                let need = held + 2 * size;
+                if !memory.try_grow_to(need) {
+                    if !empty {
+                        return Ok(None);
+                    }
+                    memory.shrink_to(0);
+                    memory.acquire(need).await;
+                }
+                file.read(0, size).await.map(Some)
+            }
+            .await;
             let _ = file.close().await;
-            data
+            read
         };
-        let loaded = match read.await {
-            Ok(data) => SealedIndex::decode(&data, &summary),
+        let read = read.await;
+        if matches!(read, Ok(None)) {
+            seg.streams_on_disk.set(true);
+            return false;
+        }
+        let loaded = match read {
+            Ok(data) => SealedIndex::decode(&data.expect("checked above"), &summary),
             Err(e) => Err(e.to_string()),
         };
+        memory.shrink_to(held);
         match loaded {
             Ok(index) if !seg.retired.get() => {
                 *seg.streams.borrow_mut() = Some(StreamIndex::Sealed(index));
@@ -896,6 +924,7 @@ impl Inner {
                 self.bg_wake.notify();
             }
         }
+        true
     }
 
     /// Drops loaded indexes of sealed segments, least recently read first, while they take more

@@ -539,3 +539,54 @@ fn long_runs_from_the_tail_match_those_a_walk_makes() {
         shard.close().await.expect("close");
     });
 }
+
+/// Loading a sealed segment's index file is charged to the read's memory: with the pool nearly
+/// all held elsewhere, a filtered read that must load a large index waits for room (where the
+/// commit it then reads would have fitted), and answers once the room is there.
+#[test]
+fn loading_an_index_file_waits_for_read_memory() {
+    run(|| async {
+        let mem = MemStorage::new();
+        let o = || shards::ShardOptions {
+            segment_bytes: 256 << 10,
+            stream_runs: shards::StreamRuns::Off,
+            ..opts()
+        };
+        let shard = open_mem(&mem, o()).await;
+        // A rare stream first, then 4000 streams of one record each: large index files.
+        let mut appends: Vec<Append> = vec![(999_999, 1, 100)];
+        appends.extend((0..4000).map(|i| (i as u64, 1, 100)));
+        append_all(&shard, &appends, 27).await;
+        shard.close().await.expect("close");
+        let six = mem.live_image(
+            &mem.file_names()
+                .into_iter()
+                .find(|n| n.ends_with(".six"))
+                .expect("an index file"),
+        );
+        assert!(six.expect("listed").len() >= 32 << 10, "a large index file");
+
+        let shard = open_mem(&mem, o()).await;
+        let pool = shards::ReadPool::new(256 << 10);
+        let mut hog = pool.memory();
+        hog.acquire((256 << 10) - (16 << 10)).await;
+        let finished = std::rc::Rc::new(std::cell::Cell::new(false));
+        let read = glommio::spawn_local({
+            let (shard, pool, finished) = (shard.clone(), pool.clone(), finished.clone());
+            async move {
+                let mut memory = pool.memory();
+                let batch = shard.read_in(Lsn(1), 1 << 20, Some(999_999), &mut memory).await;
+                finished.set(true);
+                batch
+            }
+        })
+        .detach();
+        wait_until("the read waiting for room", || pool.waiting() == 1 || finished.get()).await;
+        assert!(!finished.get(), "the read waited for room to load the index");
+        hog.shrink_to(0);
+        let batch = read.await.expect("not cancelled").expect("read");
+        assert_eq!(batch.records.len(), 1);
+        assert_eq!(batch.records[0].lsn, Lsn(1));
+        shard.close().await.expect("close");
+    });
+}
