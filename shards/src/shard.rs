@@ -1382,6 +1382,21 @@ impl Inner {
         // What the batch costs so far (see `read_pool`): `memory` holds this plus the chunk being
         // parsed.
         let mut held = READ_BATCH_OVERHEAD_BYTES;
+        // Where the read stands, for each segment's filtered read path.
+        macro_rules! progress {
+            () => {
+                ReadProgress {
+                    batch: &mut batch,
+                    cursor: &mut cursor,
+                    bytes: &mut bytes,
+                    scanned: &mut scanned,
+                    held: &mut held,
+                    max_bytes,
+                    scan_max,
+                    memory,
+                }
+            };
+        }
         let start = segments.iter().rposition(|s| s.base_lsn <= cursor).unwrap_or(0);
         'segments: for seg in &segments[start..] {
             let (seg_end_lsn, seg_end_offset) = seg.durable_end.get();
@@ -1398,16 +1413,7 @@ impl Inner {
                 self.load_stream_runs(seg).await;
                 let runs = seg.runs.borrow().clone();
                 if let Some((runs, run)) = runs.and_then(|r| r.table.run_of(stream).map(|run| (r, run))) {
-                    let mut progress = ReadProgress {
-                        batch: &mut batch,
-                        cursor: &mut cursor,
-                        bytes: &mut bytes,
-                        scanned: &mut scanned,
-                        held: &mut held,
-                        max_bytes,
-                        scan_max,
-                        memory,
-                    };
+                    let mut progress = progress!();
                     let in_use = crate::stream_index::IndexInUse::new(self, seg);
                     self.health.borrow_mut().runs_reads += 1;
                     let read = self
@@ -1425,16 +1431,7 @@ impl Inner {
                 }
                 // [stream_runs] The part of the segment its tail has walked, from memory.
                 loop {
-                    let mut progress = ReadProgress {
-                        batch: &mut batch,
-                        cursor: &mut cursor,
-                        bytes: &mut bytes,
-                        scanned: &mut scanned,
-                        held: &mut held,
-                        max_bytes,
-                        scan_max,
-                        memory,
-                    };
+                    let mut progress = progress!();
                     match self.read_tail(seg, stream, limit_lsn, &mut progress) {
                         TailRead::Rest => break,
                         TailRead::Done => break 'segments,
@@ -1457,16 +1454,7 @@ impl Inner {
             }
             if let Some(stream) = stream.filter(|_| seg.streams.borrow().is_some()) {
                 // [stream_index] Only the commits that hold the stream.
-                let mut progress = ReadProgress {
-                    batch: &mut batch,
-                    cursor: &mut cursor,
-                    bytes: &mut bytes,
-                    scanned: &mut scanned,
-                    held: &mut held,
-                    max_bytes,
-                    scan_max,
-                    memory,
-                };
+                let mut progress = progress!();
                 let in_use = crate::stream_index::IndexInUse::new(self, seg);
                 let read = self
                     .read_indexed(seg, stream, limit_lsn, &mut progress, &truncated)

@@ -87,6 +87,30 @@ pub(crate) fn body_streams(body: &[u8]) -> impl Iterator<Item = u64> + '_ {
     })
 }
 
+/// The segment a stream index or runs file describes (shard id at bytes 10..12, the summary's
+/// fields at 16..60), if it is not the one `summary` describes: `Some` says both.
+pub(crate) fn identity_mismatch(buf: &[u8], summary: &SegmentSummary) -> Option<String> {
+    let identity = (
+        u16::from_le_bytes([buf[10], buf[11]]),
+        le_u64(buf, 16),
+        le_u64(buf, 24),
+        le_u64(buf, 32),
+        le_u64(buf, 40),
+        le_u64(buf, 48),
+        le_u32(buf, 56),
+    );
+    let want = (
+        summary.shard_id,
+        summary.sequence,
+        summary.base_lsn,
+        summary.end_lsn,
+        summary.commits,
+        summary.end_offset,
+        summary.commits_crc,
+    );
+    (identity != want).then(|| format!("{identity:?}, the segment is {want:?}"))
+}
+
 /// Name of the stream index file of the segment that starts at `base_lsn`.
 pub(crate) fn stream_index_name(base_lsn: u64) -> String {
     format!("{base_lsn:020}.six")
@@ -756,27 +780,8 @@ impl<'a> IndexDecoder<'a> {
         if le_u32(buf, 68) != 0 {
             return Err("stream index reserved bytes are not zero".into());
         }
-        let identity = (
-            u16::from_le_bytes([buf[10], buf[11]]),
-            le_u64(buf, 16),
-            le_u64(buf, 24),
-            le_u64(buf, 32),
-            le_u64(buf, 40),
-            le_u64(buf, 48),
-            le_u32(buf, 56),
-        );
-        let summary = self.summary;
-        let want = (
-            summary.shard_id,
-            summary.sequence,
-            summary.base_lsn,
-            summary.end_lsn,
-            summary.commits,
-            summary.end_offset,
-            summary.commits_crc,
-        );
-        if identity != want {
-            return Err(format!("stream index describes {identity:?}, the segment is {want:?}"));
+        if let Some(mismatch) = identity_mismatch(buf, self.summary) {
+            return Err(format!("stream index describes {mismatch}"));
         }
         // Trusted sizes from here on: the checksum holds.
         self.sealed = SealedIndex {

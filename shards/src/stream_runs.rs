@@ -163,6 +163,21 @@ impl RunsTable {
         Some(self.runs[i])
     }
 
+    /// Places the runs (whose offsets, and their marks', are relative to the run) one after
+    /// another from the block after the table, each from a block boundary.
+    fn place(&mut self) {
+        let mut next = self.data_offset();
+        let mut m = 0;
+        for run in &mut self.runs {
+            run.offset = next;
+            for mark in &mut self.marks[m..m + run.marks as usize] {
+                mark.1 += next;
+            }
+            m += run.marks as usize;
+            next = align_up(next + run.bytes);
+        }
+    }
+
     fn marks_of(&self, run: &Run) -> &[(u64, u64)] {
         &self.marks[run.first_mark as usize..(run.first_mark + run.marks) as usize]
     }
@@ -257,26 +272,8 @@ impl RunsTable {
         if u32_at(68) != 0 {
             return Err("stream runs reserved bytes are not zero".into());
         }
-        let identity = (
-            u16::from_le_bytes([buf[10], buf[11]]),
-            u64_at(16),
-            u64_at(24),
-            u64_at(32),
-            u64_at(40),
-            u64_at(48),
-            u32_at(56),
-        );
-        let want = (
-            summary.shard_id,
-            summary.sequence,
-            summary.base_lsn,
-            summary.end_lsn,
-            summary.commits,
-            summary.end_offset,
-            summary.commits_crc,
-        );
-        if identity != want {
-            return Err(format!("stream runs describe {identity:?}, the segment is {want:?}"));
+        if let Some(mismatch) = crate::stream_index::identity_mismatch(buf, summary) {
+            return Err(format!("stream runs describe {mismatch}"));
         }
         let (s, m) = (u32_at(12) as usize, u32_at(60) as usize);
         let mut table = RunsTable {
@@ -615,17 +612,7 @@ fn table_of<'a>(plans: impl Iterator<Item = (u64, &'a StreamPlan)>, capacity: u6
         });
         table.marks.extend(p.marks.iter().copied());
     }
-    // Now that the table's size is known, place the runs after it.
-    let mut next = table.data_offset();
-    let mut m = 0;
-    for run in &mut table.runs {
-        run.offset = next;
-        for mark in &mut table.marks[m..m + run.marks as usize] {
-            mark.1 += next;
-        }
-        m += run.marks as usize;
-        next = align_up(next + run.bytes);
-    }
+    table.place();
     table
 }
 
@@ -1624,16 +1611,7 @@ mod tests {
             marks: 1,
         });
         t.marks = vec![(1000, 0), (3000, 270_000), (4999, 0)];
-        let mut next = t.data_offset();
-        let mut m = 0;
-        for run in &mut t.runs {
-            run.offset = next;
-            for mark in &mut t.marks[m..m + run.marks as usize] {
-                mark.1 += next;
-            }
-            m += run.marks as usize;
-            next = align_up(next + run.bytes);
-        }
+        t.place();
         t
     }
 
