@@ -87,6 +87,18 @@ pub(crate) fn body_streams(body: &[u8]) -> impl Iterator<Item = u64> + '_ {
     })
 }
 
+/// Writes the segment `summary` describes where a stream index or runs file keeps it (see
+/// [`identity_mismatch`]).
+pub(crate) fn encode_identity(summary: &SegmentSummary, out: &mut [u8]) {
+    out[10..12].copy_from_slice(&summary.shard_id.to_le_bytes());
+    out[16..24].copy_from_slice(&summary.sequence.to_le_bytes());
+    out[24..32].copy_from_slice(&summary.base_lsn.to_le_bytes());
+    out[32..40].copy_from_slice(&summary.end_lsn.to_le_bytes());
+    out[40..48].copy_from_slice(&summary.commits.to_le_bytes());
+    out[48..56].copy_from_slice(&summary.end_offset.to_le_bytes());
+    out[56..60].copy_from_slice(&summary.commits_crc.to_le_bytes());
+}
+
 /// The segment a stream index or runs file describes (shard id at bytes 10..12, the summary's
 /// fields at 16..60), if it is not the one `summary` describes: `Some` says both.
 pub(crate) fn identity_mismatch(buf: &[u8], summary: &SegmentSummary) -> Option<String> {
@@ -568,14 +580,8 @@ impl SealedIndex {
         out[..STREAM_INDEX_FIXED_BYTES].fill(0);
         out[0..8].copy_from_slice(&STREAM_INDEX_MAGIC);
         out[8..10].copy_from_slice(&STREAM_INDEX_VERSION.to_le_bytes());
-        out[10..12].copy_from_slice(&summary.shard_id.to_le_bytes());
+        encode_identity(summary, out);
         out[12..16].copy_from_slice(&(s as u32).to_le_bytes());
-        out[16..24].copy_from_slice(&summary.sequence.to_le_bytes());
-        out[24..32].copy_from_slice(&summary.base_lsn.to_le_bytes());
-        out[32..40].copy_from_slice(&summary.end_lsn.to_le_bytes());
-        out[40..48].copy_from_slice(&summary.commits.to_le_bytes());
-        out[48..56].copy_from_slice(&summary.end_offset.to_le_bytes());
-        out[56..60].copy_from_slice(&summary.commits_crc.to_le_bytes());
         out[60..64].copy_from_slice(&(e as u32).to_le_bytes());
         let mut at = STREAM_INDEX_FIXED_BYTES;
         for (i, &(stream, from)) in self.streams.iter().enumerate() {

@@ -209,14 +209,8 @@ impl RunsTable {
         out.fill(0);
         out[0..8].copy_from_slice(&RUNS_MAGIC);
         out[8..10].copy_from_slice(&RUNS_VERSION.to_le_bytes());
-        out[10..12].copy_from_slice(&summary.shard_id.to_le_bytes());
+        crate::stream_index::encode_identity(summary, out);
         out[12..16].copy_from_slice(&(self.runs.len() as u32).to_le_bytes());
-        out[16..24].copy_from_slice(&summary.sequence.to_le_bytes());
-        out[24..32].copy_from_slice(&summary.base_lsn.to_le_bytes());
-        out[32..40].copy_from_slice(&summary.end_lsn.to_le_bytes());
-        out[40..48].copy_from_slice(&summary.commits.to_le_bytes());
-        out[48..56].copy_from_slice(&summary.end_offset.to_le_bytes());
-        out[56..60].copy_from_slice(&summary.commits_crc.to_le_bytes());
         out[60..64].copy_from_slice(&(self.marks.len() as u32).to_le_bytes());
         let mut at = RUNS_FIXED_BYTES;
         for run in &self.runs {
