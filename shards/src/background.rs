@@ -151,7 +151,7 @@ async fn apply_retention(inner: &Inner, spare_id: &mut u64) {
                     inner.committer_wake.notify();
                     remove_summary(inner, &summary).await;
                     remove_summary(inner, &stream_index_name(victim.base_lsn)).await;
-                    remove_summary(inner, &stream_runs_name(victim.base_lsn)).await;
+                    inner.remove_runs_file(&stream_runs_name(victim.base_lsn)).await;
                     continue;
                 }
                 Err(e) => {
@@ -166,7 +166,7 @@ async fn apply_retention(inner: &Inner, spare_id: &mut u64) {
         }
         remove_summary(inner, &summary).await;
         remove_summary(inner, &stream_index_name(victim.base_lsn)).await;
-        remove_summary(inner, &stream_runs_name(victim.base_lsn)).await;
+        inner.remove_runs_file(&stream_runs_name(victim.base_lsn)).await;
     }
 }
 
@@ -374,7 +374,7 @@ async fn rebuild_stream_indexes(inner: &Inner) {
 }
 
 /// Whether a sealed segment with a durable summary and no runs file gets one made.
-pub(crate) fn wants_stream_runs(inner: &Inner, seg: &Segment) -> bool {
+fn wants_stream_runs(inner: &Inner, seg: &Segment) -> bool {
     inner.opts.stream_runs == StreamRuns::Auto
         && seg.runs_state.get() == RunsState::None
         && (seg.streams.borrow().is_some() || seg.streams_on_disk.get())

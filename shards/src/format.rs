@@ -45,15 +45,15 @@ pub fn align_up(v: u64) -> u64 {
     (v + BLOCK_BYTES - 1) & !(BLOCK_BYTES - 1)
 }
 
-fn u16_at(b: &[u8], at: usize) -> u16 {
+pub(crate) fn u16_at(b: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([b[at], b[at + 1]])
 }
 
-fn u32_at(b: &[u8], at: usize) -> u32 {
+pub(crate) fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
-fn u64_at(b: &[u8], at: usize) -> u64 {
+pub(crate) fn u64_at(b: &[u8], at: usize) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[at..at + 8]);
     u64::from_le_bytes(a)
@@ -178,15 +178,21 @@ pub fn seal_commit_with_body_crc(
     assert!(count > 0);
     assert!(first_lsn > 0);
     assert!(out.len() >= COMMIT_HEADER_BYTES + body_bytes);
+    write_commit_header(out, sequence, first_lsn, count, body_bytes);
+    // The checksum of the header's first 28 bytes followed by the body (see `commit_crc`).
+    let crc = crc32c_combine(crc32c::crc32c(&out[0..28]), body_crc, body_bytes);
+    out[28..32].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Writes a commit header's fields in front of a body of `body_bytes`, all but its checksum
+/// (bytes 28..32, left as they are).
+pub fn write_commit_header(out: &mut [u8], sequence: u64, first_lsn: u64, count: u32, body_bytes: usize) {
     let body = u32::try_from(body_bytes).expect("commit body bounded by commit_bytes_max");
     out[0..4].copy_from_slice(&COMMIT_MAGIC.to_le_bytes());
     out[4..8].copy_from_slice(&count.to_le_bytes());
     out[8..16].copy_from_slice(&sequence.to_le_bytes());
     out[16..24].copy_from_slice(&first_lsn.to_le_bytes());
     out[24..28].copy_from_slice(&body.to_le_bytes());
-    // The checksum of the header's first 28 bytes followed by the body (see `commit_crc`).
-    let crc = crc32c_combine(crc32c::crc32c(&out[0..28]), body_crc, body_bytes);
-    out[28..32].copy_from_slice(&crc.to_le_bytes());
 }
 
 /// The CRC-32C of `a` followed by `b`, from `crc1` (of `a`), `crc2` (of `b`) and `b`'s length:

@@ -31,7 +31,7 @@ use crate::format::{
     self, align_down, align_up, CommitView, ParseError, SegmentHeader, BLOCK_BYTES, COMMIT_HEADER_BYTES,
     RECORD_HEADER_BYTES, SEGMENT_DATA_OFFSET,
 };
-use crate::read_pool::{ReadMemory, READ_BATCH_OVERHEAD_BYTES, READ_RECORD_OVERHEAD_BYTES};
+use crate::read_pool::{ReadMemory, READ_BATCH_OVERHEAD_BYTES};
 use crate::recovery::RecoveryReport;
 use crate::segments::{Active, Segment, Segments, Spare, SummaryState, INDEX_INTERVAL_BYTES};
 use crate::storage::dma::DmaStorage;
@@ -39,7 +39,7 @@ use crate::storage::{BufPool, IoBuf, PooledBuf, SegmentFile, Storage};
 use crate::stream_index::{ReadProgress, SegmentRead};
 use crate::stream_runs::{Group, RunsRead, RunsState, TailRead, TailState};
 use crate::sync::{LsnWaiters, Notify};
-use crate::{AckLevel, Lsn, ReadBatch, ReadRecord, Receipt, RecordRef, ShardOptions, StreamRuns};
+use crate::{AckLevel, Lsn, ReadBatch, Receipt, RecordRef, ShardOptions, StreamRuns};
 
 /// At most this many commits are between submission and durability: commit k syncing while commit
 /// k+1 is written. Recovery relies on it: a power loss can leave at most this many commits at the
@@ -1203,11 +1203,8 @@ impl Inner {
         // [stream_index] The streams the commit holds, for filtered reads: those its appends
         // noted, which are the ones its record headers name.
         debug_assert!(
-            crate::stream_index::body_streams(&buf.as_slice()[body_at..body_at + body_bytes])
-                .filter({
-                    let mut previous = None;
-                    move |&s| previous.replace(s) != Some(s)
-                })
+            crate::stream_index::body_runs(&buf.as_slice()[body_at..body_at + body_bytes])
+                .map(|(stream, ..)| stream)
                 .eq(streams.iter().map(|g| g.stream)),
             "the streams noted at enqueue are the streams of the commit's records"
         );
@@ -1535,27 +1532,12 @@ impl Inner {
                             break 'segments;
                         }
                         let record = record.expect("framing validated by parse_commit");
-                        if stream.is_none_or(|s| s == record.stream) {
-                            let charge = READ_RECORD_OVERHEAD_BYTES + record.payload.len();
-                            if !batch.records.is_empty() {
-                                if bytes + record.payload.len() > max_bytes {
-                                    break 'segments;
-                                }
-                                // The batch's charge covers its response: take room for the
-                                // record's answer (tiny records answer in more bytes than they
-                                // take on disk), or answer with what the batch has.
-                                if !memory.try_grow_to(held + charge + 2 * (read_to - read_from) as usize) {
-                                    break 'segments;
-                                }
-                            }
-                            bytes += record.payload.len();
-                            held += charge;
-                            batch.records.push(ReadRecord {
-                                lsn: Lsn(lsn),
-                                stream: record.stream,
-                                timestamp: record.timestamp,
-                                payload: record.payload.to_vec(),
-                            });
+                        // Tiny records answer in more bytes than they take on disk: the batch
+                        // takes room for each answer, or answers with what it has.
+                        if stream.is_none_or(|s| s == record.stream)
+                            && !progress!().take(lsn, record, 2 * (read_to - read_from) as usize)
+                        {
+                            break 'segments;
                         }
                         cursor = lsn + 1;
                     }

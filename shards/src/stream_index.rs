@@ -54,11 +54,13 @@ use std::rc::Rc;
 
 use crate::error::ShardError;
 use crate::format::{
-    self, align_down, align_up, SegmentSummary, COMMIT_HEADER_BYTES, RECORD_HEADER_BYTES, SEGMENT_DATA_OFFSET,
+    self, align_down, align_up, u32_at, u64_at, SegmentSummary, COMMIT_HEADER_BYTES, RECORD_HEADER_BYTES,
+    SEGMENT_DATA_OFFSET,
 };
 use crate::read_pool::{ReadMemory, READ_RECORD_OVERHEAD_BYTES};
 use crate::segments::Segment;
 use crate::shard::{Inner, READ_CHUNK_BYTES};
+use crate::stream_runs::Walk;
 use crate::{Lsn, ReadBatch, ReadRecord};
 
 /// Segments at least this large get no stream index: their offsets do not fit in an entry.
@@ -71,19 +73,29 @@ pub(crate) const STREAM_INDEX_STREAM_BYTES: usize = 16;
 /// lsn delta 4 + offset 4 + length 4.
 pub(crate) const STREAM_INDEX_ENTRY_BYTES: usize = 12;
 
-/// The stream of each record of a commit's `body` (framed and valid), in order.
-pub(crate) fn body_streams(body: &[u8]) -> impl Iterator<Item = u64> + '_ {
+/// The groups of records of one stream next to each other in a commit's `body` (framed and
+/// valid): (stream, index of the first record, records, byte range in the body).
+pub(crate) fn body_runs(body: &[u8]) -> impl Iterator<Item = (u64, u32, u32, std::ops::Range<usize>)> + '_ {
     let mut at = 0;
+    let mut index = 0u32;
     std::iter::from_fn(move || {
         if at == body.len() {
             return None;
         }
-        assert!(body.len() - at >= RECORD_HEADER_BYTES, "record framing checked");
-        let len = u32::from_le_bytes(body[at..at + 4].try_into().expect("4 bytes")) as usize;
-        let stream = u64::from_le_bytes(body[at + 8..at + 16].try_into().expect("8 bytes"));
-        at += RECORD_HEADER_BYTES + len;
-        assert!(at <= body.len(), "record framing checked");
-        Some(stream)
+        let (from, first) = (at, index);
+        let mut stream = None;
+        while at < body.len() {
+            assert!(body.len() - at >= RECORD_HEADER_BYTES, "record framing checked");
+            let (len, s) = (u32_at(body, at) as usize, u64_at(body, at + 8));
+            if stream.is_some_and(|prev| prev != s) {
+                break;
+            }
+            stream = Some(s);
+            at += RECORD_HEADER_BYTES + len;
+            assert!(at <= body.len(), "record framing checked");
+            index += 1;
+        }
+        Some((stream.expect("one record at least"), first, index - first, from..at))
     })
 }
 
@@ -104,12 +116,12 @@ pub(crate) fn encode_identity(summary: &SegmentSummary, out: &mut [u8]) {
 pub(crate) fn identity_mismatch(buf: &[u8], summary: &SegmentSummary) -> Option<String> {
     let identity = (
         u16::from_le_bytes([buf[10], buf[11]]),
-        le_u64(buf, 16),
-        le_u64(buf, 24),
-        le_u64(buf, 32),
-        le_u64(buf, 40),
-        le_u64(buf, 48),
-        le_u32(buf, 56),
+        u64_at(buf, 16),
+        u64_at(buf, 24),
+        u64_at(buf, 32),
+        u64_at(buf, 40),
+        u64_at(buf, 48),
+        u32_at(buf, 56),
     );
     let want = (
         summary.shard_id,
@@ -192,7 +204,12 @@ impl StreamIndex {
     /// `body` (the commit's body, already framed and valid): recovery's way, from the bytes.
     pub(crate) fn note_commit(&mut self, lsn_delta: u64, offset: u64, body: &[u8]) {
         let commit_bytes = COMMIT_HEADER_BYTES + body.len();
-        self.note_commit_streams(lsn_delta, offset, commit_bytes, body_streams(body));
+        self.note_commit_streams(
+            lsn_delta,
+            offset,
+            commit_bytes,
+            body_runs(body).map(|(stream, ..)| stream),
+        );
     }
 
     /// Books the commit whose first lsn is `base_lsn + lsn_delta`, at `offset`, of
@@ -662,7 +679,7 @@ impl<'a> IndexDecoder<'a> {
                 "stream index version {version}, this build reads {STREAM_INDEX_VERSION}"
             ));
         }
-        let (s, e) = (le_u32(buf, 12) as usize, le_u32(buf, 60) as usize);
+        let (s, e) = (u32_at(buf, 12) as usize, u32_at(buf, 60) as usize);
         let end = STREAM_INDEX_FIXED_BYTES as u64
             + s as u64 * STREAM_INDEX_STREAM_BYTES as u64
             + e as u64 * STREAM_INDEX_ENTRY_BYTES as u64;
@@ -715,8 +732,8 @@ impl<'a> IndexDecoder<'a> {
                 return Ok(false);
             }
             let at = STREAM_INDEX_FIXED_BYTES + self.sealed.streams.len() * STREAM_INDEX_STREAM_BYTES;
-            let stream = le_u64(buf, at);
-            let count = le_u32(buf, at + 8);
+            let stream = u64_at(buf, at);
+            let count = u32_at(buf, at + 8);
             if self.sealed.streams.last().is_some_and(|&(prev, _)| prev >= stream) || count == 0 {
                 return Err(format!("stream index entry for stream {stream} out of place"));
             }
@@ -755,9 +772,9 @@ impl<'a> IndexDecoder<'a> {
             }
             let at = entries_at + k * STREAM_INDEX_ENTRY_BYTES;
             let entry = Entry {
-                lsn_delta: le_u32(buf, at),
-                offset: le_u32(buf, at + 4),
-                len: le_u32(buf, at + 8),
+                lsn_delta: u32_at(buf, at),
+                offset: u32_at(buf, at + 4),
+                len: u32_at(buf, at + 8),
             };
             let inside = u64::from(entry.lsn_delta) < records
                 && u64::from(entry.offset) >= SEGMENT_DATA_OFFSET
@@ -780,10 +797,10 @@ impl<'a> IndexDecoder<'a> {
     /// The checksum, the reserved bytes, and the segment the file describes.
     fn check_header(&mut self) -> Result<(), String> {
         let buf = self.buf;
-        if self.crc != le_u32(buf, 64) {
+        if self.crc != u32_at(buf, 64) {
             return Err("stream index checksum mismatch".into());
         }
-        if le_u32(buf, 68) != 0 {
+        if u32_at(buf, 68) != 0 {
             return Err("stream index reserved bytes are not zero".into());
         }
         if let Some(mismatch) = identity_mismatch(buf, self.summary) {
@@ -816,16 +833,6 @@ pub(crate) async fn check_in_steps(buf: &[u8], summary: &SegmentSummary) -> Resu
     Ok(())
 }
 
-fn le_u32(buf: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(buf[at..at + 4].try_into().expect("4 bytes"))
-}
-
-fn le_u64(buf: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(buf[at..at + 8].try_into().expect("8 bytes"))
-}
-
-/// A stream index rebuild reads its segment this much at a time.
-const REBUILD_CHUNK_BYTES: u64 = 1 << 20;
 /// A filtered read looks up this many of its stream's commits at a time.
 const COMMITS_PER_LOOKUP: usize = 64;
 
@@ -840,6 +847,32 @@ pub(crate) struct ReadProgress<'a> {
     pub max_bytes: usize,
     pub scan_max: usize,
     pub memory: &'a mut ReadMemory,
+}
+
+impl ReadProgress<'_> {
+    /// Adds the record at `lsn` to the batch, or says the batch is full (`false`): its payloads
+    /// would pass `max_bytes`, or there is no room for the record's answer on top of what the
+    /// batch holds and `also_held`, what the caller holds besides (the chunk being parsed: the
+    /// batch's charge covers its response, `read_pool`). The first record is always taken: the
+    /// caller holds what it was read into, or took room for it.
+    pub(crate) fn take(&mut self, lsn: u64, record: format::RecordView<'_>, also_held: usize) -> bool {
+        let charge = READ_RECORD_OVERHEAD_BYTES + record.payload.len();
+        if !self.batch.records.is_empty()
+            && (*self.bytes + record.payload.len() > self.max_bytes
+                || !self.memory.try_grow_to(*self.held + charge + also_held))
+        {
+            return false;
+        }
+        *self.bytes += record.payload.len();
+        *self.held += charge;
+        self.batch.records.push(ReadRecord {
+            lsn: Lsn(lsn),
+            stream: record.stream,
+            timestamp: record.timestamp,
+            payload: record.payload.to_vec(),
+        });
+        true
+    }
 }
 
 /// A filtered read using a segment's stream index: while it lives the index is not dropped
@@ -980,47 +1013,19 @@ impl Inner {
     /// that), or if the segment was retired meanwhile. Returns the summary the index describes.
     pub(crate) async fn rebuild_stream_index(&self, seg: &Segment) -> std::io::Result<Option<SegmentSummary>> {
         let summary = seg.summary(self.opts.shard_id);
-        let read_end = align_up(summary.end_offset).min(seg.capacity);
         let mut index = StreamIndex::open();
-        let mut buf: Vec<u8> = Vec::new();
-        // Segment offset of buf[0], and where the next read starts (block aligned).
-        let (mut buf_start, mut read_at, mut offset) = (SEGMENT_DATA_OFFSET, SEGMENT_DATA_OFFSET, SEGMENT_DATA_OFFSET);
-        let (mut lsn, mut commits, mut crc) = (seg.base_lsn, 0u64, 0u32);
-        while offset < summary.end_offset {
-            let at = (offset - buf_start) as usize;
-            match format::parse_commit(&buf[at..], seg.sequence) {
-                Ok(view) if view.first_lsn == lsn => {
-                    index.note_commit(lsn - seg.base_lsn, offset, view.body);
-                    commits += 1;
-                    crc = format::chain_commit_crc(crc, &buf[at..at + COMMIT_HEADER_BYTES]);
-                    lsn = view.end_lsn();
-                    offset += view.total_bytes as u64;
-                }
-                Err(format::ParseError::Short { .. }) if read_at < read_end && !seg.retired.get() => {
-                    buf.drain(..at);
-                    buf_start = offset;
-                    let len = REBUILD_CHUNK_BYTES.min(read_end - read_at);
-                    let chunk = seg.file.read(read_at, len as usize).await?;
-                    if chunk.is_empty() {
-                        return Ok(None);
-                    }
-                    read_at += chunk.len() as u64;
-                    buf.extend_from_slice(&chunk);
-                }
-                _ => return Ok(None),
+        // Not stopped by a close: a rebuild runs to the segment's end.
+        let stop = std::cell::Cell::new(false);
+        let mut walk = Walk::whole(seg, &stop, &summary);
+        loop {
+            match walk.next().await {
+                Ok(Some(w)) => index.note_commit(w.first_lsn - seg.base_lsn, w.offset, walk.body(&w)),
+                Ok(None) if !seg.retired.get() => break,
+                Ok(None) => return Ok(None),
+                // The segment disagrees with its summary, or was retired.
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => return Ok(None),
+                Err(e) => return Err(e),
             }
-        }
-        let found = (lsn, offset, commits, crc);
-        if found
-            != (
-                summary.end_lsn,
-                summary.end_offset,
-                summary.commits,
-                summary.commits_crc,
-            )
-            || seg.retired.get()
-        {
-            return Ok(None);
         }
         // Open: the caller seals it in steps as it writes the file (`write_stream_index`), and
         // reads meanwhile use the open form.
@@ -1157,29 +1162,9 @@ impl Inner {
                     return Ok(Some(SegmentRead::Done));
                 }
                 let record = record.expect("framing validated by parse_commit");
-                if record.stream == stream {
-                    let charge = READ_RECORD_OVERHEAD_BYTES + record.payload.len();
-                    if !p.batch.records.is_empty() {
-                        if *p.bytes + record.payload.len() > p.max_bytes {
-                            return Ok(Some(SegmentRead::Done));
-                        }
-                        // The batch's charge covers its response (`read_pool`), and the chunk
-                        // being parsed is held once only: take room for the record first, or
-                        // answer with what the batch has. (The first record always fits: the
-                        // chunk holding it is held.)
-                        let need = *p.held + charge + 2 * reads.in_flight_bytes() + data.len();
-                        if !p.memory.try_grow_to(need) {
-                            return Ok(Some(SegmentRead::Done));
-                        }
-                    }
-                    *p.bytes += record.payload.len();
-                    *p.held += charge;
-                    p.batch.records.push(ReadRecord {
-                        lsn: Lsn(lsn),
-                        stream: record.stream,
-                        timestamp: record.timestamp,
-                        payload: record.payload.to_vec(),
-                    });
+                // The chunk being parsed is held once only, the reads in flight twice.
+                if record.stream == stream && !p.take(lsn, record, 2 * reads.in_flight_bytes() + data.len()) {
+                    return Ok(Some(SegmentRead::Done));
                 }
                 *p.cursor = lsn + 1;
             }
@@ -1274,7 +1259,9 @@ impl Reads {
     }
 }
 
-fn index_crc(encoded: &[u8]) -> u32 {
+/// The checksum of a stream index or runs file: its first 64 bytes, then all after its 72-byte
+/// fixed part (bytes 64..72 hold the checksum and reserved zeros).
+pub(crate) fn index_crc(encoded: &[u8]) -> u32 {
     let crc = crc32c::crc32c(&encoded[..64]);
     crc32c::crc32c_append(crc, &encoded[STREAM_INDEX_FIXED_BYTES..])
 }

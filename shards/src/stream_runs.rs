@@ -70,15 +70,15 @@ use std::rc::Rc;
 
 use crate::error::ShardError;
 use crate::format::{
-    self, align_down, align_up, chain_commit_crc, CommitView, ParseError, SegmentSummary, BLOCK_BYTES,
+    self, align_down, align_up, chain_commit_crc, u32_at, u64_at, CommitView, ParseError, SegmentSummary, BLOCK_BYTES,
     COMMIT_HEADER_BYTES, RECORD_HEADER_BYTES, SEGMENT_DATA_OFFSET,
 };
 use crate::read_pool::READ_RECORD_OVERHEAD_BYTES;
 use crate::segments::Segment;
 use crate::shard::{chunk_bytes, Inner};
-use crate::storage::{IoBuf, SegmentFile};
-use crate::stream_index::{ReadProgress, SegmentRead};
-use crate::{Durability, Lsn, ReadRecord};
+use crate::storage::{SegmentFile, Storage};
+use crate::stream_index::{body_runs, encode_identity, identity_mismatch, index_crc, ReadProgress, SegmentRead};
+use crate::Durability;
 
 pub(crate) const RUNS_MAGIC: [u8; 8] = *b"SHLGRUN\x01";
 pub(crate) const RUNS_VERSION: u16 = 1;
@@ -104,9 +104,8 @@ const RUNS_MARK_INTERVAL_BYTES: u64 = 256 << 10;
 const RUNS_WALK_CHUNK_BYTES: u64 = 1 << 20;
 /// Each run being copied buffers up to this much before it is written.
 const RUNS_BUFFER_BYTES: usize = 128 << 10;
-/// The copy handles as many runs at once as their buffers fit in this; more runs take more walks
-/// of the segment (a segment has at most a few hundred runs: each saves
-/// [`RUNS_SAVING_MIN_BYTES`]).
+/// A segment without a tail gets as many runs as one walk can copy with this much memory for
+/// their buffers, the streams the index reads worst first.
 const RUNS_SWEEP_MEMORY_BYTES: usize = 8 << 20;
 
 /// Name of the runs file of the segment that starts at `base_lsn`.
@@ -120,7 +119,7 @@ pub(crate) enum RunsState {
     /// None to make: the active segment, a segment without a stream index, runs turned off, or a
     /// segment the walk found disagreeing with its summary (the scrub reports that).
     None,
-    /// Sealed with a durable summary and no runs file yet: the background task makes it.
+    /// Sealed with a durable summary and no runs file yet: the stream runs task makes it.
     Pending,
     /// Its runs file is on disk, not loaded: the next filtered read loads its table.
     OnDisk,
@@ -209,7 +208,7 @@ impl RunsTable {
         out.fill(0);
         out[0..8].copy_from_slice(&RUNS_MAGIC);
         out[8..10].copy_from_slice(&RUNS_VERSION.to_le_bytes());
-        crate::stream_index::encode_identity(summary, out);
+        encode_identity(summary, out);
         out[12..16].copy_from_slice(&(self.runs.len() as u32).to_le_bytes());
         out[60..64].copy_from_slice(&(self.marks.len() as u32).to_le_bytes());
         let mut at = RUNS_FIXED_BYTES;
@@ -227,7 +226,7 @@ impl RunsTable {
             out[at + 8..at + 16].copy_from_slice(&offset.to_le_bytes());
             at += RUNS_MARK_BYTES;
         }
-        let crc = runs_crc(&out[..at]);
+        let crc = index_crc(&out[..at]);
         out[64..68].copy_from_slice(&crc.to_le_bytes());
     }
 
@@ -237,8 +236,8 @@ impl RunsTable {
         if head.len() < RUNS_FIXED_BYTES || head[0..8] != RUNS_MAGIC {
             return Err("bad stream runs magic".into());
         }
-        let u32_at = |at: usize| u64::from(u32::from_le_bytes(head[at..at + 4].try_into().expect("4 bytes")));
-        Ok(RUNS_FIXED_BYTES as u64 + u32_at(12) * RUNS_RUN_BYTES as u64 + u32_at(60) * RUNS_MARK_BYTES as u64)
+        let (s, m) = (u64::from(u32_at(head, 12)), u64::from(u32_at(head, 60)));
+        Ok(RUNS_FIXED_BYTES as u64 + s * RUNS_RUN_BYTES as u64 + m * RUNS_MARK_BYTES as u64)
     }
 
     /// Decodes a runs file's table and checks it against `summary`, the segment's accepted
@@ -258,18 +257,16 @@ impl RunsTable {
             ));
         }
         let end = end as usize;
-        let u32_at = |at: usize| u32::from_le_bytes(buf[at..at + 4].try_into().expect("4 bytes"));
-        let u64_at = |at: usize| u64::from_le_bytes(buf[at..at + 8].try_into().expect("8 bytes"));
-        if runs_crc(&buf[..end]) != u32_at(64) {
+        if index_crc(&buf[..end]) != u32_at(buf, 64) {
             return Err("stream runs checksum mismatch".into());
         }
-        if u32_at(68) != 0 {
+        if u32_at(buf, 68) != 0 {
             return Err("stream runs reserved bytes are not zero".into());
         }
-        if let Some(mismatch) = crate::stream_index::identity_mismatch(buf, summary) {
+        if let Some(mismatch) = identity_mismatch(buf, summary) {
             return Err(format!("stream runs describe {mismatch}"));
         }
-        let (s, m) = (u32_at(12) as usize, u32_at(60) as usize);
+        let (s, m) = (u32_at(buf, 12) as usize, u32_at(buf, 60) as usize);
         let mut table = RunsTable {
             runs: Vec::with_capacity(s),
             marks: Vec::with_capacity(m),
@@ -279,12 +276,12 @@ impl RunsTable {
         let mut marks_total = 0u64;
         for _ in 0..s {
             let run = Run {
-                stream: u64_at(at),
-                offset: u64_at(at + 8),
-                bytes: u64_at(at + 16),
-                records: u64_at(at + 24),
-                first_mark: u32_at(at + 32),
-                marks: u32_at(at + 36),
+                stream: u64_at(buf, at),
+                offset: u64_at(buf, at + 8),
+                bytes: u64_at(buf, at + 16),
+                records: u64_at(buf, at + 24),
+                first_mark: u32_at(buf, at + 32),
+                marks: u32_at(buf, at + 36),
             };
             let placed = run.offset % BLOCK_BYTES == 0
                 && run.offset >= next_free
@@ -307,7 +304,7 @@ impl RunsTable {
         for run in &table.runs {
             let mut prev: Option<(u64, u64)> = None;
             for k in 0..run.marks {
-                let mark = (u64_at(at), u64_at(at + 8));
+                let mark = (u64_at(buf, at), u64_at(buf, at + 8));
                 let inside = mark.0 >= summary.base_lsn
                     && mark.0 < summary.end_lsn
                     && mark.1 >= run.offset
@@ -329,42 +326,10 @@ impl RunsTable {
     }
 }
 
-fn runs_crc(encoded: &[u8]) -> u32 {
-    let crc = crc32c::crc32c(&encoded[..64]);
-    crc32c::crc32c_append(crc, &encoded[RUNS_FIXED_BYTES..])
-}
-
-/// The groups of records of one stream next to each other in a commit's `body` (framed and
-/// valid): (stream, index of the first record, records, byte range in the body).
-fn body_runs(body: &[u8]) -> impl Iterator<Item = (u64, u32, u32, std::ops::Range<usize>)> + '_ {
-    let mut at = 0;
-    let mut index = 0u32;
-    std::iter::from_fn(move || {
-        if at == body.len() {
-            return None;
-        }
-        let (from, first) = (at, index);
-        let mut stream = None;
-        while at < body.len() {
-            assert!(body.len() - at >= RECORD_HEADER_BYTES, "record framing checked");
-            let len = u32::from_le_bytes(body[at..at + 4].try_into().expect("4 bytes")) as usize;
-            let s = u64::from_le_bytes(body[at + 8..at + 16].try_into().expect("8 bytes"));
-            if stream.is_some_and(|prev| prev != s) {
-                break;
-            }
-            stream = Some(s);
-            at += RECORD_HEADER_BYTES + len;
-            assert!(at <= body.len(), "record framing checked");
-            index += 1;
-        }
-        Some((stream.expect("one record at least"), first, index - first, from..at))
-    })
-}
-
 /// A walk over the commits of a segment, [`RUNS_WALK_CHUNK_BYTES`] at a time, from one commit
 /// boundary to another, checking that the lsns follow on and (over a whole sealed segment) that
 /// the commits agree with its summary.
-struct Walk<'a> {
+pub(crate) struct Walk<'a> {
     seg: &'a Segment,
     /// The shard is closing: the walk stops (`Interrupted`).
     stop: &'a Cell<bool>,
@@ -390,11 +355,11 @@ struct Walk<'a> {
 /// The next commit of a [`Walk`]: where it is in the walk's buffer ([`Walk::body`]), its offset
 /// in the segment, its first lsn and its bytes.
 #[derive(Clone, Copy)]
-struct Walked {
+pub(crate) struct Walked {
     at: usize,
-    offset: u64,
-    first_lsn: u64,
-    total: usize,
+    pub offset: u64,
+    pub first_lsn: u64,
+    pub total: usize,
 }
 
 /// Where a walk stands: the next commit's offset and first lsn, and the commits before it with
@@ -430,7 +395,7 @@ impl WalkPoint {
 
 impl<'a> Walk<'a> {
     /// All of a sealed segment, checked against its summary.
-    fn whole(seg: &'a Segment, stop: &'a Cell<bool>, summary: &SegmentSummary) -> Walk<'a> {
+    pub(crate) fn whole(seg: &'a Segment, stop: &'a Cell<bool>, summary: &SegmentSummary) -> Walk<'a> {
         let mut walk = Walk::range(seg, stop, WalkPoint::start(seg), (summary.end_offset, summary.end_lsn));
         walk.check = Some((summary.commits, summary.commits_crc));
         walk
@@ -459,7 +424,7 @@ impl<'a> Walk<'a> {
     /// The next commit, or `None` at the end. `Ok(None)` only if every commit followed on and
     /// the end is where it should be; a disagreement (or a segment retired meanwhile, whose file
     /// may be recycled) is an `InvalidData` error.
-    async fn next(&mut self) -> io::Result<Option<Walked>> {
+    pub(crate) async fn next(&mut self) -> io::Result<Option<Walked>> {
         let disagree = |why: &str| Err(io::Error::new(io::ErrorKind::InvalidData, why.to_string()));
         loop {
             if self.stop.get() {
@@ -514,7 +479,11 @@ impl<'a> Walk<'a> {
         }
     }
 
-    fn body(&self, w: &Walked) -> &[u8] {
+    fn header(&self, w: &Walked) -> &[u8] {
+        &self.buf[w.at..w.at + COMMIT_HEADER_BYTES]
+    }
+
+    pub(crate) fn body(&self, w: &Walked) -> &[u8] {
         &self.buf[w.at + COMMIT_HEADER_BYTES..w.at + w.total]
     }
 }
@@ -836,11 +805,7 @@ impl Tail {
             if let Some(data) = &mut t.data {
                 // A commit header without its checksum: `write_run_from_tail` fills it in.
                 let mut head = [0u8; COMMIT_HEADER_BYTES];
-                head[0..4].copy_from_slice(&format::COMMIT_MAGIC.to_le_bytes());
-                head[4..8].copy_from_slice(&count.to_le_bytes());
-                head[8..16].copy_from_slice(&sequence.to_le_bytes());
-                head[16..24].copy_from_slice(&lsn.to_le_bytes());
-                head[24..28].copy_from_slice(&(range.len() as u32).to_le_bytes());
+                format::write_commit_header(&mut head, sequence, lsn, count, range.len());
                 self.bytes += data.push(&head, &body[range.clone()]);
             }
         }
@@ -874,9 +839,7 @@ impl Tail {
         }
         self.bytes <= budget
     }
-}
 
-impl Tail {
     /// Whether it holds every commit of its segment up to where it has booked.
     fn whole(&self, seg: &Segment) -> bool {
         self.from == WalkPoint::start(seg)
@@ -934,11 +897,10 @@ pub(crate) fn resume_tail(seg: &Segment) {
 
 /// The commit at the start of `data`, a tail's run (its own bytes: framed, checksum not filled in).
 fn tail_commit(data: &[u8]) -> CommitView<'_> {
-    let u32_at = |at: usize| u32::from_le_bytes(data[at..at + 4].try_into().expect("4 bytes"));
-    let body = u32_at(24) as usize;
+    let body = u32_at(data, 24) as usize;
     CommitView {
-        first_lsn: u64::from_le_bytes(data[16..24].try_into().expect("8 bytes")),
-        count: u32_at(4),
+        first_lsn: u64_at(data, 16),
+        count: u32_at(data, 4),
         total_bytes: COMMIT_HEADER_BYTES + body,
         body: &data[COMMIT_HEADER_BYTES..COMMIT_HEADER_BYTES + body],
     }
@@ -969,7 +931,7 @@ async fn copy(
     stop: &Cell<bool>,
     summary: &SegmentSummary,
     file: &dyn SegmentFile,
-    alloc: &dyn Fn(usize) -> IoBuf,
+    storage: &dyn Storage,
     runs: &[Run],
 ) -> io::Result<u64> {
     let mut writers: HashMap<u64, RunWriter, foldhash::fast::RandomState> = runs
@@ -1011,11 +973,11 @@ async fn copy(
         }
         for stream in full.drain(..) {
             let writer = writers.get_mut(&stream).expect("a run being copied");
-            written += flush(file, alloc, writer, false).await?;
+            written += flush(file, storage, writer, false).await?;
         }
     }
     for writer in writers.values_mut() {
-        written += flush(file, alloc, writer, true).await?;
+        written += flush(file, storage, writer, true).await?;
         if writer.written != writer.run.bytes {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -1031,12 +993,7 @@ async fn copy(
 
 /// Writes a run writer's whole blocks (all of its buffer, zero-padded to a block, when `last`)
 /// and keeps the rest for the next flush.
-async fn flush(
-    file: &dyn SegmentFile,
-    alloc: &dyn Fn(usize) -> IoBuf,
-    writer: &mut RunWriter,
-    last: bool,
-) -> io::Result<u64> {
+async fn flush(file: &dyn SegmentFile, storage: &dyn Storage, writer: &mut RunWriter, last: bool) -> io::Result<u64> {
     let n = if last {
         writer.buf.len()
     } else {
@@ -1046,7 +1003,7 @@ async fn flush(
         return Ok(0);
     }
     let len = align_up(n as u64) as usize;
-    let mut io = alloc(len);
+    let mut io = storage.alloc(len);
     let slice = io.as_mut_slice();
     slice[..n].copy_from_slice(&writer.buf[..n]);
     slice[n..].fill(0);
@@ -1094,6 +1051,7 @@ impl Inner {
             }
         };
         let Some(to) = seg.tail.borrow().as_ref().map(|t| t.from) else {
+            seg.drop_tail(TailState::Abandoned);
             return true;
         };
         let budget = self.opts.stream_tail_memory_bytes;
@@ -1110,7 +1068,7 @@ impl Inner {
                     records,
                     bytes: range.len() as u32,
                 }));
-                let header = &walk.buf[w.at..w.at + COMMIT_HEADER_BYTES];
+                let header = walk.header(&w);
                 if !before.note_commit(
                     (w.offset, w.first_lsn, w.total),
                     header,
@@ -1192,7 +1150,10 @@ impl Inner {
         true
     }
 
-    async fn remove_runs_file(&self, name: &str) {
+    /// Removes a runs file, if there is one. Its directory entry is not synced: a runs file that
+    /// comes back after a crash is checked like any other (and a retired segment's is removed by
+    /// the next open).
+    pub(crate) async fn remove_runs_file(&self, name: &str) {
         match self.storage.remove(name).await {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -1214,16 +1175,12 @@ impl Inner {
                     table_of(held.map(|(&s, t)| (s, &t.plan)), seg.capacity, None)
                 })
         };
+        // A sealed segment's tail takes no more commits: what it held for the table, it holds
+        // for the writes.
+        let in_tail = from_tail.is_some();
         let table = match from_tail {
             Some(table) => table,
             None => plan(seg, &self.bg_stop, summary).await?,
-        };
-        let in_tail = |stream: u64| {
-            let tail = seg.tail.borrow();
-            tail.as_ref()
-                .filter(|t| t.whole(seg) && t.point.matches(summary))
-                .and_then(|t| t.streams.get(&stream))
-                .is_some_and(|t| t.data.is_some())
         };
         self.remove_runs_file(name).await;
         // Never synced (nor its directory entry): the file is a copy that every read checks, so
@@ -1231,17 +1188,15 @@ impl Inner {
         // again, while a sync per segment would hold up the commits' own (a new file's sync
         // commits the file system's journal, which every commit's sync then waits behind).
         let file = self.storage.open(name, true, Durability::Linked).await?;
-        let storage = self.storage.clone();
-        let alloc = move |len: usize| storage.alloc(len);
         let written = async {
             let mut bytes = 0;
-            for run in table.runs.iter().filter(|r| in_tail(r.stream)) {
-                bytes += self.write_run_from_tail(seg, &*file, run).await?;
-            }
-            // The others (all of them, or none) in one walk: `plan` chose no more than fit.
-            let walked: Vec<Run> = table.runs.iter().filter(|r| !in_tail(r.stream)).copied().collect();
-            if !walked.is_empty() {
-                bytes += copy(seg, &self.bg_stop, summary, &*file, &alloc, &walked).await?;
+            if in_tail {
+                for run in &table.runs {
+                    bytes += self.write_run_from_tail(seg, &*file, run).await?;
+                }
+            } else if !table.runs.is_empty() {
+                // In one walk: `plan` chose no more than fit.
+                bytes += copy(seg, &self.bg_stop, summary, &*file, &*self.storage, &table.runs).await?;
             }
             // The table last: a file cut short by a crash has none, or one whose runs fail
             // their checksums.
@@ -1318,7 +1273,7 @@ impl Inner {
     }
 
     /// The part of a read filtered to `stream` that the tail of `seg` holds: the stream's records
-    /// from the cursor up to where the tail has walked (and below `limit_lsn`), from memory. With
+    /// from the cursor up to where the tail has booked (and below `limit_lsn`), from memory. With
     /// [`TailRead::Rest`] the cursor is where the rest of the segment is to be read from.
     pub(crate) fn read_tail(&self, seg: &Segment, stream: u64, limit_lsn: u64, p: &mut ReadProgress<'_>) -> TailRead {
         let tail = seg.tail.borrow();
@@ -1354,24 +1309,16 @@ impl Inner {
                 }
                 let record = record.expect("the tail's own framing");
                 *p.cursor = lsn;
-                let charge = READ_RECORD_OVERHEAD_BYTES + record.payload.len();
-                if !p.batch.records.is_empty() && *p.bytes + record.payload.len() > p.max_bytes {
+                if p.batch.records.is_empty() {
+                    // Nothing holds this record's bytes but the tail: room for its answer first.
+                    let need = *p.held + READ_RECORD_OVERHEAD_BYTES + record.payload.len();
+                    if !p.memory.try_grow_to(need) {
+                        return TailRead::NeedMemory(need);
+                    }
+                }
+                if !p.take(lsn, record, 0) {
                     return TailRead::Done;
                 }
-                if !p.memory.try_grow_to(*p.held + charge) {
-                    return match p.batch.records.is_empty() {
-                        true => TailRead::NeedMemory(*p.held + charge),
-                        false => TailRead::Done,
-                    };
-                }
-                *p.bytes += record.payload.len();
-                *p.held += charge;
-                p.batch.records.push(ReadRecord {
-                    lsn: Lsn(lsn),
-                    stream: record.stream,
-                    timestamp: record.timestamp,
-                    payload: record.payload.to_vec(),
-                });
                 *p.cursor = lsn + 1;
             }
             if *p.bytes >= p.max_bytes {
@@ -1534,23 +1481,9 @@ impl Inner {
                     // Every record of the stream in this segment is in the run: the lsns in
                     // between are other streams'.
                     *p.cursor = lsn;
-                    let charge = READ_RECORD_OVERHEAD_BYTES + record.payload.len();
-                    if !p.batch.records.is_empty() {
-                        if *p.bytes + record.payload.len() > p.max_bytes {
-                            return Ok(RunsRead::Read(SegmentRead::Done));
-                        }
-                        if !p.memory.try_grow_to(*p.held + charge + 2 * data.len()) {
-                            return Ok(RunsRead::Read(SegmentRead::Done));
-                        }
+                    if !p.take(lsn, record, 2 * data.len()) {
+                        return Ok(RunsRead::Read(SegmentRead::Done));
                     }
-                    *p.bytes += record.payload.len();
-                    *p.held += charge;
-                    p.batch.records.push(ReadRecord {
-                        lsn: Lsn(lsn),
-                        stream: record.stream,
-                        timestamp: record.timestamp,
-                        payload: record.payload.to_vec(),
-                    });
                     *p.cursor = lsn + 1;
                 }
                 offset += view.total_bytes as u64;
